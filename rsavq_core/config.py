@@ -44,6 +44,11 @@ class QuantConfig:
     n_pq: int = 2  # sub-vectors per vector; d = v / n_pq = 3 [I, spec §5.4 / §9.2]
     n_groups: int = 4  # WCSG channel groups G [P §5]
     lam: float = 0.05  # EDSG projection strength λ [P A.10]
+    # How λ is scaled (spec §6.5: λ is not scale-free). "relative": the shift λ·ñ is rescaled so
+    # that ‖shift‖_F = λ·‖W‖_F, i.e. λ is a relative step size; "raw": W − λñ literally. With the
+    # per-sequence empirical Fisher and a mean loss, raw ‖ñ‖ measured 10^4-10^5 × ‖W‖ on SmolLM2,
+    # which makes every paper-grid λ destroy the layer.
+    lam_scale: str = "relative"
     # Bit rule of WCSG: the paper's proportional rule [P-Alg1], the reverse water-filling
     # rule its own Lagrangian gives (spec §5.2), or uniform bits (no WCSG).
     allocation: str = "proportional"
@@ -85,6 +90,7 @@ class QuantConfig:
             raise bad(f"bits must be a number, got {self.bits!r}")
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise bad(f"bits must lie in [{MIN_BITS:g}, {MAX_BITS:g}], got {self.bits:g}")
+        _choice("lam_scale", self.lam_scale, ("relative", "raw"))
         _choice("allocation", self.allocation, ("proportional", "additive", "uniform"))
         _choice("sensitivity", self.sensitivity, ("inverse", "direct"))
         _choice("metric", self.metric, ("fisher_diag", "hessian", "euclidean"))

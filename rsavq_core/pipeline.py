@@ -1,0 +1,138 @@
+"""The quantization job as one plain function: model id + config -> packed layers (+ checkpoint).
+
+Used by the ``rsavq`` command line and (later) by the Celery worker; it reports progress through
+a callback and never prints. Validation happens before any heavy work: the config is validated on
+construction, the model id is resolved (fast, offline) before the model is loaded, and the model's
+layers are checked before calibration starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rsavq_core.calibration import LayerStats
+from rsavq_core.config import VQ_METHODS, QuantConfig
+from rsavq_core.data import calibration_windows, tokens_hash
+from rsavq_core.errors import CalibrationError
+from rsavq_core.layers import QuantizedLayer
+from rsavq_core.models import find_decoder_layout, load_model, model_fingerprint, resolve_model
+from rsavq_core.scalar import gptq_quantize, rtn_quantize
+from rsavq_core.stats_cache import StatsKey, StatsStore, compute_statistics
+from rsavq_core.vq import LayerReport, quantize_vq
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class QuantizeResult:
+    model: nn.Module  # the original float model (weights untouched)
+    tokenizer: object
+    layers: dict[str, QuantizedLayer]  # full dotted linear name -> packed layer
+    reports: dict[str, dict[str, object]]  # per-layer bits / errors / seconds
+    config: QuantConfig
+    model_id: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    stats_cached: bool = False  # the calibration statistics came from the cache
+    peak_rss_gb: float = 0.0
+    out_dir: Path | None = None
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def calibration_store(model: nn.Module, tokenizer: object, folder: Path, cfg: QuantConfig, *,
+                      micro_batch: int = 4, progress: Progress | None = None) -> tuple[StatsStore, bool]:
+    """The statistics the config needs, from the cache when possible. Returns (store, was_cached)."""
+    tokens = calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_len)
+    key = StatsKey(fingerprint=model_fingerprint(folder), tokens_hash=tokens_hash(tokens),
+                   n_samples=cfg.calib_samples, seq_len=cfg.calib_len, fisher=cfg.fisher,
+                   with_grads=cfg.needs_gradients())
+    cached = StatsStore.find(key) is not None
+    store = compute_statistics(model, tokens, key, micro_batch=micro_batch, progress=progress)
+    return store, cached
+
+
+def quantize_layer(weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None,
+                   cfg: QuantConfig) -> tuple[QuantizedLayer, dict[str, object]]:
+    """Dispatch one linear layer to its method. weight: [M, N] float; bias: [M] or None."""
+    if cfg.method in VQ_METHODS:
+        layer, report = quantize_vq(weight, stats, cfg, bias)
+        return layer, _report_dict(report)
+    started = time.perf_counter()
+    if cfg.method == "rtn":
+        layer = rtn_quantize(weight.float(), int(cfg.bits), cfg.group_size, bias=bias)
+        return layer, {"bits": [int(cfg.bits)], "seconds": time.perf_counter() - started}
+    if stats is None or stats.hessian is None:
+        raise CalibrationError("gptq needs the activation Hessian")
+    layer, info = gptq_quantize(weight.float(), stats.hessian, int(cfg.bits), cfg.group_size,
+                                block_size=cfg.gptq_block, damping=cfg.hessian_damping, bias=bias)
+    return layer, {"bits": [int(cfg.bits)], "hessian_error": info["proxy_loss"],
+                   "seconds": time.perf_counter() - started}
+
+
+def _report_dict(report: LayerReport) -> dict[str, object]:
+    return {"bits": report.bits, "proxy_error": report.proxy_error, "hessian_error": report.hessian_error,
+            "step_ratio": report.step_ratio, "sensitivity": report.sensitivity, "seconds": report.seconds}
+
+
+def quantize_model(model_id: str, cfg: QuantConfig, *, out_dir: Path | None = None,
+                   progress: Progress | None = None, micro_batch: int = 4) -> QuantizeResult:
+    """Quantize every nn.Linear of the decoder blocks of ``model_id`` with ``cfg``.
+
+    Writes a packed checkpoint to ``out_dir`` when given. Layers are quantized independently from
+    the float model's statistics (VPTQ-style, spec §11.3), block by block.
+    """
+    started = time.perf_counter()
+    folder = resolve_model(model_id)  # fails fast, before the model is loaded
+    model, tokenizer, _ = load_model(str(folder))
+    layout = find_decoder_layout(model)  # fails fast on a model with no linear layers
+    timings = {"load": time.perf_counter() - started}
+
+    store, cached = None, False
+    if cfg.needs_calibration():
+        t0 = time.perf_counter()
+        store, cached = calibration_store(model, tokenizer, folder, cfg, micro_batch=micro_batch,
+                                          progress=progress)
+        timings["statistics"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    names = [(i, n) for i in range(len(layout.blocks)) for n in layout.linear_names(i)]
+    layers: dict[str, QuantizedLayer] = {}
+    reports: dict[str, dict[str, object]] = {}
+    for done, (index, name) in enumerate(names):
+        if done == 0 or names[done - 1][0] != index:
+            block_stats = store.load_block(index) if store is not None else {}
+        module = layout.blocks[index].get_submodule(name)
+        full = f"{layout.blocks_path}.{index}.{name}"
+        layer, report = quantize_layer(module.weight.detach(), module.bias, block_stats.get(name), cfg)
+        layers[full], reports[full] = layer, report
+        if progress:
+            progress("quantize", done + 1, len(names))
+    timings["quantize"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    result = QuantizeResult(model=model, tokenizer=tokenizer, layers=layers, reports=reports, config=cfg,
+                            model_id=model_id, timings=timings, stats_cached=cached, peak_rss_gb=peak_rss_gb())
+    if out_dir is not None:
+        result.out_dir = save_result(result, Path(out_dir))
+    return result
+
+
+def save_result(result: QuantizeResult, out_dir: Path) -> Path:
+    """Write the packed checkpoint of a finished run (config and timings in its metadata)."""
+    from rsavq_core.artifact import save_artifact
+
+    extra = {f"seconds_{k}": f"{v:.3f}" for k, v in result.timings.items()}
+    extra["stats_cached"] = str(result.stats_cached).lower()
+    return save_artifact(out_dir, model=result.model, tokenizer=result.tokenizer, layers=result.layers,
+                         config=result.config, source_model=result.model_id, extra_metadata=extra)

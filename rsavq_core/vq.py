@@ -1,0 +1,157 @@
+"""RSAVQ for one linear layer: WCSG grouping + EDSG codebooks (+ optional compensation), spec §5-§7.
+
+The same function runs the paper's ablation rows; only the config differs:
+k-means (λ=0, uniform, Euclidean) → +EDSG (λ>0, Fisher metric) → +WCSG (sensitivity-sorted groups,
+mixed bits) → + compensation (VPTQ column loop).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rsavq_core.allocation import Allocation, allocate
+from rsavq_core.calibration import LayerStats
+from rsavq_core.compensation import compensate_columns
+from rsavq_core.config import QuantConfig
+from rsavq_core.errors import CalibrationError, UnsupportedShapeError
+from rsavq_core.kmeans import assign, weighted_kmeans
+from rsavq_core.layers import VQGroup, VQLayer
+from rsavq_core.sensitivity import channel_sensitivity, damp, fisher_diag_metric, natural_gradient
+
+
+@dataclass
+class LayerReport:
+    """What the job shows per layer: bits, errors, timings."""
+
+    bits: list[int]
+    proxy_error: float  # Σ ω (Ŵ − W)² / Σ ω W² under the run's metric
+    hessian_error: float | None  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) when H is known
+    step_ratio: float  # ‖shift‖_F / ‖W‖_F of the EDSG target W − shift (spec §6.5)
+    sensitivity: dict[str, float] = field(default_factory=dict)  # min / median / max of I_c
+    seconds: float = 0.0
+
+
+def to_subvectors(matrix: torch.Tensor, vector_len: int, n_pq: int) -> torch.Tensor:
+    """[M_pad, C] (M_pad a multiple of v) -> [C, n_vectors, n_pq, d]: VPTQ column-vector layout."""
+    m_pad, cols = matrix.shape
+    return matrix.T.reshape(cols, m_pad // vector_len, n_pq, vector_len // n_pq)
+
+
+def _metric(cfg: QuantConfig, weight: torch.Tensor, stats: LayerStats | None, fisher: object | None
+            ) -> torch.Tensor | None:
+    """Elementwise metric ω [M, N] float32 (None = Euclidean)."""
+    if cfg.metric == "euclidean":
+        return None
+    if cfg.metric == "fisher_diag":
+        return fisher_diag_metric(fisher)  # type: ignore[arg-type]
+    if stats is None or stats.hessian is None:
+        raise CalibrationError("metric 'hessian' needs activation statistics")
+    diag = stats.hessian.diagonal().float()
+    return (diag / diag.mean().clamp_min(1e-30)).expand_as(weight).contiguous()
+
+
+def quantize_vq(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig,
+                bias: torch.Tensor | None = None) -> tuple[VQLayer, LayerReport]:
+    """Quantize one layer.
+
+    Args:
+        weight: [M, N] float32, the layer's weight (rows = output channels).
+        stats: calibration statistics of this layer (None when the config needs none).
+        cfg: the run's QuantConfig (method rsavq or kmeans).
+        bias: [M] or None, copied to the result.
+    """
+    started = time.perf_counter()
+    if weight.dim() != 2:
+        raise UnsupportedShapeError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    m, n = w.shape
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fisher = nat = sens = None
+    if cfg.needs_gradients():
+        if stats is None:
+            raise CalibrationError("this configuration needs gradient statistics")
+        fisher = damp(stats, cfg.damping)
+        if cfg.lam > 0:
+            nat = natural_gradient(stats, fisher)
+        if cfg.allocation != "uniform":
+            sens = channel_sensitivity(stats, fisher, cfg.sensitivity)
+    lo, hi = cfg.group_bit_range()
+    alloc: Allocation = allocate(sens, n, cfg.bits, cfg.n_groups, cfg.allocation, lo, hi)
+    # EDSG target W' = W − λñ: perturbation convention (spec §6.1) so the error follows −ñ.
+    shift = _edsg_shift(w, nat, cfg)
+    target = w - shift if shift is not None else w
+    omega = _metric(cfg, w, stats, fisher)
+
+    v, n_pq, d = cfg.vector_len, cfg.n_pq, cfg.sub_dim
+    n_vec = -(-m // v)
+    pad = n_vec * v - m
+
+    def prep(x: torch.Tensor | None, fill: float) -> torch.Tensor | None:
+        """Permute columns and pad rows: [M, N] -> [M_pad, N]."""
+        if x is None:
+            return None
+        x = x[:, alloc.perm]
+        return torch.cat([x, x.new_full((pad, n), fill)]) if pad else x
+
+    t_p, w_p, om_p = prep(target, 0.0), prep(w, 0.0), prep(omega, 0.0)
+    if om_p is None and pad:
+        # Padded rows must not pull centroids: give them zero weight even in the Euclidean metric.
+        om_p = torch.ones_like(t_p)
+        om_p[m:] = 0.0
+    groups: list[VQGroup] = []
+    for (start, stop), bits in zip(alloc.bounds, alloc.bits, strict=True):
+        k = 2 ** (bits * d)
+        sub_t = to_subvectors(t_p[:, start:stop], v, n_pq)
+        sub_w = to_subvectors(w_p[:, start:stop], v, n_pq)
+        sub_o = to_subvectors(om_p[:, start:stop], v, n_pq) if om_p is not None else None
+        books, codes = [], []
+        for p in range(n_pq):
+            pts = sub_t[:, :, p].reshape(-1, d)
+            wts = sub_o[:, :, p].reshape(-1, d) if sub_o is not None else None
+            literal = cfg.assign == "paper"
+            cents, _ = weighted_kmeans(pts, wts, k, cfg.kmeans_iters, gen,
+                                       assign_points=sub_w[:, :, p].reshape(-1, d) if literal else None,
+                                       assign_weights=None)
+            cents = cents.half().float()  # what is stored: assign against the fp16 codebook
+            idx, _ = assign(sub_w[:, :, p].reshape(-1, d) if literal else pts, None if literal else wts, cents)
+            books.append(cents)
+            codes.append(idx.view(stop - start, n_vec))
+        groups.append(VQGroup(bits=bits, start=start, stop=stop, codebooks=torch.stack(books).half(),
+                              indices=torch.stack(codes, dim=2)))
+    layer = VQLayer(out_features=m, in_features=n, vector_len=v, n_pq=n_pq, perm=alloc.perm.clone(),
+                    groups=groups, bias=None if bias is None else bias.detach().half())
+    if cfg.compensate:
+        if stats is None or stats.hessian is None:
+            raise CalibrationError("compensation needs the activation Hessian")
+        compensate_columns(layer, target, stats.hessian, om_p, cfg.hessian_damping)
+    return layer, _report(layer, w, shift, omega, stats, sens, started)
+
+
+def _edsg_shift(w: torch.Tensor, nat: torch.Tensor | None, cfg: QuantConfig) -> torch.Tensor | None:
+    """λñ, or λ‖W‖·ñ/‖ñ‖ under lam_scale="relative" (spec §6.5). w, nat: [M, N] float32."""
+    if nat is None:
+        return None
+    if cfg.lam_scale == "raw":
+        return cfg.lam * nat
+    return cfg.lam * float(w.norm()) / float(nat.norm().clamp_min(1e-30)) * nat
+
+
+def _report(layer: VQLayer, w: torch.Tensor, shift: torch.Tensor | None,
+            omega: torch.Tensor | None, stats: LayerStats | None, sens: torch.Tensor | None,
+            started: float) -> LayerReport:
+    delta = layer.dequantize() - w
+    om = omega if omega is not None else torch.ones_like(w)
+    proxy = float((om * delta**2).sum() / (om * w**2).sum().clamp_min(1e-30))
+    herr = None
+    if stats is not None and stats.hessian is not None:
+        h = stats.hessian.float()
+        herr = float(((delta @ h) * delta).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
+    step = float(shift.norm() / w.norm().clamp_min(1e-30)) if shift is not None else 0.0
+    summary = {}
+    if sens is not None:
+        summary = {"min": float(sens.min()), "median": float(sens.median()), "max": float(sens.max())}
+    return LayerReport(bits=[g.bits for g in layer.groups], proxy_error=proxy, hessian_error=herr,
+                       step_ratio=step, sensitivity=summary, seconds=time.perf_counter() - started)
