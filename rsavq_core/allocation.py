@@ -43,34 +43,40 @@ def channel_bits(sensitivity: torch.Tensor, target: float, rule: str) -> torch.T
 
 def repair_budget(bits: list[int], sizes: list[int], budget: float, lo: int, hi: int,
                   wanted: list[float]) -> list[int]:
-    """Clamp to [lo, hi], then move single bits until Σ sizes·bits is the largest total ≤ budget.
+    """The per-group bits closest to ``wanted`` among those that spend the most of the budget.
 
-    A bit is removed from the most over-rounded group (largest bits − wanted) or added to the most
-    under-rounded one, keeping the bits non-increasing across groups (groups are sorted by
-    sensitivity, so a less sensitive group never gets more bits than a more sensitive one).
+    Exhaustive over non-increasing tuples in [lo, hi] (groups are sorted by sensitivity, so a less
+    sensitive group never gets more bits than a more sensitive one): maximise Σ sizes·bits subject
+    to ≤ budget, then minimise Σ sizes·(bits − wanted)², then prefer the rounded ``bits``. G is
+    small (4 in the paper), so this is at most a few thousand tuples; a greedy one-bit-at-a-time
+    repair can stop short of the budget when group sizes differ.
     """
-    b = [min(hi, max(lo, x)) for x in bits]
-    # Monotone from the start: clamping and rounding can break it only by ties resolved here.
-    for g in range(1, len(b)):
-        b[g] = min(b[g], b[g - 1])
-
-    def total() -> int:
-        return sum(s * x for s, x in zip(sizes, b, strict=True))
-
     eps = 1e-9
-    while total() > budget + eps:
-        movable = [g for g in range(len(b)) if b[g] > lo and (g == len(b) - 1 or b[g] - 1 >= b[g + 1])]
-        if not movable:
-            raise ConfigError(f"cannot meet {budget / sum(sizes):.3f} bits per weight with at least {lo} bits")
-        g = max(movable, key=lambda i: (b[i] - wanted[i], i))
-        b[g] -= 1
-    while True:
-        room = budget + eps - total()
-        movable = [g for g in range(len(b)) if b[g] < hi and sizes[g] <= room and (g == 0 or b[g] + 1 <= b[g - 1])]
-        if not movable:
-            return b
-        g = max(movable, key=lambda i: (wanted[i] - b[i], -i))
-        b[g] += 1
+    best: tuple[float, float, int, tuple[int, ...]] | None = None
+
+    def visit(prefix: list[int], spent: int) -> None:
+        nonlocal best
+        g = len(prefix)
+        if g == len(sizes):
+            if spent > budget + eps:
+                return
+            dist = sum(s * (b - w) ** 2 for s, b, w in zip(sizes, prefix, wanted, strict=True))
+            moved = sum(abs(b - r) for b, r in zip(prefix, bits, strict=True))
+            key = (-spent, dist, moved, tuple(prefix))
+            if best is None or key < best:
+                best = key
+            return
+        top = prefix[-1] if prefix else hi
+        for b in range(lo, top + 1):
+            # Prune: the remaining groups get at least lo bits each.
+            if spent + sizes[g] * b + lo * sum(sizes[g + 1:]) > budget + eps:
+                break
+            visit([*prefix, b], spent + sizes[g] * b)
+
+    visit([], 0)
+    if best is None:
+        raise ConfigError(f"cannot meet {budget / sum(sizes):.3f} bits per weight with at least {lo} bits")
+    return list(best[3])
 
 
 def allocate(sensitivity: torch.Tensor | None, in_features: int, target: float, n_groups: int, rule: str,

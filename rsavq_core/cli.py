@@ -47,7 +47,7 @@ class ProgressBar:
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     overrides: dict[str, Any] = {"bits": args.bits}
     for name in ("vector_len", "n_pq", "n_groups", "lam", "lam_scale", "allocation", "sensitivity", "metric",
-                 "assign", "kmeans_iters", "fisher", "damping", "calib_samples", "calib_len", "group_size",
+                 "assign", "kmeans_iters", "kmeans_fit_points", "fisher", "damping", "calib_samples", "calib_len", "group_size",
                  "seed"):
         value = getattr(args, name, None)
         if value is not None:
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rsavq", choices=METHODS)
     q.add_argument("--out", help="write the packed checkpoint to this folder")
     for flag, typ in (("--vector-len", int), ("--n-pq", int), ("--n-groups", int), ("--lam", float),
-                      ("--kmeans-iters", int), ("--damping", float), ("--calib-samples", int),
+                      ("--kmeans-iters", int), ("--kmeans-fit-points", int), ("--damping", float), ("--calib-samples", int),
                       ("--calib-len", int), ("--group-size", int), ("--seed", int)):
         q.add_argument(flag, type=typ)
     q.add_argument("--lam-scale", choices=["relative", "raw"])

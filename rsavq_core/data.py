@@ -52,13 +52,28 @@ def split_documents(docs: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return calib, evaluation
 
 
-def token_windows(tokenizer: object, docs: list[str], n_windows: int, length: int) -> torch.Tensor:
-    """Join docs with a blank line, tokenize without special tokens, cut into windows.
+_TOKEN_CACHE: dict[tuple[str, int, str], list[int]] = {}
 
-    Returns: [n, length] int64, the first ``n_windows`` non-overlapping windows (fewer only if the
-    text is too short, which raises ``CalibrationError``).
+
+def _tokenized(tokenizer: object, split: str, docs: list[str]) -> list[int]:
+    """Token ids of the split's documents joined by a blank line, memoised per tokenizer.
+
+    Tokenizing the 2 MB text takes seconds; runs and tests ask for it repeatedly.
     """
-    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    key = (str(getattr(tokenizer, "name_or_path", id(tokenizer))), len(tokenizer), split)  # type: ignore[arg-type]
+    if key not in _TOKEN_CACHE:
+        ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        _TOKEN_CACHE[key] = list(ids)
+    return _TOKEN_CACHE[key]
+
+
+def token_windows(ids: list[int], n_windows: int, length: int) -> torch.Tensor:
+    """The first ``n_windows`` non-overlapping windows of ``length`` tokens, [n, length] int64.
+
+    Raises ``CalibrationError`` if the text is too short.
+    """
+    if n_windows < 1 or length < 2:
+        raise CalibrationError(f"need at least one window of at least 2 tokens, got {n_windows} x {length}")
     available = len(ids) // length
     if available < n_windows:
         raise CalibrationError(f"the text holds {available} windows of {length} tokens; {n_windows} requested")
@@ -68,13 +83,13 @@ def token_windows(tokenizer: object, docs: list[str], n_windows: int, length: in
 def calibration_windows(tokenizer: object, n_windows: int, length: int) -> torch.Tensor:
     """[n_windows, length] int64 calibration tokens (calibration documents only)."""
     calib, _ = split_documents(wiki_documents())
-    return token_windows(tokenizer, calib, n_windows, length)
+    return token_windows(_tokenized(tokenizer, "calibration", calib), n_windows, length)
 
 
 def evaluation_windows(tokenizer: object, n_windows: int = EVAL_WINDOWS, length: int = EVAL_LEN) -> torch.Tensor:
     """[n_windows, length] int64 evaluation tokens (held-out documents only)."""
     _, evaluation = split_documents(wiki_documents())
-    return token_windows(tokenizer, evaluation, n_windows, length)
+    return token_windows(_tokenized(tokenizer, "evaluation", evaluation), n_windows, length)
 
 
 def tokens_hash(tokens: torch.Tensor) -> str:

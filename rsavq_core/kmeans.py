@@ -89,31 +89,48 @@ def init_plusplus(points: torch.Tensor, weights: torch.Tensor | None, k: int, ge
 
 
 def weighted_kmeans(points: torch.Tensor, weights: torch.Tensor | None, k: int, iters: int,
-                    generator: torch.Generator, assign_points: torch.Tensor | None = None,
-                    assign_weights: torch.Tensor | None = None, init: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations of the weighted objective.
+                    generator: torch.Generator, *, fit_points: int = 0,
+                    assign_points: torch.Tensor | None = None, assign_weights: torch.Tensor | None = None,
+                    init: torch.Tensor | None = None) -> torch.Tensor:
+    """Lloyd iterations of the weighted objective; returns centroids [K, d] float32.
 
     Args:
         points: [L, d] float32 targets t_l the centroids are fitted to.
         weights: [L, d] float32 metric weights ω_l (None: Euclidean).
         k: number of centroids K.
         iters: number of assignment + closed-form update rounds T.
-        assign_points / assign_weights: what the assignment step compares against, when it differs
-            from the update's targets (Alg. 1 literal: unshifted W, Euclidean). Defaults to points/weights.
-        init: [K, d] float32 initial centroids (default: k-means++).
-    Returns:
-        (centroids [K, d] float32, codes [L] int64) with codes consistent with the returned centroids.
+        fit_points: when > 0 and L is larger, the T rounds run on a random subsample of
+            max(fit_points, 8·K) points [I: the paper gives no T or sample size]; one final
+            assignment + update over all L points follows, so every point shapes the codebook.
+        assign_points / assign_weights: what the assignment step compares against when it differs
+            from the update's targets (Alg. 1 literal: unshifted W, Euclidean). [L, d] / [L, d] or None.
+        init: [K, d] float32 initial centroids (default: k-means++ on the fitting sample).
+    The caller assigns the final codes (after rounding the codebook to its storage precision).
     """
     a_pts = points if assign_points is None else assign_points
     a_w = weights if assign_points is None else assign_weights
-    centroids = init.clone() if init is not None else init_plusplus(points, weights, k, generator)
+    n = points.shape[0]
+    sample = max(fit_points, 8 * k)
+    if 0 < fit_points and sample < n:
+        pick = torch.randperm(n, generator=generator)[:sample].to(points.device)
+        fit = (points[pick], None if weights is None else weights[pick], a_pts[pick],
+               None if a_w is None else a_w[pick])
+    else:
+        fit = (points, weights, a_pts, a_w)
+    centroids = init.clone() if init is not None else init_plusplus(fit[0], fit[1], k, generator)
     for _ in range(iters):
-        codes, dist = assign(a_pts, a_w, centroids)
-        centroids, empty = update(points, weights, codes, centroids)
-        if empty.any():
-            # Re-seed empty clusters at the worst-fitting points (largest current distance).
-            worst = torch.topk(dist, int(empty.sum())).indices
-            centroids[empty] = points[worst]
-    codes, _ = assign(a_pts, a_w, centroids)
-    return centroids, codes
+        centroids = _lloyd_step(*fit, centroids)
+    if fit[0] is not points:
+        centroids = _lloyd_step(points, weights, a_pts, a_w, centroids)
+    return centroids
+
+
+def _lloyd_step(points: torch.Tensor, weights: torch.Tensor | None, a_pts: torch.Tensor,
+                a_w: torch.Tensor | None, centroids: torch.Tensor) -> torch.Tensor:
+    """One assignment + closed-form update; empty clusters re-seeded at the worst-fitting points."""
+    codes, dist = assign(a_pts, a_w, centroids)
+    centroids, empty = update(points, weights, codes, centroids)
+    if empty.any():
+        worst = torch.topk(dist, min(int(empty.sum()), dist.numel())).indices
+        centroids[empty.nonzero().squeeze(1)[: len(worst)]] = points[worst]
+    return centroids

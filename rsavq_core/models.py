@@ -126,15 +126,40 @@ def load_model(model_id: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Mo
 
 
 def model_fingerprint(folder: Path) -> str:
-    """A short hash of a checkpoint's config and weight files (name, size, mtime-free content head)."""
+    """SHA-256 (16 hex chars) over the full content of a checkpoint's config and weight files.
+
+    Hashing whole files matters: two fine-tunes of one base share headers and embeddings, and the
+    statistics cache is keyed by this value. Digests are memoised per (path, size, mtime) in the
+    rsavq cache, so a multi-GB checkpoint is read once, not on every job.
+    """
     digest = hashlib.sha256()
     for file in sorted(folder.iterdir()):
         if file.suffix in (".json", ".safetensors", ".bin") and file.is_file():
             digest.update(file.name.encode())
-            digest.update(str(file.stat().st_size).encode())
-            with file.open("rb") as fh:
-                digest.update(fh.read(1 << 20))
+            digest.update(_file_digest(file).encode())
     return digest.hexdigest()[:16]
+
+
+def _file_digest(file: Path) -> str:
+    stat = file.stat()
+    memo = cache_root() / "digests" / (hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:24] + ".json")
+    key = [stat.st_size, stat.st_mtime_ns]
+    if memo.is_file():
+        try:
+            saved = json.loads(memo.read_text())
+            if saved.get("key") == key:
+                return str(saved["sha256"])
+        except (OSError, ValueError, KeyError):
+            pass  # a corrupt memo is just recomputed
+    sha = hashlib.sha256()
+    with file.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            sha.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "sha256": sha.hexdigest(), "path": str(file)}))
+    os.replace(tmp, memo)
+    return sha.hexdigest()
 
 
 @dataclass(frozen=True)

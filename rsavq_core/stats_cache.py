@@ -3,7 +3,8 @@
 Keyed by (model fingerprint, calibration tokens hash, n samples, length, Fisher form, contents),
 so a second bit budget — or a second method — for the same model reuses the statistics. A store
 is complete only once ``meta.json`` is written (after every block), so a crash mid-way never
-leaves a store that looks usable; finished block files are kept and skipped on the next attempt.
+leaves a store that looks usable. Blocks are computed last to first with the gradient flowing
+down, so a partial store cannot be resumed block-wise: an incomplete one is recomputed.
 """
 
 from __future__ import annotations
@@ -113,9 +114,6 @@ def compute_statistics(model: nn.Module, tokens: torch.Tensor, key: StatsKey, *,
     store = StatsStore(key, root)
     blocks = find_decoder_layout(model).blocks
     started = time.perf_counter()
-    if all(store.block_file(i).is_file() for i in range(len(blocks))):
-        store.finish({"seconds": 0.0, "resumed": True})
-        return store
     inputs, kwargs, grads = record_block_inputs(model, tokens, micro_batch=micro_batch,
                                                 want_grads=key.with_grads, progress=progress)
     for done, index in enumerate(reversed(range(len(blocks)))):

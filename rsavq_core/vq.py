@@ -112,9 +112,8 @@ def quantize_vq(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig
             pts = sub_t[:, :, p].reshape(-1, d)
             wts = sub_o[:, :, p].reshape(-1, d) if sub_o is not None else None
             literal = cfg.assign == "paper"
-            cents, _ = weighted_kmeans(pts, wts, k, cfg.kmeans_iters, gen,
-                                       assign_points=sub_w[:, :, p].reshape(-1, d) if literal else None,
-                                       assign_weights=None)
+            cents = weighted_kmeans(pts, wts, k, cfg.kmeans_iters, gen, fit_points=cfg.kmeans_fit_points,
+                                    assign_points=sub_w[:, :, p].reshape(-1, d) if literal else None)
             cents = cents.half().float()  # what is stored: assign against the fp16 codebook
             idx, _ = assign(sub_w[:, :, p].reshape(-1, d) if literal else pts, None if literal else wts, cents)
             books.append(cents)

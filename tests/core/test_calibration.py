@@ -1,0 +1,220 @@
+"""Calibration statistics against a direct autograd computation, and the on-disk statistics cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rsavq_core import stats_cache
+from rsavq_core.calibration import LayerStats, block_statistics, record_block_inputs
+from rsavq_core.data import tokens_hash
+from rsavq_core.models import find_decoder_layout, quantizable_linears
+from rsavq_core.stats_cache import StatsKey, StatsStore, compute_statistics
+
+S, T = 3, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # type: ignore[no-untyped-def]
+    """Tiny matmuls on 2 contended cores are ~1000x slower with 2 OpenMP threads than with 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_llama: Any) -> torch.Tensor:
+    model, _ = tiny_llama
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, model.config.vocab_size, (S, T), generator=gen)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
+    """assert_close with an absolute floor relative to the tensor's scale (entries can be ~0)."""
+    expected = expected.to(actual.dtype)
+    atol = rtol * float(expected.abs().max()) + 1e-30
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def sequence_loss(model: Any, seq: torch.Tensor) -> torch.Tensor:
+    """ℓ_s: mean next-token cross-entropy of one sequence [T]."""
+    logits = model(input_ids=seq[None], use_cache=False).logits[0]
+    return F.cross_entropy(logits[:-1].float(), seq[1:])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama: Any, tokens: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """Per linear: Ḡ, F_O, F_I, τ from per-sequence autograd, H from forward hooks, and the K-FAC δδᵀ."""
+    model, _ = tiny_llama
+    linears = dict(quantizable_linears(model))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    weights = [m.weight for m in linears.values()]
+    for w in weights:
+        w.requires_grad_(True)
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    xs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    deltas: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    outs: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(module: Any, args: tuple, output: torch.Tensor) -> None:  # type: ignore[type-arg]
+            xs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+            output.retain_grad()
+            outs[name] = output
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for s in range(S):
+            outs.clear()
+            loss = sequence_loss(model, tokens[s])
+            loss.backward()
+            for name, mod in linears.items():
+                grads[name].append(mod.weight.grad.detach().clone())
+                deltas[name].append(outs[name].grad.detach().reshape(-1, mod.out_features))
+                mod.weight.grad = None
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    out: dict[str, dict[str, Any]] = {}
+    for name in linears:
+        g = torch.stack(grads[name]).double()  # [S, M, N]
+        x = torch.cat(xs[name]).double()  # [S·T, N]
+        d = torch.cat(deltas[name]).double()  # [S·T, M]
+        out[name] = {
+            "grad_mean": g.mean(0),
+            "fisher_out": torch.einsum("smn,skn->mk", g, g) / S,
+            "fisher_in": torch.einsum("smn,smk->nk", g, g) / S,
+            "tau": float((g * g).sum() / S),
+            "hessian": x.T @ x / x.shape[0],
+            "kfac_out": T * (d.T @ d) / d.shape[0],
+            # sanity of the reference itself: G_s = δ_sᵀ X_s
+            "g_from_delta": torch.stack([d[s * T:(s + 1) * T].T @ x[s * T:(s + 1) * T] for s in range(S)]).mean(0),
+        }
+    return out
+
+
+def run_statistics(model: Any, tokens: torch.Tensor, fisher: str, micro_batch: int,
+                   want_grads: bool = True) -> dict[str, LayerStats]:
+    layout = find_decoder_layout(model)
+    inputs, kwargs, grads = record_block_inputs(model, tokens, micro_batch=micro_batch, want_grads=want_grads)
+    stats: dict[str, LayerStats] = {}
+    for index in reversed(range(len(layout.blocks))):
+        block_stats, grads = block_statistics(layout.blocks[index], inputs[index], kwargs[index], grads,
+                                              fisher=fisher, seq_len=tokens.shape[1])
+        for name, st in block_stats.items():
+            stats[f"{layout.blocks_path}.{index}.{name}"] = st
+    return stats
+
+
+def test_reference_is_consistent(reference: dict[str, dict[str, Any]]) -> None:
+    for ref in reference.values():
+        close(ref["g_from_delta"], ref["grad_mean"], rtol=1e-4)
+        assert ref["tau"] == pytest.approx(float(ref["fisher_out"].trace()), rel=1e-9)
+        assert ref["tau"] == pytest.approx(float(ref["fisher_in"].trace()), rel=1e-9)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 3])
+def test_exact_fisher_matches_autograd(tiny_llama: Any, tokens: torch.Tensor,
+                                       reference: dict[str, dict[str, Any]], micro_batch: int) -> None:
+    model, _ = tiny_llama
+    stats = run_statistics(model, tokens, "exact", micro_batch)
+    assert set(stats) == set(reference)
+    for name, st in stats.items():
+        ref = reference[name]
+        assert st.n_samples == S and st.n_tokens == S * T
+        assert float(ref["grad_mean"].abs().max()) > 0
+        for key in ("grad_mean", "fisher_out", "fisher_in", "hessian"):
+            value = getattr(st, key)
+            assert value.dtype == torch.float32
+            close(value, ref[key])
+        assert st.tau == pytest.approx(ref["tau"], rel=1e-4)
+    # no weight gradients were left behind, and the frozen flags were restored
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_micro_batch_does_not_change_statistics(tiny_llama: Any, tokens: torch.Tensor) -> None:
+    model, _ = tiny_llama
+    one, three = run_statistics(model, tokens, "exact", 1), run_statistics(model, tokens, "exact", 3)
+    two = run_statistics(model, tokens, "exact", 2)  # uneven split: batches of 2 and 1
+    for name in one:
+        for other in (three, two):
+            for key in ("grad_mean", "fisher_out", "fisher_in", "hessian"):
+                close(getattr(other[name], key), getattr(one[name], key), rtol=1e-5)
+            assert other[name].tau == pytest.approx(one[name].tau, rel=1e-5)
+
+
+def test_kfac_fisher(tiny_llama: Any, tokens: torch.Tensor, reference: dict[str, dict[str, Any]]) -> None:
+    model, _ = tiny_llama
+    stats = run_statistics(model, tokens, "kfac", 2)
+    for name, st in stats.items():
+        ref = reference[name]
+        assert st.tau == 1.0
+        assert torch.equal(st.fisher_in, st.hessian)
+        close(st.hessian, ref["hessian"])
+        close(st.fisher_out, ref["kfac_out"])
+        close(st.grad_mean, ref["grad_mean"])  # the mean gradient does not depend on the Fisher form
+
+
+def test_hessian_only(tiny_llama: Any, tokens: torch.Tensor, reference: dict[str, dict[str, Any]]) -> None:
+    model, _ = tiny_llama
+    stats = run_statistics(model, tokens, "exact", 2, want_grads=False)
+    for name, st in stats.items():
+        assert st.grad_mean is None and st.fisher_out is None and st.fisher_in is None
+        close(st.hessian, reference[name]["hessian"])
+
+
+def test_store_round_trip_and_reuse(tiny_llama: Any, tokens: torch.Tensor, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = tiny_llama
+    key = StatsKey(fingerprint="tiny", tokens_hash=tokens_hash(tokens), n_samples=S, seq_len=T,
+                   fisher="exact", with_grads=True)
+    assert StatsStore.find(key, root=tmp_path) is None
+    store = compute_statistics(model, tokens, key, micro_batch=2, root=tmp_path)
+    assert store.complete() and store.folder.parent == tmp_path
+    direct = run_statistics(model, tokens, "exact", 2)
+    for index in range(2):
+        loaded = store.load_block(index)
+        assert set(loaded) == set(find_decoder_layout(model).linear_names(index))
+        for name, st in loaded.items():
+            ref = direct[f"model.layers.{index}.{name}"]
+            for field in ("grad_mean", "fisher_out", "fisher_in", "hessian"):
+                torch.testing.assert_close(getattr(st, field), getattr(ref, field), rtol=1e-6, atol=0)
+            assert st.tau == pytest.approx(ref.tau, rel=1e-12)
+            assert (st.n_samples, st.n_tokens) == (S, S * T)
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("statistics were recomputed although a complete store exists")
+
+    monkeypatch.setattr(stats_cache, "record_block_inputs", boom)
+    again = compute_statistics(model, tokens, key, root=tmp_path)
+    assert again.folder == store.folder
+    # A Hessian-only request is served by the store with gradients (any Fisher form).
+    for fisher in ("exact", "kfac"):
+        hess_key = StatsKey(**{**key.__dict__, "with_grads": False, "fisher": fisher})
+        found = StatsStore.find(hess_key, root=tmp_path)
+        assert found is not None and found.folder == store.folder
+        assert compute_statistics(model, tokens, hess_key, root=tmp_path).folder == store.folder
+    # ... but a different key is not.
+    for change in ({"n_samples": S + 1}, {"fisher": "kfac"}, {"tokens_hash": "other"}, {"fingerprint": "x"}):
+        assert StatsStore.find(StatsKey(**{**key.__dict__, **change}), root=tmp_path) is None
+
+
+def test_incomplete_store_is_not_used(tiny_llama: Any, tokens: torch.Tensor, tmp_path: Path) -> None:
+    model, _ = tiny_llama
+    key = StatsKey(fingerprint="tiny", tokens_hash=tokens_hash(tokens), n_samples=S, seq_len=T,
+                   fisher="exact", with_grads=False)
+    store = compute_statistics(model, tokens, key, root=tmp_path)
+    (store.folder / "meta.json").unlink()
+    assert StatsStore.find(key, root=tmp_path) is None
+    assert not store.complete()

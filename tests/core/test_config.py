@@ -1,0 +1,169 @@
+"""QuantConfig: validation messages, method presets, derived per-group bit clamps, serialisation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rsavq_core.config import METHODS, QuantConfig
+from rsavq_core.errors import ConfigError
+
+
+@pytest.mark.parametrize("bits", [0.5, 9, 8.5, -1])
+def test_bits_out_of_range_names_the_range(bits: float) -> None:
+    with pytest.raises(ConfigError, match=r"bits must lie in \[1, 8\]"):
+        QuantConfig(bits=bits)
+
+
+@pytest.mark.parametrize("bits", [math.nan, math.inf, -math.inf, "2"])
+def test_bits_not_a_finite_number(bits: object) -> None:
+    with pytest.raises(ConfigError, match="bits must be a number"):
+        QuantConfig(bits=bits)  # type: ignore[arg-type]
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        QuantConfig(bits=0.5)
+
+
+def test_vector_len_not_divisible_by_n_pq() -> None:
+    with pytest.raises(ConfigError, match="not divisible") as info:
+        QuantConfig(vector_len=5, n_pq=2)
+    assert "vector_len 5" in str(info.value) and "n_pq 2" in str(info.value)
+    # The same numbers are fine when they divide.
+    assert QuantConfig(vector_len=6, n_pq=2).sub_dim == 3
+    assert QuantConfig(vector_len=5, n_pq=1).sub_dim == 5
+
+
+def test_unknown_method_lists_the_choices() -> None:
+    for make in (lambda: QuantConfig(method="awq"), lambda: QuantConfig.for_method("awq")):
+        with pytest.raises(ConfigError) as info:
+            make()
+        message = str(info.value)
+        assert "'awq'" in message
+        for method in METHODS:
+            assert method in message
+
+
+@pytest.mark.parametrize("field,value", [("allocation", "greedy"), ("metric", "cosine"), ("fisher", "diag"),
+                                         ("sensitivity", "both"), ("assign", "nearest"), ("lam_scale", "log")])
+def test_unknown_choice_lists_the_choices(field: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown {field} '{value}'; choose one of"):
+        QuantConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["vector_len", "n_pq", "n_groups", "kmeans_iters", "calib_samples", "group_size"])
+@pytest.mark.parametrize("value", [0, -3, 2.0, True])
+def test_integer_fields_must_be_positive_integers(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"{field} must be a positive integer"):
+        QuantConfig(**{field: value})
+
+
+@pytest.mark.parametrize("overrides", [{"lam": -0.1}, {"lam": 11.0}, {"damping": 0.0}, {"hessian_damping": -1.0},
+                                       {"calib_len": 1}])
+def test_other_ranges(overrides: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        QuantConfig(**overrides)
+
+
+@pytest.mark.parametrize("bits,vector_len,n_pq", [(6, 6, 2), (3, 6, 1), (5, 8, 2), (2.5, 8, 1)])
+def test_vq_codebook_above_2_to_16_entries_is_rejected(bits: float, vector_len: int, n_pq: int) -> None:
+    d = vector_len // n_pq
+    assert bits * d > 16
+    with pytest.raises(ConfigError):
+        QuantConfig(bits=bits, vector_len=vector_len, n_pq=n_pq)
+    # The scalar methods have no codebook: the same bits are fine for them (integer bits only).
+    if bits == int(bits):
+        assert QuantConfig(method="gptq", bits=bits, vector_len=vector_len, n_pq=n_pq).bits == bits
+
+
+def test_largest_codebook_allowed_is_2_to_16() -> None:
+    cfg = QuantConfig(bits=4, vector_len=8, n_pq=2)  # 4 bits x d=4 = 16-bit indices
+    assert cfg.bits * cfg.sub_dim == 16
+
+
+def test_codebook_size_error_explains_the_codebook() -> None:
+    with pytest.raises(ConfigError, match="codebooks of"):
+        QuantConfig(bits=6, vector_len=6, n_pq=2)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_scalar_methods_need_integer_bits(method: str) -> None:
+    with pytest.raises(ConfigError, match="needs integer bits"):
+        QuantConfig.for_method(method, bits=2.5)
+    assert QuantConfig.for_method(method, bits=3).bits == 3
+
+
+def test_vq_methods_accept_fractional_bits() -> None:
+    assert QuantConfig(bits=2.5).bits == 2.5
+
+
+def test_explicit_clamps_are_validated() -> None:
+    with pytest.raises(ConfigError, match="exceeds"):
+        QuantConfig(bits=2, min_group_bits=3, max_group_bits=2)
+    with pytest.raises(ConfigError, match="outside the per-group range"):
+        QuantConfig(bits=2, min_group_bits=3, max_group_bits=4)
+    assert QuantConfig(bits=2, min_group_bits=2, max_group_bits=3).group_bit_range() == (2, 3)
+
+
+def test_presets() -> None:
+    km = QuantConfig.for_method("kmeans")
+    assert km.method == "kmeans"
+    assert km.lam == 0.0 and km.allocation == "uniform" and km.metric == "euclidean" and km.compensate is False
+    assert not km.needs_gradients() and not km.needs_hessian() and not km.needs_calibration()
+    rs = QuantConfig.for_method("rsavq")
+    assert rs == QuantConfig()
+    assert rs.lam == 0.05 and rs.allocation == "proportional" and rs.metric == "fisher_diag"
+    assert rs.needs_gradients() and not rs.needs_hessian()
+    gptq = QuantConfig.for_method("gptq", bits=3)
+    assert not gptq.needs_gradients() and gptq.needs_hessian()
+    assert not QuantConfig.for_method("rtn", bits=3).needs_calibration()
+    # Explicit overrides win over the preset.
+    km2 = QuantConfig.for_method("kmeans", lam=0.1, compensate=True)
+    assert km2.lam == 0.1 and km2.compensate and km2.allocation == "uniform"
+    assert km2.needs_gradients() and km2.needs_hessian()
+
+
+@pytest.mark.parametrize("bits,expected", [(2, (1, 4)), (2.5, (1, 4)), (3, (1, 5)), (1, (1, 3))])
+def test_group_bit_range_defaults(bits: float, expected: tuple[int, int]) -> None:
+    assert QuantConfig(bits=bits).group_bit_range() == expected
+
+
+def test_group_bit_range_at_4_bits() -> None:
+    # The spec's example [2, 6] at 4 bits holds when 6-bit groups fit the 2^16 codebook cap (d <= 2) ...
+    assert QuantConfig(bits=4, vector_len=4, n_pq=2).group_bit_range() == (2, 6)
+    # ... and the cap 16 // d wins with the default d = 3 (6 x 3 = 18 index bits would be too many).
+    assert QuantConfig(bits=4).group_bit_range() == (2, 5)
+
+
+def test_frozen() -> None:
+    cfg = QuantConfig()
+    with pytest.raises(Exception):
+        cfg.bits = 3  # type: ignore[misc]
+    assert cfg.replace(bits=3).bits == 3 and cfg.bits == 2
+
+
+def test_json_round_trip() -> None:
+    cfg = QuantConfig.for_method("kmeans", bits=2.5, vector_len=8, n_pq=2, n_groups=3, kmeans_iters=7,
+                                 min_group_bits=2, seed=11)
+    text = cfg.to_json()
+    data = json.loads(text)
+    assert data["method"] == "kmeans" and data["bits"] == 2.5
+    back = QuantConfig.from_dict(data)
+    assert back == cfg
+    assert back.to_json() == text
+
+
+def test_from_dict_rejects_unknown_fields() -> None:
+    data = QuantConfig().to_dict()
+    data["bitz"] = 3
+    data["zzz"] = 1
+    with pytest.raises(ConfigError, match="unknown config field.*bitz, zzz"):
+        QuantConfig.from_dict(data)
+
+
+def test_from_dict_validates_values() -> None:
+    with pytest.raises(ConfigError, match="bits must lie"):
+        QuantConfig.from_dict({"bits": 12})

@@ -1,0 +1,200 @@
+"""The quantization job end to end on a tiny local model, and the CLI's validation / error exits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rsavq_core import pipeline
+from rsavq_core.cli import main
+from rsavq_core.config import QuantConfig
+from rsavq_core.layers import ScalarLayer, VQLayer
+from rsavq_core.models import quantizable_linears
+from rsavq_core.pipeline import QuantizeResult, quantize_model
+from rsavq_core.qlinear import QuantLinear, load_quantized_model, quantize_in_place
+
+SMALL = dict(calib_samples=2, calib_len=16, kmeans_iters=2, n_groups=2)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Any):  # type: ignore[no-untyped-def]
+    """(root, model folder) with an isolated RSAVQ_CACHE_DIR; one thread for the tiny matmuls.
+
+    ``calibration_windows`` is the real one (wiki text), memoised per (n, length): it tokenizes the
+    whole 2 MB calibration text on every call (~2.5 s here), the same tokens every time.
+    """
+    model, tokenizer = tiny_llama
+    root = tmp_path_factory.mktemp("pipeline")
+    folder = root / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    real = pipeline.calibration_windows
+    memo: dict[tuple[int, int], torch.Tensor] = {}
+
+    def windows(tok: Any, n: int, length: int) -> torch.Tensor:
+        if (n, length) not in memo:
+            memo[(n, length)] = real(tok, n, length)
+        return memo[(n, length)].clone()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RSAVQ_CACHE_DIR", str(root / "cache"))
+        mp.setattr(pipeline, "calibration_windows", windows)
+        yield root, folder
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rsavq_run(workspace: tuple[Path, Path]) -> QuantizeResult:
+    root, folder = workspace
+    cfg = QuantConfig.for_method("rsavq", bits=2, **SMALL)
+    return quantize_model(str(folder), cfg, out_dir=root / "q_rsavq")
+
+
+def reference_logits(result: QuantizeResult, ids: torch.Tensor) -> torch.Tensor:
+    """The FP model with its other tensors rounded through fp16 and the dequantized layers swapped in."""
+    ref = copy.deepcopy(result.model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.half().float())
+        for name, layer in result.layers.items():
+            lin = ref.get_submodule(name)
+            lin.weight.copy_(layer.dequantize(torch.float32))
+            if lin.bias is not None:
+                lin.bias.copy_(layer.bias.float())
+        return ref(ids).logits
+
+
+def check_artifact(result: QuantizeResult, tokenizer: Any) -> None:
+    assert result.out_dir is not None and (result.out_dir / "rsavq.safetensors").is_file()
+    loaded, tok, art = load_quantized_model(result.out_dir)
+    assert tok is not None and len(tok) == len(tokenizer)
+    assert set(art.layers) == set(result.layers)
+    assert art.config == result.config
+    assert all(isinstance(loaded.get_submodule(n), QuantLinear) for n in result.layers)
+    ids = tokenizer("Quantization keeps the logits of the packed model equal.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        got, fp = loaded(ids).logits, result.model(ids).logits
+    want = reference_logits(result, ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # Other route to the same model: QuantLinear swapped into the artifact-loaded model.
+    again = quantize_in_place(copy.deepcopy(loaded), art.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, got, rtol=0, atol=1e-6)
+    assert (got - fp).abs().max() > 1e-4  # the quantized layers are really in use
+
+
+def test_rsavq_end_to_end(workspace: tuple[Path, Path], rsavq_run: QuantizeResult, tiny_llama: Any) -> None:
+    root, folder = workspace
+    model, tokenizer = tiny_llama
+    result = rsavq_run
+    names = [n for n, _ in quantizable_linears(model)]
+    assert sorted(result.layers) == sorted(names) and len(names) == 14
+    assert not result.stats_cached
+    assert (root / "cache" / "stats").is_dir() and any((root / "cache" / "stats").glob("*/meta.json"))
+    assert {"load", "statistics", "quantize", "total"} <= set(result.timings)
+    for name, layer in result.layers.items():
+        assert isinstance(layer, VQLayer) and len(layer.groups) == 2
+        mod = result.model.get_submodule(name)
+        assert (layer.out_features, layer.in_features) == (mod.out_features, mod.in_features)
+        spent = sum(g.bits * (g.stop - g.start) for g in layer.groups)
+        assert spent <= 2 * layer.in_features
+        report = result.reports[name]
+        assert report["bits"] == [g.bits for g in layer.groups]
+        assert 0 < float(report["proxy_error"]) < 1  # type: ignore[arg-type]
+        assert float(report["step_ratio"]) == pytest.approx(0.05, rel=1e-4)  # type: ignore[arg-type]
+    # The returned float model is untouched: it equals the checkpoint on disk.
+    with torch.no_grad():
+        for (name, lin), (_, orig) in zip(quantizable_linears(result.model), quantizable_linears(model)):
+            assert torch.equal(lin.weight, orig.weight), name
+    check_artifact(result, tokenizer)
+
+
+def test_gptq_end_to_end(workspace: tuple[Path, Path], tiny_llama: Any) -> None:
+    root, folder = workspace
+    _, tokenizer = tiny_llama
+    cfg = QuantConfig.for_method("gptq", bits=2, **SMALL)
+    result = quantize_model(str(folder), cfg, out_dir=root / "q_gptq")
+    assert len(result.layers) == 14
+    assert all(isinstance(layer, ScalarLayer) and layer.bits == 2 for layer in result.layers.values())
+    assert all(r["hessian_error"] is not None for r in result.reports.values())
+    check_artifact(result, tokenizer)
+
+
+def test_second_run_reuses_statistics(workspace: tuple[Path, Path], rsavq_run: QuantizeResult) -> None:
+    root, folder = workspace
+    stores = sorted((root / "cache" / "stats").iterdir())
+    cfg = QuantConfig.for_method("rsavq", bits=3, **{**SMALL, "kmeans_iters": 1})
+    again = quantize_model(str(folder), cfg)
+    assert again.stats_cached is True
+    assert sorted((root / "cache" / "stats").iterdir()) == stores  # nothing new was computed
+    assert again.out_dir is None
+    assert all(sum(g.bits * (g.stop - g.start) for g in layer.groups) <= 3 * layer.in_features
+               for layer in again.layers.values())  # type: ignore[union-attr]
+    # a Hessian-only method is served by the store with gradients, too
+    assert quantize_model(str(folder), QuantConfig.for_method("gptq", bits=3, **SMALL)).stats_cached is True
+
+
+def test_cli_quantize_rtn(workspace: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root, folder = workspace
+    out = root / "q_cli"
+    code = main(["quantize", str(folder), "--bits", "4", "--method", "rtn", "--group-size", "16", "--quiet",
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["method"] == "rtn" and summary["config"]["bits"] == 4 and summary["config"]["group_size"] == 16
+    assert summary["out"] == str(out) and (out / "rsavq.safetensors").is_file()
+    assert "layers" not in summary["bits"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--bits", "9"], "[1, 8]"),
+    (["--bits", "0.5"], "[1, 8]"),
+    (["--bits", "2", "--vector-len", "5"], "not divisible"),
+    (["--bits", "2.5", "--method", "gptq"], "integer bits"),
+])
+def test_cli_config_errors_exit_2(argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSAVQ_CACHE_DIR", str(tmp_path))
+    # the model id is never looked at: validation happens first
+    code = main(["quantize", "some-model-that-does-not-exist", *argv, "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("rsavq: error:") and needle in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_cli_unresolvable_model_exits_2_quickly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSAVQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    started = time.perf_counter()
+    code = main(["quantize", "nobody-owns-this/no-such-model-123", "--bits", "2", "--quiet"])
+    assert time.perf_counter() - started < 5.0
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "cannot resolve" in captured.err and "nobody-owns-this/no-such-model-123" in captured.err
+    assert captured.out == ""
+
+
+def test_cli_unknown_method_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", "m", "--bits", "2", "--method", "awq"])
+    assert info.value.code == 2
+    assert "invalid choice: 'awq'" in capsys.readouterr().err
+
+
+def test_cli_missing_bits_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", "m"])
+    assert info.value.code == 2
+    assert "--bits" in capsys.readouterr().err
