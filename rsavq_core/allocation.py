@@ -80,7 +80,7 @@ def repair_budget(bits: list[int], sizes: list[int], budget: float, lo: int, hi:
 
 
 def allocate(sensitivity: torch.Tensor | None, in_features: int, target: float, n_groups: int, rule: str,
-             lo: int, hi: int) -> Allocation:
+             lo: int, hi: int, device: torch.device | str = "cpu") -> Allocation:
     """Sort channels by I_c (descending), cut into ``n_groups`` equal groups, give each its bits.
 
     sensitivity: [N] float32 or None; ``rule="uniform"`` (or no sensitivity) keeps the original
@@ -93,14 +93,14 @@ def allocate(sensitivity: torch.Tensor | None, in_features: int, target: float, 
     sizes = [stop - start for start, stop in bounds]
     budget = target * n
     if rule == "uniform" or sensitivity is None:
-        perm = torch.arange(n)
+        perm = torch.arange(n, device=device)
         wanted = [float(target)] * len(bounds)
         start_bits = [math.floor(target)] * len(bounds)
     else:
         if sensitivity.shape != (n,):
             raise ConfigError(f"sensitivity has shape {tuple(sensitivity.shape)}, expected ({n},)")
         # Stable sort so equal sensitivities keep their original order (reproducible permutations).
-        perm = torch.sort(sensitivity.double(), descending=True, stable=True).indices
+        perm = torch.sort(sensitivity.double(), descending=True, stable=True).indices.to(device)
         per_channel = channel_bits(sensitivity, target, rule)[perm]
         wanted = [float(per_channel[s:e].mean()) for s, e in bounds]
         start_bits = [int(round(w)) for w in wanted]

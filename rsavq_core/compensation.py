@@ -25,7 +25,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> tuple[torch
     h[dead, dead] = 1.0
     mean_diag = float(h.diagonal().mean())
     for attempt in range(4):
-        damped = h + damping * 10**attempt * mean_diag * torch.eye(h.shape[0], dtype=h.dtype)
+        damped = h + damping * 10**attempt * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
@@ -52,9 +52,9 @@ def compensate_columns(layer: VQLayer, target: torch.Tensor, hessian: torch.Tens
         work = torch.cat([work, work.new_zeros(n_vec * v - m, n)])
     hinv, dead = inverse_hessian_factor(hessian[perm][:, perm], damping)
     work[:, dead] = 0.0
-    group_of = torch.empty(n, dtype=torch.long)
+    group_of = [0] * n  # plain ints: read once per column, no device round trip
     for gi, g in enumerate(layer.groups):
-        group_of[g.start:g.stop] = gi
+        group_of[g.start:g.stop] = [gi] * (g.stop - g.start)
     books = [g.codebooks.float() for g in layer.groups]  # [n_pq, K, d] each
     seen = torch.empty_like(work)  # column values at the moment they were quantized
 
@@ -65,7 +65,7 @@ def compensate_columns(layer: VQLayer, target: torch.Tensor, hessian: torch.Tens
         h_block = hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
             col = j + i1
-            gi = int(group_of[col])
+            gi = group_of[col]
             group = layer.groups[gi]
             values = block[:, j]
             seen[:, col] = values

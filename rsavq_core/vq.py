@@ -79,7 +79,7 @@ def quantize_vq(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig
         if cfg.allocation != "uniform":
             sens = channel_sensitivity(stats, fisher, cfg.sensitivity)
     lo, hi = cfg.group_bit_range()
-    alloc: Allocation = allocate(sens, n, cfg.bits, cfg.n_groups, cfg.allocation, lo, hi)
+    alloc: Allocation = allocate(sens, n, cfg.bits, cfg.n_groups, cfg.allocation, lo, hi, device=w.device)
     # EDSG target W' = W − λñ: perturbation convention (spec §6.1) so the error follows −ñ.
     shift = _edsg_shift(w, nat, cfg)
     target = w - shift if shift is not None else w
