@@ -61,7 +61,8 @@ def run_ablation(model: str, bits: list[float], *, out_dir: Path, tasks: str | N
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     fp = _run(["eval", model, *flags])
-    rows.append({"bits": None, "label": "FP", "eval": {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}})
+    fp_eval = {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}
+    rows.append({"bits": None, "label": "FP", "eval": fp_eval})
     for b in bits:
         for label, method, extra in ROWS:
             summary = _run(["quantize", model, "--bits", f"{b:g}", "--method", method, *extra, *calib, *flags])

@@ -47,8 +47,8 @@ class ProgressBar:
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     overrides: dict[str, Any] = {"bits": args.bits}
     for name in ("vector_len", "n_pq", "n_groups", "lam", "lam_scale", "allocation", "sensitivity", "metric",
-                 "assign", "kmeans_iters", "kmeans_fit_points", "fisher", "damping", "calib_samples", "calib_len", "group_size",
-                 "seed"):
+                 "assign", "kmeans_iters", "kmeans_fit_points", "fisher", "damping", "calib_samples", "calib_len",
+                 "group_size", "seed"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rsavq", choices=METHODS)
     q.add_argument("--out", help="write the packed checkpoint to this folder")
     for flag, typ in (("--vector-len", int), ("--n-pq", int), ("--n-groups", int), ("--lam", float),
-                      ("--kmeans-iters", int), ("--kmeans-fit-points", int), ("--damping", float), ("--calib-samples", int),
-                      ("--calib-len", int), ("--group-size", int), ("--seed", int)):
+                      ("--kmeans-iters", int), ("--kmeans-fit-points", int), ("--damping", float),
+                      ("--calib-samples", int), ("--calib-len", int), ("--group-size", int), ("--seed", int)):
         q.add_argument(flag, type=typ)
     q.add_argument("--lam-scale", choices=["relative", "raw"])
     q.add_argument("--allocation", choices=["proportional", "additive", "uniform"])

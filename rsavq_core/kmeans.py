@@ -16,7 +16,8 @@ import torch
 _CHUNK_ELEMENTS = 1 << 23  # bound the [chunk, K] distance matrix to ~32 MB of float32
 
 
-def assign(points: torch.Tensor, weights: torch.Tensor | None, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(points: torch.Tensor, weights: torch.Tensor | None,
+           centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid under the weighted metric.
 
     Args:

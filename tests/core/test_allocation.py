@@ -41,7 +41,8 @@ def test_proportional_rule() -> None:
     assert float(bits.sum()) == pytest.approx(8.0)
     assert float(bits[2]) == 0.0  # log2(0 + 1) = 0
     # All-zero sensitivity: no information, every channel gets the target.
-    torch.testing.assert_close(channel_bits(torch.zeros(5), 3.0, "proportional"), torch.full((5,), 3.0, dtype=torch.float64))
+    torch.testing.assert_close(channel_bits(torch.zeros(5), 3.0, "proportional"),
+                               torch.full((5,), 3.0, dtype=torch.float64))
 
 
 def test_additive_rule() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -140,7 +141,7 @@ def test_group_bit_range_at_4_bits() -> None:
 
 def test_frozen() -> None:
     cfg = QuantConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.bits = 3  # type: ignore[misc]
     assert cfg.replace(bits=3).bits == 3 and cfg.bits == 2
 

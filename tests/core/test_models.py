@@ -14,8 +14,13 @@ import torch
 from torch import nn
 
 from rsavq_core.errors import ModelResolutionError, UnsupportedModelError
-from rsavq_core.models import (describe_linears, find_decoder_layout, model_fingerprint, quantizable_linears,
-                               resolve_model)
+from rsavq_core.models import (
+    describe_linears,
+    find_decoder_layout,
+    model_fingerprint,
+    quantizable_linears,
+    resolve_model,
+)
 
 LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

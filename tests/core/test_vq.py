@@ -239,5 +239,6 @@ def test_compensation_lowers_hessian_error() -> None:
         assert report.hessian_error > 0.005
     assert errors[True] < 0.6 * errors[False], errors
     # ... and it does so by trading plain (Frobenius) error for output error, not by luck.
-    plain = {c: float((quantize_vq(w, stats, cfg.replace(compensate=c))[0].dequantize() - w).norm()) for c in (False, True)}
+    plain = {c: float((quantize_vq(w, stats, cfg.replace(compensate=c))[0].dequantize() - w).norm())
+             for c in (False, True)}
     assert plain[True] > plain[False]
