@@ -58,19 +58,32 @@ def run_ablation(model: str, bits: list[float], *, out_dir: Path, tasks: str | N
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = _eval_flags(tasks, limit, windows)
     calib = ["--calib-samples", str(calib_samples)] if calib_samples else []
-    rows: list[dict[str, Any]] = []
+    rows = _finished_rows(out_dir / "ablation.json", model, flags)
     t0 = time.perf_counter()
-    fp = _run(["eval", model, *flags])
-    fp_eval = {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}
-    rows.append({"bits": None, "label": "FP", "eval": fp_eval})
+    if not any(r["label"] == "FP" for r in rows):
+        fp = _run(["eval", model, *flags])
+        fp_eval = {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}
+        rows.append({"target_bits": None, "label": "FP", "eval_flags": flags, "eval": fp_eval})
     for b in bits:
         for label, method, extra in ROWS:
+            if any(r["label"] == label and r["target_bits"] == b for r in rows):
+                continue  # resumed: this row finished in an earlier run with the same evaluation
             summary = _run(["quantize", model, "--bits", f"{b:g}", "--method", method, *extra, *calib, *flags])
-            rows.append({"bits": b, "label": label, **summary})
+            rows.append({"target_bits": b, "label": label, "eval_flags": flags, **summary})
             _write(out_dir, model, rows, limit)  # partial results survive a crash
     result = {"model": model, "rows": rows, "seconds": time.perf_counter() - t0}
     _write(out_dir, model, rows, limit)
     return {"json": str(out_dir / "ablation.json"), "markdown": str(out_dir / "ablation.md"), **result}
+
+
+def _finished_rows(path: Path, model: str, flags: list[str]) -> list[dict[str, Any]]:
+    """Rows of an earlier, interrupted run of the same model and evaluation settings."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    if saved.get("model") != model:
+        return []
+    return [r for r in saved.get("rows", []) if r.get("eval_flags") == flags]
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -82,8 +95,8 @@ def markdown_table(rows: list[dict[str, Any]], limit: int | None) -> str:
             "quantize s (stats) | peak RSS GB |\n|---|---|---|---|---|---|---|\n")
     lines = []
     fp = next(r for r in rows if r["label"] == "FP")
-    for b in sorted({r["bits"] for r in rows if r["bits"] is not None}):
-        group = {r["label"]: r for r in rows if r["bits"] == b}
+    for b in sorted({r["target_bits"] for r in rows if r["target_bits"] is not None}):
+        group = {r["label"]: r for r in rows if r["target_bits"] == b}
         for label in DISPLAY_ORDER:
             r = fp if label == "FP" else group.get(label)
             if r is None:
@@ -91,7 +104,7 @@ def markdown_table(rows: list[dict[str, Any]], limit: int | None) -> str:
             ev = r.get("eval", {})
             ppl = ev.get("perplexity", {}).get("ppl")
             zs = ev.get("zero_shot", {}).get("average")
-            bpw = r["bits"]["quantized"]["bpw"] if isinstance(r.get("bits"), dict) else None
+            bpw = r["bits"]["quantized"]["bpw"] if "bits" in r else None
             t = r.get("timings", {})
             stats = "cached" if r.get("stats_cached") else _fmt(t.get("statistics"), 0)
             timing = f"{_fmt(t.get('total'), 0)} ({stats})" if t else "–"
