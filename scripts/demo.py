@@ -28,12 +28,14 @@ def main() -> int:
     parser.add_argument("--bits", type=float, default=2.0)
     parser.add_argument("--out", default="runs/demo-2bit")
     parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--calib-samples", type=int, help="calibration windows (default: QuantConfig's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     say = sys.stdout.write
 
     bar = ProgressBar()
-    cfg = QuantConfig.for_method("rsavq", bits=args.bits)
+    overrides = {"calib_samples": args.calib_samples} if args.calib_samples else {}
+    cfg = QuantConfig.for_method("rsavq", bits=args.bits, **overrides)
     say(f"Quantizing {args.model} with RSAVQ at {args.bits:g} bits (statistics are cached after the first run)\n")
     result = quantize_model(args.model, cfg, progress=bar)
     bar.close()
