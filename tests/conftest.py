@@ -19,6 +19,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_interp)
 
 
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """Tiny matmuls on 2 contended cores are ~1000x slower with 2 OpenMP threads than with 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """Folder of the bundled SmolLM2-135M checkpoint (safetensors), converted on first use."""

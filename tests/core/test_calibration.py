@@ -18,13 +18,7 @@ from rsavq_core.stats_cache import StatsKey, StatsStore, compute_statistics
 S, T = 3, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny matmuls on 2 contended cores are ~1000x slower with 2 OpenMP threads than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

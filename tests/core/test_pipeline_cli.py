@@ -23,7 +23,8 @@ SMALL = dict(calib_samples=2, calib_len=16, kmeans_iters=2, n_groups=2)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Any):  # type: ignore[no-untyped-def]
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Any,  # type: ignore[no-untyped-def]
+              one_thread: None):
     """(root, model folder) with an isolated RSAVQ_CACHE_DIR; one thread for the tiny matmuls.
 
     ``calibration_windows`` is the real one (wiki text), memoised per (n, length): it tokenizes the
@@ -42,13 +43,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Any):  # typ
             memo[(n, length)] = real(tok, n, length)
         return memo[(n, length)].clone()
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RSAVQ_CACHE_DIR", str(root / "cache"))
         mp.setattr(pipeline, "calibration_windows", windows)
         yield root, folder
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from rsavq_core.layers import VQLayer
 from rsavq_core.sensitivity import damp, natural_gradient
 from rsavq_core.vq import LayerReport, quantize_vq, to_subvectors
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny matmuls on 2 contended cores are ~1000x slower with 2 OpenMP threads than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spd(n: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
