@@ -27,7 +27,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--bits", type=float, default=2.0)
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 15, 29])
-    parser.add_argument("--json", default="runs/diagnose_wcsg.json")
+    parser.add_argument("--json", default="bench/results/diagnose_wcsg.json")
     args = parser.parse_args()
     model, tokenizer, folder = load_model(args.model)
     cfg = QuantConfig.for_method("rsavq", bits=args.bits)
