@@ -81,7 +81,7 @@ def evaluate(model: Any, tokenizer: Any, *, ppl: bool, tasks: str | None, limit:
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from rsavq_core.bitcount import model_bits
-    from rsavq_core.pipeline import quantize_model, save_result
+    from rsavq_core.pipeline import peak_rss_gb, quantize_model, save_result
 
     cfg = _config_from_args(args)  # validated before anything heavy
     progress = ProgressBar(not args.quiet)
@@ -100,18 +100,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         quantize_in_place(result.model, result.layers)
         summary["eval"] = evaluate(result.model, result.tokenizer, ppl=args.ppl, tasks=args.tasks,
                                    limit=args.limit, windows=args.windows, progress=progress)
-    summary["peak_rss_gb"] = max(summary["peak_rss_gb"], _peak())
+    summary["peak_rss_gb"] = peak_rss_gb()  # ru_maxrss is monotonic: this covers evaluation too
     if not args.per_layer:
         summary["bits"].pop("layers", None)
     else:
         summary["layers"] = result.reports
     return summary
-
-
-def _peak() -> float:
-    from rsavq_core.pipeline import peak_rss_gb
-
-    return peak_rss_gb()
 
 
 def load_any(path_or_model: str) -> tuple[Any, Any, dict[str, Any]]:
