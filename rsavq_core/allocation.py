@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from rsavq_core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+GroupCost = Callable[[int, int], float]  # (group index, bits) -> stored bits of that group
 
 
 @dataclass
@@ -42,8 +47,14 @@ def channel_bits(sensitivity: torch.Tensor, target: float, rule: str) -> torch.T
 
 
 def repair_budget(bits: list[int], sizes: list[int], budget: float, lo: int, hi: int,
-                  wanted: list[float]) -> list[int]:
+                  wanted: list[float], cost: GroupCost | None = None) -> list[int]:
     """The per-group bits closest to ``wanted`` among those that spend the most of the budget.
+
+    ``cost(g, b)`` is what group g costs at b bits, in the budget's unit; by default
+    ``sizes[g] * b`` (index bits per row), and then a budget below ``lo`` bits is a ConfigError.
+    With a codebook-aware cost the budget is the layer's effective bits, which a small layer may
+    not be able to meet at all: then every group gets ``lo`` and a warning is logged (the
+    effective bpw the caller reports says by how much the layer missed).
 
     Exhaustive over non-increasing tuples in [lo, hi] (groups are sorted by sensitivity, so a less
     sensitive group never gets more bits than a more sensitive one): maximise Σ sizes·bits subject
@@ -52,7 +63,10 @@ def repair_budget(bits: list[int], sizes: list[int], budget: float, lo: int, hi:
     repair can stop short of the budget when group sizes differ.
     """
     eps = 1e-9
+    index_budget = cost is None
+    cost = cost or (lambda g, b: sizes[g] * b)
     best: tuple[float, float, int, tuple[int, ...]] | None = None
+    floor_rest = [sum(cost(h, lo) for h in range(g + 1, len(sizes))) for g in range(len(sizes))]
 
     def visit(prefix: list[int], spent: int) -> None:
         nonlocal best
@@ -68,23 +82,29 @@ def repair_budget(bits: list[int], sizes: list[int], budget: float, lo: int, hi:
             return
         top = prefix[-1] if prefix else hi
         for b in range(lo, top + 1):
-            # Prune: the remaining groups get at least lo bits each.
-            if spent + sizes[g] * b + lo * sum(sizes[g + 1:]) > budget + eps:
+            # Prune: the remaining groups get at least lo bits each (costs grow with bits).
+            if spent + cost(g, b) + floor_rest[g] > budget + eps:
                 break
-            visit([*prefix, b], spent + sizes[g] * b)
+            visit([*prefix, b], spent + cost(g, b))
 
     visit([], 0)
-    if best is None:
+    if best is None and index_budget:
         raise ConfigError(f"cannot meet {budget / sum(sizes):.3f} bits per weight with at least {lo} bits")
+    if best is None:
+        log.warning("no per-group bits in [%d, %d] fit the budget; using %d everywhere", lo, hi, lo)
+        return [lo] * len(sizes)
     return list(best[3])
 
 
 def allocate(sensitivity: torch.Tensor | None, in_features: int, target: float, n_groups: int, rule: str,
-             lo: int, hi: int, device: torch.device | str = "cpu") -> Allocation:
+             lo: int, hi: int, device: torch.device | str = "cpu",
+             budget_cost: tuple[Callable[[int, int], float], float] | None = None) -> Allocation:
     """Sort channels by I_c (descending), cut into ``n_groups`` equal groups, give each its bits.
 
     sensitivity: [N] float32 or None; ``rule="uniform"`` (or no sensitivity) keeps the original
     column order and gives every group the target bits (spread by repair when fractional).
+    budget_cost: optional (cost(size, bits) of a group of ``size`` columns, budget) replacing the
+    default index-bit budget target·N (see ``vq.effective_budget``).
     """
     n = in_features
     groups = min(n_groups, n)
@@ -104,5 +124,9 @@ def allocate(sensitivity: torch.Tensor | None, in_features: int, target: float, 
         per_channel = channel_bits(sensitivity, target, rule)[perm]
         wanted = [float(per_channel[s:e].mean()) for s, e in bounds]
         start_bits = [int(round(w)) for w in wanted]
-    bits = repair_budget(start_bits, sizes, budget, lo, hi, wanted)
+    cost = None
+    if budget_cost is not None:
+        group_cost, budget = budget_cost
+        cost = lambda g, b: group_cost(sizes[g], b)  # noqa: E731
+    bits = repair_budget(start_bits, sizes, budget, lo, hi, wanted, cost)
     return Allocation(perm=perm, bounds=bounds, bits=bits)

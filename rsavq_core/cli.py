@@ -48,7 +48,7 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     overrides: dict[str, Any] = {"bits": args.bits}
     for name in ("vector_len", "n_pq", "n_groups", "lam", "lam_scale", "allocation", "sensitivity", "metric",
                  "assign", "kmeans_iters", "kmeans_fit_points", "fisher", "damping", "calib_samples", "calib_len",
-                 "group_size", "seed"):
+                 "group_size", "seed", "budget"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("--calib-samples", int), ("--calib-len", int), ("--group-size", int), ("--seed", int)):
         q.add_argument(flag, type=typ)
     q.add_argument("--lam-scale", choices=["relative", "raw"])
+    q.add_argument("--budget", choices=["index", "effective"],
+                   help="what --bits counts: index bits (paper) or every stored bit incl. codebooks")
     q.add_argument("--allocation", choices=["proportional", "additive", "uniform"])
     q.add_argument("--sensitivity", choices=["inverse", "direct"])
     q.add_argument("--metric", choices=["fisher_diag", "hessian", "euclidean"])

@@ -35,9 +35,12 @@ class QuantConfig:
     """All algorithm parameters of one run. Validated on construction (``ConfigError``)."""
 
     method: str = "rsavq"
-    # Target average bits per weight spent on indices (scalar methods: on codes); the
-    # effective bpw, which adds codebooks, permutation and scales, is reported separately.
+    # Target average bits per weight. With budget="index" (the paper's accounting) it is spent on
+    # indices (scalar methods: on codes) and the effective bpw, which adds codebooks, permutation
+    # and scales, is reported separately; with budget="effective" (VQ methods) every stored bit of
+    # a layer counts, so the reported effective bpw is at most ``bits``.
     bits: float = 2.0
+    budget: str = "index"
 
     # --- vector quantization (rsavq, kmeans) -------------------------------------------------
     vector_len: int = 6  # v: [P §5] main config
@@ -94,6 +97,7 @@ class QuantConfig:
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise bad(f"bits must lie in [{MIN_BITS:g}, {MAX_BITS:g}], got {self.bits:g}")
         _choice("lam_scale", self.lam_scale, ("relative", "raw"))
+        _choice("budget", self.budget, ("index", "effective"))
         _choice("allocation", self.allocation, ("proportional", "additive", "uniform"))
         _choice("sensitivity", self.sensitivity, ("inverse", "direct"))
         _choice("metric", self.metric, ("fisher_diag", "hessian", "euclidean"))

@@ -8,17 +8,20 @@ mixed bits) → + compensation (VPTQ column loop).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from rsavq_core.allocation import Allocation, allocate
+from rsavq_core.bitcount import perm_dtype_bits
 from rsavq_core.calibration import LayerStats
 from rsavq_core.compensation import compensate_columns
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
 from rsavq_core.kmeans import assign, weighted_kmeans
 from rsavq_core.layers import VQGroup, VQLayer
+from rsavq_core.packing import WORD_BITS, packed_words
 from rsavq_core.sensitivity import channel_sensitivity, damp, fisher_diag_metric, natural_gradient
 
 
@@ -79,7 +82,8 @@ def quantize_vq(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig
         if cfg.allocation != "uniform":
             sens = channel_sensitivity(stats, fisher, cfg.sensitivity)
     lo, hi = cfg.group_bit_range()
-    alloc: Allocation = allocate(sens, n, cfg.bits, cfg.n_groups, cfg.allocation, lo, hi, device=w.device)
+    alloc: Allocation = allocate(sens, n, cfg.bits, cfg.n_groups, cfg.allocation, lo, hi, device=w.device,
+                                 budget_cost=effective_budget(m, n, cfg) if cfg.budget == "effective" else None)
     # EDSG target W' = W − λñ: perturbation convention (spec §6.1) so the error follows −ñ.
     shift = _edsg_shift(w, nat, cfg)
     target = w - shift if shift is not None else w
@@ -127,6 +131,21 @@ def quantize_vq(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig
             raise CalibrationError("compensation needs the activation Hessian")
         compensate_columns(layer, target, stats.hessian, om_p, cfg.hessian_damping)
     return layer, _report(layer, w, shift, omega, stats, sens, started)
+
+
+def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, int], float], float]:
+    """(cost of a group of ``cols`` columns at b bits, bit budget of the layer) in stored bits.
+
+    Counts what ``bitcount.layer_bits`` counts: the packed index stream (padded rows and word
+    padding included) and the fp16 codebooks per group, and the permutation once per layer.
+    """
+    n_vec, d = -(-m // cfg.vector_len), cfg.sub_dim
+
+    def cost(cols: int, bits: int) -> float:
+        stream = packed_words(cols * n_vec * cfg.n_pq, bits * d) * WORD_BITS
+        return stream + cfg.n_pq * 2 ** (bits * d) * d * 16
+
+    return cost, cfg.bits * m * n - n * perm_dtype_bits(n)
 
 
 def _edsg_shift(w: torch.Tensor, nat: torch.Tensor | None, cfg: QuantConfig) -> torch.Tensor | None:

@@ -235,3 +235,28 @@ def test_compensation_lowers_hessian_error() -> None:
     plain = {c: float((quantize_vq(w, stats, cfg.replace(compensate=c))[0].dequantize() - w).norm())
              for c in (False, True)}
     assert plain[True] > plain[False]
+
+
+def test_effective_budget_counts_codebooks() -> None:
+    """At 3 bits a 192x576 layer spends ~1.8 bpw on 512-entry codebooks; an effective budget pays for them."""
+    from rsavq_core.bitcount import layer_bits
+
+    torch.manual_seed(0)
+    w = torch.randn(192, 576)
+    base = QuantConfig.for_method("kmeans", bits=3, kmeans_iters=1, kmeans_fit_points=512)
+    index_layer, _ = quantize_vq(w, None, base)
+    eff_layer, _ = quantize_vq(w, None, base.replace(budget="effective"))
+    assert layer_bits(index_layer).bpw > 3.5
+    eff = layer_bits(eff_layer)
+    assert eff.bpw <= 3.0
+    # It spends the budget: one more bit anywhere would overflow it.
+    assert eff.bpw > 2.5
+    assert sum(g.bits for g in eff_layer.groups) < sum(g.bits for g in index_layer.groups)
+
+
+def test_effective_budget_unreachable_falls_back_to_lowest_bits() -> None:
+    w = torch.randn(12, 6)  # codebooks alone exceed 2 bits per weight here
+    cfg = QuantConfig.for_method("kmeans", bits=2, kmeans_iters=1, n_groups=2, budget="effective")
+    layer, _ = quantize_vq(w, None, cfg)
+    lo, _ = cfg.group_bit_range()
+    assert [g.bits for g in layer.groups] == [lo, lo]
