@@ -27,8 +27,11 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("k-means", "kmeans", []),
     ("+EDSG", "rsavq", ["--allocation", "uniform"]),
     ("RSAVQ + compensation", "rsavq", ["--compensate"]),
+    # Not a paper row: the same RSAVQ with --bits bounding every stored bit (codebooks included).
+    ("RSAVQ, effective budget", "rsavq", ["--budget", "effective"]),
 ]
-DISPLAY_ORDER = ["FP", "RTN g64", "GPTQ g64", "k-means", "+EDSG", "+WCSG (RSAVQ)", "RSAVQ + compensation"]
+DISPLAY_ORDER = ["FP", "RTN g64", "GPTQ g64", "k-means", "+EDSG", "+WCSG (RSAVQ)", "RSAVQ + compensation",
+                 "RSAVQ, effective budget"]
 
 
 def _run(args: list[str]) -> dict[str, Any]:
