@@ -13,7 +13,7 @@ import torch
 
 from rsavq_core.errors import CalibrationError
 from rsavq_core.kmeans import assign, update
-from rsavq_core.layers import VQLayer
+from rsavq_core.layers import VQLayer, to_subvectors
 
 BLOCK = 128
 
@@ -82,10 +82,8 @@ def compensate_columns(layer: VQLayer, target: torch.Tensor, hessian: torch.Tens
         work[:, i2:] -= errors @ hinv[i1:i2, i2:]
 
     for gi, group in enumerate(layer.groups):
-        sub = seen[:, group.start:group.stop].float().T.reshape(group.stop - group.start, n_vec, n_pq, d)
-        w_sub = None
-        if metric is not None:
-            w_sub = metric[:, group.start:group.stop].T.reshape(group.stop - group.start, n_vec, n_pq, d)
+        sub = to_subvectors(seen[:, group.start:group.stop].float(), v, n_pq)
+        w_sub = to_subvectors(metric[:, group.start:group.stop], v, n_pq) if metric is not None else None
         refit = []
         for p in range(n_pq):
             pts = sub[:, :, p].reshape(-1, d)

@@ -19,6 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def to_subvectors(matrix: torch.Tensor, vector_len: int, n_pq: int) -> torch.Tensor:
+    """[M_pad, C] (M_pad a multiple of v) -> [C, n_vectors, n_pq, d]: the column-vector layout above."""
+    m_pad, cols = matrix.shape
+    return matrix.T.reshape(cols, m_pad // vector_len, n_pq, vector_len // n_pq)
+
+
 @dataclass
 class VQGroup:
     """One WCSG channel group of a VQ layer."""

@@ -58,9 +58,10 @@ def calibration_store(model: nn.Module, tokenizer: object, folder: Path, cfg: Qu
     key = StatsKey(fingerprint=model_fingerprint(folder), tokens_hash=tokens_hash(tokens),
                    n_samples=cfg.calib_samples, seq_len=cfg.calib_len, fisher=cfg.fisher,
                    with_grads=cfg.needs_gradients())
-    cached = StatsStore.find(key) is not None
-    store = compute_statistics(model, tokens, key, micro_batch=micro_batch, progress=progress)
-    return store, cached
+    store = StatsStore.find(key)
+    if store is not None:
+        return store, True
+    return compute_statistics(model, tokens, key, micro_batch=micro_batch, progress=progress), False
 
 
 def quantize_layer(weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None,

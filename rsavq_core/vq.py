@@ -20,7 +20,7 @@ from rsavq_core.compensation import compensate_columns
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
 from rsavq_core.kmeans import assign, weighted_kmeans
-from rsavq_core.layers import VQGroup, VQLayer
+from rsavq_core.layers import VQGroup, VQLayer, to_subvectors
 from rsavq_core.packing import WORD_BITS, packed_words
 from rsavq_core.sensitivity import channel_sensitivity, damp, fisher_diag_metric, natural_gradient
 
@@ -35,12 +35,6 @@ class LayerReport:
     step_ratio: float  # ‖shift‖_F / ‖W‖_F of the EDSG target W − shift (spec §6.5)
     sensitivity: dict[str, float] = field(default_factory=dict)  # min / median / max of I_c
     seconds: float = 0.0
-
-
-def to_subvectors(matrix: torch.Tensor, vector_len: int, n_pq: int) -> torch.Tensor:
-    """[M_pad, C] (M_pad a multiple of v) -> [C, n_vectors, n_pq, d]: VPTQ column-vector layout."""
-    m_pad, cols = matrix.shape
-    return matrix.T.reshape(cols, m_pad // vector_len, n_pq, vector_len // n_pq)
 
 
 def _metric(cfg: QuantConfig, weight: torch.Tensor, stats: LayerStats | None, fisher: object | None
