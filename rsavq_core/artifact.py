@@ -3,7 +3,7 @@
 Layout of ``<out_dir>/``: ``config.json`` (+ ``generation_config.json``) of the source model,
 the tokenizer files, and ``rsavq.safetensors`` holding every tensor. The safetensors metadata
 (all str -> str) carries ``format`` = "rsavq", ``format_version``, ``method``, ``config``
-(QuantConfig JSON), ``layers`` (JSON manifest, see ``_manifest_entry``), ``source_model``,
+(QuantConfig JSON), ``layers`` (JSON manifest, see ``manifest_entry``), ``source_model``,
 ``tied`` (JSON {alias: stored name}) and any caller-supplied extras. Loading dispatches on this
 metadata only, never on a file name (style convention 2).
 
@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from rsavq_core.bitcount import PERM_INT16_MAX_N
+from rsavq_core.canonical import save_canonical
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
 from rsavq_core.layers import QuantizedLayer, ScalarLayer, VQGroup, VQLayer
@@ -66,7 +66,7 @@ class Artifact:
     packed: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
-def _manifest_entry(layer: QuantizedLayer) -> dict[str, Any]:
+def manifest_entry(layer: QuantizedLayer) -> dict[str, Any]:
     entry: dict[str, Any] = {"kind": layer.kind, "out_features": layer.out_features,
                              "in_features": layer.in_features, "has_bias": layer.bias is not None}
     if isinstance(layer, VQLayer):
@@ -77,7 +77,7 @@ def _manifest_entry(layer: QuantizedLayer) -> dict[str, Any]:
     return entry
 
 
-def _layer_tensors(name: str, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
+def layer_tensors(name: str, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
     """The packed tensors of one layer, keyed by their names in the file."""
     out: dict[str, torch.Tensor] = {}
     if isinstance(layer, VQLayer):
@@ -145,7 +145,7 @@ def save_artifact(out_dir: str | Path, *, model: nn.Module, tokenizer: Any,
         raise ConfigError(f"{out} exists and is not a directory")
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        tensors.update(_layer_tensors(name, layer))
+        tensors.update(layer_tensors(name, layer))
     other, tied = _other_tensors(model, tuple(f"{name}." for name in layers))
     clash = sorted(set(other) & set(tensors))
     if clash:
@@ -155,7 +155,7 @@ def save_artifact(out_dir: str | Path, *, model: nn.Module, tokenizer: Any,
         **extra,
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": config.method,
         "config": config.to_json(), "source_model": source_model,
-        "layers": json.dumps({name: _manifest_entry(layer) for name, layer in layers.items()}),
+        "layers": json.dumps({name: manifest_entry(layer) for name, layer in layers.items()}),
         "tied": json.dumps(tied),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def save_artifact(out_dir: str | Path, *, model: nn.Module, tokenizer: Any,
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        save_canonical(tensors, tmp / WEIGHTS_FILE, metadata)  # same content, same bytes (sha256)
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         if out.exists():
             out.rename(old)  # two renames: the old checkpoint is removed only once the new one is in place
@@ -204,7 +204,7 @@ def read_artifact(path: str | Path) -> Artifact:
         config = QuantConfig.from_dict(_json(metadata, "config", file))
     except (ConfigError, TypeError) as exc:
         raise ArtifactError(f"{file}: invalid config in metadata: {exc}") from exc
-    readers = {name: _LayerReader(file, name, entry, tensors) for name, entry in manifest.items()}
+    readers = {name: LayerReader(file, name, entry, tensors) for name, entry in manifest.items()}
     layers = {name: reader.read() for name, reader in readers.items()}
     prefixes = tuple(f"{name}." for name in manifest)
     stray = sorted(key for key in tensors if key.startswith(prefixes))
@@ -238,7 +238,7 @@ def _json(metadata: dict[str, str], key: str, file: Path) -> dict[str, Any]:
     return value
 
 
-class _LayerReader:
+class LayerReader:
     """Validates one manifest entry against its tensors (popped from ``tensors``) and unpacks it."""
 
     def __init__(self, file: Path, name: str, entry: Any, tensors: dict[str, torch.Tensor]) -> None:

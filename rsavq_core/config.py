@@ -28,6 +28,8 @@ FisherForm = Literal["exact", "kfac"]
 # Codebooks of 2^(bits * d) entries: beyond 2^16 a k-means over them is neither fast nor useful.
 MAX_INDEX_BITS = 16
 MIN_BITS, MAX_BITS = 1.0, 8.0
+# The paper's five zero-shot tasks (here, not in evaluation/, so torch-free callers can validate names).
+ZERO_SHOT_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
 
 
 @dataclass(frozen=True)

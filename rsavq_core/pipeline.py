@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rsavq_core.calibration import LayerStats
+from rsavq_core.checkpoint import LayerCheckpoint
 from rsavq_core.config import VQ_METHODS, QuantConfig
 from rsavq_core.data import calibration_windows, tokens_hash
 from rsavq_core.errors import CalibrationError
@@ -30,6 +31,7 @@ from rsavq_core.vq import LayerReport, quantize_vq
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+LayerCallback = Callable[[str, dict], None]  # (full layer name, report)
 
 
 @dataclass
@@ -88,36 +90,53 @@ def _report_dict(report: LayerReport) -> dict[str, object]:
 
 
 def quantize_model(model_id: str, cfg: QuantConfig, *, out_dir: Path | None = None,
-                   progress: Progress | None = None, micro_batch: int = 4) -> QuantizeResult:
+                   progress: Progress | None = None, micro_batch: int = 4,
+                   checkpoint_dir: Path | None = None, on_layer: LayerCallback | None = None) -> QuantizeResult:
     """Quantize every nn.Linear of the decoder blocks of ``model_id`` with ``cfg``.
 
     Writes a packed checkpoint to ``out_dir`` when given. Layers are quantized independently from
-    the float model's statistics (VPTQ-style, spec §11.3), block by block.
+    the float model's statistics (VPTQ-style, spec §11.3), block by block. With ``checkpoint_dir``
+    every finished layer is saved there and layers found there are not quantized again, so a
+    killed run resumes from its last finished layer. ``progress`` may raise (``JobCancelled``) to
+    stop the run between layers; ``on_layer(name, report)`` sees each layer's report.
     """
     started = time.perf_counter()
     folder = resolve_model(model_id)  # fails fast, before the model is loaded
     model, tokenizer, _ = load_model(str(folder))
     layout = find_decoder_layout(model)  # fails fast on a model with no linear layers
     timings = {"load": time.perf_counter() - started}
+    names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(len(layout.blocks))
+             for n in layout.linear_names(i)]
+    ckpt = LayerCheckpoint(checkpoint_dir, cfg, model_fingerprint(folder)) if checkpoint_dir else None
+    resumed = {full: ckpt.load(full) for _, _, full in names} if ckpt else {}
+    resumed = {full: done for full, done in resumed.items() if done is not None}
+    if resumed:
+        log.info("resuming: %d of %d layers already checkpointed", len(resumed), len(names))
 
     store, cached = None, False
-    if cfg.needs_calibration():
+    if cfg.needs_calibration() and len(resumed) < len(names):
         t0 = time.perf_counter()
         store, cached = calibration_store(model, tokenizer, folder, cfg, micro_batch=micro_batch,
                                           progress=progress)
         timings["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    names = [(i, n) for i in range(len(layout.blocks)) for n in layout.linear_names(i)]
     layers: dict[str, QuantizedLayer] = {}
     reports: dict[str, dict[str, object]] = {}
-    for done, (index, name) in enumerate(names):
-        if done == 0 or names[done - 1][0] != index:
-            block_stats = store.load_block(index) if store is not None else {}
-        module = layout.blocks[index].get_submodule(name)
-        full = f"{layout.blocks_path}.{index}.{name}"
-        layer, report = quantize_layer(module.weight.detach(), module.bias, block_stats.get(name), cfg)
-        layers[full], reports[full] = layer, report
+    loaded_block = -1
+    for done, (index, name, full) in enumerate(names):
+        if full in resumed:
+            layers[full], reports[full] = resumed[full]
+        else:
+            if store is not None and loaded_block != index:
+                block_stats, loaded_block = store.load_block(index), index
+            stats = block_stats.get(name) if store is not None else None
+            module = layout.blocks[index].get_submodule(name)
+            layers[full], reports[full] = quantize_layer(module.weight.detach(), module.bias, stats, cfg)
+            if ckpt is not None:
+                ckpt.save(full, layers[full], reports[full])
+        if on_layer:
+            on_layer(full, reports[full])
         if progress:
             progress("quantize", done + 1, len(names))
     timings["quantize"] = time.perf_counter() - t0
@@ -129,11 +148,17 @@ def quantize_model(model_id: str, cfg: QuantConfig, *, out_dir: Path | None = No
     return result
 
 
-def save_result(result: QuantizeResult, out_dir: Path) -> Path:
-    """Write the packed checkpoint of a finished run (config and timings in its metadata)."""
+def save_result(result: QuantizeResult, out_dir: Path, *, reproducible: bool = False) -> Path:
+    """Write the packed checkpoint of a finished run (config, and timings unless ``reproducible``).
+
+    ``reproducible`` leaves the run's timings out of the metadata, so that the same layers always
+    give the same bytes: the job service publishes the artifact's sha256, and a resumed job must
+    produce the artifact an uninterrupted one would.
+    """
     from rsavq_core.artifact import save_artifact
 
-    extra = {f"seconds_{k}": f"{v:.3f}" for k, v in result.timings.items()}
-    extra["stats_cached"] = str(result.stats_cached).lower()
+    extra = {} if reproducible else {f"seconds_{k}": f"{v:.3f}" for k, v in result.timings.items()}
+    if not reproducible:
+        extra["stats_cached"] = str(result.stats_cached).lower()
     return save_artifact(out_dir, model=result.model, tokenizer=result.tokenizer, layers=result.layers,
                          config=result.config, source_model=result.model_id, extra_metadata=extra)

@@ -35,13 +35,14 @@ import pyarrow.ipc as ipc
 import torch
 from torch import nn
 
+from rsavq_core.config import ZERO_SHOT_TASKS
 from rsavq_core.data import tasks_dir
 from rsavq_core.errors import AssetError, ConfigError
 from rsavq_core.evaluation.perplexity import model_device, output_logits
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
+DEFAULT_TASKS = ZERO_SHOT_TASKS
 AVERAGE_RULE = "mean over tasks of acc_norm where the task defines it, else acc (winogrande)"
 
 

@@ -1,0 +1,128 @@
+"""The API process: ``uvicorn service.app:create_app --factory``. It never imports torch.
+
+It validates, stores and enqueues jobs and serves their state and artifacts; all heavy work
+happens in the Celery workers (``worker/``). The schema must exist (``rsavq db upgrade``): the app
+never creates tables itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from service import errors
+from service.artifacts import ArtifactStore
+from service.db import Job, session_factory
+from service.deps import Context
+from service.observability import Metrics
+from service.queue import broker_ok, make_celery
+from service.routes_artifacts import router as artifacts_router
+from service.routes_jobs import router as jobs_router
+from service.settings import Settings
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class BodyLimit:
+    """413 for a body over the limit, whether it declares its length or streams it (chunked)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = JSONResponse(errors.error_body(413, f"request body over {self.limit} bytes", "PayloadTooLargeError"),
+                            status_code=413)
+        await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+        await send({"type": "http.response.body", "body": body.body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    settings.ensure_dirs()
+    sessions = session_factory(settings.database_url)
+
+    def count_jobs() -> dict[str, int]:
+        with sessions() as session:
+            return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+    context = Context(settings=settings, sessions=sessions, celery=make_celery(settings),
+                      store=ArtifactStore(settings.artifact_dir), metrics=Metrics(count_jobs))
+    app = FastAPI(title="rsavq", version="0.1.0",
+                  description="Quantization as a service: RSAVQ and baselines for decoder-only LLMs. "
+                              "Authenticate with `Authorization: Bearer <key>` (`rsavq keys create NAME`).")
+    app.state.context = context
+    errors.install(app)
+    app.include_router(jobs_router)
+    app.include_router(artifacts_router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        message = "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in details)
+        return JSONResponse({**errors.error_body(422, message, "ValidationError"), "detail": details},
+                            status_code=422)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        context.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        context.metrics.latency.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/health", tags=["ops"])
+    def health() -> JSONResponse:
+        checks = {"database": _db_ok(context), "broker": broker_ok(context.celery)}
+        ok = all(checks.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(context.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _db_ok(context: Context) -> bool:
+    try:
+        with context.sessions() as session:
+            session.execute(text("SELECT 1"))
+        return True
+    except Exception:  # any driver error means "not healthy"; /health reports it
+        return False

@@ -1,0 +1,125 @@
+"""The job state machine. Every status change is one conditional UPDATE, so two workers (or a worker
+and a cancel request) can never both move the same job: the loser's UPDATE matches no row.
+
+    queued ──claim──> running ──> succeeded | failed | cancelled
+       │                 └──(lease expired: reaper)──> queued
+       └──> cancelled | failed
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.db import Job, JobEvent, JobLayer, utcnow
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+
+def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=utcnow()))
+
+
+def _move(session: Session, job_id: str, where: Any, values: dict[str, Any], event: dict[str, Any]) -> bool:
+    """UPDATE jobs SET values WHERE id = job_id AND where; record the event if a row moved. Commits."""
+    values = {**values, "updated_at": utcnow()}
+    moved = session.execute(update(Job).where(Job.id == job_id, where).values(**values)).rowcount == 1
+    if moved:
+        add_event(session, job_id, "status", event)
+    session.commit()
+    return moved
+
+
+def claim(session: Session, job_id: str, worker: str, lease_seconds: float) -> bool:
+    """queued -> running for ``worker`` (or take over a running job whose lease expired)."""
+    now = utcnow()
+    lease = now + dt.timedelta(seconds=lease_seconds)
+    free = or_(Job.status == QUEUED, and_(Job.status == RUNNING, Job.lease_until < now))
+    return _move(session, job_id, free,
+                 {"status": RUNNING, "worker": worker, "lease_until": lease, "attempts": Job.attempts + 1,
+                  "started_at": now, "error": None},
+                 {"status": RUNNING, "worker": worker})
+
+
+def renew_lease(session: Session, job_id: str, worker: str, lease_seconds: float) -> bool:
+    """Extend the lease; False when the job is no longer this worker's (taken over, cancelled)."""
+    lease = utcnow() + dt.timedelta(seconds=lease_seconds)
+    result = session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
+                             .values(lease_until=lease))
+    session.commit()
+    return result.rowcount == 1
+
+
+def finish(session: Session, job_id: str, worker: str, status: str, *, error: str | None = None,
+           **values: Any) -> bool:
+    """running -> succeeded | failed | cancelled, only by the worker that holds the job."""
+    assert status in TERMINAL, status
+    now = utcnow()
+    changes = {"status": status, "error": error, "finished_at": now, "lease_until": None,
+               "stage": status, "eta_seconds": None, **values}
+    if status == SUCCEEDED:
+        changes["percent"] = 100.0
+    event = {"status": status, **({"error": error} if error else {})}
+    return _move(session, job_id, and_(Job.status == RUNNING, Job.worker == worker), changes, event)
+
+
+def fail_unclaimed(session: Session, job_id: str, error: str) -> bool:
+    """queued -> failed (a job that can never run: pre-flight, too many attempts)."""
+    return _move(session, job_id, Job.status.in_((QUEUED, RUNNING)),
+                 {"status": FAILED, "error": error, "finished_at": utcnow(), "lease_until": None, "stage": FAILED},
+                 {"status": FAILED, "error": error})
+
+
+def request_cancel(session: Session, job_id: str) -> str:
+    """Cancel a queued job at once; ask a running one to stop at its next layer. Returns the status."""
+    if _move(session, job_id, Job.status == QUEUED,
+             {"status": CANCELLED, "finished_at": utcnow(), "stage": CANCELLED}, {"status": CANCELLED}):
+        return CANCELLED
+    session.execute(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(cancel_requested=True))
+    session.commit()
+    job = session.get(Job, job_id, populate_existing=True)
+    return job.status if job else CANCELLED
+
+
+def release(session: Session, job_id: str, worker: str) -> bool:
+    """running -> queued by the holding worker (it cannot run the job itself, another may)."""
+    return _move(session, job_id, and_(Job.status == RUNNING, Job.worker == worker),
+                 {"status": QUEUED, "worker": None, "lease_until": None, "enqueued_at": utcnow()},
+                 {"status": QUEUED, "reason": "released by " + worker})
+
+
+def requeue_stale(session: Session, job_id: str) -> bool:
+    """running (lease expired: its worker died) -> queued. The caller then re-sends the task."""
+    now = utcnow()
+    return _move(session, job_id, and_(Job.status == RUNNING, Job.lease_until < now),
+                 {"status": QUEUED, "worker": None, "lease_until": None, "enqueued_at": now},
+                 {"status": QUEUED, "reason": "worker lost; resuming from the last finished layer"})
+
+
+def report_progress(session: Session, job_id: str, worker: str, stage: str, done: int, total: int,
+                    percent: float, eta_seconds: float | None, lease_seconds: float) -> bool:
+    """Record progress (and renew the lease). Returns True when the job was asked to cancel."""
+    data = {"stage": stage, "done": done, "total": total, "percent": round(percent, 2),
+            "eta_seconds": None if eta_seconds is None else round(eta_seconds, 1)}
+    lease = utcnow() + dt.timedelta(seconds=lease_seconds)
+    session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
+                    .values(stage=stage, done=done, total=total, percent=percent, eta_seconds=eta_seconds,
+                            lease_until=lease, updated_at=utcnow()))
+    add_event(session, job_id, "progress", data)
+    session.commit()
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def record_layer(session: Session, job_id: str, name: str, position: int, report: dict[str, Any]) -> None:
+    """Upsert one finished layer's report (a resumed job reports its checkpointed layers again)."""
+    existing = session.get(JobLayer, (job_id, name))
+    if existing is None:
+        session.add(JobLayer(job_id=job_id, name=name, position=position, report=report))
+    else:
+        existing.report = report
+    session.commit()
