@@ -9,15 +9,13 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from rsavq_core.config import METHODS, QuantConfig
+from rsavq_core.config import METHODS, ZERO_SHOT_TASKS, QuantConfig
 from rsavq_core.errors import RSAVQError
 
 log = logging.getLogger("rsavq")
-_TASKS_ALL = "arc_challenge,arc_easy,hellaswag,piqa,winogrande"
 
 
 class ProgressBar:
@@ -59,22 +57,14 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def evaluate(model: Any, tokenizer: Any, *, ppl: bool, tasks: str | None, limit: int | None,
              windows: int | None, progress: ProgressBar) -> dict[str, Any]:
-    """Perplexity (wiki-holdout-512) and zero-shot accuracy of a loaded model."""
-    from rsavq_core.evaluation import perplexity, zero_shot
+    """``evaluate_model`` with the CLI's comma-separated task list and progress bar."""
+    from rsavq_core.evaluation import evaluate_model
 
-    out: dict[str, Any] = {}
-    if ppl:
-        t0 = time.perf_counter()
-        kwargs = {"n_windows": windows} if windows else {}
-        out["perplexity"] = perplexity(model, tokenizer, progress=lambda d, t: progress("perplexity", d, t),
-                                       **kwargs)
-        out["perplexity"]["seconds"] = time.perf_counter() - t0
+    names = None
     if tasks:
-        names = _TASKS_ALL.split(",") if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-        t0 = time.perf_counter()
-        out["zero_shot"] = zero_shot(model, tokenizer, names, limit=limit,
-                                     progress=lambda d, t: progress("zero-shot", d, t))
-        out["zero_shot"]["seconds"] = time.perf_counter() - t0
+        names = list(ZERO_SHOT_TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    out = evaluate_model(model, tokenizer, perplexity_windows=windows, ppl=ppl, tasks=names, limit=limit,
+                         progress=progress)
     progress.close()
     return out
 
@@ -150,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def evals(p: argparse.ArgumentParser) -> None:
         p.add_argument("--ppl", action="store_true", help="perplexity by the wiki-holdout-512 protocol")
-        p.add_argument("--tasks", help=f"comma-separated zero-shot tasks, or 'all' ({_TASKS_ALL})")
+        p.add_argument("--tasks", help=f"comma-separated zero-shot tasks, or 'all' ({','.join(ZERO_SHOT_TASKS)})")
         p.add_argument("--limit", type=int, help="first N items per zero-shot task (labelled in the output)")
         p.add_argument("--windows", type=int, help="perplexity windows (default 64; others are labelled)")
 

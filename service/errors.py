@@ -5,9 +5,19 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from rsavq_core.errors import (ArtifactError, AuthenticationError, ConfigError, ConflictError,
-                               InsufficientMemoryError, ModelResolutionError, NotFoundError, PayloadTooLargeError,
-                               RSAVQError, UnavailableError, UnsupportedModelError)
+from rsavq_core.errors import (
+    ArtifactError,
+    AuthenticationError,
+    ConfigError,
+    ConflictError,
+    InsufficientMemoryError,
+    ModelResolutionError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RSAVQError,
+    UnavailableError,
+    UnsupportedModelError,
+)
 
 # Most specific first: the first class an error is an instance of decides.
 STATUS: list[tuple[type[RSAVQError], int]] = [

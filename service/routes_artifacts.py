@@ -59,8 +59,9 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
     return start, stop
 
 
-@router.api_route("/{job_id}/artifact", methods=["GET", "HEAD"], response_class=StreamingResponse,
-                  responses={200: {"content": {"application/x-tar": {}}}, 206: {}, 409: {}, 416: {}})
+@router.head("/{job_id}/artifact", operation_id="artifact_headers", include_in_schema=True)
+@router.get("/{job_id}/artifact", operation_id="download_artifact", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-tar": {}}}, 206: {}, 409: {}, 416: {}})
 def download(job_id: str, tenant: Tenant, ctx: Ctx, range: Annotated[str | None, Header()] = None,  # noqa: A002
              if_range: Annotated[str | None, Header()] = None,
              if_none_match: Annotated[str | None, Header()] = None) -> Response:

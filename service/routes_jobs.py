@@ -111,7 +111,8 @@ def _by_idempotency_key(session: Session, tenant: str, key: str, request_hash: s
 @router.get("", response_model=JobList)
 def list_jobs(tenant: Tenant, ctx: Ctx, status: Annotated[str | None, Query()] = None,
               model_id: Annotated[str | None, Query()] = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Annotated[str | None, Query()] = None) -> JobList:
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              cursor: Annotated[str | None, Query()] = None) -> JobList:
     if status is not None and status not in machine.STATUSES:
         raise ConfigError(f"unknown status {status!r}; one of {', '.join(machine.STATUSES)}")
     query = select(Job).where(Job.tenant == tenant)

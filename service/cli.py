@@ -1,0 +1,210 @@
+"""The ``rsavq`` entry point: service commands here, everything else from ``rsavq_core.cli``.
+
+    rsavq serve [--host H] [--port P] [--data-dir D]   API + one worker, SQLite + embedded broker
+    rsavq worker [--data-dir D]                          a Celery worker on the gpu queue
+    rsavq db upgrade [--data-dir D]                      alembic upgrade head
+    rsavq keys create NAME | revoke NAME [--data-dir D]  API keys (the new key is the last line)
+    rsavq submit MODEL --bits B | status ID | wait ID | download ID | cancel ID   the HTTP client
+    rsavq quantize | eval | generate | ablation          the library on its own (rsavq_core.cli)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rsavq_core.errors import RSAVQError
+
+SERVICE_COMMANDS = ("serve", "worker", "db", "keys", "submit", "status", "wait", "download", "cancel", "metrics")
+log = logging.getLogger("rsavq")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from service.settings import Settings
+
+    settings = Settings.from_env(getattr(args, "data_dir", None))
+    settings.ensure_dirs()
+    return settings
+
+
+def worker_command(concurrency: int = 1) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "--pool", "prefork",
+            "--concurrency", str(concurrency), "--prefetch-multiplier", "1", "--loglevel", "INFO",
+            "-n", f"rsavq-{os.getpid()}@%h"]
+
+
+def cmd_serve(args: argparse.Namespace) -> str:
+    import uvicorn
+
+    from service.app import create_app
+    from service.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url)
+    worker = None
+    if not args.no_worker:
+        log_file = open(settings.data_dir / "worker.log", "ab")  # noqa: SIM115 - lives as long as the worker
+        worker = subprocess.Popen(worker_command(), env={**os.environ, **settings.to_env()}, stdout=log_file,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        sys.stderr.write(f"rsavq: worker pid {worker.pid}, log {settings.data_dir / 'worker.log'}\n")
+    sys.stderr.write(f"rsavq: API on http://{args.host}:{args.port} (docs at /docs), data in {settings.data_dir}\n")
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return ""
+
+
+def cmd_worker(args: argparse.Namespace) -> str:
+    settings = _settings(args)
+    os.environ.update(settings.to_env())
+    os.execvp(sys.executable, worker_command(args.concurrency))  # replaces this process: signals reach Celery
+
+
+def cmd_db(args: argparse.Namespace) -> str:
+    from service.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url, args.revision)
+    return f"database at revision {args.revision}"
+
+
+def cmd_keys(args: argparse.Namespace) -> str:
+    from service.auth import create_key, revoke_key
+    from service.db import session_factory
+    from service.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url)  # a fresh data dir works without a separate `db upgrade`
+    with session_factory(settings.database_url)() as session:
+        if args.action == "create":
+            key = create_key(session, args.name, args.tenant)
+            return f"created API key {args.name!r} for tenant {args.tenant or args.name!r}; it is shown once:\n{key}"
+        return f"revoked {revoke_key(session, args.name)} key(s) named {args.name!r}"
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from service.client import Client
+
+    return Client(args.server, args.key)
+
+
+def cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
+    options = json.loads(args.options) if args.options else {}
+    job = _client(args).submit(args.model, args.bits, args.method, options, args.idempotency_key)
+    return job
+
+
+def cmd_wait(args: argparse.Namespace) -> dict[str, Any]:
+    from service.client import print_progress
+
+    job = _client(args).wait(args.job_id, poll=args.poll, on_progress=None if args.quiet else print_progress)
+    if not args.quiet:
+        sys.stderr.write("\n")
+    if job["status"] != "succeeded":
+        raise RSAVQError(f"job {job['id']} {job['status']}: {job.get('error') or ''}")
+    return job
+
+
+def cmd_download(args: argparse.Namespace) -> str:
+    client = _client(args)
+    out = Path(args.out or f"rsavq-{args.job_id}.tar")
+    client.download(args.job_id, out)
+    if args.extract:
+        from service.artifacts import extract
+
+        return str(extract(out, out.parent))
+    return str(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rsavq", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="database, broker and artifacts (default $RSAVQ_DATA_DIR or ./rsavq-data)")
+
+    s = sub.add_parser("serve", help="run the API and one worker on this machine")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    data_dir(s)
+    s.set_defaults(func=cmd_serve)
+    w = sub.add_parser("worker", help="run a quantization worker (Celery, queue 'gpu')")
+    w.add_argument("--concurrency", type=int, default=1, help="jobs at once (one per GPU)")
+    data_dir(w)
+    w.set_defaults(func=cmd_worker)
+    d = sub.add_parser("db", help="database schema")
+    d.add_argument("action", choices=["upgrade"])
+    d.add_argument("--revision", default="head")
+    data_dir(d)
+    d.set_defaults(func=cmd_db)
+    k = sub.add_parser("keys", help="create or revoke API keys")
+    k.add_argument("action", choices=["create", "revoke"])
+    k.add_argument("name")
+    k.add_argument("--tenant", help="tenant of a new key (default: its name)")
+    data_dir(k)
+    k.set_defaults(func=cmd_keys)
+
+    def remote(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", help="API URL (default $RSAVQ_SERVER or http://127.0.0.1:8000)")
+        p.add_argument("--key", help="API key (default $RSAVQ_API_KEY)")
+
+    c = sub.add_parser("submit", help="submit a quantization job")
+    c.add_argument("model")
+    c.add_argument("--bits", type=float, required=True)
+    c.add_argument("--method", default="rsavq")
+    c.add_argument("--options", help='JSON, e.g. \'{"calib_samples": 8, "evaluation": {"zero_shot": "all"}}\'')
+    c.add_argument("--idempotency-key")
+    c.set_defaults(func=cmd_submit)
+    for name, func, text in (("status", lambda a: _client(a).job(a.job_id), "a job's state"),
+                             ("metrics", lambda a: _client(a).metrics(a.job_id), "a job's metrics"),
+                             ("cancel", lambda a: _client(a).cancel(a.job_id), "cancel a job"),
+                             ("wait", cmd_wait, "wait for a job, with a progress bar"),
+                             ("download", cmd_download, "download (resumable) and verify a job's artifact")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.set_defaults(func=func)
+        remote(p)
+    remote(c)
+    sub.choices["wait"].add_argument("--poll", type=float, default=1.0)
+    sub.choices["wait"].add_argument("--quiet", action="store_true")
+    sub.choices["download"].add_argument("--out", help="file to write (default rsavq-<id>.tar)")
+    sub.choices["download"].add_argument("--extract", action="store_true", help="unpack the checkpoint folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SERVICE_COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            sys.stdout.write(__doc__ or "")
+        from rsavq_core.cli import main as core_main
+
+        return core_main(argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except RSAVQError as exc:
+        sys.stderr.write(f"rsavq: error: {exc}\n")
+        return 2
+    if result != "":
+        sys.stdout.write(result if isinstance(result, str) else json.dumps(result, indent=2, default=str))
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""The HTTP API against a real (SQLite) database and a real embedded broker, without a worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service import jobs as machine
+from service.db import Artifact
+from tests.service.conftest import auth
+
+JOB = {"model_id": "smollm2-135m", "bits": 2}
+
+
+def submit(api, key, body=JOB, **headers):  # type: ignore[no-untyped-def]
+    return api.post("/v1/jobs", json=body, headers={**auth(key), **headers})
+
+
+def test_submit_returns_202_location_and_a_queued_job(api, keys) -> None:  # type: ignore[no-untyped-def]
+    r = submit(api, keys["alice"], {**JOB, "options": {"calib_samples": 4, "evaluation": {"zero_shot": ["piqa"]}}})
+    assert r.status_code == 202
+    job = r.json()
+    assert r.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["method"] == "rsavq" and job["bits"] == 2
+    assert job["options"]["calib_samples"] == 4
+    got = api.get(r.headers["Location"], headers=auth(keys["alice"])).json()
+    assert got["id"] == job["id"] and got["progress"]["percent"] == 0
+
+
+def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, keys) -> None:  # type: ignore[no-untyped-def]
+    first = submit(api, keys["alice"], **{"Idempotency-Key": "abc"}).json()
+    again = submit(api, keys["alice"], **{"Idempotency-Key": "abc"}).json()
+    assert again["id"] == first["id"]
+    other_tenant = submit(api, keys["bob"], **{"Idempotency-Key": "abc"}).json()
+    assert other_tenant["id"] != first["id"]  # keys are scoped to a tenant
+    changed = submit(api, keys["alice"], {**JOB, "bits": 3}, **{"Idempotency-Key": "abc"})
+    assert changed.status_code == 409 and "different request body" in changed.json()["error"]["message"]
+    assert len(api.get("/v1/jobs", headers=auth(keys["alice"])).json()["items"]) == 1
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({**JOB, "colour": "red"}, "colour"),
+    ({**JOB, "options": {"lamda": 0.1}}, "lamda"),
+    ({**JOB, "bits": 9}, "less than or equal to 8"),
+    ({**JOB, "bits": 0.5}, "greater than or equal to 1"),
+    ({**JOB, "method": "awq"}, "method"),
+    ({**JOB, "model_id": "../../etc/passwd"}, "'..'"),
+    ({**JOB, "model_id": "/etc/passwd"}, "local paths are not allowed"),
+    ({**JOB, "model_id": "a b c"}, "not a model id"),
+    ({**JOB, "method": "rtn", "bits": 2.5}, "bits"),  # QuantConfig's own rule: scalar methods take whole bits
+    ({**JOB, "options": {"vector_len": 5}}, "vector_len"),
+    ({**JOB, "options": {"evaluation": {"zero_shot": ["mmlu"]}}}, "zero_shot"),
+])
+def test_bad_input_is_a_422_that_names_the_problem(api, keys, body, fragment) -> None:  # type: ignore[no-untyped-def]
+    r = submit(api, keys["alice"], body)
+    assert r.status_code == 422, r.text
+    assert fragment in r.json()["error"]["message"]
+
+
+def test_oversized_body_is_413(api, keys) -> None:  # type: ignore[no-untyped-def]
+    r = api.post("/v1/jobs", content=b"{" + b" " * 70_000 + b"}", headers={**auth(keys["alice"]),
+                                                                           "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_missing_unknown_and_revoked_keys_are_401(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+    from service.auth import revoke_key
+
+    assert api.get("/v1/jobs").status_code == 401
+    assert api.get("/v1/jobs", headers=auth("rsavq_not-a-key")).status_code == 401
+    assert api.get("/v1/jobs", headers={"Authorization": "Basic abc"}).status_code == 401
+    assert api.get("/v1/jobs", headers=auth(keys["alice"])).status_code == 200
+    with sessions() as session:
+        assert revoke_key(session, "alice") == 1
+    r = api.get("/v1/jobs", headers=auth(keys["alice"]))
+    assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+
+
+def test_keys_are_stored_hashed(keys, sessions) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from service.db import ApiKey
+
+    with sessions() as session:
+        stored = [row.key_hash for row in session.scalars(select(ApiKey))]
+    assert keys["alice"] not in stored and len(stored) == 2 and all(len(h) == 64 for h in stored)
+
+
+def test_another_tenants_job_is_a_404(api, keys) -> None:  # type: ignore[no-untyped-def]
+    job = submit(api, keys["alice"]).json()
+    for method, path in (("GET", ""), ("GET", "/metrics"), ("GET", "/artifact"), ("POST", "/cancel"),
+                         ("DELETE", ""), ("GET", "/events")):
+        r = api.request(method, f"/v1/jobs/{job['id']}{path}", headers=auth(keys["bob"]))
+        assert r.status_code == 404, (method, path, r.status_code)
+
+
+def test_list_paginates_and_filters(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+    ids = [submit(api, keys["alice"], {**JOB, "bits": 2 + i / 10}).json()["id"] for i in range(5)]
+    submit(api, keys["alice"], {**JOB, "model_id": "org/other"})
+    with sessions() as session:
+        machine.request_cancel(session, ids[0])
+    seen, cursor = [], None
+    while True:
+        page = api.get("/v1/jobs", params={"limit": 2, "model_id": "smollm2-135m", **({"cursor": cursor} if cursor
+                                                                                       else {})},
+                       headers=auth(keys["alice"])).json()
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == 5
+    cancelled = api.get("/v1/jobs", params={"status": "cancelled"}, headers=auth(keys["alice"])).json()["items"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+    assert api.get("/v1/jobs", params={"status": "done"}, headers=auth(keys["alice"])).status_code == 422
+
+
+def test_cancel_a_queued_job_and_delete_it(api, keys) -> None:  # type: ignore[no-untyped-def]
+    job = submit(api, keys["alice"]).json()
+    url = f"/v1/jobs/{job['id']}"
+    assert api.delete(url, headers=auth(keys["alice"])).status_code == 409  # not finished yet
+    assert api.post(url + "/cancel", headers=auth(keys["alice"])).json()["status"] == "cancelled"
+    assert api.post(url + "/cancel", headers=auth(keys["alice"])).status_code == 409
+    events = api.get(url + "/events", headers=auth(keys["alice"]))
+    assert events.headers["content-type"].startswith("text/event-stream")
+    assert [line for line in events.text.splitlines() if line.startswith("event:")] == ["event: status"] * 2
+    assert '"status": "cancelled"' in events.text
+    assert api.delete(url, headers=auth(keys["alice"])).status_code == 204
+    assert api.get(url, headers=auth(keys["alice"])).status_code == 404
+
+
+def _succeed_with_artifact(sessions, settings, job_id: str, tmp_path: Path) -> bytes:  # type: ignore[no-untyped-def]
+    from service.artifacts import ArtifactStore
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "rsavq.safetensors").write_bytes(bytes(range(256)) * 4000)
+    (folder / "config.json").write_text("{}")
+    relative, size, sha = ArtifactStore(settings.artifact_dir).publish(job_id, folder)
+    with sessions() as session:
+        assert machine.claim(session, job_id, "w1", 30)
+        session.add(Artifact(job_id=job_id, path=relative, size=size, sha256=sha))
+        session.commit()
+        assert machine.finish(session, job_id, "w1", machine.SUCCEEDED)
+    return (settings.artifact_dir / relative).read_bytes()
+
+
+def test_artifact_is_409_until_succeeded_then_streams_with_etag_and_ranges(api, keys, sessions, settings,
+                                                                          tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    job = submit(api, keys["alice"]).json()
+    url, h = f"/v1/jobs/{job['id']}/artifact", auth(keys["alice"])
+    assert api.get(url, headers=h).status_code == 409
+    data = _succeed_with_artifact(sessions, settings, job["id"], tmp_path)
+    full = api.get(url, headers=h)
+    assert full.status_code == 200 and full.content == data
+    assert full.headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+    assert int(full.headers["Content-Length"]) == len(data)
+    part = api.get(url, headers={**h, "Range": "bytes=1000-1999"})
+    assert part.status_code == 206 and part.content == data[1000:2000]
+    assert part.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+    assert api.get(url, headers={**h, "Range": "bytes=-10"}).content == data[-10:]
+    assert api.get(url, headers={**h, "Range": f"bytes={len(data)}-"}).status_code == 416
+    stale = api.get(url, headers={**h, "Range": "bytes=10-", "If-Range": '"other"'})
+    assert stale.status_code == 200 and stale.content == data  # changed representation: the whole file
+    assert api.get(url, headers={**h, "If-None-Match": full.headers["ETag"]}).status_code == 304
+
+
+def test_client_download_resumes_and_verifies(api, keys, sessions, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from service.client import Client
+
+    job = submit(api, keys["alice"]).json()
+    data = _succeed_with_artifact(sessions, settings, job["id"], tmp_path)
+    client = Client("http://testserver", keys["alice"])
+    api.headers.update(auth(keys["alice"]))
+    client.http = api  # TestClient is an httpx.Client bound to the in-process app
+    dest = tmp_path / "out.tar"
+    (tmp_path / "out.tar.part").write_bytes(data[:5000])  # an interrupted earlier download
+    assert client.download(job["id"], dest).read_bytes() == data
+    (tmp_path / "out.tar.part").write_bytes(b"x" * 5000)  # a corrupt partial file is caught by the digest
+    with pytest.raises(Exception, match="sha256"):
+        client.download(job["id"], dest)
+
+
+def test_health_and_prometheus_metrics(api, keys) -> None:  # type: ignore[no-untyped-def]
+    submit(api, keys["alice"])
+    health = api.get("/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok", "database": True, "broker": True}
+    text = api.get("/metrics").text
+    assert 'rsavq_jobs{status="queued"} 1.0' in text
+    assert 'rsavq_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
+
+
+def test_openapi_documents_the_quantization_knobs(api) -> None:  # type: ignore[no-untyped-def]
+    schema = api.get("/openapi.json").json()
+    knobs = schema["components"]["schemas"]["JobOptions"]["properties"]
+    assert {"lam", "vector_len", "calib_samples", "evaluation"} <= set(knobs)
+    assert api.get("/docs").status_code == 200
+
+
+def test_the_api_process_never_imports_torch(settings) -> None:  # type: ignore[no-untyped-def]
+    code = ("import sys; from service.app import create_app; from service.settings import Settings; "
+            "from fastapi.testclient import TestClient; "
+            f"c = TestClient(create_app(Settings.from_env({str(settings.data_dir)!r}))); "
+            "c.get('/health'); c.get('/openapi.json'); c.post('/v1/jobs', json={}); "
+            "import service.cli, service.client; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('clean')")
+    env = {"PATH": "/usr/bin:/bin", "RSAVQ_DATABASE_URL": settings.database_url,
+           "RSAVQ_BROKER_URL": settings.broker_url}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stderr[-2000:]

@@ -1,0 +1,42 @@
+"""The Celery worker: ``celery -A worker.celery_app worker -Q gpu`` (or ``rsavq worker``).
+
+torch is imported by the tasks, lazily, in the worker child; the main process only runs Celery's
+consumer and the lease reaper.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from service.db import session_factory
+from service.queue import QUANTIZE_TASK, enqueue, make_celery
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+settings = Settings.from_env()
+app = make_celery(settings)
+app.conf.include = ["worker.tasks"]
+_reaper: Any = None
+
+
+@worker_ready.connect
+def _start_reaper(**_kwargs: Any) -> None:
+    global _reaper
+    from worker.pipeline import worker_capacity_bytes, worker_name
+    from worker.reaper import Reaper
+
+    _reaper = Reaper(session_factory(settings.database_url), lambda job_id: enqueue(app, QUANTIZE_TASK, job_id),
+                     name=worker_name(), memory_bytes=worker_capacity_bytes(settings),
+                     interval=max(1.0, settings.lease_seconds / 2),
+                     requeue_after_seconds=settings.requeue_after_seconds)
+    _reaper.start()
+    log.info("reaper started (every %.1f s)", _reaper.interval)
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_kwargs: Any) -> None:
+    if _reaper is not None:
+        _reaper.stopped.set()

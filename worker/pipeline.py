@@ -1,0 +1,185 @@
+"""One job, start to finish, as plain functions (the Celery task in ``worker.tasks`` is a shell).
+
+Stages: resolve the model (fails fast) -> pre-flight memory check -> quantize (statistics cached,
+every layer checkpointed) -> publish the artifact -> evaluate. A redelivered job repeats only
+what is missing: finished layers come from their checkpoints, a published artifact is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from rsavq_core.config import QuantConfig
+from rsavq_core.errors import JobCancelled, RSAVQError
+from service import jobs as machine
+from service.artifacts import ArtifactStore
+from service.db import Artifact, Job, JobMetrics, Worker, utcnow
+from service.settings import Settings
+from worker.reporter import Heartbeat, LeaseLost, Reporter
+
+log = logging.getLogger(__name__)
+
+
+class WrongWorker(Exception):
+    """This worker cannot hold the job but a larger live one can: release it for that one."""
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    sessions: sessionmaker
+    store: ArtifactStore
+    name: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerContext:
+        from service.db import session_factory
+
+        settings.ensure_dirs()
+        return cls(settings, session_factory(settings.database_url), ArtifactStore(settings.artifact_dir),
+                   worker_name())
+
+
+def job_config(job: Job) -> QuantConfig:
+    knobs = {k: v for k, v in (job.options or {}).items() if k != "evaluation"}
+    return QuantConfig.for_method(job.method, bits=job.bits, **knobs)
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> str:
+    """Claim and run one job; returns its final status, or 'skipped' when another worker holds it."""
+    with ctx.sessions() as session:
+        if not machine.claim(session, job_id, ctx.name, ctx.settings.lease_seconds):
+            job = session.get(Job, job_id)
+            log.info("job %s not claimable (%s); dropping this delivery", job_id, job.status if job else "deleted")
+            return "skipped"
+        job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        if job.attempts > ctx.settings.max_attempts:
+            error = f"gave up after {job.attempts - 1} attempts (each attempt's worker died)"
+            machine.finish(session, job_id, ctx.name, machine.FAILED, error=error)
+            return machine.FAILED
+    with Heartbeat(ctx.sessions, job_id, ctx.name, ctx.settings.lease_seconds) as heartbeat:
+        reporter = Reporter(ctx.sessions, job_id, ctx.name, ctx.settings.lease_seconds, heartbeat)
+        try:
+            _run_stages(ctx, job, reporter)
+        except WrongWorker as exc:
+            log.info("job %s: %s; releasing it for a larger worker", job_id, exc)
+            with ctx.sessions() as session:
+                machine.release(session, job_id, ctx.name)
+            return "released"
+        except LeaseLost:
+            log.warning("job %s: lease lost to another worker; stopping", job_id)
+            return "skipped"
+        except JobCancelled:
+            return _end(ctx, job_id, machine.CANCELLED, None, cleanup=True)
+        except RSAVQError as exc:
+            return _end(ctx, job_id, machine.FAILED, f"{type(exc).__name__}: {exc}", cleanup=False)
+        except MemoryError:
+            return _end(ctx, job_id, machine.FAILED, "out of memory in the worker", cleanup=False)
+    return _end(ctx, job_id, machine.SUCCEEDED, None, cleanup=True)
+
+
+def fail_job(ctx: WorkerContext, job_id: str, error: str) -> None:
+    """Fail a job from outside the normal flow (soft time limit, unexpected exception)."""
+    with ctx.sessions() as session:
+        if not machine.finish(session, job_id, ctx.name, machine.FAILED, error=error):
+            machine.fail_unclaimed(session, job_id, error)
+
+
+def _end(ctx: WorkerContext, job_id: str, status: str, error: str | None, *, cleanup: bool) -> str:
+    with ctx.sessions() as session:
+        machine.finish(session, job_id, ctx.name, status, error=error)
+    if cleanup:  # layer checkpoints are only worth keeping for a retry of a failed job
+        shutil.rmtree(ctx.store.work_dir(job_id), ignore_errors=True)
+    log.info("job %s %s%s", job_id, status, f": {error}" if error else "")
+    return status
+
+
+def _run_stages(ctx: WorkerContext, job: Job, reporter: Reporter) -> None:
+    from rsavq_core.models import resolve_model
+
+    cfg = job_config(job)
+    reporter("resolve", 0, 1)
+    folder = resolve_model(job.model_id)  # offline and fast: an unknown id fails here, in seconds
+    _preflight(ctx, folder, cfg)
+    with ctx.sessions() as session:
+        published = session.get(Artifact, job.id) is not None
+    if not published:
+        _quantize_and_publish(ctx, job, cfg, reporter)
+    evaluation = (job.options or {}).get("evaluation") or {"perplexity": True}
+    if evaluation.get("perplexity", True) or evaluation.get("zero_shot"):
+        from worker.evaluate import evaluate_job
+
+        metrics = evaluate_job(ctx, job, folder, evaluation, reporter)
+        _merge_metrics(ctx, job.id, metrics)
+
+
+def _preflight(ctx: WorkerContext, folder: Any, cfg: QuantConfig) -> None:
+    from rsavq_core.memory import GIB, check_fits, estimate_job_memory
+
+    estimate = estimate_job_memory(folder, cfg)
+    own = worker_capacity_bytes(ctx.settings)
+    with ctx.sessions() as session:
+        live_after = utcnow().timestamp() - 3 * max(ctx.settings.lease_seconds, 10)
+        capacities = [w.memory_bytes for w in session.scalars(select(Worker)) if w.last_seen.timestamp() > live_after]
+    largest = max([own, *capacities])
+    check_fits(estimate, largest)
+    log.info("pre-flight: needs %s; this worker has %.2f GiB", estimate.describe(), own / GIB)
+    if estimate.total > own:  # a larger worker exists: let it take the job
+        raise WrongWorker(f"needs {estimate.total / GIB:.2f} GiB; this worker has {own / GIB:.2f} GiB")
+
+
+def worker_capacity_bytes(settings: Settings) -> float:
+    if settings.worker_memory_gb is not None:
+        return settings.worker_memory_gb * 2**30
+    import psutil
+
+    return float(psutil.virtual_memory().total)
+
+
+def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, reporter: Reporter) -> None:
+    from rsavq_core.bitcount import model_bits
+    from rsavq_core.pipeline import quantize_model, save_result
+
+    work = ctx.store.work_dir(job.id)
+    started = time.perf_counter()
+    result = quantize_model(job.model_id, cfg, progress=reporter, checkpoint_dir=work / "layers",
+                            on_layer=reporter.layer)
+    reporter("package", 0, 1)
+    packed = save_result(result, work / "packed", reproducible=True)
+    relative, size, sha256 = ctx.store.publish(job.id, packed)
+    bits = model_bits(result.layers, result.model)
+    bits.pop("layers", None)
+    metrics = {"bits": bits, "timings": {**result.timings, "publish": time.perf_counter() - started
+                                         - result.timings.get("total", 0.0)},
+               "stats_cached": result.stats_cached, "peak_rss_gb": result.peak_rss_gb,
+               "artifact_bytes": size}
+    with ctx.sessions() as session:
+        session.merge(Artifact(job_id=job.id, path=relative, size=size, sha256=sha256))
+        session.execute(Job.__table__.update().where(Job.id == job.id)
+                        .values(effective_bpw=bits["quantized"]["bpw"]))
+        session.commit()
+    _merge_metrics(ctx, job.id, metrics)
+    log.info("job %s: published %s (%d bytes, sha256 %s)", job.id, relative, size, sha256[:12])
+
+
+def _merge_metrics(ctx: WorkerContext, job_id: str, values: dict[str, Any]) -> None:
+    with ctx.sessions() as session:
+        row = session.get(JobMetrics, job_id)
+        data = json.loads(json.dumps({**(row.data if row else {}), **values}, default=float))
+        session.merge(JobMetrics(job_id=job_id, data=data, updated_at=utcnow()))
+        session.commit()

@@ -1,0 +1,72 @@
+"""The lease reaper: jobs whose worker vanished go back to the queue, whatever the broker did.
+
+Runs in every worker (a thread of the worker's main process). A running job whose lease expired
+(its worker was killed, lost power, or hangs) is moved back to queued by one conditional UPDATE,
+so of many reapers exactly one re-sends it; the next worker resumes it from its checkpoints. A
+queued job whose message may have been lost (a broker restart without persistence) is re-sent
+after ``requeue_after_seconds``; a duplicate message is harmless, since only one claim can win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import sessionmaker
+
+from service import jobs as machine
+from service.db import Job, Worker, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def reap_once(sessions: sessionmaker, send: Callable[[str], None], requeue_after_seconds: float) -> list[str]:
+    """One sweep. Returns the ids of the jobs it (re-)sent."""
+    now = utcnow()
+    sent: list[str] = []
+    with sessions() as session:
+        stale = session.scalars(select(Job.id).where(Job.status == machine.RUNNING, Job.lease_until < now)).all()
+        for job_id in stale:
+            if machine.requeue_stale(session, job_id):
+                log.warning("job %s: its worker's lease expired; re-queued", job_id)
+                sent.append(job_id)
+        waited = now - dt.timedelta(seconds=requeue_after_seconds)
+        lost = session.scalars(select(Job.id).where(Job.status == machine.QUEUED, Job.enqueued_at < waited)).all()
+        for job_id in lost:
+            moved = session.execute(update(Job).where(Job.id == job_id, Job.status == machine.QUEUED,
+                                                      Job.enqueued_at < waited).values(enqueued_at=now)).rowcount
+            session.commit()
+            if moved:
+                sent.append(job_id)
+    for job_id in sent:
+        send(job_id)
+    return sent
+
+
+def register(sessions: sessionmaker, name: str, memory_bytes: float) -> None:
+    """Advertise this worker and its memory (the pre-flight check compares against the largest)."""
+    with sessions() as session:
+        session.merge(Worker(name=name, memory_bytes=memory_bytes, last_seen=utcnow()))
+        session.commit()
+
+
+class Reaper(threading.Thread):
+    def __init__(self, sessions: sessionmaker, send: Callable[[str], None], *, name: str, memory_bytes: float,
+                 interval: float, requeue_after_seconds: float) -> None:
+        super().__init__(name="rsavq-reaper", daemon=True)
+        self.sessions, self.send, self.worker, self.memory = sessions, send, name, memory_bytes
+        self.interval, self.requeue_after = interval, requeue_after_seconds
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                register(self.sessions, self.worker, self.memory)
+                reap_once(self.sessions, self.send, self.requeue_after)
+            except Exception as exc:  # database or broker blip: the next sweep retries
+                log.warning("reaper sweep failed: %s", exc)
+            if self.stopped.wait(self.interval):
+                return

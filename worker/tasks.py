@@ -1,0 +1,36 @@
+"""Celery tasks: thin shells over ``worker.pipeline``."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.queue import QUANTIZE_TASK, enqueue
+from worker.celery_app import app, settings
+from worker.pipeline import WorkerContext, fail_job, run_job
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _context() -> WorkerContext:
+    return WorkerContext.from_settings(settings)
+
+
+@app.task(name=QUANTIZE_TASK, acks_late=True, reject_on_worker_lost=True)
+def quantize_job(job_id: str) -> str:
+    ctx = _context()
+    try:
+        status = run_job(ctx, job_id)
+    except SoftTimeLimitExceeded:
+        fail_job(ctx, job_id, f"exceeded the soft time limit of {settings.soft_time_limit:.0f} s")
+        return "failed"
+    except Exception as exc:
+        log.exception("job %s crashed", job_id)
+        fail_job(ctx, job_id, f"internal error: {type(exc).__name__}: {exc}")
+        return "failed"
+    if status == "released":  # another, larger worker should take it
+        enqueue(app, QUANTIZE_TASK, job_id)
+    return status
