@@ -18,6 +18,9 @@ from typing import BinaryIO
 from rsavq_core.errors import ArtifactError
 
 
+ARCHIVE_ROOT = "rsavq-checkpoint"
+
+
 class _HashingWriter:
     def __init__(self, fh: BinaryIO) -> None:
         self.fh, self.digest, self.size = fh, hashlib.sha256(), 0
@@ -47,7 +50,7 @@ class ArtifactStore:
         target = self.path(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        name = f"rsavq-{job_id}"
+        name = ARCHIVE_ROOT  # not the job id: two jobs with the same result publish the same bytes
         with open(tmp, "wb") as fh:
             writer = _HashingWriter(fh)
             with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]

@@ -124,7 +124,7 @@ def cmd_download(args: argparse.Namespace) -> str:
     if args.extract:
         from service.artifacts import extract
 
-        return str(extract(out, out.parent))
+        return str(extract(out, out.with_suffix("")))
     return str(out)
 
 

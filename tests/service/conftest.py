@@ -51,3 +51,58 @@ def keys(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS = "redis://127.0.0.1:6379"
+
+
+def _reachable(check) -> str | None:  # type: ignore[no-untyped-def]
+    try:
+        check()
+        return None
+    except Exception as exc:  # any failure means "not available": the integration tests say which
+        return str(exc)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database, migrated by Alembic, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from service.migrate import upgrade
+
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    problem = _reachable(lambda: admin.connect().close())
+    if problem:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN} (.ci/run starts it): {problem}")
+    name = f"rsavq_test_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    upgrade(url)
+    yield url
+    from service.db import get_engine
+
+    get_engine(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def pg_sessions(pg_url: str):  # type: ignore[no-untyped-def]
+    from service.db import session_factory
+
+    return session_factory(pg_url)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    problem = _reachable(lambda: redis.Redis.from_url(REDIS, socket_timeout=2).ping())
+    if problem:
+        pytest.skip(f"Redis not reachable at {REDIS} (.ci/run starts it): {problem}")
+    return REDIS + "/11"

@@ -1,0 +1,110 @@
+"""The job state machine: conditional updates decide every race, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from service import jobs as machine
+from service.db import Job
+
+
+def new_job(sessions, tenant: str = "t") -> str:  # type: ignore[no-untyped-def]
+    job_id = uuid.uuid4().hex
+    with sessions() as session:
+        session.add(Job(id=job_id, tenant=tenant, model_id="m", method="rtn", bits=2, options={}, status="queued",
+                        stage="queued", request_hash="h"))
+        session.commit()
+    return job_id
+
+
+def status(sessions, job_id: str) -> Job:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        return session.get(Job, job_id)
+
+
+def race(sessions, job_ids: list[str], workers: int) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+    """Every worker tries to claim every job at the same moment; returns job -> winners."""
+    winners: dict[str, list[str]] = {j: [] for j in job_ids}
+    barrier = threading.Barrier(workers)
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        barrier.wait()
+        for job_id in job_ids:
+            with sessions() as session:
+                if machine.claim(session, job_id, name, 30):
+                    with lock:
+                        winners[job_id].append(name)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return winners
+
+
+def test_concurrent_claims_have_exactly_one_winner(sessions) -> None:  # type: ignore[no-untyped-def]
+    job_ids = [new_job(sessions) for _ in range(20)]
+    winners = race(sessions, job_ids, workers=4)
+    assert all(len(w) == 1 for w in winners.values()), winners
+    for job_id, (winner,) in winners.items():
+        job = status(sessions, job_id)
+        assert job.status == "running" and job.worker == winner and job.attempts == 1
+
+
+def test_only_the_holder_finishes_and_only_an_expired_lease_is_taken_over(sessions) -> None:  # type: ignore[no-untyped-def]
+    job_id = new_job(sessions)
+    with sessions() as s:
+        assert machine.claim(s, job_id, "a", lease_seconds=0.3)
+        assert not machine.claim(s, job_id, "b", 30)  # lease live
+        assert not machine.finish(s, job_id, "b", machine.SUCCEEDED)  # not b's job
+        assert not machine.requeue_stale(s, job_id)
+    time.sleep(0.5)
+    with sessions() as s:
+        assert machine.claim(s, job_id, "b", 30)  # a's lease expired: b takes over
+        assert not machine.renew_lease(s, job_id, "a", 30)  # a learns it lost the job
+        assert not machine.finish(s, job_id, "a", machine.SUCCEEDED)
+        assert machine.finish(s, job_id, "b", machine.SUCCEEDED)
+        assert not machine.claim(s, job_id, "c", 30)  # terminal states are final
+    job = status(sessions, job_id)
+    assert job.status == "succeeded" and job.attempts == 2 and job.percent == 100
+
+
+def test_cancel_queued_is_immediate_running_is_requested(sessions) -> None:  # type: ignore[no-untyped-def]
+    queued, running = new_job(sessions), new_job(sessions)
+    with sessions() as s:
+        assert machine.request_cancel(s, queued) == "cancelled"
+        assert not machine.claim(s, queued, "w", 30)  # a cancelled job's late message is dropped
+        assert machine.claim(s, running, "w", 30)
+        assert machine.request_cancel(s, running) == "running"
+        # the worker sees the request at its next progress report
+        assert machine.report_progress(s, running, "w", "quantize", 1, 10, 10.0, 5.0, 30) is True
+
+
+def test_reaper_requeues_expired_leases_and_resends_lost_messages(sessions) -> None:  # type: ignore[no-untyped-def]
+    from worker.reaper import reap_once
+
+    stale, live, waiting = new_job(sessions), new_job(sessions), new_job(sessions)
+    with sessions() as s:
+        machine.claim(s, stale, "dead", lease_seconds=0.1)
+        machine.claim(s, live, "alive", lease_seconds=60)
+    time.sleep(0.3)
+    sent: list[str] = []
+    assert set(reap_once(sessions, sent.append, requeue_after_seconds=3600)) == {stale}
+    assert status(sessions, stale).status == "queued" and status(sessions, live).status == "running"
+    assert reap_once(sessions, sent.append, requeue_after_seconds=3600) == []  # nothing twice
+    time.sleep(0.2)
+    assert set(reap_once(sessions, sent.append, requeue_after_seconds=0.1)) == {stale, waiting}
+    assert sorted(sent) == sorted([stale, stale, waiting])
+
+
+@pytest.mark.integration
+def test_concurrent_claims_on_postgres(pg_sessions) -> None:  # type: ignore[no-untyped-def]
+    job_ids = [new_job(pg_sessions) for _ in range(30)]
+    winners = race(pg_sessions, job_ids, workers=6)
+    assert all(len(w) == 1 for w in winners.values()), winners
