@@ -1,70 +1,100 @@
-"""The main job end to end on the command-line path: quantize the bundled model at 2 bits, compare
-FP and quantized perplexity (wiki-holdout-512), report the effective bits per weight, generate text.
+"""The main job end to end through the service: start ``rsavq serve`` (SQLite + embedded broker, one
+worker), create an API key, submit the bundled model at 2 bits over HTTP, follow its progress,
+download and verify the packed checkpoint, print the metrics, and generate a sentence from it.
 
-Usage: python scripts/demo.py [--model smollm2-135m] [--bits 2] [--out runs/demo-2bit]
+Usage: python scripts/demo.py [--model smollm2-135m] [--bits 2] [--data-dir runs/demo-service]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
+import signal
+import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
-from rsavq_core.bitcount import model_bits
-from rsavq_core.cli import ProgressBar
-from rsavq_core.config import QuantConfig
-from rsavq_core.evaluation import perplexity
-from rsavq_core.generation import generate_text
-from rsavq_core.pipeline import quantize_model, save_result
-from rsavq_core.qlinear import load_quantized_model
+import httpx
+
+from service.client import Client, print_progress
+
+
+def start_server(data_dir: Path, port: int) -> subprocess.Popen:  # type: ignore[type-arg]
+    log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir",
+                               str(data_dir)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"rsavq serve exited; see {data_dir / 'serve.log'}")
+        time.sleep(0.5)
+    raise SystemExit("rsavq serve did not become healthy in 120 s")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--bits", type=float, default=2.0)
-    parser.add_argument("--out", default="runs/demo-2bit")
+    parser.add_argument("--data-dir", default="runs/demo-service")
+    parser.add_argument("--port", type=int, default=8731)
     parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--calib-samples", type=int, help="calibration windows (default: QuantConfig's)")
+    parser.add_argument("--options", default="{}", help="JSON job options, e.g. '{\"calib_samples\": 8}'")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
     say = sys.stdout.write
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
 
-    bar = ProgressBar()
-    overrides = {"calib_samples": args.calib_samples} if args.calib_samples else {}
-    cfg = QuantConfig.for_method("rsavq", bits=args.bits, **overrides)
-    say(f"Quantizing {args.model} with RSAVQ at {args.bits:g} bits (statistics are cached after the first run)\n")
-    result = quantize_model(args.model, cfg, progress=bar)
-    bar.close()
-    fp = perplexity(result.model, result.tokenizer, progress=lambda d, t: bar("FP perplexity", d, t))
-    bar.close()
-    out = save_result(result, Path(args.out))
+    say(f"$ rsavq serve --port {args.port} --data-dir {data_dir}\n")
+    server = start_server(data_dir, args.port)
+    try:
+        created = subprocess.run([sys.executable, "-m", "service.cli", "keys", "create", f"demo-{uuid.uuid4().hex[:6]}",
+                                  "--data-dir", str(data_dir)], capture_output=True, text=True, check=True)
+        key = created.stdout.strip().splitlines()[-1]
+        say(f"$ rsavq keys create demo  -> {key[:12]}…\n")
+        client = Client(f"http://127.0.0.1:{args.port}", key)
+        options = json.loads(args.options)
+        job = client.submit(args.model, args.bits, "rsavq", options, idempotency_key=uuid.uuid4().hex)
+        say(f"POST /v1/jobs -> 202, job {job['id']} ({job['status']})\n")
+        started = time.monotonic()
+        job = client.wait(job["id"], poll=1.0, on_progress=print_progress)
+        sys.stderr.write("\n")
+        if job["status"] != "succeeded":
+            say(f"job {job['status']}: {job['error']}\n")
+            return 1
+        tar = client.download(job["id"], data_dir / f"rsavq-{job['id']}.tar")
+        from service.artifacts import extract
 
-    model, tokenizer, _ = load_quantized_model(out)  # evaluate what was written, not what is in memory
-    q = perplexity(model, tokenizer, progress=lambda d, t: bar("quantized perplexity", d, t))
-    bar.close()
-    bits = model_bits(result.layers, result.model)
-    t0 = time.perf_counter()
-    text_fp = generate_text(result.model, result.tokenizer, args.prompt, max_new_tokens=24)
-    text_q = generate_text(model, tokenizer, args.prompt, max_new_tokens=24)
-    gen_s = time.perf_counter() - t0
+        folder = extract(tar, data_dir / f"rsavq-{job['id']}")
+        metrics = client.metrics(job["id"])
+        fp, q = metrics["fp"]["perplexity"], metrics["quantized"]["perplexity"]
+        say(f"\njob wall time:        {time.monotonic() - started:.0f} s\n")
+        say(f"protocol:             {fp['protocol']} ({fp['windows']} windows, {fp['tokens']} tokens)\n")
+        say(f"FP perplexity:        {fp['ppl']:.2f}\n")
+        say(f"RSAVQ perplexity:     {q['ppl']:.2f}\n")
+        say(f"effective bpw:        {metrics['bits']['quantized']['bpw']:.4f} (quantized layers), "
+            f"{metrics['bits']['all_bpw']:.3f} (all parameters, the rest fp16)\n")
+        timings = metrics["timings"]
+        stats = "cached" if metrics["stats_cached"] else f"{timings.get('statistics', 0.0):.0f} s"
+        say(f"quantize time:        {timings['total']:.0f} s (statistics {stats}); "
+            f"worker peak RSS {metrics['peak_rss_gb']:.2f} GB\n")
+        say(f"artifact:             {tar} ({metrics['artifact']['bytes'] / 2**20:.1f} MiB, "
+            f"sha256 {metrics['artifact']['sha256'][:16]}… verified)\n")
+        from rsavq_core.generation import generate_text
+        from rsavq_core.qlinear import load_quantized_model
 
-    say(f"\nprotocol: {fp['protocol']} ({fp['windows']} windows, {fp['tokens']} tokens)\n")
-    say(f"FP perplexity:        {fp['ppl']:.2f}\n")
-    say(f"RSAVQ perplexity:     {q['ppl']:.2f}\n")
-    say(f"effective bpw:        {bits['quantized']['bpw']:.4f} (quantized layers), "
-        f"{bits['all_bpw']:.3f} (all parameters, the rest fp16)\n")
-    stats = "cached" if result.stats_cached else f"{result.timings.get('statistics', 0.0):.0f} s"
-    say(f"quantize time:        {result.timings['total']:.0f} s (statistics {stats})\n")
-    say(f"peak RSS:             {result.peak_rss_gb:.2f} GB\n")
-    say(f"checkpoint:           {out}\n")
-    say(f"FP    > {args.prompt}{text_fp}\n")
-    say(f"RSAVQ > {args.prompt}{text_q}\n")
-    say(json.dumps({"fp_ppl": fp["ppl"], "rsavq_ppl": q["ppl"], "bpw": bits["quantized"]["bpw"],
-                    "generate_seconds": gen_s}) + "\n")
+        model, tokenizer, _ = load_quantized_model(folder)
+        say(f"RSAVQ > {args.prompt}{generate_text(model, tokenizer, args.prompt, max_new_tokens=24)}\n")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
     return 0
 
 

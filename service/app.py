@@ -69,6 +69,31 @@ class _TooLarge(Exception):
     pass
 
 
+class Observe:
+    """Request counts and latency by route template (pure ASGI: no per-request task or body copy)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def capture(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     settings.ensure_dirs()
@@ -95,16 +120,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({**errors.error_body(422, message, "ValidationError"), "detail": details},
                             status_code=422)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        context.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        context.metrics.latency.labels(request.method, path).observe(time.perf_counter() - started)
-        return response
-
     @app.get("/health", tags=["ops"])
     def health() -> JSONResponse:
         checks = {"database": _db_ok(context), "broker": broker_ok(context.celery)}
@@ -116,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(context.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Observe, metrics=context.metrics)
     return app
 
 

@@ -17,7 +17,6 @@ from typing import BinaryIO
 
 from rsavq_core.errors import ArtifactError
 
-
 ARCHIVE_ROOT = "rsavq-checkpoint"
 
 

@@ -121,12 +121,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def progress_line(job: dict[str, Any]) -> str:
+def progress_line(job: dict[str, Any], width: int = 30) -> str:
+    """'running quantize [#####.....] 61/210 29.0% ETA 235s' for one polled job state."""
     p = job["progress"]
+    filled = int(p["percent"] / 100 * width)
     eta = f" ETA {p['eta_seconds']:.0f}s" if p.get("eta_seconds") else ""
-    return f"{job['status']:<9} {p['stage']:<16} {p['done']}/{p['total']} {p['percent']:5.1f}%{eta}"
+    return (f"{job['status']:<9} {p['stage'][:24]:<24} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{p['done']}/{p['total']} {p['percent']:5.1f}%{eta}")
 
 
 def print_progress(job: dict[str, Any]) -> None:
-    sys.stderr.write("\r" + progress_line(job).ljust(72))
+    sys.stderr.write("\r" + progress_line(job).ljust(100))
     sys.stderr.flush()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Header, Request
-from sqlalchemy.orm import sessionmaker
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.artifacts import ArtifactStore
 from service.auth import authenticate
@@ -28,7 +29,12 @@ def get_context(request: Request) -> Context:
     return request.app.state.context
 
 
-def tenant_of(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    ctx: Context = request.app.state.context
-    with ctx.sessions() as session:
-        return authenticate(session, authorization)
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request, shared by authentication and the handler (one connection checkout)."""
+    with request.app.state.context.sessions() as session:
+        yield session
+
+
+def tenant_of(session: Annotated[Session, Depends(get_session)],
+              authorization: Annotated[str | None, Header()] = None) -> str:
+    return authenticate(session, authorization)

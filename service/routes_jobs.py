@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from rsavq_core.errors import ConfigError, ConflictError, NotFoundError
 from service import jobs as machine
 from service.db import Artifact, Job, JobEvent, JobLayer
-from service.deps import Context, get_context, tenant_of
+from service.deps import Context, get_context, get_session, tenant_of
 from service.queue import QUANTIZE_TASK, enqueue
 from service.schemas import HUB_ID, JobList, JobOut, JobRequest, Progress
 
@@ -137,11 +137,10 @@ def list_jobs(tenant: Tenant, ctx: Ctx, status: Annotated[str | None, Query()] =
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, tenant: Tenant, ctx: Ctx) -> JobOut:
-    with ctx.sessions() as session:
-        job = load_job(session, tenant, job_id)
-        layers = session.scalars(select(JobLayer).where(JobLayer.job_id == job_id).order_by(JobLayer.position)).all()
-        return job_out(job, list(layers))
+def get_job(job_id: str, tenant: Tenant, session: Annotated[Session, Depends(get_session)]) -> JobOut:
+    job = load_job(session, tenant, job_id)
+    layers = session.scalars(select(JobLayer).where(JobLayer.job_id == job_id).order_by(JobLayer.position)).all()
+    return job_out(job, list(layers))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -144,8 +144,8 @@ def test_job_end_to_end_through_a_real_worker(client, workers, tmp_path) -> None
     assert len(job["layers"]) == 210 and all(layer["proxy_error"] >= 0 for layer in job["layers"])
     assert 2.0 < job["effective_bpw"] < 2.2 and job["attempts"] == 1
     metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()
-    fp = metrics["fp"]["perplexity"]["perplexity"]
-    q = metrics["quantized"]["perplexity"]["perplexity"]
+    fp = metrics["fp"]["perplexity"]["ppl"]
+    q = metrics["quantized"]["perplexity"]["ppl"]
     assert 5 < fp < q  # a real model's perplexity, made worse by 2-bit quantization
     assert metrics["timings"]["quantize"] > 0 and metrics["artifact"]["bytes"] > 10_000_000
     events = client.get(f"/v1/jobs/{job_id}/events").text
@@ -189,7 +189,7 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(client, workers, dist
     clean = finished(client, clean_id, workers)
     sha = {j: client.get(f"/v1/jobs/{j}/metrics").json()["artifact"]["sha256"] for j in (killed_id, clean_id)}
     assert clean["status"] == "succeeded" and sha[killed_id] == sha[clean_id]
-    ppl = {j: client.get(f"/v1/jobs/{j}/metrics").json()["quantized"]["perplexity"]["perplexity"]
+    ppl = {j: client.get(f"/v1/jobs/{j}/metrics").json()["quantized"]["perplexity"]["ppl"]
            for j in (killed_id, clean_id)}
     assert ppl[killed_id] == ppl[clean_id]
 
