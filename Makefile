@@ -1,12 +1,14 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and pip:
-#   make demo   quantize the bundled model at 2 bits end to end (CLI path)
-#   make test   the default test suite (no GPU, no slow tests, no Redis/PostgreSQL)
+#   make demo   the main job end to end through the service: `rsavq serve` (SQLite + embedded
+#               broker), submit the bundled model at 2 bits over HTTP, follow, download, verify
+#   make test   the default test suite, including the integration tests against the real Redis
+#               and PostgreSQL on 127.0.0.1 (skipped, saying so, when they are not reachable)
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all install clean
+.PHONY: demo demo-cli test test-slow test-all install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +28,13 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu and not integration" -q
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m "slow and not gpu and not integration" -q
+	$(BIN)/python -m pytest -m "slow and not gpu" -q
+
+demo-cli: $(STAMP)
+	$(BIN)/python scripts/demo_cli.py
 
 clean:
 	rm -rf $(VENV) runs
