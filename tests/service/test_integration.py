@@ -29,7 +29,9 @@ pytestmark = pytest.mark.integration
 # Every knob a real RSAVQ job has, scaled down: 4 calibration windows of 128 tokens.
 RSAVQ_FAST = {"calib_samples": 4, "calib_len": 128, "kmeans_iters": 2, "kmeans_fit_points": 1024,
               "evaluation": {"perplexity": True, "windows": 2}}
-GPTQ_FAST = {"calib_samples": 2, "calib_len": 64, "evaluation": {"perplexity": True, "windows": 2}}
+# RTN needs no calibration: these jobs spend their time in the per-layer loop the fault tests interrupt.
+RTN_JOB = {"model_id": "smollm2-135m", "bits": 4, "method": "rtn",
+           "options": {"evaluation": {"perplexity": True, "windows": 2}}}
 
 
 @pytest.fixture
@@ -61,11 +63,11 @@ class Workers:
     def __init__(self, settings: Settings, log_dir: Path) -> None:
         self.settings, self.log_dir, self.procs = settings, log_dir, []  # type: ignore[var-annotated]
 
-    def start(self) -> subprocess.Popen:  # type: ignore[type-arg]
+    def start(self, **env_overrides: str) -> subprocess.Popen:  # type: ignore[type-arg]
         from service.cli import worker_command
 
         log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, **self.settings.to_env()}
+        env = {**os.environ, **self.settings.to_env(), **env_overrides}
         proc = subprocess.Popen(worker_command(), env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs.append(proc)
@@ -111,14 +113,15 @@ def client(dist_settings: Settings):  # type: ignore[no-untyped-def]
         yield api
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, logs: Callable[[], str] = str) -> object:
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, logs: Callable[[], str] = str, *,
+             interval: float = 0.2) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs()}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs()[-6000:]}")
 
 
 def job_of(client, job_id: str) -> dict:  # type: ignore[no-untyped-def]
@@ -159,6 +162,20 @@ def test_job_end_to_end_through_a_real_worker(client, workers, tmp_path) -> None
     assert len(artifact.layers) == 210 and artifact.config.method == "rsavq"
 
 
+def test_unresolvable_model_and_oversized_job_fail_fast_with_reasons(client, workers) -> None:  # type: ignore[no-untyped-def]
+    workers.start(RSAVQ_WORKER_MEMORY_GB="0.5")  # a worker too small for the bundled model
+    started = time.monotonic()
+    missing = client.post("/v1/jobs", json={**RTN_JOB, "model_id": "no-such-org/no-such-model"}).json()["id"]
+    job = finished(client, missing, workers, timeout=120)
+    assert job["status"] == "failed" and "ModelResolutionError" in job["error"]
+    assert "no-such-org/no-such-model" in job["error"]
+    too_big = client.post("/v1/jobs", json=RTN_JOB).json()["id"]
+    job = finished(client, too_big, workers, timeout=120)
+    assert job["status"] == "failed" and "InsufficientMemoryError" in job["error"], job["error"]
+    assert re.search(r"needs about [\d.]+ GiB .*weights [\d.]+.* has 0\.50 GiB", job["error"]), job["error"]
+    assert time.monotonic() - started < 120
+
+
 def _quantize_progress(client, job_id: str) -> int:  # type: ignore[no-untyped-def]
     job = job_of(client, job_id)
     return job["progress"]["done"] if job["progress"]["stage"] == "quantize" else 0
@@ -167,10 +184,11 @@ def _quantize_progress(client, job_id: str) -> int:  # type: ignore[no-untyped-d
 def test_worker_killed_mid_job_resumes_from_its_checkpoint(client, workers, dist_settings) -> None:  # type: ignore[no-untyped-def]
     from service.db import session_factory
 
-    body = {"model_id": "smollm2-135m", "bits": 3, "method": "gptq", "options": GPTQ_FAST}
+    body = RTN_JOB
     first = workers.start()
     killed_id = client.post("/v1/jobs", json=body).json()["id"]
-    wait_for(lambda: _quantize_progress(client, killed_id) >= 40, 300, "40 quantized layers", workers.logs)
+    wait_for(lambda: _quantize_progress(client, killed_id) >= 40, 300, "40 quantized layers", workers.logs,
+             interval=0.05)
     workers.kill9(first)
     done_before = _quantize_progress(client, killed_id)
     assert job_of(client, killed_id)["status"] == "running"  # nobody knows yet: the lease is still live
@@ -204,11 +222,11 @@ def _restart_redis() -> None:
 
 
 def test_redis_restarted_mid_job_loses_nothing(client, workers) -> None:  # type: ignore[no-untyped-def]
-    body = {"model_id": "smollm2-135m", "bits": 3, "method": "gptq", "options": GPTQ_FAST}
+    body = RTN_JOB
     workers.start()
     running = client.post("/v1/jobs", json=body).json()["id"]
     wait_for(lambda: _quantize_progress(client, running) >= 10, 300, "the first job to quantize", workers.logs)
-    waiting = client.post("/v1/jobs", json={**body, "bits": 4}).json()["id"]  # its message sits in Redis
+    waiting = client.post("/v1/jobs", json={**body, "bits": 3}).json()["id"]  # its message sits in Redis
     _restart_redis()  # Redis here keeps nothing on disk: the queued message is gone
     later = wait_for(lambda: (r := client.post("/v1/jobs", json={**body, "bits": 2})).status_code == 202 and r,
                      60, "the API to reach Redis again")

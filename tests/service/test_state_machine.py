@@ -108,3 +108,23 @@ def test_concurrent_claims_on_postgres(pg_sessions) -> None:  # type: ignore[no-
     job_ids = [new_job(pg_sessions) for _ in range(30)]
     winners = race(pg_sessions, job_ids, workers=6)
     assert all(len(w) == 1 for w in winners.values()), winners
+
+
+def test_reporter_raises_cancel_between_layers_and_lease_loss(sessions) -> None:  # type: ignore[no-untyped-def]
+    from rsavq_core.errors import JobCancelled
+    from worker.reporter import Heartbeat, LeaseLost, Reporter
+
+    job_id = new_job(sessions)
+    with sessions() as s:
+        machine.claim(s, job_id, "w", 30)
+    heartbeat = Heartbeat(sessions, job_id, "w", 30)
+    reporter = Reporter(sessions, job_id, "w", 30, heartbeat, min_interval=0)
+    reporter("quantize", 1, 10)
+    assert status(sessions, job_id).done == 1 and status(sessions, job_id).percent == 10
+    with sessions() as s:
+        machine.request_cancel(s, job_id)
+    with pytest.raises(JobCancelled):
+        reporter("quantize", 2, 10)
+    heartbeat.lost.set()
+    with pytest.raises(LeaseLost):
+        reporter("quantize", 3, 10)
