@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return core_main(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    quiet = args.command not in ("serve", "worker")  # client commands print results, not library chatter
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         result = args.func(args)
     except RSAVQError as exc:
