@@ -2,8 +2,13 @@
 and a cancel request) can never both move the same job: the loser's UPDATE matches no row.
 
     queued ──claim──> running ──> succeeded | failed | cancelled
-       │                 └──(lease expired: reaper)──> queued
+       │                 ├──(lease expired: reaper)──> queued
+       │                 └──hand_off──> running, no worker ──claim (next step's task)──> running
        └──> cancelled | failed
+
+A hand-off passes a running job from one step's task to the next (quantization -> evaluation), so
+the next step may run on another worker; if its message is lost, the lease expires and the reaper
+re-queues the job like any other.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import Job, JobEvent, JobLayer, utcnow
@@ -36,14 +41,30 @@ def _move(session: Session, job_id: str, where: Any, values: dict[str, Any], eve
 
 
 def claim(session: Session, job_id: str, worker: str, lease_seconds: float) -> bool:
-    """queued -> running for ``worker`` (or take over a running job whose lease expired)."""
+    """queued -> running for ``worker``; also takes a handed-off job, or one whose lease expired."""
     now = utcnow()
     lease = now + dt.timedelta(seconds=lease_seconds)
-    free = or_(Job.status == QUEUED, and_(Job.status == RUNNING, Job.lease_until < now))
+    handed_off = and_(Job.status == RUNNING, Job.worker.is_(None))
+    free = or_(Job.status == QUEUED, handed_off, and_(Job.status == RUNNING, Job.lease_until < now))
+    # a hand-off is the next step of the same attempt, not a new delivery
+    attempts = case((handed_off, Job.attempts), else_=Job.attempts + 1)
     return _move(session, job_id, free,
-                 {"status": RUNNING, "worker": worker, "lease_until": lease, "attempts": Job.attempts + 1,
-                  "started_at": now, "error": None},
+                 {"status": RUNNING, "worker": worker, "lease_until": lease, "attempts": attempts,
+                  "started_at": func.coalesce(Job.started_at, now), "error": None},
                  {"status": RUNNING, "worker": worker})
+
+
+def hand_off(session: Session, job_id: str, worker: str, stage: str, lease_seconds: float) -> bool:
+    """The holder lets go of a running job so that the next step's task can claim it."""
+    lease = utcnow() + dt.timedelta(seconds=lease_seconds)
+    moved = session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
+                            .values(worker=None, stage=stage, lease_until=lease, eta_seconds=None,
+                                    updated_at=utcnow())).rowcount == 1
+    if moved:
+        add_event(session, job_id, "progress", {"stage": stage, "done": 0, "total": 0, "percent": 0.0,
+                                                "eta_seconds": None})
+    session.commit()
+    return moved
 
 
 def renew_lease(session: Session, job_id: str, worker: str, lease_seconds: float) -> bool:

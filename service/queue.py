@@ -20,6 +20,7 @@ from service.settings import Settings
 
 QUEUE = "gpu"
 QUANTIZE_TASK = "worker.tasks.quantize_job"
+EVALUATE_TASK = "worker.tasks.evaluate_job"
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -59,8 +59,13 @@ def job_config(job: Job) -> QuantConfig:
     return QuantConfig.for_method(job.method, bits=job.bits, **knobs)
 
 
-def run_job(ctx: WorkerContext, job_id: str) -> str:
-    """Claim and run one job; returns its final status, or 'skipped' when another worker holds it."""
+def run_job(ctx: WorkerContext, job_id: str, step: str = "quantize") -> str:
+    """Claim and run one step of a job ("quantize", then "evaluate").
+
+    Returns the job's final status; "evaluate" when the quantization step handed the job to the
+    evaluation step (the caller sends that task); "skipped" when another worker holds the job;
+    "released" when a larger worker should take it.
+    """
     with ctx.sessions() as session:
         if not machine.claim(session, job_id, ctx.name, ctx.settings.lease_seconds):
             job = session.get(Job, job_id)
@@ -75,7 +80,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     with Heartbeat(ctx.sessions, job_id, ctx.name, ctx.settings.lease_seconds) as heartbeat:
         reporter = Reporter(ctx.sessions, job_id, ctx.name, ctx.settings.lease_seconds, heartbeat)
         try:
-            _run_stages(ctx, job, reporter)
+            outcome = _run_stages(ctx, job, reporter, step)
         except WrongWorker as exc:
             log.info("job %s: %s; releasing it for a larger worker", job_id, exc)
             with ctx.sessions() as session:
@@ -90,6 +95,11 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
             return _end(ctx, job_id, machine.FAILED, f"{type(exc).__name__}: {exc}", cleanup=False)
         except MemoryError:
             return _end(ctx, job_id, machine.FAILED, "out of memory in the worker", cleanup=False)
+    if outcome == "evaluate":
+        with ctx.sessions() as session:
+            if machine.hand_off(session, job_id, ctx.name, "evaluation queued", ctx.settings.lease_seconds):
+                return "evaluate"
+        return "skipped"  # cancelled or taken over meanwhile
     return _end(ctx, job_id, machine.SUCCEEDED, None, cleanup=True)
 
 
@@ -109,23 +119,28 @@ def _end(ctx: WorkerContext, job_id: str, status: str, error: str | None, *, cle
     return status
 
 
-def _run_stages(ctx: WorkerContext, job: Job, reporter: Reporter) -> None:
+def _run_stages(ctx: WorkerContext, job: Job, reporter: Reporter, step: str) -> str:
+    """Run what the job still needs; "evaluate" asks for a hand-off to the evaluation step, "done" ends it."""
     from rsavq_core.models import resolve_model
 
     cfg = job_config(job)
     reporter("resolve", 0, 1)
     folder = resolve_model(job.model_id)  # offline and fast: an unknown id fails here, in seconds
-    _preflight(ctx, folder, cfg)
     with ctx.sessions() as session:
         published = session.get(Artifact, job.id) is not None
-    if not published:
-        _quantize_and_publish(ctx, job, cfg, reporter)
     evaluation = (job.options or {}).get("evaluation") or {"perplexity": True}
-    if evaluation.get("perplexity", True) or evaluation.get("zero_shot"):
+    wants_eval = bool(evaluation.get("perplexity", True) or evaluation.get("zero_shot"))
+    if not published:
+        _preflight(ctx, folder, cfg)
+        _quantize_and_publish(ctx, job, cfg, reporter)
+        if wants_eval and step == "quantize":
+            return "evaluate"  # its own task: it may run on another worker (or queue)
+    if wants_eval:  # the evaluation step, or a redelivery of a job that had already published
         from worker.evaluate import evaluate_job
 
         metrics = evaluate_job(ctx, job, folder, evaluation, reporter)
         _merge_metrics(ctx, job.id, metrics)
+    return "done"
 
 
 def _preflight(ctx: WorkerContext, folder: Any, cfg: QuantConfig) -> None:

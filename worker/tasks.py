@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.queue import QUANTIZE_TASK, enqueue
+from service.queue import EVALUATE_TASK, QUANTIZE_TASK, enqueue
 from worker.celery_app import app, settings
 from worker.pipeline import WorkerContext, fail_job, run_job
 
@@ -21,9 +21,18 @@ def _context() -> WorkerContext:
 
 @app.task(name=QUANTIZE_TASK, acks_late=True, reject_on_worker_lost=True)
 def quantize_job(job_id: str) -> str:
+    return _step(job_id, "quantize")
+
+
+@app.task(name=EVALUATE_TASK, acks_late=True, reject_on_worker_lost=True)
+def evaluate_job(job_id: str) -> str:
+    return _step(job_id, "evaluate")
+
+
+def _step(job_id: str, step: str) -> str:
     ctx = _context()
     try:
-        status = run_job(ctx, job_id)
+        status = run_job(ctx, job_id, step)
     except SoftTimeLimitExceeded:
         fail_job(ctx, job_id, f"exceeded the soft time limit of {settings.soft_time_limit:.0f} s")
         return "failed"
@@ -33,4 +42,6 @@ def quantize_job(job_id: str) -> str:
         return "failed"
     if status == "released":  # another, larger worker should take it
         enqueue(app, QUANTIZE_TASK, job_id)
+    elif status == "evaluate":  # quantized and published: evaluation is the next task
+        enqueue(app, EVALUATE_TASK, job_id)
     return status

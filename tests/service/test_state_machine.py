@@ -75,6 +75,20 @@ def test_only_the_holder_finishes_and_only_an_expired_lease_is_taken_over(sessio
     assert job.status == "succeeded" and job.attempts == 2 and job.percent == 100
 
 
+def test_hand_off_passes_a_running_job_to_the_next_step(sessions) -> None:  # type: ignore[no-untyped-def]
+    job_id = new_job(sessions)
+    with sessions() as s:
+        assert machine.claim(s, job_id, "quantizer", 30)
+        started = s.get(Job, job_id).started_at
+        assert not machine.hand_off(s, job_id, "stranger", "evaluation queued", 30)
+        assert machine.hand_off(s, job_id, "quantizer", "evaluation queued", 30)
+        assert not machine.renew_lease(s, job_id, "quantizer", 30)  # it is no longer the quantizer's
+        assert machine.claim(s, job_id, "evaluator", 30)
+        assert not machine.claim(s, job_id, "another", 30)
+    job = status(sessions, job_id)
+    assert (job.status, job.worker, job.attempts, job.started_at) == ("running", "evaluator", 1, started)
+
+
 def test_cancel_queued_is_immediate_running_is_requested(sessions) -> None:  # type: ignore[no-untyped-def]
     queued, running = new_job(sessions), new_job(sessions)
     with sessions() as s:
