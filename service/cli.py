@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,14 @@ def worker_command(concurrency: int = 1) -> list[str]:
             "-n", f"rsavq-{os.getpid()}@%h"]
 
 
+def _die_with_parent() -> None:
+    """Linux: the embedded worker gets SIGTERM when `rsavq serve` dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def cmd_serve(args: argparse.Namespace) -> str:
     import uvicorn
 
@@ -51,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> str:
     if not args.no_worker:
         log_file = open(settings.data_dir / "worker.log", "ab")  # noqa: SIM115 - lives as long as the worker
         worker = subprocess.Popen(worker_command(), env={**os.environ, **settings.to_env()}, stdout=log_file,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+                                  stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         sys.stderr.write(f"rsavq: worker pid {worker.pid}, log {settings.data_dir / 'worker.log'}\n")
     sys.stderr.write(f"rsavq: API on http://{args.host}:{args.port} (docs at /docs), data in {settings.data_dir}\n")
     try:

@@ -137,7 +137,9 @@ def get_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # 40 = Starlette's thread pool: each request holds at most one connection, so no request waits
+    # for the pool while another holds one it waits on (e.g. two inserts racing on one unique key).
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
 
 
 def session_factory(url: str) -> sessionmaker:

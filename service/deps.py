@@ -35,6 +35,11 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def tenant_of(session: Annotated[Session, Depends(get_session)],
+# scope="function": the session is closed when the handler returns, not when a (streamed) response
+# ends, so an event stream or a long download holds no pooled connection.
+DbSession = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def tenant_of(session: DbSession,
               authorization: Annotated[str | None, Header()] = None) -> str:
     return authenticate(session, authorization)

@@ -11,11 +11,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from rsavq_core.errors import ConflictError, NotFoundError
 from service import jobs as machine
 from service.db import Artifact, JobLayer, JobMetrics
-from service.deps import Context, get_context, tenant_of
+from service.deps import Context, DbSession, get_context, tenant_of
 from service.routes_jobs import load_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
@@ -25,13 +26,12 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 CHUNK = 1 << 20
 
 
-def _artifact(ctx: Context, tenant: str, job_id: str) -> Artifact:
-    with ctx.sessions() as session:
-        job = load_job(session, tenant, job_id)
-        artifact = session.get(Artifact, job_id)
-        if job.status != machine.SUCCEEDED or artifact is None:
-            raise ConflictError(f"job {job_id} is {job.status}; its artifact exists once it has succeeded")
-        return artifact
+def _artifact(session: Session, tenant: str, job_id: str) -> Artifact:
+    job = load_job(session, tenant, job_id)
+    artifact = session.get(Artifact, job_id)
+    if job.status != machine.SUCCEEDED or artifact is None:
+        raise ConflictError(f"job {job_id} is {job.status}; its artifact exists once it has succeeded")
+    return artifact
 
 
 def _read(path: Path, start: int, stop: int) -> Iterator[bytes]:
@@ -62,10 +62,11 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
 @router.head("/{job_id}/artifact", operation_id="artifact_headers", include_in_schema=True)
 @router.get("/{job_id}/artifact", operation_id="download_artifact", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-tar": {}}}, 206: {}, 409: {}, 416: {}})
-def download(job_id: str, tenant: Tenant, ctx: Ctx, range: Annotated[str | None, Header()] = None,  # noqa: A002
+def download(job_id: str, tenant: Tenant, ctx: Ctx, session: DbSession,
+             range: Annotated[str | None, Header()] = None,  # noqa: A002
              if_range: Annotated[str | None, Header()] = None,
              if_none_match: Annotated[str | None, Header()] = None) -> Response:
-    artifact = _artifact(ctx, tenant, job_id)
+    artifact = _artifact(session, tenant, job_id)
     path = ctx.store.path(artifact.path)
     if not path.exists():
         raise NotFoundError(f"the artifact of job {job_id} is missing from the store")
@@ -90,14 +91,12 @@ def download(job_id: str, tenant: Tenant, ctx: Ctx, range: Annotated[str | None,
 
 
 @router.get("/{job_id}/metrics")
-def job_metrics(job_id: str, tenant: Tenant, ctx: Ctx) -> dict[str, Any]:
+def job_metrics(job_id: str, tenant: Tenant, session: DbSession) -> dict[str, Any]:
     """FP and quantized perplexity, zero-shot scores, bpw, sizes and timings (filled as they are known)."""
-    with ctx.sessions() as session:
-        job = load_job(session, tenant, job_id)
-        row = session.get(JobMetrics, job_id)
-        artifact = session.get(Artifact, job_id)
-        errors = [r.report.get("proxy_error") for r in session.scalars(
-            select(JobLayer).where(JobLayer.job_id == job_id))]
+    job = load_job(session, tenant, job_id)
+    row = session.get(JobMetrics, job_id)
+    artifact = session.get(Artifact, job_id)
+    errors = [r.report.get("proxy_error") for r in session.scalars(select(JobLayer).where(JobLayer.job_id == job_id))]
     data: dict[str, Any] = dict(row.data) if row else {}
     data.update(job_id=job_id, status=job.status, effective_bpw=job.effective_bpw)
     if artifact is not None:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from rsavq_core.errors import ConfigError, ConflictError, NotFoundError
 from service import jobs as machine
 from service.db import Artifact, Job, JobEvent, JobLayer
-from service.deps import Context, get_context, get_session, tenant_of
+from service.deps import Context, DbSession, get_context, tenant_of
 from service.queue import QUANTIZE_TASK, enqueue
 from service.schemas import HUB_ID, JobList, JobOut, JobRequest, Progress
 
@@ -62,43 +62,42 @@ def _check_model_id(model_id: str, allow_local: bool) -> None:
 
 
 @router.post("", status_code=202, response_model=JobOut)
-def submit(body: JobRequest, response: Response, tenant: Tenant, ctx: Ctx,
+def submit(body: JobRequest, response: Response, tenant: Tenant, ctx: Ctx, session: DbSession,
            idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
     _check_model_id(body.model_id, ctx.settings.allow_local_models)
     body.quant_config()  # every cross-field rule, before anything is stored
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-    with ctx.sessions() as session:
-        if idempotency_key:
-            existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
-            if existing is not None:
-                response.headers["Location"] = f"/v1/jobs/{existing.id}"
-                return job_out(existing)
-        job = Job(id=uuid.uuid4().hex, tenant=tenant, model_id=body.model_id, method=body.method, bits=body.bits,
-                  options=body.options.model_dump(mode="json", exclude_none=True), status=machine.QUEUED,
-                  stage="queued", idempotency_key=idempotency_key, request_hash=request_hash)
-        session.add(job)
-        try:
-            session.flush()
-        except IntegrityError:  # a concurrent retry with the same key won the insert
-            session.rollback()
-            existing = _by_idempotency_key(session, tenant, idempotency_key or "", request_hash)
-            if existing is None:
-                raise
+    if idempotency_key:
+        existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
+        if existing is not None:
             response.headers["Location"] = f"/v1/jobs/{existing.id}"
             return job_out(existing)
-        machine.add_event(session, job.id, "status", {"status": machine.QUEUED})
-        session.commit()
-        try:
-            enqueue(ctx.celery, QUANTIZE_TASK, job.id)
-        except Exception:
-            # Not accepted: forget the job, so that the client's retry (same Idempotency-Key) submits anew.
-            session.execute(delete(JobEvent).where(JobEvent.job_id == job.id))
-            session.execute(delete(Job).where(Job.id == job.id))
-            session.commit()
+    job = Job(id=uuid.uuid4().hex, tenant=tenant, model_id=body.model_id, method=body.method, bits=body.bits,
+              options=body.options.model_dump(mode="json", exclude_none=True), status=machine.QUEUED,
+              stage="queued", idempotency_key=idempotency_key, request_hash=request_hash)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent retry with the same key won the insert
+        session.rollback()
+        existing = _by_idempotency_key(session, tenant, idempotency_key or "", request_hash)
+        if existing is None:
             raise
-        ctx.metrics.jobs_submitted.labels(method=body.method).inc()
-        response.headers["Location"] = f"/v1/jobs/{job.id}"
-        return job_out(job)
+        response.headers["Location"] = f"/v1/jobs/{existing.id}"
+        return job_out(existing)
+    machine.add_event(session, job.id, "status", {"status": machine.QUEUED})
+    session.commit()
+    try:
+        enqueue(ctx.celery, QUANTIZE_TASK, job.id)
+    except Exception:
+        # Not accepted: forget the job, so that the client's retry (same Idempotency-Key) submits anew.
+        session.execute(delete(JobEvent).where(JobEvent.job_id == job.id))
+        session.execute(delete(Job).where(Job.id == job.id))
+        session.commit()
+        raise
+    ctx.metrics.jobs_submitted.labels(method=body.method).inc()
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(job)
 
 
 def _by_idempotency_key(session: Session, tenant: str, key: str, request_hash: str) -> Job | None:
@@ -109,7 +108,7 @@ def _by_idempotency_key(session: Session, tenant: str, key: str, request_hash: s
 
 
 @router.get("", response_model=JobList)
-def list_jobs(tenant: Tenant, ctx: Ctx, status: Annotated[str | None, Query()] = None,
+def list_jobs(tenant: Tenant, session: DbSession, status: Annotated[str | None, Query()] = None,
               model_id: Annotated[str | None, Query()] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
               cursor: Annotated[str | None, Query()] = None) -> JobList:
@@ -126,8 +125,7 @@ def list_jobs(tenant: Tenant, ctx: Ctx, status: Annotated[str | None, Query()] =
             query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < last_id)))
         except ValueError as exc:
             raise ConfigError("malformed cursor") from exc
-    with ctx.sessions() as session:
-        rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
     more = len(rows) > limit
     rows = rows[:limit]
     token = None
@@ -137,43 +135,40 @@ def list_jobs(tenant: Tenant, ctx: Ctx, status: Annotated[str | None, Query()] =
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, tenant: Tenant, session: Annotated[Session, Depends(get_session)]) -> JobOut:
+def get_job(job_id: str, tenant: Tenant, session: DbSession) -> JobOut:
     job = load_job(session, tenant, job_id)
     layers = session.scalars(select(JobLayer).where(JobLayer.job_id == job_id).order_by(JobLayer.position)).all()
     return job_out(job, list(layers))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel(job_id: str, tenant: Tenant, ctx: Ctx) -> JobOut:
-    with ctx.sessions() as session:
-        job = load_job(session, tenant, job_id)
-        if job.status in machine.TERMINAL:
-            raise ConflictError(f"job {job_id} has already {job.status}")
-        machine.request_cancel(session, job_id)
-        return job_out(load_job(session, tenant, job_id))
+def cancel(job_id: str, tenant: Tenant, session: DbSession) -> JobOut:
+    job = load_job(session, tenant, job_id)
+    if job.status in machine.TERMINAL:
+        raise ConflictError(f"job {job_id} has already {job.status}")
+    machine.request_cancel(session, job_id)
+    return job_out(load_job(session, tenant, job_id))
 
 
 @router.delete("/{job_id}", status_code=204)
-def delete_job(job_id: str, tenant: Tenant, ctx: Ctx) -> Response:
-    with ctx.sessions() as session:
-        job = load_job(session, tenant, job_id)
-        if job.status not in machine.TERMINAL:
-            raise ConflictError(f"job {job_id} is {job.status}; cancel it and wait for it to stop first")
-        for model in (JobEvent, JobLayer, Artifact):
-            session.execute(delete(model).where(model.job_id == job_id))
-        session.delete(job)
-        session.commit()
+def delete_job(job_id: str, tenant: Tenant, ctx: Ctx, session: DbSession) -> Response:
+    job = load_job(session, tenant, job_id)
+    if job.status not in machine.TERMINAL:
+        raise ConflictError(f"job {job_id} is {job.status}; cancel it and wait for it to stop first")
+    for model in (JobEvent, JobLayer, Artifact):
+        session.execute(delete(model).where(model.job_id == job_id))
+    session.delete(job)
+    session.commit()
     ctx.store.remove(job_id)
     return Response(status_code=204)
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-async def events(job_id: str, request: Request, tenant: Tenant, ctx: Ctx,
-                 last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+def events(job_id: str, request: Request, tenant: Tenant, ctx: Ctx, session: DbSession,
+           last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
     """Server-sent events: every status and progress event, then the stream ends with the job."""
-    with ctx.sessions() as session:
-        load_job(session, tenant, job_id)
+    load_job(session, tenant, job_id)
     start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
 
     def fetch(after: int) -> tuple[list[JobEvent], str]:
