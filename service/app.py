@@ -19,6 +19,7 @@ from sqlalchemy import func, select, text
 
 from service import errors
 from service.artifacts import ArtifactStore
+from service.auth import KeyCache
 from service.db import Job, session_factory
 from service.deps import Context
 from service.observability import Metrics
@@ -104,7 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
     context = Context(settings=settings, sessions=sessions, celery=make_celery(settings),
-                      store=ArtifactStore(settings.artifact_dir), metrics=Metrics(count_jobs))
+                      store=ArtifactStore(settings.artifact_dir), metrics=Metrics(count_jobs),
+                      keys=KeyCache(settings.auth_cache_seconds))
     app = FastAPI(title="rsavq", version="0.1.0",
                   description="Quantization as a service: RSAVQ and baselines for decoder-only LLMs. "
                               "Authenticate with `Authorization: Bearer <key>` (`rsavq keys create NAME`).")

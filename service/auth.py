@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -55,3 +57,32 @@ def authenticate(session: Session, authorization: str | None) -> str:
     if row.revoked_at is not None:
         raise AuthenticationError("this API key has been revoked")
     return row.tenant
+
+
+class KeyCache:
+    """Recently verified keys -> tenant, for ``ttl`` seconds (0 disables it).
+
+    Clients poll job status many times a second; without the cache every poll costs a key lookup.
+    The price: a revoked key keeps working for at most ``ttl`` seconds in each API process.
+    Only successes are cached, so a new key works at once and failures are always re-checked.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._tenants: dict[str, tuple[str, float]] = {}
+
+    def tenant(self, session: Session, authorization: str | None) -> str:
+        if self.ttl <= 0 or not authorization:
+            return authenticate(session, authorization)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._tenants.get(authorization)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        tenant = authenticate(session, authorization)
+        with self._lock:
+            if len(self._tenants) > 10_000:  # bounded: drop everything rather than track recency
+                self._tenants.clear()
+            self._tenants[authorization] = (tenant, now + self.ttl)
+        return tenant

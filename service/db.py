@@ -126,7 +126,8 @@ class Worker(Base):
 def get_engine(url: str) -> Engine:
     """One engine per URL and process. SQLite: WAL and a busy timeout, so API and worker share it."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               pool_size=20, max_overflow=20)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

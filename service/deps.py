@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -11,7 +11,7 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.artifacts import ArtifactStore
-from service.auth import authenticate
+from service.auth import KeyCache
 from service.observability import Metrics
 from service.settings import Settings
 
@@ -23,16 +23,25 @@ class Context:
     celery: Celery
     store: ArtifactStore
     metrics: Metrics
+    keys: KeyCache
 
 
-def get_context(request: Request) -> Context:
+# async: FastAPI runs a sync dependency in the thread pool, and each hop costs more than these do.
+async def get_context(request: Request) -> Context:
     return request.app.state.context
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One session per request, shared by authentication and the handler (one connection checkout)."""
-    with request.app.state.context.sessions() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request, shared by authentication and the handler (one connection checkout).
+
+    Creating a Session does no I/O (it connects on first use, in the handler's thread), so this
+    runs on the event loop instead of costing two thread-pool hops per request.
+    """
+    session = request.app.state.context.sessions()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 # scope="function": the session is closed when the handler returns, not when a (streamed) response
@@ -40,6 +49,11 @@ def get_session(request: Request) -> Iterator[Session]:
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def tenant_of(session: DbSession,
+def tenant_of(request: Request, session: DbSession,
               authorization: Annotated[str | None, Header()] = None) -> str:
-    return authenticate(session, authorization)
+    try:
+        return request.app.state.context.keys.tenant(session, authorization)
+    finally:
+        # End the read transaction: its connection goes back to the pool while this request waits
+        # for a thread to run its handler, so no connection is held by a request that is not running.
+        session.rollback()

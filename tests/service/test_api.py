@@ -212,3 +212,21 @@ def test_the_api_process_never_imports_torch(settings) -> None:  # type: ignore[
            "RSAVQ_BROKER_URL": settings.broker_url}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr[-2000:]
+
+
+def test_key_cache_bounds_how_long_a_revoked_key_keeps_working(keys, sessions) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from rsavq_core.errors import AuthenticationError
+    from service.auth import KeyCache, revoke_key
+
+    cache = KeyCache(ttl=0.5)
+    with sessions() as session:
+        assert cache.tenant(session, f"Bearer {keys['alice']}") == "alice"
+        revoke_key(session, "alice")
+        assert cache.tenant(session, f"Bearer {keys['alice']}") == "alice"  # within the TTL
+        time.sleep(0.6)
+        with pytest.raises(AuthenticationError, match="revoked"):
+            cache.tenant(session, f"Bearer {keys['alice']}")
+        with pytest.raises(AuthenticationError):
+            cache.tenant(session, "Bearer rsavq_unknown")  # failures are never cached
