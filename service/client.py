@@ -130,6 +130,13 @@ def progress_line(job: dict[str, Any], width: int = 30) -> str:
             f"{p['done']}/{p['total']} {p['percent']:5.1f}%{eta}")
 
 
+_last_line = [""]
+
+
 def print_progress(job: dict[str, Any]) -> None:
-    sys.stderr.write("\r" + progress_line(job).ljust(100))
-    sys.stderr.flush()
+    """Redraw the progress line on stderr when it changed (a log file gets one line per change)."""
+    line = progress_line(job)
+    if line != _last_line[0]:
+        _last_line[0] = line
+        sys.stderr.write("\r" + line.ljust(100))
+        sys.stderr.flush()
