@@ -44,7 +44,7 @@ class Settings:
     max_attempts: int = 3  # deliveries of one job before it is failed (a job that kills its worker)
     generation_url: str | None = None
     sse_poll_seconds: float = 0.5  # how often the event stream looks for new events
-    auth_cache_seconds: float = 2.0  # a revoked key stops working within this long (per API process)
+    auth_cache_seconds: float = 0.0  # >0: verified keys are cached this long, so revocation lags by it
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None) -> Settings:
@@ -64,7 +64,7 @@ class Settings:
             worker_memory_gb=float(memory) if memory else None,
             max_attempts=int(_float("RSAVQ_MAX_ATTEMPTS", 3)),
             generation_url=os.environ.get("RSAVQ_GENERATION_URL") or None,
-            auth_cache_seconds=_float("RSAVQ_AUTH_CACHE_S", 2.0),
+            auth_cache_seconds=_float("RSAVQ_AUTH_CACHE_S", 0.0),
         )
 
     def to_env(self) -> dict[str, str]:
