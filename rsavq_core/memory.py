@@ -19,6 +19,7 @@ run including evaluation (README, ablation table): ratios 1.47 and 1.77, hence Ã
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def estimate_job_memory(folder: Path, cfg: QuantConfig, *, micro_batch: int = 4)
         raise UnsupportedModelError(f"{folder}: no safetensors weights to estimate the job's memory from")
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     config = config.get("text_config", config)  # multimodal wrappers keep the LM's sizes here
-    parameters = sum(_numel(s) for s in shapes.values())
+    parameters = sum(math.prod(s) for s in shapes.values())
     blocks: dict[str, list[list[int]]] = {}
     for name, shape in shapes.items():
         match = _BLOCK.match(name)
@@ -92,13 +93,6 @@ def check_fits(estimate: MemoryEstimate, capacity_bytes: float, *, who: str = "t
         raise InsufficientMemoryError(
             f"this job needs about {estimate.describe()}, but {who} has {capacity_bytes / GIB:.2f} GiB; "
             "use fewer or shorter calibration sequences, or a worker with more memory")
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _block_stats(weights: list[list[int]], cfg: QuantConfig) -> float:

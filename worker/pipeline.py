@@ -7,6 +7,7 @@ what is missing: finished layers come from their checkpoints, a published artifa
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -148,9 +149,9 @@ def _preflight(ctx: WorkerContext, folder: Any, cfg: QuantConfig) -> None:
 
     estimate = estimate_job_memory(folder, cfg)
     own = worker_capacity_bytes(ctx.settings)
+    live_after = utcnow() - dt.timedelta(seconds=3 * max(ctx.settings.lease_seconds, 10))
     with ctx.sessions() as session:
-        live_after = utcnow().timestamp() - 3 * max(ctx.settings.lease_seconds, 10)
-        capacities = [w.memory_bytes for w in session.scalars(select(Worker)) if w.last_seen.timestamp() > live_after]
+        capacities = list(session.scalars(select(Worker.memory_bytes).where(Worker.last_seen > live_after)))
     largest = max([own, *capacities])
     check_fits(estimate, largest)
     log.info("pre-flight: needs %s; this worker has %.2f GiB", estimate.describe(), own / GIB)
