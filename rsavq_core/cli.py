@@ -196,18 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+def run_parsed(args: argparse.Namespace, *, verbose: bool) -> int:
+    """Run a parsed command: its result to stdout (text or JSON), an RSAVQError as exit code 2."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         result = args.func(args)
     except RSAVQError as exc:
         sys.stderr.write(f"rsavq: error: {exc}\n")
         return 2
-    sys.stdout.write(result if isinstance(result, str) else json.dumps(result, indent=2, default=str))
-    sys.stdout.write("\n")
+    if result != "":  # a command that only has side effects (a server) prints nothing
+        sys.stdout.write(result if isinstance(result, str) else json.dumps(result, indent=2, default=str))
+        sys.stdout.write("\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_parsed(args, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rsavq_core.cli import run_parsed
 from rsavq_core.errors import RSAVQError
 
 SERVICE_COMMANDS = ("serve", "worker", "db", "keys", "submit", "status", "wait", "download", "cancel", "metrics")
@@ -203,19 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return core_main(argv)
     args = build_parser().parse_args(argv)
-    quiet = args.command not in ("serve", "worker")  # client commands print results, not library chatter
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = args.func(args)
-    except RSAVQError as exc:
-        sys.stderr.write(f"rsavq: error: {exc}\n")
-        return 2
-    if result != "":
-        sys.stdout.write(result if isinstance(result, str) else json.dumps(result, indent=2, default=str))
-        sys.stdout.write("\n")
-    return 0
-
+    # servers log what they do; client commands print results, not library chatter
+    return run_parsed(args, verbose=args.command in ("serve", "worker"))
 
 if __name__ == "__main__":
     raise SystemExit(main())
