@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from rsavq_core.errors import ConfigError, ConflictError, NotFoundError
 from service import jobs as machine
-from service.db import Artifact, Job, JobEvent, JobLayer
+from service.db import Job, JobEvent, JobLayer
 from service.deps import Context, DbSession, get_context, tenant_of
 from service.queue import QUANTIZE_TASK, enqueue
 from service.schemas import HUB_ID, JobList, JobOut, JobRequest, Progress
@@ -71,8 +71,7 @@ def submit(body: JobRequest, response: Response, tenant: Tenant, ctx: Ctx, sessi
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
         if existing is not None:
-            response.headers["Location"] = f"/v1/jobs/{existing.id}"
-            return job_out(existing)
+            return _accepted(response, existing)
     job = Job(id=uuid.uuid4().hex, tenant=tenant, model_id=body.model_id, method=body.method, bits=body.bits,
               options=body.options.model_dump(mode="json", exclude_none=True), status=machine.QUEUED,
               stage="queued", idempotency_key=idempotency_key, request_hash=request_hash)
@@ -84,19 +83,21 @@ def submit(body: JobRequest, response: Response, tenant: Tenant, ctx: Ctx, sessi
         existing = _by_idempotency_key(session, tenant, idempotency_key or "", request_hash)
         if existing is None:
             raise
-        response.headers["Location"] = f"/v1/jobs/{existing.id}"
-        return job_out(existing)
+        return _accepted(response, existing)
     machine.add_event(session, job.id, "status", {"status": machine.QUEUED})
     session.commit()
     try:
         enqueue(ctx.celery, QUANTIZE_TASK, job.id)
     except Exception:
         # Not accepted: forget the job, so that the client's retry (same Idempotency-Key) submits anew.
-        session.execute(delete(JobEvent).where(JobEvent.job_id == job.id))
-        session.execute(delete(Job).where(Job.id == job.id))
+        session.execute(delete(Job).where(Job.id == job.id))  # its event goes with it (ON DELETE CASCADE)
         session.commit()
         raise
     ctx.metrics.jobs_submitted.labels(method=body.method).inc()
+    return _accepted(response, job)
+
+
+def _accepted(response: Response, job: Job) -> JobOut:
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job)
 
@@ -164,9 +165,8 @@ def delete_job(job_id: str, tenant: Tenant, ctx: Ctx, session: DbSession) -> Res
     job = load_job(session, tenant, job_id)
     if job.status not in machine.TERMINAL:
         raise ConflictError(f"job {job_id} is {job.status}; cancel it and wait for it to stop first")
-    for model in (JobEvent, JobLayer, Artifact):
-        session.execute(delete(model).where(model.job_id == job_id))
-    session.delete(job)
+    # events, layers, artifact and metrics rows go with it: every child table is ON DELETE CASCADE
+    session.execute(delete(Job).where(Job.id == job_id))
     session.commit()
     ctx.store.remove(job_id)
     return Response(status_code=204)

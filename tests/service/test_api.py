@@ -117,7 +117,7 @@ def test_list_paginates_and_filters(api, keys, sessions) -> None:  # type: ignor
     assert api.get("/v1/jobs", params={"status": "done"}, headers=auth(keys["alice"])).status_code == 422
 
 
-def test_cancel_a_queued_job_and_delete_it(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_a_queued_job_and_delete_it(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
     job = submit(api, keys["alice"]).json()
     url = f"/v1/jobs/{job['id']}"
     assert api.delete(url, headers=auth(keys["alice"])).status_code == 409  # not finished yet
@@ -129,6 +129,12 @@ def test_cancel_a_queued_job_and_delete_it(api, keys) -> None:  # type: ignore[n
     assert '"status": "cancelled"' in events.text
     assert api.delete(url, headers=auth(keys["alice"])).status_code == 204
     assert api.get(url, headers=auth(keys["alice"])).status_code == 404
+    from sqlalchemy import func, select
+
+    from service.db import JobEvent
+
+    with sessions() as session:  # its events went with it
+        assert session.scalar(select(func.count()).where(JobEvent.job_id == job["id"])) == 0
 
 
 def _succeed_with_artifact(sessions, settings, job_id: str, tmp_path: Path) -> bytes:  # type: ignore[no-untyped-def]
