@@ -1,8 +1,10 @@
 """``QuantLinear``: a quantized nn.Linear replacement, and loading a packed checkpoint into a model.
 
-This is the reference (pure torch) inference path: the packed indices/codes live in buffers
-(so ``.to(device)`` moves them), and ``forward`` dequantizes the weight and calls ``F.linear``.
-Kernels plug in later by overriding ``_dense_weight`` or ``forward``.
+The packed indices/codes live in buffers (so ``.to(device)`` moves them). On a CUDA device (or
+on CPU under ``TRITON_INTERPRET=1``) a VQ layer's forward goes through the Triton kernels
+(``kernels.dispatch``: fused codebook GEMV for decode, dequantize + GEMM for prefill) and its
+weight is never kept expanded. Everywhere else, and for scalar (RTN/GPTQ) layers, the reference
+path dequantizes the weight and calls ``F.linear``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.dispatch import kernel_device, kernel_supported, vq_linear
+from kernels.vq_layout import MAX_CODE_BITS, PackedVQ, build_packed_vq
 from rsavq_core.artifact import Artifact, read_artifact
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
 from rsavq_core.layers import QuantizedLayer, ScalarLayer, VQGroup, VQLayer
@@ -57,6 +61,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = layer.out_features, layer.in_features
         self.cache_weight = cache_weight
         self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._kernel_layout: PackedVQ | None = None
         if isinstance(layer, VQLayer):
             self.vector_len, self.n_pq = layer.vector_len, layer.n_pq
             self.group_specs: list[tuple[int, int, int]] = [(g.bits, g.start, g.stop) for g in layer.groups]
@@ -104,18 +109,51 @@ class QuantLinear(nn.Module):
                 self._cache[key] = weight
         return weight
 
+    def _packed_vq(self) -> PackedVQ:
+        """The kernels' layout of this layer on the buffers' device, built once.
+
+        The per-group buffers are then rebound as views into the concatenated streams, so the
+        indices and codebooks are held once, not twice.
+        """
+        if self._kernel_layout is None:
+            n = len(self.group_specs)
+            books = [getattr(self, f"g{i}_codebooks") for i in range(n)]
+            streams = [getattr(self, f"g{i}_indices") for i in range(n)]
+            packed = build_packed_vq(out_features=self.out_features, in_features=self.in_features,
+                                     vector_len=self.vector_len, n_pq=self.n_pq, groups=self.group_specs,
+                                     perm=self.perm, codebooks=books, words=streams, bias=self.bias)
+            word_off = book_off = 0
+            for i, (book, stream) in enumerate(zip(books, streams, strict=True)):
+                self._buffers[f"g{i}_indices"] = packed.words[word_off:word_off + stream.numel()]
+                self._buffers[f"g{i}_codebooks"] = packed.codebooks[book_off:book_off + book.numel()].view(book.shape)
+                word_off += stream.numel()
+                book_off += book.numel()
+            self._kernel_layout = packed
+        return self._kernel_layout
+
+    def _uses_kernels(self, x: torch.Tensor) -> bool:
+        if self.kind != "vq" or not kernel_device(x.device) or self.perm.device != x.device:
+            return False
+        if max(bits for bits, _, _ in self.group_specs) * (self.vector_len // self.n_pq) > MAX_CODE_BITS:
+            return False
+        return kernel_supported(x, self._packed_vq())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., N] floating -> [..., M] of x's dtype."""
+        if self._uses_kernels(x):
+            return vq_linear(x, self._packed_vq())
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self._dense_weight(x.dtype, x.device), bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
         # .to() / .cuda() / .half() all go through _apply: a cached weight would be stale.
         self._cache.clear()
+        self._kernel_layout = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._cache.clear()  # buffers are overwritten in place
+        self._kernel_layout = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,75 @@
+"""QuantLinear and a whole model through the kernels (interpreted on CPU), against the reference path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kernels import dispatch
+from rsavq_core.errors import ConfigError
+from rsavq_core.qlinear import QuantLinear, quantize_in_place
+from tests.core.test_artifact import make_vq_layer, tiny_layers
+
+pytestmark = pytest.mark.interpret
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSAVQ_KERNELS", "interpret")
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 9])  # 1 and 3: fused GEMV; 9: dequantize + GEMM
+def test_quantlinear_kernel_path_matches_reference(kernels_on_cpu: None, tokens: int) -> None:
+    layer = make_vq_layer(45, 70, 6, 2, [3, 2, 1], bias=True, seed=2)
+    x = torch.randn(2, tokens, 70)
+    expected = torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias.float())
+    qlin = QuantLinear(layer)
+    y = qlin(x)
+    assert y.shape == (2, tokens, 45)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert qlin._cache == {}, "the kernel path must not keep an expanded weight"
+    # Indices and codebooks are held once: the group buffers are views of the kernels' streams.
+    packed = qlin._packed_vq()
+    assert qlin.g0_indices.untyped_storage().data_ptr() == packed.words.untyped_storage().data_ptr()
+    assert qlin.g2_codebooks.untyped_storage().data_ptr() == packed.codebooks.untyped_storage().data_ptr()
+
+
+def test_fallbacks_take_the_reference(kernels_on_cpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = make_vq_layer(12, 20, 6, 2, [2, 1], seed=4)
+    qlin = QuantLinear(layer)
+    x64 = torch.randn(1, 20, dtype=torch.float64)
+    assert not qlin._uses_kernels(x64)  # float64: not a kernel dtype
+    torch.testing.assert_close(qlin(x64), x64 @ layer.dequantize(torch.float64).T)
+    assert qlin._uses_kernels(x64.float())
+    monkeypatch.setenv("RSAVQ_KERNELS", "off")
+    assert not qlin._uses_kernels(x64.float())
+    monkeypatch.setenv("RSAVQ_KERNELS", "sometimes")
+    with pytest.raises(ConfigError, match="RSAVQ_KERNELS"):
+        qlin(x64.float())
+
+
+def test_default_policy_keeps_cpu_on_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RSAVQ_KERNELS", raising=False)
+    assert not dispatch.kernel_device(torch.device("cpu"))
+    qlin = QuantLinear(make_vq_layer(12, 20, 6, 2, [2, 1], seed=4))
+    qlin(torch.randn(1, 20))
+    assert qlin._kernel_layout is None and len(qlin._cache) == 1
+
+
+def test_generate_through_kernels_matches_reference(tiny_llama, kernels_on_cpu: None,  # type: ignore[no-untyped-def]
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy decoding with the KV cache: prefill (dequantize + GEMM) then 1-token GEMV steps."""
+    model, tokenizer = tiny_llama
+    model = copy.deepcopy(model)
+    layers = {name: layer for name, layer in tiny_layers(model).items() if layer.kind == "vq"}
+    assert layers
+    quantize_in_place(model, layers)
+    enc = tokenizer("The quick brown fox", return_tensors="pt", add_special_tokens=False)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    with torch.inference_mode():
+        via_kernels = model.generate(**enc, **kwargs)
+        monkeypatch.setenv("RSAVQ_KERNELS", "off")
+        via_reference = model.generate(**enc, **kwargs)
+    assert torch.equal(via_kernels, via_reference)
