@@ -25,6 +25,7 @@ from service.deps import Context
 from service.observability import Metrics
 from service.queue import broker_ok, make_celery
 from service.routes_artifacts import router as artifacts_router
+from service.routes_generation import router as generation_router
 from service.routes_jobs import router as jobs_router
 from service.settings import Settings
 
@@ -114,12 +115,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(jobs_router)
     app.include_router(artifacts_router)
+    app.include_router(generation_router)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         message = "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in details)
-        return JSONResponse({**errors.error_body(422, message, "ValidationError"), "detail": details},
+        param = ".".join(str(p) for p in details[0]["loc"][1:]) if details and details[0]["loc"] else None
+        return JSONResponse({**errors.error_body(422, message, "ValidationError", param or None), "detail": details},
                             status_code=422)
 
     @app.get("/health", tags=["ops"])

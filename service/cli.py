@@ -1,7 +1,9 @@
 """The ``rsavq`` entry point: service commands here, everything else from ``rsavq_core.cli``.
 
-    rsavq serve [--host H] [--port P] [--data-dir D]   API + one worker, SQLite + embedded broker
+    rsavq serve [--host H] [--port P] [--data-dir D]   API + one worker + the generation server,
+                                                         SQLite + embedded broker
     rsavq worker [--data-dir D]                          a Celery worker on the gpu queue
+    rsavq generation-server [--port P] [--data-dir D]    the GPU process behind /v1/completions
     rsavq db upgrade [--data-dir D]                      alembic upgrade head
     rsavq keys create NAME | revoke NAME [--data-dir D]  API keys (the new key is the last line)
     rsavq submit MODEL --bits B | status ID | wait ID | download ID | cancel ID   the HTTP client
@@ -49,7 +51,22 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def _child(command: list[str], settings: Any, log_name: str) -> subprocess.Popen[bytes]:
+    """A process that lives and dies with `rsavq serve`, logging to the data dir."""
+    log_file = open(settings.data_dir / log_name, "ab")  # noqa: SIM115 - lives as long as the child
+    child = subprocess.Popen(command, env={**os.environ, **settings.to_env()}, stdout=log_file,
+                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+    sys.stderr.write(f"rsavq: {command[2]} pid {child.pid}, log {settings.data_dir / log_name}\n")
+    return child
+
+
+def generation_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "worker.generation_server", "--host", host, "--port", str(port)]
+
+
 def cmd_serve(args: argparse.Namespace) -> str:
+    import dataclasses
+
     import uvicorn
 
     from service.app import create_app
@@ -57,22 +74,38 @@ def cmd_serve(args: argparse.Namespace) -> str:
 
     settings = _settings(args)
     upgrade(settings.database_url)
-    worker = None
+    children = []
     if not args.no_worker:
-        log_file = open(settings.data_dir / "worker.log", "ab")  # noqa: SIM115 - lives as long as the worker
-        worker = subprocess.Popen(worker_command(), env={**os.environ, **settings.to_env()}, stdout=log_file,
-                                  stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
-        sys.stderr.write(f"rsavq: worker pid {worker.pid}, log {settings.data_dir / 'worker.log'}\n")
+        children.append(_child(worker_command(), settings, "worker.log"))
+    if not args.no_generation and settings.generation_url is None:
+        port = args.generation_port or args.port + 1
+        children.append(_child(generation_command(port), settings, "generation.log"))
+        settings = dataclasses.replace(settings, generation_url=f"http://127.0.0.1:{port}")
     sys.stderr.write(f"rsavq: API on http://{args.host}:{args.port} (docs at /docs), data in {settings.data_dir}\n")
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     finally:
-        if worker is not None:
-            worker.terminate()
+        for child in children:
+            child.terminate()
+        for child in children:
             try:
-                worker.wait(timeout=30)
+                child.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                worker.kill()
+                child.kill()
+    return ""
+
+
+def cmd_generation_server(args: argparse.Namespace) -> str:
+    settings = _settings(args)
+    os.environ.update(settings.to_env())
+    from worker.generation_server import main as serve_generation
+
+    argv = ["--host", args.host, "--port", str(args.port)]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.memory_gb is not None:
+        argv += ["--memory-gb", str(args.memory_gb)]
+    serve_generation(argv)
     return ""
 
 
@@ -149,8 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    s.add_argument("--no-generation", action="store_true",
+                   help="no generation server (or set RSAVQ_GENERATION_URL to one running elsewhere)")
+    s.add_argument("--generation-port", type=int, help="its port (default: the API's port + 1)")
     data_dir(s)
     s.set_defaults(func=cmd_serve)
+    g = sub.add_parser("generation-server", help="run the generation server (GPU) behind /v1/completions")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8001)
+    g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
+    g.add_argument("--memory-gb", type=float, help="cap on the loaded models' memory (LRU eviction)")
+    data_dir(g)
+    g.set_defaults(func=cmd_generation_server)
     w = sub.add_parser("worker", help="run a quantization worker (Celery, queue 'gpu')")
     w.add_argument("--concurrency", type=int, default=1, help="jobs at once (one per GPU)")
     data_dir(w)

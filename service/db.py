@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -48,10 +49,12 @@ class ApiKey(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency"),)
+    __table_args__ = (UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency"),
+                      Index("ix_jobs_tenant_name", "tenant", "name"))
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     model_id: Mapped[str] = mapped_column(String(512), index=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)  # /v1/completions' model alias
     method: Mapped[str] = mapped_column(String(16))
     bits: Mapped[float] = mapped_column(Float)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from celery import Celery
 from fastapi import Depends, Header, Request
@@ -24,6 +24,7 @@ class Context:
     store: ArtifactStore
     metrics: Metrics
     keys: KeyCache
+    generation_client: Any = None  # httpx.AsyncClient to the generation server, made on first use
 
 
 # async: FastAPI runs a sync dependency in the thread pool, and each hop costs more than these do.

@@ -38,8 +38,10 @@ def status_of(exc: RSAVQError) -> int:
     return next((code for cls, code in STATUS if isinstance(exc, cls)), 500)
 
 
-def error_body(status: int, message: str, kind: str) -> dict[str, object]:
-    return {"error": {"status": status, "type": kind, "message": message}}
+def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict[str, object]:
+    """The one error shape. ``message``/``type``/``param``/``code`` are OpenAI's fields, so OpenAI
+    clients of the generation endpoints read our errors as their own."""
+    return {"error": {"status": status, "type": kind, "message": message, "param": param, "code": None}}
 
 
 def install(app: FastAPI) -> None:

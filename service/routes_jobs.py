@@ -33,7 +33,8 @@ Ctx = Annotated[Context, Depends(get_context)]
 def job_out(job: Job, layers: list[JobLayer] | None = None) -> JobOut:
     base = f"/v1/jobs/{job.id}"
     return JobOut(
-        id=job.id, status=job.status, model_id=job.model_id, method=job.method, bits=job.bits, options=job.options,
+        id=job.id, name=job.name, status=job.status, model_id=job.model_id, method=job.method, bits=job.bits,
+        options=job.options,
         progress=Progress(stage=job.stage, done=job.done, total=job.total, percent=round(job.percent, 2),
                           eta_seconds=job.eta_seconds),
         effective_bpw=job.effective_bpw, error=job.error, attempts=job.attempts,
@@ -72,7 +73,8 @@ def submit(body: JobRequest, response: Response, tenant: Tenant, ctx: Ctx, sessi
         existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
         if existing is not None:
             return _accepted(response, existing)
-    job = Job(id=uuid.uuid4().hex, tenant=tenant, model_id=body.model_id, method=body.method, bits=body.bits,
+    job = Job(id=uuid.uuid4().hex, tenant=tenant, model_id=body.model_id, name=body.name, method=body.method,
+              bits=body.bits,
               options=body.options.model_dump(mode="json", exclude_none=True), status=machine.QUEUED,
               stage="queued", idempotency_key=idempotency_key, request_hash=request_hash)
     session.add(job)

@@ -52,6 +52,9 @@ class JobRequest(BaseModel):
     model_id: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
     bits: float = Field(..., ge=MIN_BITS, le=MAX_BITS, description="target average bits per weight")
     method: Literal[METHODS] = "rsavq"  # type: ignore[valid-type]
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+                             description="a name for the result: /v1/completions accepts it as `model` "
+                                         "(the latest succeeded job of that name)", examples=["smol-2bit"])
     options: JobOptions = Field(default_factory=JobOptions)
 
     @field_validator("model_id")
@@ -77,6 +80,7 @@ class Progress(BaseModel):
 
 class JobOut(BaseModel):
     id: str
+    name: str | None = None
     status: str
     model_id: str
     method: str

@@ -1,0 +1,119 @@
+"""Request bodies of the OpenAI-compatible endpoints (``/v1/completions``, ``/v1/chat/completions``).
+
+Unknown fields are ignored, as OpenAI's own clients send ones a server may not know
+(``user``, ``metadata``...); fields we know but do not implement (``logprobs``, ``echo``,
+``n`` > 1, ...) are refused with a 422 that names them, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOPS = 4
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(..., min_length=1, max_length=128, description="a succeeded job's id or name")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported")
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: Any) -> Any:
+        return {"temperature": 1.0, "top_p": 1.0}[info.field_name] if value is None else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOPS} non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _Sampling:
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        return self
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def params(self, max_tokens: int | None) -> dict[str, Any]:
+        """Sampling for the generation server; max_tokens None = up to the model's context."""
+        return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": self.stops(), "seed": self.seed}
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="text, texts, or token ids")
+    max_tokens: int = Field(16, ge=1)
+    echo: bool = Field(False, description="not supported")
+    logprobs: int | None = Field(None, description="not supported")
+    suffix: str | None = Field(None, description="not supported")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+
+    @model_validator(mode="after")
+    def _unsupported_completion(self) -> CompletionRequest:
+        for name in ("echo", "logprobs", "suffix"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        return self
+
+    def prompts(self) -> list[dict[str, Any]]:
+        """One generation request fragment per prompt: {"prompt": text} or {"prompt_ids": ids}."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [{"prompt": p}]
+        if all(isinstance(x, int) for x in p):
+            return [{"prompt_ids": list(p)}]
+        return [{"prompt": x} if isinstance(x, str) else {"prompt_ids": list(x)} for x in p]
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="not supported")
+    tools: list[Any] | None = Field(None, description="not supported")
+
+    @model_validator(mode="after")
+    def _unsupported_chat(self) -> ChatCompletionRequest:
+        if self.logprobs:
+            raise ValueError("logprobs is not supported")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        return self

@@ -1,0 +1,193 @@
+"""/v1/completions, /v1/chat/completions and /v1/models through the official ``openai`` client.
+
+A real API server and a real generation server run (uvicorn, on loopback ports) over a real
+quantized model: the bundled SmolLM2 at 4-bit RTN, published into the artifact store as a
+succeeded job. Answers are checked against the library generating from the same artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import uvicorn
+
+from rsavq_core.config import QuantConfig
+from rsavq_core.generation import SamplingParams, complete
+from service.artifacts import ArtifactStore
+from service.auth import create_key
+from service.db import Artifact, Job, session_factory
+from service.jobs import RUNNING, SUCCEEDED
+from service.settings import Settings
+
+PROMPT = "The capital of France is"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """A uvicorn server in a thread, stopped on exit."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rsavq_core.pipeline import quantize_model, save_result
+
+    out = tmp_path_factory.mktemp("rtn4") / "ckpt"
+    result = quantize_model("smollm2-135m", QuantConfig.for_method("rtn", bits=4))
+    save_result(result, out, reproducible=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path):  # type: ignore[no-untyped-def]
+    from rsavq_core.qlinear import load_quantized_model
+
+    model, tokenizer, _ = load_quantized_model(checkpoint)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[dict[str, Any]]:
+    """API + generation server over one database holding a succeeded and a running job."""
+    from service.app import create_app
+    from service.migrate import upgrade
+    from worker.generation_server import create_app as create_generation_app
+
+    root = tmp_path_factory.mktemp("data")
+    settings = Settings.from_env(root)
+    settings = dataclasses.replace(settings, database_url=f"sqlite:///{root / 'rsavq.db'}",
+                                   broker_url=f"sqla+sqlite:///{root / 'broker.db'}", artifact_dir=root / "artifacts")
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    sessions = session_factory(settings.database_url)
+    done_id, running_id = uuid.uuid4().hex, uuid.uuid4().hex
+    relative, size, sha = ArtifactStore(settings.artifact_dir).publish(done_id, checkpoint)
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    with sessions() as session:
+        keys = {"alice": create_key(session, "alice"), "bob": create_key(session, "bob")}
+        for job_id, status, name in ((done_id, SUCCEEDED, "smol-rtn4"), (running_id, RUNNING, "smol-later")):
+            session.add(Job(id=job_id, tenant="alice", model_id="smollm2-135m", name=name, method="rtn", bits=4.0,
+                            options={}, status=status, stage=status, request_hash="x", finished_at=now))
+        session.flush()  # the jobs first: the artifact row references one
+        session.add(Artifact(job_id=done_id, path=relative, size=size, sha256=sha))
+        session.commit()
+    with _Server(create_generation_app(settings, device="cpu", memory_gb=4)) as gen_url:
+        api_settings = dataclasses.replace(settings, generation_url=gen_url)
+        with _Server(create_app(api_settings)) as api_url:
+            yield {"url": api_url, "keys": keys, "done": done_id, "running": running_id,
+                   "unconfigured": create_app(settings)}
+
+
+def _client(stack: dict[str, Any], who: str = "alice") -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack["url"] + "/v1", api_key=stack["keys"][who], max_retries=0, timeout=120)
+
+
+def test_completion_matches_the_library(stack: dict[str, Any], reference) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = reference
+    ids = tokenizer(PROMPT)["input_ids"]
+    expected = complete(model, tokenizer, ids, SamplingParams(max_tokens=8, temperature=0))
+    out = _client(stack).completions.create(model=stack["done"], prompt=PROMPT, max_tokens=8, temperature=0)
+    assert out.object == "text_completion" and out.model == stack["done"]
+    assert out.choices[0].text == expected.text and expected.text.strip()
+    assert out.choices[0].finish_reason == expected.finish_reason
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), expected.completion_tokens)
+    assert out.usage.total_tokens == len(ids) + expected.completion_tokens
+
+
+def test_stream_concatenates_to_the_same_text(stack: dict[str, Any]) -> None:
+    client = _client(stack)
+    whole = client.completions.create(model="smol-rtn4", prompt=PROMPT, max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="smol-rtn4", prompt=PROMPT, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 2, "deltas arrive one by one"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_stop_sequences_and_seeds(stack: dict[str, Any]) -> None:
+    client = _client(stack)
+    free = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=12, temperature=0)
+    text = free.choices[0].text
+    stop = text.strip()[1:3]  # two characters that do occur in the greedy continuation
+    cut = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = [client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=8, temperature=1.0,
+                                         top_p=0.9, seed=seed).choices[0].text for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1]
+
+
+def test_chat_completion_stream_and_not(stack: dict[str, Any]) -> None:
+    client = _client(stack)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    whole = client.chat.completions.create(model=stack["done"], messages=messages, max_tokens=6, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content and whole.usage.prompt_tokens > 5  # the chat template was applied
+    chunks = list(client.chat.completions.create(model=stack["done"], messages=messages, max_tokens=6,
+                                                 temperature=0, stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+
+
+def test_models_lists_only_the_tenants_succeeded_jobs(stack: dict[str, Any]) -> None:
+    assert [m.id for m in _client(stack).models.list()] == [stack["done"]]
+    assert list(_client(stack, "bob").models.list()) == []
+
+
+def test_clear_errors_in_openai_shape(stack: dict[str, Any]) -> None:
+    client = _client(stack)
+    with pytest.raises(openai.NotFoundError, match="no model"):
+        client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):  # another tenant's job is not visible
+        _client(stack, "bob").completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2)
+    with pytest.raises(openai.ConflictError, match="running"):
+        client.completions.create(model=stack["running"], prompt=PROMPT, max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+        client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, temperature=5)
+    with pytest.raises(openai.UnprocessableEntityError, match="logprobs is not supported"):
+        client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, logprobs=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="context"):
+        client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=100_000)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=stack["url"] + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_no_generation_server_is_a_503(stack: dict[str, Any]) -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(stack["unconfigured"]) as api:
+        r = api.post("/v1/completions", json={"model": stack["done"], "prompt": PROMPT},
+                     headers={"Authorization": f"Bearer {stack['keys']['alice']}"})
+    assert r.status_code == 503 and "RSAVQ_GENERATION_URL" in r.json()["error"]["message"]

@@ -1,0 +1,243 @@
+"""The generation server: a GPU process holding quantized models, which the API forwards to.
+
+``python -m worker.generation_server --port 8001`` (``rsavq serve`` starts one). Internal API,
+not for clients (the public, OpenAI-shaped one is ``service/routes_generation.py``):
+
+* ``POST /generate`` {artifact, sha256, prompt | prompt_ids | messages, params, stream}: the
+  artifact is a path relative to the shared artifact store; the answer is JSON
+  {text, finish_reason, prompt_tokens, completion_tokens}, or with ``stream`` server-sent events
+  ``{"text": delta}`` ... then that JSON as the last event.
+* ``GET /health``, ``GET /loaded``.
+
+Models are loaded from the published tar (extracted once per sha256 into a cache folder) and
+kept in an LRU under a memory cap (``RSAVQ_GENERATION_MEMORY_GB``; default 80 % of the GPU, or
+half the RAM on CPU). One generation runs at a time: one device, and the sampling seed is the
+process's global RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+import torch
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from rsavq_core.errors import ConfigError, InsufficientMemoryError
+from rsavq_core.generation import Completion, SamplingParams, stream_completion
+from rsavq_core.qlinear import load_quantized_model
+from service import errors
+from service.artifacts import ArtifactStore, extract
+from service.settings import Settings
+
+log = logging.getLogger("rsavq.generation")
+DEFAULT_MAX_TOKENS = 256  # when neither the request nor the model's config bounds a chat answer
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int | None = Field(16, ge=1, description="None: up to the model's context")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    seed: int | None = None
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    artifact: str  # relative to the artifact store
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[Message] | None = None
+    params: Params = Field(default_factory=Params)
+    stream: bool = False
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    nbytes: int
+    context: int | None  # the model's maximum positions, when its config says
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # tied tensors once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class ModelPool:
+    """Loaded models by artifact sha256, least recently used evicted first to stay under a cap."""
+
+    def __init__(self, store: ArtifactStore, cache_dir: Path, device: torch.device, cap_bytes: float) -> None:
+        self.store, self.cache_dir, self.device, self.cap = store, cache_dir, device, cap_bytes
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.models: OrderedDict[str, Loaded] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, relative: str, sha256: str) -> Loaded:
+        with self.lock:
+            if sha256 in self.models:
+                self.models.move_to_end(sha256)
+                return self.models[sha256]
+            loaded = self._load(relative, sha256)
+            if loaded.nbytes > self.cap:
+                raise InsufficientMemoryError(f"the model needs {loaded.nbytes / 2**30:.2f} GiB, over the "
+                                              f"generation server's cap of {self.cap / 2**30:.2f} GiB")
+            while self.models and sum(m.nbytes for m in self.models.values()) + loaded.nbytes > self.cap:
+                evicted, _ = self.models.popitem(last=False)
+                log.info("evicted %s to stay under %.2f GiB", evicted[:12], self.cap / 2**30)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.models[sha256] = loaded
+            return loaded
+
+    def _load(self, relative: str, sha256: str) -> Loaded:
+        folder = self.cache_dir / sha256
+        if not folder.is_dir():
+            tmp = self.cache_dir / f".{sha256}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            extract(self.store.path(relative), tmp)
+            os.replace(tmp, folder)  # atomic: a crash never leaves a half-extracted model behind
+        checkpoint = next(p.parent for p in folder.rglob("rsavq.safetensors"))
+        model, tokenizer, _ = load_quantized_model(checkpoint, dtype=self.dtype, device=self.device)
+        if tokenizer is None:
+            raise ConfigError("this checkpoint has no tokenizer, so it cannot generate text")
+        context = getattr(model.config, "max_position_embeddings", None)
+        log.info("loaded %s (%.2f GiB) on %s", sha256[:12], _model_bytes(model) / 2**30, self.device)
+        return Loaded(model, tokenizer, _model_bytes(model), context)
+
+
+def _prompt_ids(loaded: Loaded, req: GenerateRequest) -> list[int]:
+    tok = loaded.tokenizer
+    if req.messages is not None:
+        messages = [m.model_dump() for m in req.messages]
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:  # a base model without a template: a plain transcript
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            ids = tok(text)["input_ids"]
+    elif req.prompt_ids is not None:
+        ids = req.prompt_ids
+        vocab = len(tok)
+        if any(not 0 <= i < vocab for i in ids):
+            raise ConfigError(f"prompt token ids must lie in [0, {vocab})")
+    elif req.prompt is not None:
+        ids = tok(req.prompt)["input_ids"]
+    else:
+        raise ConfigError("give a prompt, prompt token ids or messages")
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise ConfigError("the prompt is empty")
+    budget = req.params.max_tokens
+    if loaded.context is not None and len(ids) + (budget or 1) > loaded.context:
+        raise ConfigError(f"the prompt ({len(ids)} tokens) plus max_tokens ({budget or 1}) exceeds "
+                          f"the model's context of {loaded.context} tokens")
+    return ids
+
+
+def _max_tokens(loaded: Loaded, prompt_len: int, asked: int | None) -> int:
+    if asked is not None:
+        return asked
+    return loaded.context - prompt_len if loaded.context is not None else DEFAULT_MAX_TOKENS
+
+
+def _result(done: Completion) -> dict[str, Any]:
+    return {"text": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens}
+
+
+def create_app(settings: Settings | None = None, device: str | None = None,
+               memory_gb: float | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if memory_gb is None and os.environ.get("RSAVQ_GENERATION_MEMORY_GB"):
+        memory_gb = float(os.environ["RSAVQ_GENERATION_MEMORY_GB"])
+    if memory_gb is not None:
+        cap = memory_gb * 2**30
+    elif dev.type == "cuda":
+        cap = 0.8 * torch.cuda.get_device_properties(dev).total_memory
+    else:
+        cap = 0.5 * psutil.virtual_memory().total
+    pool = ModelPool(ArtifactStore(settings.artifact_dir), settings.data_dir / "generation-cache", dev, cap)
+    generating = threading.Lock()
+    app = FastAPI(title="rsavq generation server (internal)")
+    app.state.pool = pool
+    errors.install(app)
+
+    def run(loaded: Loaded, req: GenerateRequest) -> Iterator[str | Completion]:
+        ids = _prompt_ids(loaded, req)
+        p = req.params
+        params = SamplingParams(max_tokens=_max_tokens(loaded, len(ids), p.max_tokens), temperature=p.temperature,
+                                top_p=p.top_p, stop=tuple(p.stop), seed=p.seed)
+        with generating:
+            yield from stream_completion(loaded.model, loaded.tokenizer, ids, params)
+
+    @app.post("/generate")
+    def generate(req: GenerateRequest) -> Any:
+        loaded = pool.get(req.artifact, req.sha256)
+        if not req.stream:
+            *_, done = run(loaded, req)
+            return _result(done)
+        events = run(loaded, req)
+        first = next(events)  # bad input raises here, before the 200 is sent
+
+        def sse() -> Iterator[str]:
+            for item in _chain(first, events):
+                body = _result(item) if isinstance(item, Completion) else {"text": item}
+                yield f"data: {json.dumps(body)}\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        return JSONResponse({"status": "ok", "device": str(dev), "loaded": len(pool.models)})
+
+    @app.get("/loaded")
+    def loaded_models() -> dict[str, Any]:
+        return {"cap_bytes": pool.cap, "models": [{"sha256": k, "bytes": v.nbytes} for k, v in pool.models.items()]}
+
+    return app
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    parser.add_argument("--memory-gb", type=float, default=None, help="cap on loaded models' memory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    uvicorn.run(create_app(device=args.device, memory_gb=args.memory_gb), host=args.host, port=args.port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
