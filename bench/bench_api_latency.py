@@ -6,7 +6,8 @@ open-loop at --rate per second for --seconds (each request is scheduled at its t
 not earlier ones have returned, so a slow server shows up as latency rather than a lower rate).
 Latency is measured from the scheduled tick, which counts queueing delay (no coordinated omission).
 
-Usage: python bench/bench_api_latency.py [--rate 200] [--seconds 30] [--workers 1] [--out bench/results/api_latency.json]
+Usage: python bench/bench_api_latency.py [--rate 200] [--seconds 30] [--workers 1]
+                                        [--out bench/results/api_latency.json]
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def main() -> int:
               "max_ms": max(ms), "mean_ms": statistics.fmean(ms), "cpu_count": os.cpu_count()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    sys.stdout.write("| endpoint | rate | requests | errors | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|---|\n")
+    sys.stdout.write("| endpoint | rate | requests | errors | p50 ms | p90 ms | p99 ms | max ms |\n"
+                     "|---|---|---|---|---|---|---|---|\n")
     sys.stdout.write(f"| {result['endpoint']} | {args.rate:g}/s | {len(ms)} | {errors} | {result['p50_ms']:.1f} | "
                      f"{result['p90_ms']:.1f} | {result['p99_ms']:.1f} | {result['max_ms']:.1f} |\n")
     return 0

@@ -1,6 +1,7 @@
 """The main job end to end through the service: start ``rsavq serve`` (SQLite + embedded broker, one
 worker), create an API key, submit the bundled model at 2 bits over HTTP, follow its progress,
-download and verify the packed checkpoint, print the metrics, and generate a sentence from it.
+download and verify the packed checkpoint, print the metrics, and generate a sentence from it
+through the OpenAI-compatible ``POST /v1/completions`` (streamed by the generation server).
 
 Usage: python scripts/demo.py [--model smollm2-135m] [--bits 2] [--data-dir runs/demo-service]
 """
@@ -39,6 +40,28 @@ def start_server(data_dir: Path, port: int) -> subprocess.Popen:  # type: ignore
     raise SystemExit("rsavq serve did not become healthy in 120 s")
 
 
+def stream_completion(url: str, key: str, model: str, prompt: str, say) -> None:  # type: ignore[no-untyped-def]
+    """Print a completion as its server-sent events arrive, then the decode rate the client saw."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    started, usage = time.monotonic(), None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                      timeout=600) as resp:
+        if resp.status_code != 200:
+            say(f"\n{resp.status_code}: {resp.read().decode()}\n")
+            return
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if chunk["choices"]:
+                say(chunk["choices"][0]["text"])
+                sys.stdout.flush()
+    if usage:
+        say(f"\n({usage['completion_tokens']} tokens in {time.monotonic() - started:.1f} s, model load included)\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -72,7 +95,7 @@ def main() -> int:
         tar = client.download(job["id"], data_dir / f"rsavq-{job['id']}.tar")
         from service.artifacts import extract
 
-        folder = extract(tar, data_dir / f"rsavq-{job['id']}")
+        extract(tar, data_dir / f"rsavq-{job['id']}")
         metrics = client.metrics(job["id"])
         fp, q = metrics["fp"]["perplexity"], metrics["quantized"]["perplexity"]
         say(f"\njob wall time:        {time.monotonic() - started:.0f} s\n")
@@ -87,11 +110,8 @@ def main() -> int:
             f"worker peak RSS {metrics['peak_rss_gb']:.2f} GB\n")
         say(f"artifact:             {tar} ({metrics['artifact']['bytes'] / 2**20:.1f} MiB, "
             f"sha256 {metrics['artifact']['sha256'][:16]}… verified)\n")
-        from rsavq_core.generation import generate_text
-        from rsavq_core.qlinear import load_quantized_model
-
-        model, tokenizer, _ = load_quantized_model(folder)
-        say(f"RSAVQ > {args.prompt}{generate_text(model, tokenizer, args.prompt, max_new_tokens=24)}\n")
+        say(f"POST /v1/completions (model {job['id']}, greedy, streamed):\nRSAVQ > {args.prompt}")
+        stream_completion(f"http://127.0.0.1:{args.port}", key, job["id"], args.prompt, say)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
