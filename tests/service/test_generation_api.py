@@ -191,3 +191,24 @@ def test_no_generation_server_is_a_503(stack: dict[str, Any]) -> None:
         r = api.post("/v1/completions", json={"model": stack["done"], "prompt": PROMPT},
                      headers={"Authorization": f"Bearer {stack['keys']['alice']}"})
     assert r.status_code == 503 and "RSAVQ_GENERATION_URL" in r.json()["error"]["message"]
+
+
+def test_model_pool_evicts_least_recently_used(tmp_path: Path, checkpoint: Path) -> None:
+    import torch
+
+    from rsavq_core.errors import InsufficientMemoryError
+    from worker.generation_server import ModelPool
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    relative, _, _ = store.publish("job", checkpoint)
+    a, b, c = "a" * 64, "b" * 64, "c" * 64  # three cache keys for the same bytes
+    probe = ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=float("inf"))
+    one = probe.get(relative, a).nbytes
+    pool = ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=2.5 * one)
+    pool.get(relative, a)
+    pool.get(relative, b)
+    pool.get(relative, a)  # a is now the most recently used
+    pool.get(relative, c)
+    assert list(pool.models) == [a, c], "b, the least recently used, is evicted"
+    with pytest.raises(InsufficientMemoryError, match="cap"):
+        ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=one / 2).get(relative, a)
