@@ -59,12 +59,14 @@ class _TextStops(StoppingCriteria, BaseStreamer):
     an incomplete UTF-8 sequence (the tokenizer decodes those as U+FFFD until the rest arrives).
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int) -> None:
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int,
+                 cancel: threading.Event | None = None) -> None:
         self.tokenizer, self.stops, self.prompt_len = tokenizer, tuple(stops), prompt_len
         self.ids: list[int] = []  # generated ids seen so far
         self.streamed: list[int] = []  # those the streamer hook received
         self.text, self.sent, self.stopped = "", 0, False
         self.cancelled = False  # the consumer went away: stop generating, emit nothing more
+        self.cancel = cancel
         self.deltas: queue.Queue[str | None] = queue.Queue()
         self._skip_prompt = True
 
@@ -111,7 +113,7 @@ class _TextStops(StoppingCriteria, BaseStreamer):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         self._advance(input_ids[0, self.prompt_len:].tolist())
-        done = self.stopped or self.cancelled
+        done = self.stopped or self.cancelled or (self.cancel is not None and self.cancel.is_set())
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -126,9 +128,10 @@ def _generate_kwargs(tokenizer: Any, params: SamplingParams) -> dict[str, Any]:
     return kwargs
 
 
-def stream_completion(model: nn.Module, tokenizer: Any, prompt_ids: list[int],
-                      params: SamplingParams) -> Iterator[str | Completion]:
+def stream_completion(model: nn.Module, tokenizer: Any, prompt_ids: list[int], params: SamplingParams,
+                      cancel: threading.Event | None = None) -> Iterator[str | Completion]:
     """Yield text deltas, then one ``Completion``. ``prompt_ids``: the tokenized prompt (non-empty).
+    Setting ``cancel`` stops generation at the next token (the Completion then says "stop").
 
     generate() runs in a helper thread feeding a queue, so the caller can forward each delta as
     it appears. Callers must serialize calls per model (the seed is the process's global RNG).
@@ -137,7 +140,7 @@ def stream_completion(model: nn.Module, tokenizer: Any, prompt_ids: list[int],
         raise ConfigError("the prompt is empty")
     device = next(iter(model.parameters())).device
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    stops = _TextStops(tokenizer, params.stop, len(prompt_ids))
+    stops = _TextStops(tokenizer, params.stop, len(prompt_ids), cancel)
     if params.seed is not None:
         torch.manual_seed(params.seed)
     result: dict[str, Any] = {}

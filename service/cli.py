@@ -83,7 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> str:
         settings = dataclasses.replace(settings, generation_url=f"http://127.0.0.1:{port}")
     sys.stderr.write(f"rsavq: API on http://{args.host}:{args.port} (docs at /docs), data in {settings.data_dir}\n")
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        # A bounded graceful shutdown: open event streams or generations must not keep it alive.
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=10)
     finally:
         for child in children:
             child.terminate()

@@ -9,6 +9,7 @@ then shapes its answer as OpenAI's objects. Streams are server-sent events endin
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import uuid
@@ -183,7 +184,8 @@ def list_models(tenant: Tenant, session: DbSession) -> dict[str, Any]:
                            .where(Job.tenant == tenant, Job.status == SUCCEEDED)
                            .order_by(Job.finished_at.desc())).scalars().all()
     data = [{"id": job.id, "object": "model", "owned_by": tenant,
-             "created": int((job.finished_at or job.created_at).timestamp()), "name": job.name,
+             # the database keeps naive UTC datetimes
+             "created": int((job.finished_at or job.created_at).replace(tzinfo=dt.UTC).timestamp()), "name": job.name,
              "source_model": job.model_id, "method": job.method, "bits": job.bits,
              "effective_bpw": job.effective_bpw} for job in rows]
     return {"object": "list", "data": data}

@@ -21,10 +21,11 @@ import argparse
 import json
 import logging
 import os
+import queue
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,8 +35,9 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from rsavq_core.errors import ConfigError, InsufficientMemoryError
+from rsavq_core.errors import ConfigError, InsufficientMemoryError, RSAVQError
 from rsavq_core.generation import Completion, SamplingParams, stream_completion
 from rsavq_core.qlinear import load_quantized_model
 from service import errors
@@ -44,6 +46,7 @@ from service.settings import Settings
 
 log = logging.getLogger("rsavq.generation")
 DEFAULT_MAX_TOKENS = 256  # when neither the request nor the model's config bounds a chat answer
+_END = object()  # the end of one generation's event queue
 
 
 class Params(BaseModel):
@@ -185,27 +188,61 @@ def create_app(settings: Settings | None = None, device: str | None = None,
     app.state.pool = pool
     errors.install(app)
 
-    def run(loaded: Loaded, req: GenerateRequest) -> Iterator[str | Completion]:
-        ids = _prompt_ids(loaded, req)
+    def start(loaded: Loaded, req: GenerateRequest) -> tuple[queue.Queue[Any], threading.Event]:
+        """Validate, then generate in a thread of its own that feeds a queue.
+
+        The thread, not the HTTP response, owns the device lock: a client that goes away can
+        never leave it held (it sets ``cancel`` instead, which stops generation at the next token).
+        """
+        ids = _prompt_ids(loaded, req)  # bad input raises here, before any answer is sent
         p = req.params
         params = SamplingParams(max_tokens=_max_tokens(loaded, len(ids), p.max_tokens), temperature=p.temperature,
                                 top_p=p.top_p, stop=tuple(p.stop), seed=p.seed)
-        with generating:
-            yield from stream_completion(loaded.model, loaded.tokenizer, ids, params)
+        events: queue.Queue[Any] = queue.Queue()
+        cancel = threading.Event()
+
+        def work() -> None:
+            try:
+                with generating:
+                    for item in stream_completion(loaded.model, loaded.tokenizer, ids, params, cancel=cancel):
+                        events.put(item)
+            except Exception as exc:  # handed to the request, which reports it
+                events.put(exc)
+            finally:
+                events.put(_END)
+
+        threading.Thread(target=work, name="generation", daemon=True).start()
+        return events, cancel
+
+    def take(events: queue.Queue[Any]) -> Any:
+        item = events.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     @app.post("/generate")
-    def generate(req: GenerateRequest) -> Any:
-        loaded = pool.get(req.artifact, req.sha256)
+    async def generate(req: GenerateRequest) -> Any:
+        loaded = await run_in_threadpool(pool.get, req.artifact, req.sha256)
+        events, cancel = start(loaded, req)
+        first = await run_in_threadpool(take, events)  # a failure before the first token is a plain error
         if not req.stream:
-            *_, done = run(loaded, req)
-            return _result(done)
-        events = run(loaded, req)
-        first = next(events)  # bad input raises here, before the 200 is sent
+            last = first
+            while (item := await run_in_threadpool(take, events)) is not _END:
+                last = item
+            return _result(last)
 
-        def sse() -> Iterator[str]:
-            for item in _chain(first, events):
-                body = _result(item) if isinstance(item, Completion) else {"text": item}
-                yield f"data: {json.dumps(body)}\n\n"
+        async def sse() -> AsyncIterator[str]:
+            item = first
+            try:
+                while item is not _END:
+                    body = _result(item) if isinstance(item, Completion) else {"text": item}
+                    yield f"data: {json.dumps(body)}\n\n"
+                    item = await run_in_threadpool(take, events)
+            except Exception as exc:  # the 200 is gone: the error becomes the last event
+                status = errors.status_of(exc) if isinstance(exc, RSAVQError) else 500
+                yield f"data: {json.dumps(errors.error_body(status, str(exc), type(exc).__name__))}\n\n"
+            finally:  # also on a disconnect (cancellation): stop generating for nobody
+                cancel.set()
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -220,11 +257,6 @@ def create_app(settings: Settings | None = None, device: str | None = None,
     return app
 
 
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
-
-
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -236,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(create_app(device=args.device, memory_gb=args.memory_gb), host=args.host, port=args.port,
+                timeout_graceful_shutdown=10,
                 log_level="warning")
 
 

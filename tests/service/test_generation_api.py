@@ -212,3 +212,16 @@ def test_model_pool_evicts_least_recently_used(tmp_path: Path, checkpoint: Path)
     assert list(pool.models) == [a, c], "b, the least recently used, is evicted"
     with pytest.raises(InsufficientMemoryError, match="cap"):
         ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=one / 2).get(relative, a)
+
+
+def test_a_client_that_hangs_up_does_not_block_the_next(stack: dict[str, Any]) -> None:
+    """Closing a stream mid-way cancels that generation; the device is free for the next request."""
+    client = _client(stack)
+    stream = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=200, temperature=0,
+                                       stream=True)
+    next(iter(stream))
+    stream.close()
+    started = time.monotonic()
+    out = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=3, temperature=0)
+    assert out.usage.completion_tokens == 3
+    assert time.monotonic() - started < 30, "the abandoned generation (200 tokens) was not cancelled"
