@@ -126,11 +126,18 @@ async def _serve(ctx: Context, session: Session, tenant: str, model: str, chat: 
 
     if not stream:
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        async for index, event in per_prompt():
-            if "finish_reason" in event:
-                choices.append(choice(index, event["text"], event["finish_reason"], delta=False))
-                prompt_tokens += event["prompt_tokens"]
-                completion_tokens += event["completion_tokens"]
+        try:
+            async for index, event in per_prompt():
+                if "error" in event:  # failed after it started
+                    return JSONResponse(event, status_code=int(event["error"].get("status") or 500))
+                if "finish_reason" in event:
+                    choices.append(choice(index, event["text"], event["finish_reason"], delta=False))
+                    prompt_tokens += event["prompt_tokens"]
+                    completion_tokens += event["completion_tokens"]
+        except _Upstream as exc:  # a later prompt of a batch was refused
+            return _upstream_error(exc.status, exc.raw)
+        finally:
+            await first.aclose()
         return {"id": ident, "object": kind, "created": created, "model": model, "choices": choices,
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
@@ -146,6 +153,9 @@ async def _serve(ctx: Context, session: Session, tenant: str, model: str, chat: 
         totals = [0, 0]
         try:
             async for index, event in per_prompt():
+                if "error" in event:  # the generation server failed mid-stream: its error is the last event
+                    yield f"data: {json.dumps(event)}\n\n"
+                    return
                 if "finish_reason" in event:
                     totals[0] += event["prompt_tokens"]
                     totals[1] += event["completion_tokens"]
@@ -156,6 +166,8 @@ async def _serve(ctx: Context, session: Session, tenant: str, model: str, chat: 
             message = f"generation failed: {exc}"
             yield f"data: {json.dumps(errors.error_body(502, message, 'UpstreamError'))}\n\n"
             return
+        finally:  # also when the client hangs up: close the upstream stream, which cancels the generation
+            await first.aclose()
         if include_usage:
             yield chunk([], _usage(*totals))
         yield "data: [DONE]\n\n"
