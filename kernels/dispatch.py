@@ -1,4 +1,7 @@
-"""Choosing a kernel for one VQ linear call: fused GEMV, dequantize + GEMM, or the torch reference.
+"""Choosing a kernel for one quantized linear call: fused GEMV, dequantize + GEMM, or the torch reference.
+
+Both layer kinds have the same three paths: VQ (``vq_triton``, ``vq_reference``) and scalar
+RTN/GPTQ (``scalar_triton``, ``scalar_reference``).
 
 * Triton runs when the input is on a CUDA device, its dtype is fp16/bf16/fp32 and the layer's codes fit the
   kernels (``vq_layout.MAX_CODE_BITS``). Anything else takes ``vq_reference``.
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels.scalar_reference import PackedScalar, scalar_linear_reference
 from kernels.vq_layout import PackedVQ
 from kernels.vq_reference import vq_linear_reference
 from rsavq_core.errors import ConfigError
@@ -64,7 +68,7 @@ def kernel_device(device: torch.device) -> bool:
     return (policy == "interpret" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def kernel_supported(x: torch.Tensor, packed: PackedVQ) -> bool:
+def kernel_supported(x: torch.Tensor, packed: PackedVQ | PackedScalar) -> bool:
     """Whether the Triton kernels can take this call (otherwise the reference does)."""
     return (kernel_device(x.device) and x.dtype in SUPPORTED_DTYPES and x.device == packed.device
             and x.shape[-1] == packed.in_features)
@@ -87,16 +91,23 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
 
 
-def vq_linear(x: torch.Tensor, packed: PackedVQ) -> torch.Tensor:
-    """x: [..., N] floating -> [..., M] of x's dtype: x @ W.T + bias for a packed VQ weight W."""
+def packed_linear(x: torch.Tensor, packed: PackedVQ | PackedScalar) -> torch.Tensor:
+    """x: [..., N] floating -> [..., M] of x's dtype: x @ W.T + bias for a packed weight W."""
+    vq = isinstance(packed, PackedVQ)
     if not kernel_supported(x, packed):
-        return vq_linear_reference(x, packed)
-    from kernels.vq_triton import vq_dequantize, vq_gemv  # imports triton: only on the kernel path
+        return vq_linear_reference(x, packed) if vq else scalar_linear_reference(x, packed)  # type: ignore[arg-type]
+    # Imported here: only the kernel path needs triton.
+    if vq:
+        from kernels.vq_triton import vq_dequantize as dequantize
+        from kernels.vq_triton import vq_gemv as gemv
+    else:
+        from kernels.scalar_triton import scalar_dequantize as dequantize
+        from kernels.scalar_triton import scalar_gemv as gemv
 
     flat = x.reshape(-1, packed.in_features)
     if flat.shape[0] <= min(gemv_max_tokens(device_name(x.device)), MAX_GEMV_BATCH):
-        out = vq_gemv(flat, packed)
+        out = gemv(flat, packed)  # type: ignore[arg-type]
     else:
         bias = packed.bias.to(x.dtype) if packed.bias is not None else None
-        out = F.linear(flat, vq_dequantize(packed, x.dtype), bias)
+        out = F.linear(flat, dequantize(packed, x.dtype), bias)  # type: ignore[arg-type]
     return out.reshape(*x.shape[:-1], packed.out_features)

@@ -20,6 +20,24 @@ from kernels.vq_layout import TILE_FIELDS, PackedVQ
 
 
 @triton.jit
+def read_codes(words_ptr, code_idx, code_bits, ok):
+    """Codes ``code_idx`` (int64, any shape) of a stream of ``code_bits``-bit codes, as int64.
+
+    Code i sits at stream bits [i*c, i*c + c), least significant first, possibly straddling two
+    int32 words (``rsavq_core.packing``). 1 <= code_bits <= 24, so no shift is by 32.
+    """
+    bit = code_idx * code_bits.to(tl.int64)
+    word = bit >> 5
+    shift = (bit & 31).to(tl.uint32)
+    lo = tl.load(words_ptr + word, mask=ok, other=0).to(tl.uint32, bitcast=True)
+    straddles = shift + code_bits > 32
+    hi = tl.load(words_ptr + word + 1, mask=ok & straddles, other=0).to(tl.uint32, bitcast=True)
+    value = (lo >> shift) | tl.where(straddles, hi << ((32 - shift) & 31), 0)
+    # Keep the low code_bits bits with two logical shifts.
+    return ((value << (32 - code_bits)) >> (32 - code_bits)).to(tl.int64)
+
+
+@triton.jit
 def _codewords(words_ptr, cb_ptr, tile_ptr, rows, cols, col_stop, row_ok, Q, D: tl.constexpr, N_PQ: tl.constexpr):
     """The [BLOCK_M, BLOCK_K] fp32 weight tile (permuted columns) of one column tile."""
     group_start = tl.load(tile_ptr + 2)
@@ -29,15 +47,7 @@ def _codewords(words_ptr, cb_ptr, tile_ptr, rows, cols, col_stop, row_ok, Q, D: 
     code_row = rows // D  # which code of the column covers this row
     ok = row_ok[:, None] & (cols < col_stop)[None, :]
     code_idx = (cols - group_start).to(tl.int64)[None, :] * Q + code_row.to(tl.int64)[:, None]
-    bit = code_idx * code_bits.to(tl.int64)
-    word = word_off + (bit >> 5)
-    shift = (bit & 31).to(tl.uint32)
-    lo = tl.load(words_ptr + word, mask=ok, other=0).to(tl.uint32, bitcast=True)
-    straddles = shift + code_bits > 32
-    hi = tl.load(words_ptr + word + 1, mask=ok & straddles, other=0).to(tl.uint32, bitcast=True)
-    value = (lo >> shift) | tl.where(straddles, hi << ((32 - shift) & 31), 0)
-    # Keep the low code_bits bits with two logical shifts (1 <= code_bits <= 24: no shift by 32).
-    code = ((value << (32 - code_bits)) >> (32 - code_bits)).to(tl.int64)
+    code = read_codes(words_ptr + word_off, code_idx, code_bits, ok)
     n_codes = tl.full((), 1, tl.int64) << code_bits.to(tl.int64)
     entry = ((code_row % N_PQ).to(tl.int64)[:, None] * n_codes + code) * D + (rows % D).to(tl.int64)[:, None]
     return tl.load(cb_ptr + cb_off + entry, mask=ok, other=0.0).to(tl.float32)

@@ -1,10 +1,10 @@
 """``QuantLinear``: a quantized nn.Linear replacement, and loading a packed checkpoint into a model.
 
 The packed indices/codes live in buffers (so ``.to(device)`` moves them). On a CUDA device (or
-on CPU under ``TRITON_INTERPRET=1``) a VQ layer's forward goes through the Triton kernels
-(``kernels.dispatch``: fused codebook GEMV for decode, dequantize + GEMM for prefill) and its
-weight is never kept expanded. Everywhere else, and for scalar (RTN/GPTQ) layers, the reference
-path dequantizes the weight and calls ``F.linear``.
+on CPU with ``RSAVQ_KERNELS=interpret``) forward goes through the Triton kernels
+(``kernels.dispatch``: fused codebook / scalar GEMV for decode, dequantize + GEMM for prefill)
+and the weight is never kept expanded. Everywhere else the reference path dequantizes the
+weight once, caches it and calls ``F.linear`` (on CPU that is faster than dequantizing per call).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import kernel_device, kernel_supported, vq_linear
+from kernels.dispatch import kernel_device, kernel_supported, packed_linear
+from kernels.scalar_reference import PackedScalar
 from kernels.vq_layout import MAX_CODE_BITS, PackedVQ, build_packed_vq
 from rsavq_core.artifact import Artifact, read_artifact
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
@@ -61,7 +62,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = layer.out_features, layer.in_features
         self.cache_weight = cache_weight
         self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._kernel_layout: PackedVQ | None = None
+        self._kernel_layout: PackedVQ | PackedScalar | None = None
         if isinstance(layer, VQLayer):
             self.vector_len, self.n_pq = layer.vector_len, layer.n_pq
             self.group_specs: list[tuple[int, int, int]] = [(g.bits, g.start, g.stop) for g in layer.groups]
@@ -109,12 +110,15 @@ class QuantLinear(nn.Module):
                 self._cache[key] = weight
         return weight
 
-    def _packed_vq(self) -> PackedVQ:
+    def _packed(self) -> PackedVQ | PackedScalar:
         """The kernels' layout of this layer on the buffers' device, built once.
 
-        The per-group buffers are then rebound as views into the concatenated streams, so the
-        indices and codebooks are held once, not twice.
+        For VQ the per-group buffers are then rebound as views into the concatenated streams, so
+        the indices and codebooks are held once, not twice.
         """
+        if self._kernel_layout is None and self.kind == "scalar":
+            self._kernel_layout = PackedScalar(self.out_features, self.in_features, self.bits, self.group_size,
+                                               self.codes, self.scales, self.zeros, self.bias)
         if self._kernel_layout is None:
             n = len(self.group_specs)
             books = [getattr(self, f"g{i}_codebooks") for i in range(n)]
@@ -132,16 +136,19 @@ class QuantLinear(nn.Module):
         return self._kernel_layout
 
     def _uses_kernels(self, x: torch.Tensor) -> bool:
-        if self.kind != "vq" or not kernel_device(x.device) or self.perm.device != x.device:
+        stream = self.codes if self.kind == "scalar" else self.perm
+        if not kernel_device(x.device) or stream.device != x.device:
             return False
-        if max(bits for bits, _, _ in self.group_specs) * (self.vector_len // self.n_pq) > MAX_CODE_BITS:
-            return False
-        return kernel_supported(x, self._packed_vq())
+        if self.kind == "vq":
+            widest = max(bits for bits, _, _ in self.group_specs) * (self.vector_len // self.n_pq)
+            if widest > MAX_CODE_BITS:
+                return False
+        return kernel_supported(x, self._packed())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., N] floating -> [..., M] of x's dtype."""
         if self._uses_kernels(x):
-            return vq_linear(x, self._packed_vq())
+            return packed_linear(x, self._packed())
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self._dense_weight(x.dtype, x.device), bias)
 

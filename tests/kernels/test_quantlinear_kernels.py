@@ -31,7 +31,7 @@ def test_quantlinear_kernel_path_matches_reference(kernels_on_cpu: None, tokens:
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert qlin._cache == {}, "the kernel path must not keep an expanded weight"
     # Indices and codebooks are held once: the group buffers are views of the kernels' streams.
-    packed = qlin._packed_vq()
+    packed = qlin._packed()
     assert qlin.g0_indices.untyped_storage().data_ptr() == packed.words.untyped_storage().data_ptr()
     assert qlin.g2_codebooks.untyped_storage().data_ptr() == packed.codebooks.untyped_storage().data_ptr()
 
@@ -63,8 +63,8 @@ def test_generate_through_kernels_matches_reference(tiny_llama, kernels_on_cpu: 
     """Greedy decoding with the KV cache: prefill (dequantize + GEMM) then 1-token GEMV steps."""
     model, tokenizer = tiny_llama
     model = copy.deepcopy(model)
-    layers = {name: layer for name, layer in tiny_layers(model).items() if layer.kind == "vq"}
-    assert layers
+    layers = tiny_layers(model)  # VQ and scalar layers
+    assert {layer.kind for layer in layers.values()} == {"vq", "scalar"}
     quantize_in_place(model, layers)
     enc = tokenizer("The quick brown fox", return_tensors="pt", add_special_tokens=False)
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
