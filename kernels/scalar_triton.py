@@ -26,7 +26,8 @@ def _weights(words_ptr, scales_ptr, zeros_ptr, rows, cols, ok, N, n_groups, bits
     return (code - zero) * scale
 
 
-@triton.jit
+# `bits` is used as a tensor (`.to`): Triton would turn an int argument equal to 1 into a constant.
+@triton.jit(do_not_specialize=["bits"])
 def _scalar_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, B, M, N, n_groups, bits, group_size,
                         stride_xb, stride_ob, TILE_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_K: tl.constexpr):
@@ -48,7 +49,7 @@ def _scalar_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, B, M, 
                   mask=batch_ok[:, None] & row_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bits"])
 def _scalar_dequant_kernel(words_ptr, scales_ptr, zeros_ptr, w_ptr, M, N, n_groups, bits, group_size, stride_wm,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
