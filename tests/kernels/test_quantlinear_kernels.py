@@ -12,14 +12,13 @@ from rsavq_core.errors import ConfigError
 from rsavq_core.qlinear import QuantLinear, quantize_in_place
 from tests.core.test_artifact import make_vq_layer, tiny_layers
 
-pytestmark = pytest.mark.interpret
-
 
 @pytest.fixture
 def kernels_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RSAVQ_KERNELS", "interpret")
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("tokens", [1, 3, 9])  # 1 and 3: fused GEMV; 9: dequantize + GEMM
 def test_quantlinear_kernel_path_matches_reference(kernels_on_cpu: None, tokens: int) -> None:
     layer = make_vq_layer(45, 70, 6, 2, [3, 2, 1], bias=True, seed=2)
@@ -36,6 +35,7 @@ def test_quantlinear_kernel_path_matches_reference(kernels_on_cpu: None, tokens:
     assert qlin.g2_codebooks.untyped_storage().data_ptr() == packed.codebooks.untyped_storage().data_ptr()
 
 
+@pytest.mark.interpret
 def test_fallbacks_take_the_reference(kernels_on_cpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
     layer = make_vq_layer(12, 20, 6, 2, [2, 1], seed=4)
     qlin = QuantLinear(layer)
@@ -58,15 +58,46 @@ def test_default_policy_keeps_cpu_on_the_reference(monkeypatch: pytest.MonkeyPat
     assert qlin._kernel_layout is None and len(qlin._cache) == 1
 
 
+@pytest.mark.interpret
 def test_generate_through_kernels_matches_reference(tiny_llama, kernels_on_cpu: None,  # type: ignore[no-untyped-def]
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Greedy decoding with the KV cache: prefill (dequantize + GEMM) then 1-token GEMV steps."""
+    _generate_both_ways(tiny_llama, monkeypatch, "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_on_gpu_matches_reference(tiny_llama, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                        dtype: torch.dtype) -> None:
+    """Logits through the kernels match the reference (half precision: a tolerance, not tokens,
+    since a random model's near-tied logits may flip an argmax); generate() runs greedy and sampled."""
+    monkeypatch.delenv("RSAVQ_KERNELS", raising=False)
+    model, tokenizer = tiny_llama
+    model = copy.deepcopy(model)
+    quantize_in_place(model, tiny_layers(model))
+    model.to("cuda", dtype)
+    enc = tokenizer("The quick brown fox jumps", return_tensors="pt", add_special_tokens=False).to("cuda")
+    with torch.inference_mode():
+        via_kernels = model(**enc).logits.float()
+        for sample in (False, True):
+            out = model.generate(**enc, max_new_tokens=5, min_new_tokens=5, do_sample=sample,
+                                 pad_token_id=tokenizer.eos_token_id)
+            assert out.shape[1] == enc["input_ids"].shape[1] + 5
+        monkeypatch.setenv("RSAVQ_KERNELS", "off")
+        via_reference = model(**enc).logits.float()
+    torch.testing.assert_close(via_kernels, via_reference, rtol=2e-2, atol=2e-2)
+
+
+def _generate_both_ways(tiny_llama, monkeypatch: pytest.MonkeyPatch, device: str,  # type: ignore[no-untyped-def]
+                        dtype: torch.dtype) -> None:
+    """Greedy tokens through the kernels equal the reference path's (fp32: exact enough)."""
     model, tokenizer = tiny_llama
     model = copy.deepcopy(model)
     layers = tiny_layers(model)  # VQ and scalar layers
     assert {layer.kind for layer in layers.values()} == {"vq", "scalar"}
     quantize_in_place(model, layers)
-    enc = tokenizer("The quick brown fox", return_tensors="pt", add_special_tokens=False)
+    model.to(device, dtype)
+    enc = tokenizer("The quick brown fox", return_tensors="pt", add_special_tokens=False).to(device)
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
     with torch.inference_mode():
         via_kernels = model.generate(**enc, **kwargs)
