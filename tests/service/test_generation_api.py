@@ -225,3 +225,17 @@ def test_a_client_that_hangs_up_does_not_block_the_next(stack: dict[str, Any]) -
     out = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=3, temperature=0)
     assert out.usage.completion_tokens == 3
     assert time.monotonic() - started < 30, "the abandoned generation (200 tokens) was not cancelled"
+
+
+def test_several_prompts_and_token_id_prompts(stack: dict[str, Any], reference) -> None:  # type: ignore[no-untyped-def]
+    _, tokenizer = reference
+    client = _client(stack)
+    ids = tokenizer(PROMPT)["input_ids"]
+    out = client.completions.create(model=stack["done"], prompt=[PROMPT, "Water boils at"], max_tokens=4,
+                                    temperature=0)
+    assert [c.index for c in out.choices] == [0, 1]
+    by_ids = client.completions.create(model=stack["done"], prompt=ids, max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == out.choices[0].text
+    assert out.usage.prompt_tokens == len(ids) + len(tokenizer("Water boils at")["input_ids"])
+    with pytest.raises(openai.UnprocessableEntityError, match="token ids"):
+        client.completions.create(model=stack["done"], prompt=[10**9], max_tokens=2)
