@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -129,7 +130,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def health() -> JSONResponse:
         checks = {"database": _db_ok(context), "broker": broker_ok(context.celery)}
         ok = all(checks.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503)
+        # Reported, not part of the status: jobs work without it, only generation answers 503.
+        generation = _generation_state(settings.generation_url)
+        return JSONResponse({"status": "ok" if ok else "degraded", **checks, "generation": generation},
+                            status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     def metrics() -> Response:
@@ -138,6 +142,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(Observe, metrics=context.metrics)
     return app
+
+
+def _generation_state(url: str | None) -> str:
+    if not url:
+        return "not configured"
+    try:
+        return "ok" if httpx.get(f"{url}/health", timeout=1.0).status_code == 200 else "unhealthy"
+    except httpx.HTTPError:
+        return "unreachable"
 
 
 def _db_ok(context: Context) -> bool:

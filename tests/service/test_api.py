@@ -194,7 +194,8 @@ def test_client_download_resumes_and_verifies(api, keys, sessions, settings, tmp
 def test_health_and_prometheus_metrics(api, keys) -> None:  # type: ignore[no-untyped-def]
     submit(api, keys["alice"])
     health = api.get("/health")
-    assert health.status_code == 200 and health.json() == {"status": "ok", "database": True, "broker": True}
+    assert health.status_code == 200 and health.json() == {"status": "ok", "database": True, "broker": True,
+                                                        "generation": "not configured"}
     text = api.get("/metrics").text
     assert 'rsavq_jobs{status="queued"} 1.0' in text
     assert 'rsavq_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text

@@ -162,6 +162,9 @@ def test_chat_completion_stream_and_not(stack: dict[str, Any]) -> None:
 
 
 def test_models_lists_only_the_tenants_succeeded_jobs(stack: dict[str, Any]) -> None:
+    import httpx
+
+    assert httpx.get(stack["url"] + "/health").json()["generation"] == "ok"
     assert [m.id for m in _client(stack).models.list()] == [stack["done"]]
     assert list(_client(stack, "bob").models.list()) == []
 
