@@ -74,11 +74,16 @@ class StatsStore:
 
     def save_block(self, index: int, stats: dict[str, LayerStats]) -> None:
         tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
         for name, st in stats.items():
             for f in _FIELDS:
                 value = getattr(st, f)
                 if value is not None:
-                    tensors[f"{name}::{f}"] = value.contiguous()
+                    # K-FAC's input factor is the activation Hessian itself (both E[x xᵀ]);
+                    # safetensors refuses shared storage, so a second reference is stored as a copy.
+                    ptr = value.untyped_storage().data_ptr()
+                    tensors[f"{name}::{f}"] = value.clone() if ptr in seen else value.contiguous()
+                    seen.add(ptr)
             tensors[f"{name}::tau"] = torch.tensor([st.tau, st.n_samples, st.n_tokens], dtype=torch.float64)
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.block_file(index).with_suffix(".tmp")

@@ -168,15 +168,16 @@ def test_hessian_only(tiny_llama: Any, tokens: torch.Tensor, reference: dict[str
         close(st.hessian, reference[name]["hessian"])
 
 
+@pytest.mark.parametrize("fisher", ["exact", "kfac"])  # K-FAC's F_I *is* the Hessian: one storage, saved twice
 def test_store_round_trip_and_reuse(tiny_llama: Any, tokens: torch.Tensor, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                    monkeypatch: pytest.MonkeyPatch, fisher: str) -> None:
     model, _ = tiny_llama
     key = StatsKey(fingerprint="tiny", tokens_hash=tokens_hash(tokens), n_samples=S, seq_len=T,
-                   fisher="exact", with_grads=True)
+                   fisher=fisher, with_grads=True)
     assert StatsStore.find(key, root=tmp_path) is None
     store = compute_statistics(model, tokens, key, micro_batch=2, root=tmp_path)
     assert store.complete() and store.folder.parent == tmp_path
-    direct = run_statistics(model, tokens, "exact", 2)
+    direct = run_statistics(model, tokens, fisher, 2)
     for index in range(2):
         loaded = store.load_block(index)
         assert set(loaded) == set(find_decoder_layout(model).linear_names(index))
@@ -194,13 +195,14 @@ def test_store_round_trip_and_reuse(tiny_llama: Any, tokens: torch.Tensor, tmp_p
     again = compute_statistics(model, tokens, key, root=tmp_path)
     assert again.folder == store.folder
     # A Hessian-only request is served by the store with gradients (any Fisher form).
-    for fisher in ("exact", "kfac"):
-        hess_key = StatsKey(**{**key.__dict__, "with_grads": False, "fisher": fisher})
+    for form in ("exact", "kfac"):
+        hess_key = StatsKey(**{**key.__dict__, "with_grads": False, "fisher": form})
         found = StatsStore.find(hess_key, root=tmp_path)
         assert found is not None and found.folder == store.folder
         assert compute_statistics(model, tokens, hess_key, root=tmp_path).folder == store.folder
     # ... but a different key is not.
-    for change in ({"n_samples": S + 1}, {"fisher": "kfac"}, {"tokens_hash": "other"}, {"fingerprint": "x"}):
+    other = "exact" if fisher == "kfac" else "kfac"
+    for change in ({"n_samples": S + 1}, {"fisher": other}, {"tokens_hash": "other"}, {"fingerprint": "x"}):
         assert StatsStore.find(StatsKey(**{**key.__dict__, **change}), root=tmp_path) is None
 
 
