@@ -57,26 +57,30 @@ def repair_budget(bits: list[int], sizes: list[int], budget: float, lo: int, hi:
     effective bpw the caller reports says by how much the layer missed).
 
     Exhaustive over non-increasing tuples in [lo, hi] (groups are sorted by sensitivity, so a less
-    sensitive group never gets more bits than a more sensitive one): maximise Σ sizes·bits subject
-    to ≤ budget, then minimise Σ sizes·(bits − wanted)², then prefer the rounded ``bits``. G is
+    sensitive group never gets more bits than a more sensitive one): maximise the index bits
+    Σ sizes·bits subject to cost ≤ budget, then minimise Σ sizes·(bits − wanted)², then prefer
+    the rounded ``bits``. The objective is index bits, not the cost spent: under a codebook-aware
+    cost, spending more would favour a high-bit group whose codebook alone costs more than the
+    index bits it buys (measured: 3.1 effective bpw went to (5,2,2,2) and (4,4,2,2) layers). G is
     small (4 in the paper), so this is at most a few thousand tuples; a greedy one-bit-at-a-time
     repair can stop short of the budget when group sizes differ.
     """
     eps = 1e-9
     index_budget = cost is None
     cost = cost or (lambda g, b: sizes[g] * b)
-    best: tuple[float, float, int, tuple[int, ...]] | None = None
+    best: tuple[int, float, int, tuple[int, ...]] | None = None
     floor_rest = [sum(cost(h, lo) for h in range(g + 1, len(sizes))) for g in range(len(sizes))]
 
-    def visit(prefix: list[int], spent: int) -> None:
+    def visit(prefix: list[int], spent: float) -> None:
         nonlocal best
         g = len(prefix)
         if g == len(sizes):
             if spent > budget + eps:
                 return
+            index_bits = sum(s * b for s, b in zip(sizes, prefix, strict=True))
             dist = sum(s * (b - w) ** 2 for s, b, w in zip(sizes, prefix, wanted, strict=True))
             moved = sum(abs(b - r) for b, r in zip(prefix, bits, strict=True))
-            key = (-spent, dist, moved, tuple(prefix))
+            key = (-index_bits, dist, moved, tuple(prefix))
             if best is None or key < best:
                 best = key
             return

@@ -174,3 +174,19 @@ def test_budget_reached_with_unequal_groups() -> None:
     assert sizes_of(alloc) == [3, 3, 3, 1]
     assert total_bits(alloc) == best_total([3, 3, 3, 1], 25, 1, 4) == 25
     assert alloc.average_bits() == 2.5
+
+
+def test_codebook_aware_repair_buys_index_bits_not_codebooks() -> None:
+    """With a cost that counts codebooks (2**(b*d) entries), a high-bit group can spend more of the
+    budget while giving fewer index bits; the repair must prefer the index bits."""
+    sizes, rows, d = [16, 16, 16, 16], 100, 2
+
+    def cost(g: int, b: int) -> float:
+        return sizes[g] * rows * b + 2 ** (b * d) * d * 16  # index bits + fp16 codebook
+
+    # (4,3,2,2) spends exactly the budget but stores 11 index bits per row of 4 columns; (3,3,3,3)
+    # spends less and stores 12: the repair must take the latter.
+    budget = cost(0, 4) + cost(1, 3) + cost(2, 2) + cost(3, 2)
+    assert sum(cost(g, 3) for g in range(4)) < budget
+    bits = repair_budget([4, 3, 2, 2], sizes, budget, 1, 8, [4.0, 3.0, 2.0, 2.0], cost)
+    assert bits == [3, 3, 3, 3]
