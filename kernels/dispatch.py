@@ -4,7 +4,7 @@ Both layer kinds have the same three paths: VQ (``vq_triton``, ``vq_reference``)
 RTN/GPTQ (``scalar_triton``, ``scalar_reference``).
 
 * Triton runs when the input is on a CUDA device, its dtype is fp16/bf16/fp32 and the layer's codes fit the
-  kernels (``vq_layout.MAX_CODE_BITS``). Anything else takes ``vq_reference``.
+  kernels (``vq_layout.MAX_CODE_BITS``). Anything else takes the reference.
 * Up to ``gemv_max_tokens()`` rows of input (decode) use the fused codebook GEMV, which never
   builds the weight; more rows (prefill) dequantize into a scratch weight and call the vendor
   GEMM (tensor cores), whose cost is amortized over the tokens.
@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.scalar_reference import PackedScalar, scalar_linear_reference
+from kernels.scalar_reference import PackedScalar
 from kernels.vq_layout import PackedVQ
-from kernels.vq_reference import vq_linear_reference
 from rsavq_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,10 +67,10 @@ def kernel_device(device: torch.device) -> bool:
     return (policy == "interpret" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def kernel_supported(x: torch.Tensor, packed: PackedVQ | PackedScalar) -> bool:
-    """Whether the Triton kernels can take this call (otherwise the reference does)."""
-    return (kernel_device(x.device) and x.dtype in SUPPORTED_DTYPES and x.device == packed.device
-            and x.shape[-1] == packed.in_features)
+def kernel_supported(x: torch.Tensor, weights_device: torch.device, in_features: int) -> bool:
+    """Whether the Triton kernels can take x [..., N] against weights held on ``weights_device``."""
+    return (x.device == weights_device and x.shape[-1] == in_features and x.dtype in SUPPORTED_DTYPES
+            and kernel_device(x.device))
 
 
 @functools.cache
@@ -91,13 +90,14 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
 
 
-def packed_linear(x: torch.Tensor, packed: PackedVQ | PackedScalar) -> torch.Tensor:
-    """x: [..., N] floating -> [..., M] of x's dtype: x @ W.T + bias for a packed weight W."""
-    vq = isinstance(packed, PackedVQ)
-    if not kernel_supported(x, packed):
-        return vq_linear_reference(x, packed) if vq else scalar_linear_reference(x, packed)  # type: ignore[arg-type]
+def kernel_linear(x: torch.Tensor, packed: PackedVQ | PackedScalar) -> torch.Tensor:
+    """x: [..., N] -> [..., M] of x's dtype, x @ W.T + bias through the Triton kernels.
+
+    The caller has checked ``kernel_supported`` and otherwise uses the reference
+    (``vq_reference`` / ``scalar_reference``), as ``QuantLinear`` does.
+    """
     # Imported here: only the kernel path needs triton.
-    if vq:
+    if isinstance(packed, PackedVQ):
         from kernels.vq_triton import vq_dequantize as dequantize
         from kernels.vq_triton import vq_gemv as gemv
     else:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import kernel_device, kernel_supported, packed_linear
+from kernels.dispatch import kernel_linear, kernel_supported
 from kernels.scalar_reference import PackedScalar
 from kernels.vq_layout import MAX_CODE_BITS, PackedVQ, build_packed_vq
 from rsavq_core.artifact import Artifact, read_artifact
@@ -136,19 +136,17 @@ class QuantLinear(nn.Module):
         return self._kernel_layout
 
     def _uses_kernels(self, x: torch.Tensor) -> bool:
-        stream = self.codes if self.kind == "scalar" else self.perm
-        if not kernel_device(x.device) or stream.device != x.device:
-            return False
         if self.kind == "vq":
             widest = max(bits for bits, _, _ in self.group_specs) * (self.vector_len // self.n_pq)
             if widest > MAX_CODE_BITS:
                 return False
-        return kernel_supported(x, self._packed())
+        stream = self.codes if self.kind == "scalar" else self.perm
+        return kernel_supported(x, stream.device, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., N] floating -> [..., M] of x's dtype."""
         if self._uses_kernels(x):
-            return packed_linear(x, self._packed())
+            return kernel_linear(x, self._packed())
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self._dense_weight(x.dtype, x.device), bias)
 
