@@ -65,8 +65,7 @@ class _TextStops(StoppingCriteria, BaseStreamer):
         self.ids: list[int] = []  # generated ids seen so far
         self.streamed: list[int] = []  # those the streamer hook received
         self.text, self.sent, self.stopped = "", 0, False
-        self.cancelled = False  # the consumer went away: stop generating, emit nothing more
-        self.cancel = cancel
+        self.cancel = cancel or threading.Event()  # set: stop generating at the next token
         self.deltas: queue.Queue[str | None] = queue.Queue()
         self._skip_prompt = True
 
@@ -113,7 +112,7 @@ class _TextStops(StoppingCriteria, BaseStreamer):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         self._advance(input_ids[0, self.prompt_len:].tolist())
-        done = self.stopped or self.cancelled or (self.cancel is not None and self.cancel.is_set())
+        done = self.stopped or self.cancel.is_set()
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -161,7 +160,7 @@ def stream_completion(model: nn.Module, tokenizer: Any, prompt_ids: list[int], p
         while (delta := stops.deltas.get()) is not None:
             yield delta
     finally:  # also when the consumer closes us early (a client disconnected): free the device
-        stops.cancelled = True
+        stops.cancel.set()
         thread.join()
     if "error" in result:
         raise result["error"]

@@ -94,7 +94,7 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 async def _serve(ctx: Context, session: Session, tenant: str, model: str, chat: bool,
                  payloads: list[dict[str, Any]], stream: bool, include_usage: bool) -> Any:
-    job, artifact = _resolve(session, tenant, model)
+    _, artifact = _resolve(session, tenant, model)
     session.rollback()  # hold no pooled connection while generating
     client = _client(ctx)
     base = {"artifact": artifact.path, "sha256": artifact.sha256}
@@ -178,16 +178,14 @@ async def _serve(ctx: Context, session: Session, tenant: str, model: str, chat: 
 @router.post("/completions", summary="Complete a prompt with a quantized model (OpenAI-compatible)")
 async def completions(body: CompletionRequest, tenant: Tenant, ctx: Ctx, session: DbSession) -> Any:
     payloads = [{**p, "params": body.params(body.max_tokens)} for p in body.prompts()]
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _serve(ctx, session, tenant, body.model, False, payloads, body.stream, include_usage)
+    return await _serve(ctx, session, tenant, body.model, False, payloads, body.stream, body.include_usage())
 
 
 @router.post("/chat/completions", summary="Chat with a quantized model (OpenAI-compatible)")
 async def chat_completions(body: ChatCompletionRequest, tenant: Tenant, ctx: Ctx, session: DbSession) -> Any:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     payload = {"messages": messages, "params": body.params(body.max_completion_tokens or body.max_tokens)}
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _serve(ctx, session, tenant, body.model, True, [payload], body.stream, include_usage)
+    return await _serve(ctx, session, tenant, body.model, True, [payload], body.stream, body.include_usage())
 
 
 @router.get("/models", summary="The models this key may generate with (its succeeded jobs)")

@@ -51,6 +51,9 @@ class _Sampling(BaseModel):
             raise ValueError("logit_bias is not supported")
         return self
 
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 

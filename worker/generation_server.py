@@ -126,8 +126,9 @@ class ModelPool:
         if tokenizer is None:
             raise ConfigError("this checkpoint has no tokenizer, so it cannot generate text")
         context = getattr(model.config, "max_position_embeddings", None)
-        log.info("loaded %s (%.2f GiB) on %s", sha256[:12], _model_bytes(model) / 2**30, self.device)
-        return Loaded(model, tokenizer, _model_bytes(model), context)
+        nbytes = _model_bytes(model)
+        log.info("loaded %s (%.2f GiB) on %s", sha256[:12], nbytes / 2**30, self.device)
+        return Loaded(model, tokenizer, nbytes, context)
 
 
 def _prompt_ids(loaded: Loaded, req: GenerateRequest) -> list[int]:
