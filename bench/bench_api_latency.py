@@ -36,6 +36,7 @@ async def drive(url: str, headers: dict[str, str], rate: float, seconds: float) 
     errors = 0
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(headers=headers, timeout=10, limits=limits) as client:
+
         async def one(scheduled: float) -> None:
             nonlocal errors
             try:
@@ -80,9 +81,23 @@ def main() -> int:
     with session_factory(settings.database_url)() as session:
         key = create_key(session, "bench")
     env = {**os.environ, **settings.to_env()}
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--port",
-                               str(args.port), "--workers", str(args.workers), "--log-level", "warning",
-                               "--no-access-log"], env=env)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.app:create_app",
+            "--factory",
+            "--port",
+            str(args.port),
+            "--workers",
+            str(args.workers),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+    )
     base = f"http://127.0.0.1:{args.port}"
     headers = {"Authorization": f"Bearer {key}"}
     try:
@@ -100,17 +115,32 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=30)
     ms = [x * 1000 for x in latencies]
-    result = {"endpoint": "GET /v1/jobs/{id}", "rate_rps": args.rate, "seconds": args.seconds,
-              "requests": len(ms), "errors": errors, "uvicorn_workers": args.workers,
-              "database": settings.database_url.split(":")[0], "broker": settings.broker_url.split(":")[0],
-              "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90), "p99_ms": percentile(ms, 99),
-              "max_ms": max(ms), "mean_ms": statistics.fmean(ms), "cpu_count": os.cpu_count()}
+    result = {
+        "endpoint": "GET /v1/jobs/{id}",
+        "rate_rps": args.rate,
+        "seconds": args.seconds,
+        "requests": len(ms),
+        "errors": errors,
+        "uvicorn_workers": args.workers,
+        "database": settings.database_url.split(":")[0],
+        "broker": settings.broker_url.split(":")[0],
+        "p50_ms": percentile(ms, 50),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": max(ms),
+        "mean_ms": statistics.fmean(ms),
+        "cpu_count": os.cpu_count(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    sys.stdout.write("| endpoint | rate | requests | errors | p50 ms | p90 ms | p99 ms | max ms |\n"
-                     "|---|---|---|---|---|---|---|---|\n")
-    sys.stdout.write(f"| {result['endpoint']} | {args.rate:g}/s | {len(ms)} | {errors} | {result['p50_ms']:.1f} | "
-                     f"{result['p90_ms']:.1f} | {result['p99_ms']:.1f} | {result['max_ms']:.1f} |\n")
+    sys.stdout.write(
+        "| endpoint | rate | requests | errors | p50 ms | p90 ms | p99 ms | max ms |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    sys.stdout.write(
+        f"| {result['endpoint']} | {args.rate:g}/s | {len(ms)} | {errors} | {result['p50_ms']:.1f} | "
+        f"{result['p90_ms']:.1f} | {result['p99_ms']:.1f} | {result['max_ms']:.1f} |\n"
+    )
     return 0
 
 

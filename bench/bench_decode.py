@@ -38,8 +38,15 @@ from random_vq import quantize_randomly  # noqa: E402
 def llama_7b(device: str, dtype: torch.dtype) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
     with torch.device(device):
         return LlamaForCausalLM(config).to(dtype).eval()
 
@@ -47,8 +54,15 @@ def llama_7b(device: str, dtype: torch.dtype) -> nn.Module:
 def tokens_per_second(model: nn.Module, new_tokens: int, repeats: int, cuda_graphs: bool) -> list[float]:
     device = next(iter(model.parameters())).device
     ids = torch.tensor([[1]], device=device)
-    kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-                              "pad_token_id": 0, "temperature": None, "top_p": None, "top_k": None}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": 0,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+    }
     if cuda_graphs:
         kwargs["cache_implementation"] = "static"
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
@@ -102,18 +116,31 @@ def main() -> int:
     name = args.shape or args.model
     out = sys.stdout.write
     mode = "CUDA graphs" if args.cuda_graphs else "eager"
-    out(f"decode, batch 1, 1-token prompt, {args.new_tokens} new tokens, {name}, {device_name}, {mode}\n\n"
-        f"| model | tokens/s (median of {args.repeats}) |\n|---|---|\n")
+    out(
+        f"decode, batch 1, 1-token prompt, {args.new_tokens} new tokens, {name}, {device_name}, {mode}\n\n"
+        f"| model | tokens/s (median of {args.repeats}) |\n|---|---|\n"
+    )
     for label, r in results.items():
         out(f"| {label} | {r['tokens_per_s']:.1f} |\n")
     speedup = results[f"vq-{args.bits}bit"]["tokens_per_s"] / results["float"]["tokens_per_s"]
     out(f"\nquantized / float: {speedup:.2f}x\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": name, "device": device_name, "dtype": str(dtype),
-                                         "new_tokens": args.new_tokens, "cuda_graphs": args.cuda_graphs,
-                                         "artifact": args.artifact, "results": results, "speedup": speedup},
-                                        indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": name,
+                    "device": device_name,
+                    "dtype": str(dtype),
+                    "new_tokens": args.new_tokens,
+                    "cuda_graphs": args.cuda_graphs,
+                    "artifact": args.artifact,
+                    "results": results,
+                    "speedup": speedup,
+                },
+                indent=1,
+            )
+        )
         out(f"wrote {args.json}\n")
     return 0
 

@@ -37,8 +37,9 @@ def measure(shape: tuple[int, int], bits: int) -> list[dict[str, Any]]:
     for tokens in TOKENS:
         x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.float16)
         gemv = triton.testing.do_bench(lambda x=x: vq_gemv(x, packed), return_mode="median")
-        gemm = triton.testing.do_bench(lambda x=x: F.linear(x, vq_dequantize(packed, torch.float16)),
-                                       return_mode="median")
+        gemm = triton.testing.do_bench(
+            lambda x=x: F.linear(x, vq_dequantize(packed, torch.float16)), return_mode="median"
+        )
         rows.append({"shape": list(shape), "tokens": tokens, "gemv_ms": gemv, "dequant_gemm_ms": gemm})
     return rows
 
@@ -57,15 +58,20 @@ def main() -> int:
     crossover = max((t for t in wins if all(w in wins for w in TOKENS if w <= t)), default=0)
     gpu = torch.cuda.get_device_name()
     out = sys.stdout.write
-    out(f"GEMV vs dequantize + GEMM, {args.bits}-bit, {gpu}\n\n| shape | tokens | GEMV us | dequant+GEMM us |\n"
-        "|---|---|---|---|\n")
+    out(
+        f"GEMV vs dequantize + GEMM, {args.bits}-bit, {gpu}\n\n| shape | tokens | GEMV us | dequant+GEMM us |\n"
+        "|---|---|---|---|\n"
+    )
     for r in rows:
-        out(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {r['gemv_ms'] * 1e3:.1f} | "
-            f"{r['dequant_gemm_ms'] * 1e3:.1f} |\n")
+        out(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {r['gemv_ms'] * 1e3:.1f} | "
+            f"{r['dequant_gemm_ms'] * 1e3:.1f} |\n"
+        )
     out(f"\nGEMV wins up to {crossover} tokens on every shape\n")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"gpu": gpu, "bits": args.bits, "rows": rows, "gemv_max_tokens": crossover},
-                                    indent=1))
+    args.json.write_text(
+        json.dumps({"gpu": gpu, "bits": args.bits, "rows": rows, "gemv_max_tokens": crossover}, indent=1)
+    )
     if not args.no_write_thresholds:
         from kernels.dispatch import THRESHOLDS_FILE
 

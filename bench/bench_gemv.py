@@ -29,7 +29,7 @@ BLOCKS = [(32, 32, 128), (64, 32, 128), (64, 64, 256), (128, 32, 128), (128, 64,
 
 
 def bytes_read(packed: Any, n: int, m: int) -> int:
-    return (packed.words.numel() * 4 + packed.codebooks.numel() * 2 + packed.perm.numel() * 4 + n * 2 + m * 4)
+    return packed.words.numel() * 4 + packed.codebooks.numel() * 2 + packed.perm.numel() * 4 + n * 2 + m * 4
 
 
 def run(shape: tuple[int, int], bits: int, sweep: bool) -> dict[str, Any]:
@@ -46,14 +46,30 @@ def run(shape: tuple[int, int], bits: int, sweep: bool) -> dict[str, Any]:
     results = []
     for block_m, block_k, tile_cols in BLOCKS if sweep else BLOCKS[1:2]:
         packed = packed_from_layer(layer, "cuda", tile_cols=tile_cols)
-        ms = triton.testing.do_bench(lambda p=packed, bm=block_m, bk=block_k: vq_gemv(x, p, bm, bk),
-                                     return_mode="median")
-        results.append({"block_m": block_m, "block_k": block_k, "tile_cols": tile_cols, "ms": ms,
-                        "gbps": bytes_read(packed, n, m) / ms / 1e6})
+        ms = triton.testing.do_bench(
+            lambda p=packed, bm=block_m, bk=block_k: vq_gemv(x, p, bm, bk), return_mode="median"
+        )
+        results.append(
+            {
+                "block_m": block_m,
+                "block_k": block_k,
+                "tile_cols": tile_cols,
+                "ms": ms,
+                "gbps": bytes_read(packed, n, m) / ms / 1e6,
+            }
+        )
     default, best = results[0] if not sweep else results[1], min(results, key=lambda r: r["ms"])
-    return {"shape": list(shape), "bits": bits, "fp16_ms": fp16_ms, "fp16_gbps": (m * n + n + m) * 2 / fp16_ms / 1e6,
-            "default": default, "best": best, "speedup_default": fp16_ms / default["ms"],
-            "speedup_best": fp16_ms / best["ms"], "configs": results}
+    return {
+        "shape": list(shape),
+        "bits": bits,
+        "fp16_ms": fp16_ms,
+        "fp16_gbps": (m * n + n + m) * 2 / fp16_ms / 1e6,
+        "default": default,
+        "best": best,
+        "speedup_default": fp16_ms / default["ms"],
+        "speedup_best": fp16_ms / best["ms"],
+        "configs": results,
+    }
 
 
 def main() -> int:
@@ -63,20 +79,26 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=Path("bench/results/gemv.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.stdout.write("no CUDA GPU here: the GEMV benchmark measures nothing on CPU (the kernels' CPU "
-                         "correctness is checked by `pytest -m interpret`)\n")
+        sys.stdout.write(
+            "no CUDA GPU here: the GEMV benchmark measures nothing on CPU (the kernels' CPU "
+            "correctness is checked by `pytest -m interpret`)\n"
+        )
         return 0
     rows = [run(shape, bits, not args.no_sweep) for bits, shape in itertools.product(args.bits or [2, 3, 4], SHAPES)]
     gpu = torch.cuda.get_device_name()
     out = sys.stdout.write
     out(f"GEMV, batch 1, {gpu}, torch {torch.__version__}\n\n")
-    out("| shape (out x in) | bits | fp16 us | fp16 GB/s | VQ us (default) | VQ us (best) | VQ GB/s (best) "
-        "| speed-up (best) | best blocks |\n|---|---|---|---|---|---|---|---|---|\n")
+    out(
+        "| shape (out x in) | bits | fp16 us | fp16 GB/s | VQ us (default) | VQ us (best) | VQ GB/s (best) "
+        "| speed-up (best) | best blocks |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
     for r in rows:
         b = r["best"]
-        out(f"| {r['shape'][0]}x{r['shape'][1]} | {r['bits']} | {r['fp16_ms'] * 1e3:.1f} | {r['fp16_gbps']:.0f} | "
+        out(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['bits']} | {r['fp16_ms'] * 1e3:.1f} | {r['fp16_gbps']:.0f} | "
             f"{r['default']['ms'] * 1e3:.1f} | {b['ms'] * 1e3:.1f} | {b['gbps']:.0f} | {r['speedup_best']:.2f}x | "
-            f"{b['block_m']}/{b['block_k']}/{b['tile_cols']} |\n")
+            f"{b['block_m']}/{b['block_k']}/{b['tile_cols']} |\n"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1))
     out(f"\nwrote {args.json}\n")

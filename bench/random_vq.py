@@ -15,8 +15,17 @@ from rsavq_core.models import quantizable_linears
 from rsavq_core.qlinear import quantize_in_place
 
 
-def random_vq_layer(out_features: int, in_features: int, bits: int, *, device: torch.device | str = "cpu",
-                    vector_len: int = 6, n_pq: int = 2, n_groups: int = 4, seed: int = 0) -> VQLayer:
+def random_vq_layer(
+    out_features: int,
+    in_features: int,
+    bits: int,
+    *,
+    device: torch.device | str = "cpu",
+    vector_len: int = 6,
+    n_pq: int = 2,
+    n_groups: int = 4,
+    seed: int = 0,
+) -> VQLayer:
     """A VQ layer [out_features, in_features] with every group at ``bits`` bits per weight."""
     gen = torch.Generator(device=device).manual_seed(seed)
     d = vector_len // n_pq
@@ -34,6 +43,8 @@ def random_vq_layer(out_features: int, in_features: int, bits: int, *, device: t
 
 def quantize_randomly(model: nn.Module, bits: int, device: torch.device | str) -> nn.Module:
     """Swap every decoder-block linear of ``model`` for a random ``bits``-bit QuantLinear."""
-    layers = {name: random_vq_layer(lin.out_features, lin.in_features, bits, device=device, seed=i)
-              for i, (name, lin) in enumerate(quantizable_linears(model))}
+    layers = {
+        name: random_vq_layer(lin.out_features, lin.in_features, bits, device=device, seed=i)
+        for i, (name, lin) in enumerate(quantizable_linears(model))
+    }
     return quantize_in_place(model, layers)

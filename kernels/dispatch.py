@@ -64,13 +64,17 @@ def kernel_device(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    return (policy == "interpret" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return policy == "interpret" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernel_supported(x: torch.Tensor, weights_device: torch.device, in_features: int) -> bool:
     """Whether the Triton kernels can take x [..., N] against weights held on ``weights_device``."""
-    return (x.device == weights_device and x.shape[-1] == in_features and x.dtype in SUPPORTED_DTYPES
-            and kernel_device(x.device))
+    return (
+        x.device == weights_device
+        and x.shape[-1] == in_features
+        and x.dtype in SUPPORTED_DTYPES
+        and kernel_device(x.device)
+    )
 
 
 @functools.cache

@@ -18,9 +18,9 @@ from rsavq_core.packing import packed_words, unpack_codes
 @dataclass(frozen=True)
 class PackedScalar:
     """Attributes:
-        out_features, in_features: M, N. bits: code width (1..8). group_size: g.
-        words: [packed_words(M*N, bits)] int32, the codes row-major.
-        scales, zeros: [M, ceil(N / g)] float16. bias: [M] float16 or None.
+    out_features, in_features: M, N. bits: code width (1..8). group_size: g.
+    words: [packed_words(M*N, bits)] int32, the codes row-major.
+    scales, zeros: [M, ceil(N / g)] float16. bias: [M] float16 or None.
     """
 
     out_features: int
@@ -37,8 +37,9 @@ class PackedScalar:
         if self.words.numel() < packed_words(m * n, self.bits):
             raise UnsupportedShapeError(f"{self.words.numel()} words cannot hold {m}x{n} {self.bits}-bit codes")
         if tuple(self.scales.shape) != (m, groups) or tuple(self.zeros.shape) != (m, groups):
-            raise UnsupportedShapeError(f"scales/zeros must be [{m}, {groups}], got {tuple(self.scales.shape)} "
-                                        f"and {tuple(self.zeros.shape)}")
+            raise UnsupportedShapeError(
+                f"scales/zeros must be [{m}, {groups}], got {tuple(self.scales.shape)} and {tuple(self.zeros.shape)}"
+            )
 
     @property
     def device(self) -> torch.device:

@@ -28,9 +28,25 @@ def _weights(words_ptr, scales_ptr, zeros_ptr, rows, cols, ok, N, n_groups, bits
 
 # `bits` is used as a tensor (`.to`): Triton would turn an int argument equal to 1 into a constant.
 @triton.jit(do_not_specialize=["bits"])
-def _scalar_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, B, M, N, n_groups, bits, group_size,
-                        stride_xb, stride_ob, TILE_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+def _scalar_gemv_kernel(
+    x_ptr,
+    words_ptr,
+    scales_ptr,
+    zeros_ptr,
+    out_ptr,
+    B,
+    M,
+    N,
+    n_groups,
+    bits,
+    group_size,
+    stride_xb,
+    stride_ob,
+    TILE_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     batch = tl.arange(0, BLOCK_B)
@@ -40,18 +56,44 @@ def _scalar_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, B, M, 
     for k0 in range(tile_start, tile_start + TILE_K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < N
-        xv = tl.load(x_ptr + batch.to(tl.int64)[:, None] * stride_xb + cols[None, :],
-                     mask=batch_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        w = _weights(words_ptr, scales_ptr, zeros_ptr, rows, cols, row_ok[:, None] & col_ok[None, :], N, n_groups,
-                     bits, group_size)
+        xv = tl.load(
+            x_ptr + batch.to(tl.int64)[:, None] * stride_xb + cols[None, :],
+            mask=batch_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w = _weights(
+            words_ptr,
+            scales_ptr,
+            zeros_ptr,
+            rows,
+            cols,
+            row_ok[:, None] & col_ok[None, :],
+            N,
+            n_groups,
+            bits,
+            group_size,
+        )
         acc += tl.sum(w[None, :, :] * xv[:, None, :], axis=2)
-    tl.atomic_add(out_ptr + batch.to(tl.int64)[:, None] * stride_ob + rows[None, :], acc,
-                  mask=batch_ok[:, None] & row_ok[None, :])
+    tl.atomic_add(
+        out_ptr + batch.to(tl.int64)[:, None] * stride_ob + rows[None, :], acc, mask=batch_ok[:, None] & row_ok[None, :]
+    )
 
 
 @triton.jit(do_not_specialize=["bits"])
-def _scalar_dequant_kernel(words_ptr, scales_ptr, zeros_ptr, w_ptr, M, N, n_groups, bits, group_size, stride_wm,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _scalar_dequant_kernel(
+    words_ptr,
+    scales_ptr,
+    zeros_ptr,
+    w_ptr,
+    M,
+    N,
+    n_groups,
+    bits,
+    group_size,
+    stride_wm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
@@ -59,16 +101,33 @@ def _scalar_dequant_kernel(words_ptr, scales_ptr, zeros_ptr, w_ptr, M, N, n_grou
     tl.store(w_ptr + rows.to(tl.int64)[:, None] * stride_wm + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
-def scalar_gemv(x: torch.Tensor, packed: PackedScalar, block_m: int = 64, block_k: int = 32,
-                tile_k: int = 256) -> torch.Tensor:
+def scalar_gemv(
+    x: torch.Tensor, packed: PackedScalar, block_m: int = 64, block_k: int = 32, tile_k: int = 256
+) -> torch.Tensor:
     """x: [B, N] fp16/bf16/fp32, B small -> [B, M] of x's dtype (bias added); fp32 accumulation."""
     batch, (m, n) = x.shape[0], (packed.out_features, packed.in_features)
     x = x.contiguous()
     out = torch.zeros(batch, m, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, tile_k))
-    _scalar_gemv_kernel[grid](x, packed.words, packed.scales, packed.zeros, out, batch, m, n, packed.scales.shape[1],
-                              packed.bits, packed.group_size, x.stride(0), out.stride(0), TILE_K=tile_k,
-                              BLOCK_B=max(1, triton.next_power_of_2(batch)), BLOCK_M=block_m, BLOCK_K=block_k)
+    _scalar_gemv_kernel[grid](
+        x,
+        packed.words,
+        packed.scales,
+        packed.zeros,
+        out,
+        batch,
+        m,
+        n,
+        packed.scales.shape[1],
+        packed.bits,
+        packed.group_size,
+        x.stride(0),
+        out.stride(0),
+        TILE_K=tile_k,
+        BLOCK_B=max(1, triton.next_power_of_2(batch)),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+    )
     if packed.bias is not None:
         out += packed.bias.float()
     return out.to(x.dtype)
@@ -79,6 +138,18 @@ def scalar_dequantize(packed: PackedScalar, dtype: torch.dtype, block_m: int = 6
     m, n = packed.out_features, packed.in_features
     weight = torch.empty(m, n, dtype=dtype, device=packed.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_k))
-    _scalar_dequant_kernel[grid](packed.words, packed.scales, packed.zeros, weight, m, n, packed.scales.shape[1],
-                                 packed.bits, packed.group_size, weight.stride(0), BLOCK_M=block_m, BLOCK_K=block_k)
+    _scalar_dequant_kernel[grid](
+        packed.words,
+        packed.scales,
+        packed.zeros,
+        weight,
+        m,
+        n,
+        packed.scales.shape[1],
+        packed.bits,
+        packed.group_size,
+        weight.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+    )
     return weight

@@ -62,10 +62,19 @@ class PackedVQ:
         return self.words.device
 
 
-def build_packed_vq(*, out_features: int, in_features: int, vector_len: int, n_pq: int,
-                    groups: list[tuple[int, int, int]], perm: torch.Tensor, codebooks: list[torch.Tensor],
-                    words: list[torch.Tensor], bias: torch.Tensor | None = None,
-                    tile_cols: int = 128) -> PackedVQ:
+def build_packed_vq(
+    *,
+    out_features: int,
+    in_features: int,
+    vector_len: int,
+    n_pq: int,
+    groups: list[tuple[int, int, int]],
+    perm: torch.Tensor,
+    codebooks: list[torch.Tensor],
+    words: list[torch.Tensor],
+    bias: torch.Tensor | None = None,
+    tile_cols: int = 128,
+) -> PackedVQ:
     """Concatenate a layer's groups and cut its columns into tiles of at most ``tile_cols``.
 
     Args:
@@ -85,9 +94,10 @@ def build_packed_vq(*, out_features: int, in_features: int, vector_len: int, n_p
         code_bits = bits * d
         if code_bits > MAX_CODE_BITS:
             raise UnsupportedShapeError(f"{code_bits}-bit codes exceed the kernels' {MAX_CODE_BITS}")
-        if tuple(cb.shape) != (n_pq, 2 ** code_bits, d):
-            raise UnsupportedShapeError(f"group codebooks have shape {tuple(cb.shape)}, expected "
-                                        f"{(n_pq, 2 ** code_bits, d)}")
+        if tuple(cb.shape) != (n_pq, 2**code_bits, d):
+            raise UnsupportedShapeError(
+                f"group codebooks have shape {tuple(cb.shape)}, expected {(n_pq, 2**code_bits, d)}"
+            )
         max_bits = max(max_bits, code_bits)
         for col in range(start, stop, tile_cols):
             rows.append((col, min(col + tile_cols, stop), start, code_bits, word_off, cb_off))
@@ -95,7 +105,11 @@ def build_packed_vq(*, out_features: int, in_features: int, vector_len: int, n_p
         cb_off += cb.numel()
     device = perm.device
     return PackedVQ(
-        out_features=out_features, in_features=in_features, sub_dim=d, n_pq=n_pq, codes_per_col=q,
+        out_features=out_features,
+        in_features=in_features,
+        sub_dim=d,
+        n_pq=n_pq,
+        codes_per_col=q,
         perm=perm.to(device=device, dtype=torch.int32).contiguous(),
         words=torch.cat([w.reshape(-1) for w in words]).to(device=device, dtype=torch.int32).contiguous(),
         codebooks=torch.cat([c.reshape(-1) for c in codebooks]).to(device=device, dtype=torch.float16),
@@ -110,8 +124,14 @@ def packed_from_layer(layer: VQLayer, device: torch.device | str | None = None, 
     device = layer.perm.device if device is None else torch.device(device)
     d = layer.sub_dim
     return build_packed_vq(
-        out_features=layer.out_features, in_features=layer.in_features, vector_len=layer.vector_len,
-        n_pq=layer.n_pq, groups=[(g.bits, g.start, g.stop) for g in layer.groups], perm=layer.perm.to(device),
+        out_features=layer.out_features,
+        in_features=layer.in_features,
+        vector_len=layer.vector_len,
+        n_pq=layer.n_pq,
+        groups=[(g.bits, g.start, g.stop) for g in layer.groups],
+        perm=layer.perm.to(device),
         codebooks=[g.codebooks.to(device) for g in layer.groups],
         words=[pack_codes(g.indices, g.bits * d).to(device) for g in layer.groups],
-        bias=layer.bias, tile_cols=tile_cols)
+        bias=layer.bias,
+        tile_cols=tile_cols,
+    )

@@ -32,10 +32,10 @@ def dequantize_reference(packed: PackedVQ, dtype: torch.dtype = torch.float16) -
     sub = torch.arange(q, device=packed.device) % packed.n_pq  # sub-codebook of each code in a column
     for start, stop, code_bits, word_off, cb_off in group_extents(packed):
         count = (stop - start) * q
-        stream = packed.words[word_off:word_off + packed_words(count, code_bits)]
+        stream = packed.words[word_off : word_off + packed_words(count, code_bits)]
         codes = unpack_codes(stream, code_bits, count).reshape(stop - start, q)
-        k = 2 ** code_bits
-        book = packed.codebooks[cb_off:cb_off + packed.n_pq * k * d].view(packed.n_pq, k, d).to(dtype)
+        k = 2**code_bits
+        book = packed.codebooks[cb_off : cb_off + packed.n_pq * k * d].view(packed.n_pq, k, d).to(dtype)
         cols = book[sub[None, :], codes]  # [cols, Q, d]
         weight[:, packed.perm[start:stop].long()] = cols.reshape(stop - start, q * d)[:, :m].T
     return weight

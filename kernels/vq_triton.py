@@ -54,9 +54,25 @@ def _codewords(words_ptr, cb_ptr, tile_ptr, rows, cols, col_stop, row_ok, Q, D: 
 
 
 @triton.jit
-def _vq_gemv_kernel(x_ptr, perm_ptr, words_ptr, cb_ptr, tiles_ptr, out_ptr, B, M, Q, stride_xb, stride_ob,
-                    D: tl.constexpr, N_PQ: tl.constexpr, FIELDS: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _vq_gemv_kernel(
+    x_ptr,
+    perm_ptr,
+    words_ptr,
+    cb_ptr,
+    tiles_ptr,
+    out_ptr,
+    B,
+    M,
+    Q,
+    stride_xb,
+    stride_ob,
+    D: tl.constexpr,
+    N_PQ: tl.constexpr,
+    FIELDS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     tile_ptr = tiles_ptr + tl.program_id(1) * FIELDS
     col_start = tl.load(tile_ptr)
     col_stop = tl.load(tile_ptr + 1)
@@ -69,18 +85,34 @@ def _vq_gemv_kernel(x_ptr, perm_ptr, words_ptr, cb_ptr, tiles_ptr, out_ptr, B, M
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < col_stop
         src = tl.load(perm_ptr + cols, mask=col_ok, other=0).to(tl.int64)  # the permutation, on x
-        xv = tl.load(x_ptr + batch.to(tl.int64)[:, None] * stride_xb + src[None, :],
-                     mask=batch_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        xv = tl.load(
+            x_ptr + batch.to(tl.int64)[:, None] * stride_xb + src[None, :],
+            mask=batch_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         w = _codewords(words_ptr, cb_ptr, tile_ptr, rows, cols, col_stop, row_ok, Q, D, N_PQ)
         acc += tl.sum(w[None, :, :] * xv[:, None, :], axis=2)
-    tl.atomic_add(out_ptr + batch.to(tl.int64)[:, None] * stride_ob + rows[None, :], acc,
-                  mask=batch_ok[:, None] & row_ok[None, :])
+    tl.atomic_add(
+        out_ptr + batch.to(tl.int64)[:, None] * stride_ob + rows[None, :], acc, mask=batch_ok[:, None] & row_ok[None, :]
+    )
 
 
 @triton.jit
-def _vq_dequant_kernel(perm_ptr, words_ptr, cb_ptr, tiles_ptr, w_ptr, M, Q, stride_wm,
-                       D: tl.constexpr, N_PQ: tl.constexpr, FIELDS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _vq_dequant_kernel(
+    perm_ptr,
+    words_ptr,
+    cb_ptr,
+    tiles_ptr,
+    w_ptr,
+    M,
+    Q,
+    stride_wm,
+    D: tl.constexpr,
+    N_PQ: tl.constexpr,
+    FIELDS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     tile_ptr = tiles_ptr + tl.program_id(1) * FIELDS
     col_start = tl.load(tile_ptr)
     col_stop = tl.load(tile_ptr + 1)
@@ -91,8 +123,11 @@ def _vq_dequant_kernel(perm_ptr, words_ptr, cb_ptr, tiles_ptr, w_ptr, M, Q, stri
         col_ok = cols < col_stop
         dst = tl.load(perm_ptr + cols, mask=col_ok, other=0).to(tl.int64)
         w = _codewords(words_ptr, cb_ptr, tile_ptr, rows, cols, col_stop, row_ok, Q, D, N_PQ)
-        tl.store(w_ptr + rows.to(tl.int64)[:, None] * stride_wm + dst[None, :], w.to(w_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(
+            w_ptr + rows.to(tl.int64)[:, None] * stride_wm + dst[None, :],
+            w.to(w_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
 
 
 def _block_b(batch: int) -> int:
@@ -108,10 +143,25 @@ def vq_gemv(x: torch.Tensor, packed: PackedVQ, block_m: int = 64, block_k: int =
     x = x.contiguous()
     out = torch.zeros(batch, packed.out_features, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(packed.out_features, block_m), packed.tiles.shape[0])
-    _vq_gemv_kernel[grid](x, packed.perm, packed.words, packed.codebooks, packed.tiles, out, batch,
-                          packed.out_features, packed.codes_per_col, x.stride(0), out.stride(0),
-                          D=packed.sub_dim, N_PQ=packed.n_pq, FIELDS=TILE_FIELDS, BLOCK_B=_block_b(batch),
-                          BLOCK_M=block_m, BLOCK_K=block_k)
+    _vq_gemv_kernel[grid](
+        x,
+        packed.perm,
+        packed.words,
+        packed.codebooks,
+        packed.tiles,
+        out,
+        batch,
+        packed.out_features,
+        packed.codes_per_col,
+        x.stride(0),
+        out.stride(0),
+        D=packed.sub_dim,
+        N_PQ=packed.n_pq,
+        FIELDS=TILE_FIELDS,
+        BLOCK_B=_block_b(batch),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+    )
     if packed.bias is not None:
         out += packed.bias.float()
     return out.to(x.dtype)
@@ -121,8 +171,19 @@ def vq_dequantize(packed: PackedVQ, dtype: torch.dtype, block_m: int = 64, block
     """The dense weight [M, N] of ``dtype`` (fp16/bf16/fp32) in the original column order."""
     weight = torch.empty(packed.out_features, packed.in_features, dtype=dtype, device=packed.device)
     grid = (triton.cdiv(packed.out_features, block_m), packed.tiles.shape[0])
-    _vq_dequant_kernel[grid](packed.perm, packed.words, packed.codebooks, packed.tiles, weight,
-                             packed.out_features, packed.codes_per_col, weight.stride(0),
-                             D=packed.sub_dim, N_PQ=packed.n_pq, FIELDS=TILE_FIELDS, BLOCK_M=block_m,
-                             BLOCK_K=block_k)
+    _vq_dequant_kernel[grid](
+        packed.perm,
+        packed.words,
+        packed.codebooks,
+        packed.tiles,
+        weight,
+        packed.out_features,
+        packed.codes_per_col,
+        weight.stride(0),
+        D=packed.sub_dim,
+        N_PQ=packed.n_pq,
+        FIELDS=TILE_FIELDS,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+    )
     return weight

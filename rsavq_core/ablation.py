@@ -30,8 +30,16 @@ ROWS: list[tuple[str, str, list[str]]] = [
     # Not a paper row: the same RSAVQ with --bits bounding every stored bit (codebooks included).
     ("RSAVQ, effective budget", "rsavq", ["--budget", "effective"]),
 ]
-DISPLAY_ORDER = ["FP", "RTN g64", "GPTQ g64", "k-means", "+EDSG", "+WCSG (RSAVQ)", "RSAVQ + compensation",
-                 "RSAVQ, effective budget"]
+DISPLAY_ORDER = [
+    "FP",
+    "RTN g64",
+    "GPTQ g64",
+    "k-means",
+    "+EDSG",
+    "+WCSG (RSAVQ)",
+    "RSAVQ + compensation",
+    "RSAVQ, effective budget",
+]
 
 
 def _run(args: list[str]) -> dict[str, Any]:
@@ -54,9 +62,16 @@ def _eval_flags(tasks: str | None, limit: int | None, windows: int | None) -> li
     return flags
 
 
-def run_ablation(model: str, bits: list[float], *, out_dir: Path, tasks: str | None = "all",
-                 limit: int | None = 100, windows: int | None = None,
-                 calib_samples: int | None = None) -> dict[str, Any]:
+def run_ablation(
+    model: str,
+    bits: list[float],
+    *,
+    out_dir: Path,
+    tasks: str | None = "all",
+    limit: int | None = 100,
+    windows: int | None = None,
+    calib_samples: int | None = None,
+) -> dict[str, Any]:
     """Run every row at every bit width; write ``ablation.json`` and ``ablation.md`` in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = _eval_flags(tasks, limit, windows)
@@ -94,8 +109,10 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], limit: int | None) -> str:
-    head = ("| bits | method | eff. bpw (quantized layers) | PPL wiki-holdout-512 | zero-shot avg | "
-            "quantize s (stats) | peak RSS GB |\n|---|---|---|---|---|---|---|\n")
+    head = (
+        "| bits | method | eff. bpw (quantized layers) | PPL wiki-holdout-512 | zero-shot avg | "
+        "quantize s (stats) | peak RSS GB |\n|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     fp = next(r for r in rows if r["label"] == "FP")
     for b in sorted({r["target_bits"] for r in rows if r["target_bits"] is not None}):
@@ -111,9 +128,11 @@ def markdown_table(rows: list[dict[str, Any]], limit: int | None) -> str:
             t = r.get("timings", {})
             stats = "cached" if r.get("stats_cached") else _fmt(t.get("statistics"), 0)
             timing = f"{_fmt(t.get('total'), 0)} ({stats})" if t else "–"
-            lines.append(f"| {b:g} | {label} | {_fmt(bpw, 4) if bpw else '16 (fp16)'} | {_fmt(ppl)} | "
-                         f"{_fmt(zs * 100 if zs is not None else None, 1)} | {timing} | "
-                         f"{_fmt(r.get('peak_rss_gb'))} |")
+            lines.append(
+                f"| {b:g} | {label} | {_fmt(bpw, 4) if bpw else '16 (fp16)'} | {_fmt(ppl)} | "
+                f"{_fmt(zs * 100 if zs is not None else None, 1)} | {timing} | "
+                f"{_fmt(r.get('peak_rss_gb'))} |"
+            )
     note = f"\nZero-shot: first {limit} items of each task.\n" if limit else ""
     return head + "\n".join(lines) + "\n" + note
 

@@ -46,8 +46,15 @@ def channel_bits(sensitivity: torch.Tensor, target: float, rule: str) -> torch.T
     raise ConfigError(f"unknown allocation rule {rule!r}")
 
 
-def repair_budget(bits: list[int], sizes: list[int], budget: float, lo: int, hi: int,
-                  wanted: list[float], cost: GroupCost | None = None) -> list[int]:
+def repair_budget(
+    bits: list[int],
+    sizes: list[int],
+    budget: float,
+    lo: int,
+    hi: int,
+    wanted: list[float],
+    cost: GroupCost | None = None,
+) -> list[int]:
     """The per-group bits closest to ``wanted`` among those that spend the most of the budget.
 
     ``cost(g, b)`` is what group g costs at b bits, in the budget's unit; by default
@@ -100,9 +107,17 @@ def repair_budget(bits: list[int], sizes: list[int], budget: float, lo: int, hi:
     return list(best[3])
 
 
-def allocate(sensitivity: torch.Tensor | None, in_features: int, target: float, n_groups: int, rule: str,
-             lo: int, hi: int, device: torch.device | str = "cpu",
-             budget_cost: tuple[Callable[[int, int], float], float] | None = None) -> Allocation:
+def allocate(
+    sensitivity: torch.Tensor | None,
+    in_features: int,
+    target: float,
+    n_groups: int,
+    rule: str,
+    lo: int,
+    hi: int,
+    device: torch.device | str = "cpu",
+    budget_cost: tuple[Callable[[int, int], float], float] | None = None,
+) -> Allocation:
     """Sort channels by I_c (descending), cut into ``n_groups`` equal groups, give each its bits.
 
     sensitivity: [N] float32 or None; ``rule="uniform"`` (or no sensitivity) keeps the original

@@ -67,11 +67,18 @@ class Artifact:
 
 
 def manifest_entry(layer: QuantizedLayer) -> dict[str, Any]:
-    entry: dict[str, Any] = {"kind": layer.kind, "out_features": layer.out_features,
-                             "in_features": layer.in_features, "has_bias": layer.bias is not None}
+    entry: dict[str, Any] = {
+        "kind": layer.kind,
+        "out_features": layer.out_features,
+        "in_features": layer.in_features,
+        "has_bias": layer.bias is not None,
+    }
     if isinstance(layer, VQLayer):
-        entry.update(vector_len=layer.vector_len, n_pq=layer.n_pq,
-                     groups=[{"bits": g.bits, "start": g.start, "stop": g.stop} for g in layer.groups])
+        entry.update(
+            vector_len=layer.vector_len,
+            n_pq=layer.n_pq,
+            groups=[{"bits": g.bits, "start": g.start, "stop": g.stop} for g in layer.groups],
+        )
     else:
         entry.update(bits=layer.bits, group_size=layer.group_size)
     return entry
@@ -86,8 +93,9 @@ def layer_tensors(name: str, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
         for i, g in enumerate(layer.groups):
             want = (g.stop - g.start, layer.n_vectors, layer.n_pq)
             if tuple(g.indices.shape) != want:
-                raise UnsupportedShapeError(f"layer {name} group {i}: indices have shape "
-                                            f"{tuple(g.indices.shape)}, expected {want}")
+                raise UnsupportedShapeError(
+                    f"layer {name} group {i}: indices have shape {tuple(g.indices.shape)}, expected {want}"
+                )
             out[f"{name}.g{i}.codebooks"] = g.codebooks.detach().to("cpu", torch.float16).contiguous()
             out[f"{name}.g{i}.indices"] = pack_codes(g.indices.detach().cpu(), g.bits * layer.sub_dim)
     elif isinstance(layer, ScalarLayer):
@@ -125,9 +133,16 @@ def _other_tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, t
     return tensors, tied
 
 
-def save_artifact(out_dir: str | Path, *, model: nn.Module, tokenizer: Any,
-                  layers: dict[str, QuantizedLayer], config: QuantConfig, source_model: str,
-                  extra_metadata: dict[str, str] | None = None) -> Path:
+def save_artifact(
+    out_dir: str | Path,
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    layers: dict[str, QuantizedLayer],
+    config: QuantConfig,
+    source_model: str,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
     """Write the packed checkpoint to ``out_dir`` atomically and return ``out_dir``.
 
     Everything is written into a temporary sibling directory first; an existing ``out_dir`` is
@@ -153,8 +168,11 @@ def save_artifact(out_dir: str | Path, *, model: nn.Module, tokenizer: Any,
     tensors.update(other)
     metadata = {
         **extra,
-        "format": FORMAT, "format_version": FORMAT_VERSION, "method": config.method,
-        "config": config.to_json(), "source_model": source_model,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": config.method,
+        "config": config.to_json(),
+        "source_model": source_model,
         "layers": json.dumps({name: manifest_entry(layer) for name, layer in layers.items()}),
         "tied": json.dumps(tied),
     }
@@ -213,8 +231,15 @@ def read_artifact(path: str | Path) -> Artifact:
     for alias, target in tied.items():
         if not isinstance(target, str) or target not in tensors:
             raise ArtifactError(f"{file}: {alias} is tied to {target}, which is not stored")
-    return Artifact(path=file, metadata=metadata, config=config, layers=layers, other_state=tensors,
-                    tied=tied, packed={name: reader.packed for name, reader in readers.items()})
+    return Artifact(
+        path=file,
+        metadata=metadata,
+        config=config,
+        layers=layers,
+        other_state=tensors,
+        tied=tied,
+        packed={name: reader.packed for name, reader in readers.items()},
+    )
 
 
 def _check_header(metadata: dict[str, str], file: Path) -> None:
@@ -222,8 +247,10 @@ def _check_header(metadata: dict[str, str], file: Path) -> None:
         raise ArtifactError(f"{file}: not an rsavq checkpoint (metadata format={metadata.get('format')!r})")
     version = metadata.get("format_version")
     if version not in SUPPORTED_VERSIONS:
-        raise ArtifactError(f"{file}: unsupported format_version {version!r}; this version of rsavq "
-                            f"reads format_version {', '.join(SUPPORTED_VERSIONS)}")
+        raise ArtifactError(
+            f"{file}: unsupported format_version {version!r}; this version of rsavq "
+            f"reads format_version {', '.join(SUPPORTED_VERSIONS)}"
+        )
 
 
 def _json(metadata: dict[str, str], key: str, file: Path) -> dict[str, Any]:
@@ -257,8 +284,7 @@ class LayerReader:
             raise self.fail(key, f"manifest value {value!r} is not an integer >= {low}")
         return value
 
-    def take(self, field: str, shape: tuple[int, ...] | None,
-             dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    def take(self, field: str, shape: tuple[int, ...] | None, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
         key = f"{self.name}.{field}"
         if key not in self.tensors:
             raise self.fail(field, f"tensor {key} is missing")
@@ -276,8 +302,11 @@ class LayerReader:
         words = self.take(field, None, (torch.int32,))
         needed = packed_words(count, bits)
         if words.dim() != 1 or words.numel() != needed:
-            raise self.fail(field, f"{words.numel()} packed words of shape {tuple(words.shape)}, expected "
-                                   f"a 1-D stream of {needed} for {count} codes of {bits} bits")
+            raise self.fail(
+                field,
+                f"{words.numel()} packed words of shape {tuple(words.shape)}, expected "
+                f"a 1-D stream of {needed} for {count} codes of {bits} bits",
+            )
         self.packed[field.replace(".", "_")] = words
         return unpack_codes(words, bits, count)
 
@@ -317,8 +346,10 @@ class LayerReader:
             bits, start, stop = self.int_(spec, "bits"), self.int_(spec, "start", 0), self.int_(spec, "stop")
             expected_start = groups[-1].stop if groups else 0
             if start != expected_start or stop <= start:
-                raise self.fail(f"groups[{i}]", f"columns [{start}, {stop}) do not continue the "
-                                                f"previous group at column {expected_start}")
+                raise self.fail(
+                    f"groups[{i}]",
+                    f"columns [{start}, {stop}) do not continue the previous group at column {expected_start}",
+                )
             if not 1 <= bits * d <= 32:
                 raise self.fail(f"g{i}.indices", f"{bits} bits x d={d} is outside [1, 32] bits per code")
             cb = self.take(f"g{i}.codebooks", (n_pq, 2 ** (bits * d), d), (torch.float16,))

@@ -59,8 +59,7 @@ class BitCount:
     def __add__(self, other: BitCount) -> BitCount:
         if not isinstance(other, BitCount):
             return NotImplemented
-        return BitCount(**{f.name: getattr(self, f.name) + getattr(other, f.name)
-                           for f in dataclasses.fields(self)})
+        return BitCount(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "total_bits": self.total_bits, "bpw": self.bpw}
@@ -88,19 +87,26 @@ def layer_bits(layer: QuantizedLayer) -> BitCount:
             index += real
             padding += code_bits - real + word_pad
             codebooks += g.codebooks.numel() * FP16_BITS
-        return BitCount(weights=m * n, index_bits=index, codebook_bits=codebooks,
-                        perm_bits=n * perm_dtype_bits(n), bias_bits=bias_bits, padding_bits=padding)
+        return BitCount(
+            weights=m * n,
+            index_bits=index,
+            codebook_bits=codebooks,
+            perm_bits=n * perm_dtype_bits(n),
+            bias_bits=bias_bits,
+            padding_bits=padding,
+        )
     if isinstance(layer, ScalarLayer):
         code_bits, word_pad = _stream_bits(m * n, layer.bits)
         scale_bits = (layer.scales.numel() + layer.zeros.numel()) * FP16_BITS
-        return BitCount(weights=m * n, index_bits=code_bits, scale_bits=scale_bits,
-                        bias_bits=bias_bits, padding_bits=word_pad)
-    raise UnsupportedShapeError(
-        f"cannot count bits of {type(layer).__name__}; expected VQLayer or ScalarLayer")
+        return BitCount(
+            weights=m * n, index_bits=code_bits, scale_bits=scale_bits, bias_bits=bias_bits, padding_bits=word_pad
+        )
+    raise UnsupportedShapeError(f"cannot count bits of {type(layer).__name__}; expected VQLayer or ScalarLayer")
 
 
-def ideal_vq_bpw(out_features: int, in_features: int, group_bits: list[int], group_cols: list[int],
-                 sub_dim: int, n_pq: int) -> float:
+def ideal_vq_bpw(
+    out_features: int, in_features: int, group_bits: list[int], group_cols: list[int], sub_dim: int, n_pq: int
+) -> float:
     """Spec §9.1 without perm or scales: (indices + fp16 codebooks) / (M * N).
 
     ``group_bits[g]`` is b_g, ``group_cols[g]`` is |G_g|; each group has ``n_pq`` codebooks of

@@ -140,8 +140,9 @@ def _sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return nll.view(tokens.shape[0], -1).mean(1).sum()
 
 
-def record_block_inputs(model: nn.Module, tokens: torch.Tensor, *, micro_batch: int, want_grads: bool,
-                        progress: Progress | None = None):  # type: ignore[no-untyped-def]
+def record_block_inputs(
+    model: nn.Module, tokens: torch.Tensor, *, micro_batch: int, want_grads: bool, progress: Progress | None = None
+):  # type: ignore[no-untyped-def]
     """Pass 1. tokens: [S, T] int64. Returns (inputs[l][b], kwargs[l][b], out_grads[b] | None)."""
     blocks = find_decoder_layout(model).blocks
     batches = list(torch.split(tokens, micro_batch))
@@ -154,6 +155,7 @@ def record_block_inputs(model: nn.Module, tokens: torch.Tensor, *, micro_batch: 
             hidden = args[0] if args else kw["hidden_states"]
             inputs[index].append(hidden.detach())
             kwargs[index].append(_detach_kwargs(kw))
+
         return hook
 
     def last_hook(module: nn.Module, args: tuple, output: object) -> object:  # type: ignore[type-arg]
@@ -190,9 +192,15 @@ def record_block_inputs(model: nn.Module, tokens: torch.Tensor, *, micro_batch: 
     return inputs, kwargs, (out_grads if want_grads else None)
 
 
-def block_statistics(block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict[str, object]],
-                     out_grads: list[torch.Tensor] | None, *, fisher: str, seq_len: int
-                     ) -> tuple[dict[str, LayerStats], list[torch.Tensor] | None]:
+def block_statistics(
+    block: nn.Module,
+    inputs: list[torch.Tensor],
+    kwargs: list[dict[str, object]],
+    out_grads: list[torch.Tensor] | None,
+    *,
+    fisher: str,
+    seq_len: int,
+) -> tuple[dict[str, LayerStats], list[torch.Tensor] | None]:
     """Pass 2 for one block. inputs/out_grads: per micro-batch [B, T, D] float tensors.
 
     Returns the statistics of each linear (by name relative to the block) and the gradients
@@ -216,6 +224,7 @@ def block_statistics(block: nn.Module, inputs: list[torch.Tensor], kwargs: list[
             acc[name].add_inputs(x, hessian_by_input[key])
             if want_grads and output.requires_grad:
                 output.register_hook(lambda g: deltas.__setitem__(name, g.detach()))
+
         return hook
 
     handles = [m.register_forward_hook(fwd_hook(n)) for n, m in linears.items()]

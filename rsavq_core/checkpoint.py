@@ -40,8 +40,10 @@ class LayerCheckpoint:
             stored = json.loads(run_file.read_text())
             if stored != identity:
                 # A checkpoint of another config or another model must never be mixed in.
-                raise ConfigError(f"{self.folder} holds the checkpoint of a different run "
-                                  f"(model {stored.get('fingerprint')}); use a new folder")
+                raise ConfigError(
+                    f"{self.folder} holds the checkpoint of a different run "
+                    f"(model {stored.get('fingerprint')}); use a new folder"
+                )
         else:
             tmp = run_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(identity, sort_keys=True))

@@ -44,9 +44,26 @@ class ProgressBar:
 
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     overrides: dict[str, Any] = {"bits": args.bits}
-    for name in ("vector_len", "n_pq", "n_groups", "lam", "lam_scale", "allocation", "sensitivity", "metric",
-                 "assign", "kmeans_iters", "kmeans_fit_points", "fisher", "damping", "calib_samples", "calib_len",
-                 "group_size", "seed", "budget"):
+    for name in (
+        "vector_len",
+        "n_pq",
+        "n_groups",
+        "lam",
+        "lam_scale",
+        "allocation",
+        "sensitivity",
+        "metric",
+        "assign",
+        "kmeans_iters",
+        "kmeans_fit_points",
+        "fisher",
+        "damping",
+        "calib_samples",
+        "calib_len",
+        "group_size",
+        "seed",
+        "budget",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -55,16 +72,25 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     return QuantConfig.for_method(args.method, **overrides)
 
 
-def evaluate(model: Any, tokenizer: Any, *, ppl: bool, tasks: str | None, limit: int | None,
-             windows: int | None, progress: ProgressBar) -> dict[str, Any]:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    *,
+    ppl: bool,
+    tasks: str | None,
+    limit: int | None,
+    windows: int | None,
+    progress: ProgressBar,
+) -> dict[str, Any]:
     """``evaluate_model`` with the CLI's comma-separated task list and progress bar."""
     from rsavq_core.evaluation import evaluate_model
 
     names = None
     if tasks:
         names = list(ZERO_SHOT_TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-    out = evaluate_model(model, tokenizer, perplexity_windows=windows, ppl=ppl, tasks=names, limit=limit,
-                         progress=progress)
+    out = evaluate_model(
+        model, tokenizer, perplexity_windows=windows, ppl=ppl, tasks=names, limit=limit, progress=progress
+    )
     progress.close()
     return out
 
@@ -78,8 +104,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     result = quantize_model(args.model, cfg, progress=progress)
     progress.close()
     summary: dict[str, Any] = {
-        "model": args.model, "method": cfg.method, "config": cfg.to_dict(), "timings": result.timings,
-        "stats_cached": result.stats_cached, "peak_rss_gb": result.peak_rss_gb,
+        "model": args.model,
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "timings": result.timings,
+        "stats_cached": result.stats_cached,
+        "peak_rss_gb": result.peak_rss_gb,
         "bits": model_bits(result.layers, result.model),
     }
     if args.out:
@@ -88,8 +118,15 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         from rsavq_core.qlinear import quantize_in_place
 
         quantize_in_place(result.model, result.layers)
-        summary["eval"] = evaluate(result.model, result.tokenizer, ppl=args.ppl, tasks=args.tasks,
-                                   limit=args.limit, windows=args.windows, progress=progress)
+        summary["eval"] = evaluate(
+            result.model,
+            result.tokenizer,
+            ppl=args.ppl,
+            tasks=args.tasks,
+            limit=args.limit,
+            windows=args.windows,
+            progress=progress,
+        )
     summary["peak_rss_gb"] = peak_rss_gb()  # ru_maxrss is monotonic: this covers evaluation too
     if not args.per_layer:
         summary["bits"].pop("layers", None)
@@ -115,23 +152,47 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer, info = load_any(args.target)
     tasks = args.tasks if args.tasks else None
     ppl = args.ppl or not tasks
-    return {**info, **evaluate(model, tokenizer, ppl=ppl, tasks=tasks, limit=args.limit, windows=args.windows,
-                               progress=ProgressBar(not args.quiet))}
+    return {
+        **info,
+        **evaluate(
+            model,
+            tokenizer,
+            ppl=ppl,
+            tasks=tasks,
+            limit=args.limit,
+            windows=args.windows,
+            progress=ProgressBar(not args.quiet),
+        ),
+    }
 
 
 def cmd_generate(args: argparse.Namespace) -> str:
     from rsavq_core.generation import generate_text
 
     model, tokenizer, _ = load_any(args.target)
-    return generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
 
 
 def cmd_ablation(args: argparse.Namespace) -> dict[str, Any]:
     from rsavq_core.ablation import run_ablation
 
-    return run_ablation(args.model, args.bits, out_dir=Path(args.out), tasks=args.tasks, limit=args.limit,
-                        windows=args.windows, calib_samples=args.calib_samples)
+    return run_ablation(
+        args.model,
+        args.bits,
+        out_dir=Path(args.out),
+        tasks=args.tasks,
+        limit=args.limit,
+        windows=args.windows,
+        calib_samples=args.calib_samples,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,13 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=float, required=True, help="target bits per weight (indices), 1..8")
     q.add_argument("--method", default="rsavq", choices=METHODS)
     q.add_argument("--out", help="write the packed checkpoint to this folder")
-    for flag, typ in (("--vector-len", int), ("--n-pq", int), ("--n-groups", int), ("--lam", float),
-                      ("--kmeans-iters", int), ("--kmeans-fit-points", int), ("--damping", float),
-                      ("--calib-samples", int), ("--calib-len", int), ("--group-size", int), ("--seed", int)):
+    for flag, typ in (
+        ("--vector-len", int),
+        ("--n-pq", int),
+        ("--n-groups", int),
+        ("--lam", float),
+        ("--kmeans-iters", int),
+        ("--kmeans-fit-points", int),
+        ("--damping", float),
+        ("--calib-samples", int),
+        ("--calib-len", int),
+        ("--group-size", int),
+        ("--seed", int),
+    ):
         q.add_argument(flag, type=typ)
     q.add_argument("--lam-scale", choices=["relative", "raw"])
-    q.add_argument("--budget", choices=["index", "effective"],
-                   help="what --bits counts: index bits (paper) or every stored bit incl. codebooks")
+    q.add_argument(
+        "--budget",
+        choices=["index", "effective"],
+        help="what --bits counts: index bits (paper) or every stored bit incl. codebooks",
+    )
     q.add_argument("--allocation", choices=["proportional", "additive", "uniform"])
     q.add_argument("--sensitivity", choices=["inverse", "direct"])
     q.add_argument("--metric", choices=["fisher_diag", "hessian", "euclidean"])
@@ -198,8 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_parsed(args: argparse.Namespace, *, verbose: bool) -> int:
     """Run a parsed command: its result to stdout (text or JSON), an RSAVQError as exit code 2."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         result = args.func(args)
     except RSAVQError as exc:

@@ -33,8 +33,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> tuple[torch
     raise CalibrationError("activation Hessian is not positive definite even after damping")
 
 
-def compensate_columns(layer: VQLayer, target: torch.Tensor, hessian: torch.Tensor,
-                       metric: torch.Tensor | None, damping: float) -> None:
+def compensate_columns(
+    layer: VQLayer, target: torch.Tensor, hessian: torch.Tensor, metric: torch.Tensor | None, damping: float
+) -> None:
     """Re-derive ``layer``'s indices (and refit its codebooks) in place.
 
     Args:
@@ -54,7 +55,7 @@ def compensate_columns(layer: VQLayer, target: torch.Tensor, hessian: torch.Tens
     work[:, dead] = 0.0
     group_of = [0] * n  # plain ints: read once per column, no device round trip
     for gi, g in enumerate(layer.groups):
-        group_of[g.start:g.stop] = [gi] * (g.stop - g.start)
+        group_of[g.start : g.stop] = [gi] * (g.stop - g.start)
     books = [g.codebooks.float() for g in layer.groups]  # [n_pq, K, d] each
     seen = torch.empty_like(work)  # column values at the moment they were quantized
 
@@ -82,8 +83,8 @@ def compensate_columns(layer: VQLayer, target: torch.Tensor, hessian: torch.Tens
         work[:, i2:] -= errors @ hinv[i1:i2, i2:]
 
     for gi, group in enumerate(layer.groups):
-        sub = to_subvectors(seen[:, group.start:group.stop].float(), v, n_pq)
-        w_sub = to_subvectors(metric[:, group.start:group.stop], v, n_pq) if metric is not None else None
+        sub = to_subvectors(seen[:, group.start : group.stop].float(), v, n_pq)
+        w_sub = to_subvectors(metric[:, group.start : group.stop], v, n_pq) if metric is not None else None
         refit = []
         for p in range(n_pq):
             pts = sub[:, :, p].reshape(-1, d)

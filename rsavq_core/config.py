@@ -105,17 +105,30 @@ class QuantConfig:
         _choice("metric", self.metric, ("fisher_diag", "hessian", "euclidean"))
         _choice("assign", self.assign, ("shifted", "paper"))
         _choice("fisher", self.fisher, ("exact", "kfac"))
-        if (not isinstance(self.kmeans_fit_points, int) or isinstance(self.kmeans_fit_points, bool)
-                or self.kmeans_fit_points < 0):
+        if (
+            not isinstance(self.kmeans_fit_points, int)
+            or isinstance(self.kmeans_fit_points, bool)
+            or self.kmeans_fit_points < 0
+        ):
             raise bad(f"kmeans_fit_points must be a non-negative integer, got {self.kmeans_fit_points!r}")
-        for name in ("vector_len", "n_pq", "n_groups", "kmeans_iters", "calib_samples", "calib_len",
-                     "group_size", "gptq_block"):
+        for name in (
+            "vector_len",
+            "n_pq",
+            "n_groups",
+            "kmeans_iters",
+            "calib_samples",
+            "calib_len",
+            "group_size",
+            "gptq_block",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(f"{name} must be a positive integer, got {value!r}")
         if self.vector_len % self.n_pq:
-            raise bad(f"vector_len {self.vector_len} is not divisible by n_pq {self.n_pq}: "
-                      f"each vector must split into {self.n_pq} equal sub-vectors")
+            raise bad(
+                f"vector_len {self.vector_len} is not divisible by n_pq {self.n_pq}: "
+                f"each vector must split into {self.n_pq} equal sub-vectors"
+            )
         if self.calib_len < 2:
             raise bad("calib_len must be at least 2 tokens")
         if not 0.0 <= self.lam <= 10.0:
@@ -125,9 +138,11 @@ class QuantConfig:
                 raise bad(f"{name} must lie in (0, 10], got {getattr(self, name)}")
         if self.method in VQ_METHODS:
             if self.bits * self.sub_dim > MAX_INDEX_BITS + 1e-9:
-                raise bad(f"{self.bits:g} bits with sub-vectors of {self.sub_dim} needs codebooks of "
-                          f"2^{self.bits * self.sub_dim:g} entries; at most 2^{MAX_INDEX_BITS} are "
-                          f"supported: lower bits or use a shorter vector_len / more n_pq")
+                raise bad(
+                    f"{self.bits:g} bits with sub-vectors of {self.sub_dim} needs codebooks of "
+                    f"2^{self.bits * self.sub_dim:g} entries; at most 2^{MAX_INDEX_BITS} are "
+                    f"supported: lower bits or use a shorter vector_len / more n_pq"
+                )
             lo, hi = self.group_bit_range()
             if lo > hi:
                 raise bad(f"min_group_bits {lo} exceeds max_group_bits {hi}")

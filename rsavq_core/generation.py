@@ -59,8 +59,9 @@ class _TextStops(StoppingCriteria, BaseStreamer):
     an incomplete UTF-8 sequence (the tokenizer decodes those as U+FFFD until the rest arrives).
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int,
-                 cancel: threading.Event | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, stops: Sequence[str], prompt_len: int, cancel: threading.Event | None = None
+    ) -> None:
         self.tokenizer, self.stops, self.prompt_len = tokenizer, tuple(stops), prompt_len
         self.ids: list[int] = []  # generated ids seen so far
         self.streamed: list[int] = []  # those the streamer hook received
@@ -102,7 +103,7 @@ class _TextStops(StoppingCriteria, BaseStreamer):
 
     def _release(self, upto: int) -> None:
         if upto > self.sent:
-            self.deltas.put(self.text[self.sent:upto])
+            self.deltas.put(self.text[self.sent : upto])
             self.sent = upto
 
     def end(self) -> None:
@@ -111,15 +112,17 @@ class _TextStops(StoppingCriteria, BaseStreamer):
         self.deltas.put(None)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        self._advance(input_ids[0, self.prompt_len:].tolist())
+        self._advance(input_ids[0, self.prompt_len :].tolist())
         done = self.stopped or self.cancel.is_set()
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 def _generate_kwargs(tokenizer: Any, params: SamplingParams) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"max_new_tokens": params.max_tokens, "do_sample": params.temperature > 0,
-                              "pad_token_id": getattr(tokenizer, "pad_token_id", None)
-                              or getattr(tokenizer, "eos_token_id", None)}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": params.max_tokens,
+        "do_sample": params.temperature > 0,
+        "pad_token_id": getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None),
+    }
     if params.temperature > 0:
         kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=None)
     else:
@@ -127,8 +130,13 @@ def _generate_kwargs(tokenizer: Any, params: SamplingParams) -> dict[str, Any]:
     return kwargs
 
 
-def stream_completion(model: nn.Module, tokenizer: Any, prompt_ids: list[int], params: SamplingParams,
-                      cancel: threading.Event | None = None) -> Iterator[str | Completion]:
+def stream_completion(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    cancel: threading.Event | None = None,
+) -> Iterator[str | Completion]:
     """Yield text deltas, then one ``Completion``. ``prompt_ids``: the tokenized prompt (non-empty).
     Setting ``cancel`` stops generation at the next token (the Completion then says "stop").
 
@@ -147,9 +155,13 @@ def stream_completion(model: nn.Module, tokenizer: Any, prompt_ids: list[int], p
     def run() -> None:
         try:
             with torch.inference_mode():
-                result["ids"] = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                               streamer=stops, stopping_criteria=StoppingCriteriaList([stops]),
-                                               **_generate_kwargs(tokenizer, params))
+                result["ids"] = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    streamer=stops,
+                    stopping_criteria=StoppingCriteriaList([stops]),
+                    **_generate_kwargs(tokenizer, params),
+                )
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             result["error"] = exc
             stops.deltas.put(None)
@@ -164,12 +176,17 @@ def stream_completion(model: nn.Module, tokenizer: Any, prompt_ids: list[int], p
         thread.join()
     if "error" in result:
         raise result["error"]
-    new_ids = result["ids"][0, len(prompt_ids):].tolist()
+    new_ids = result["ids"][0, len(prompt_ids) :].tolist()
     eos = _eos_ids(model, tokenizer)
     hit_eos = bool(new_ids) and new_ids[-1] in eos
     finish = "stop" if stops.stopped or hit_eos else "length"
-    yield Completion(text=stops.text[:stops.sent], finish_reason=finish, prompt_tokens=len(prompt_ids),
-                     completion_tokens=len(new_ids), token_ids=new_ids)
+    yield Completion(
+        text=stops.text[: stops.sent],
+        finish_reason=finish,
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=len(new_ids),
+        token_ids=new_ids,
+    )
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -185,8 +202,16 @@ def complete(model: nn.Module, tokenizer: Any, prompt_ids: list[int], params: Sa
     return last
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 32,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
+def generate_text(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
     """The continuation of ``prompt`` (greedy when temperature == 0, else nucleus sampling)."""
     # Raw text, no special tokens: the bundled model's BOS is a chat token (assets.md).
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

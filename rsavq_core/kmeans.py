@@ -16,8 +16,9 @@ import torch
 _CHUNK_ELEMENTS = 1 << 23  # bound the [chunk, K] distance matrix to ~32 MB of float32
 
 
-def assign(points: torch.Tensor, weights: torch.Tensor | None,
-           centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(
+    points: torch.Tensor, weights: torch.Tensor | None, centroids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid under the weighted metric.
 
     Args:
@@ -35,16 +36,17 @@ def assign(points: torch.Tensor, weights: torch.Tensor | None,
     # the first term is constant per point, so the argmin needs only the matmul (d is tiny, K is not).
     book = torch.cat([centroids, centroids * centroids], 1).T.contiguous()  # [2d, K]
     for s in range(0, n, chunk):
-        t = points[s:s + chunk]
-        w = weights[s:s + chunk] if weights is not None else torch.ones_like(t)
+        t = points[s : s + chunk]
+        w = weights[s : s + chunk] if weights is not None else torch.ones_like(t)
         best, idx = torch.cat([-2 * w * t, w], 1).matmul(book).min(1)
-        codes[s:s + chunk] = idx
-        dist[s:s + chunk] = (best + (w * t * t).sum(1)).clamp_min_(0)
+        codes[s : s + chunk] = idx
+        dist[s : s + chunk] = (best + (w * t * t).sum(1)).clamp_min_(0)
     return codes, dist
 
 
-def update(points: torch.Tensor, weights: torch.Tensor | None, codes: torch.Tensor, centroids: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def update(
+    points: torch.Tensor, weights: torch.Tensor | None, codes: torch.Tensor, centroids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form weighted centroids; returns (new centroids [K, d], empty-cluster mask [K] bool).
 
     A coordinate whose cluster has zero total weight keeps its previous value.
@@ -58,8 +60,9 @@ def update(points: torch.Tensor, weights: torch.Tensor | None, codes: torch.Tens
     return new, counts == 0
 
 
-def init_plusplus(points: torch.Tensor, weights: torch.Tensor | None, k: int, generator: torch.Generator,
-                  sample: int = 16384) -> torch.Tensor:
+def init_plusplus(
+    points: torch.Tensor, weights: torch.Tensor | None, k: int, generator: torch.Generator, sample: int = 16384
+) -> torch.Tensor:
     """k-means++ seeding on a random subsample (≤ max(sample, 4K) points). Returns [K, d] float32.
 
     points: [L, d] float32; weights: [L, d] float32 or None (the seeding uses their row means).
@@ -89,10 +92,18 @@ def init_plusplus(points: torch.Tensor, weights: torch.Tensor | None, k: int, ge
     return pts[chosen.to(points.device)].clone()
 
 
-def weighted_kmeans(points: torch.Tensor, weights: torch.Tensor | None, k: int, iters: int,
-                    generator: torch.Generator, *, fit_points: int = 0,
-                    assign_points: torch.Tensor | None = None, assign_weights: torch.Tensor | None = None,
-                    init: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_kmeans(
+    points: torch.Tensor,
+    weights: torch.Tensor | None,
+    k: int,
+    iters: int,
+    generator: torch.Generator,
+    *,
+    fit_points: int = 0,
+    assign_points: torch.Tensor | None = None,
+    assign_weights: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Lloyd iterations of the weighted objective; returns centroids [K, d] float32.
 
     Args:
@@ -114,8 +125,12 @@ def weighted_kmeans(points: torch.Tensor, weights: torch.Tensor | None, k: int, 
     sample = max(fit_points, 8 * k)
     if 0 < fit_points and sample < n:
         pick = torch.randperm(n, generator=generator)[:sample].to(points.device)
-        fit = (points[pick], None if weights is None else weights[pick], a_pts[pick],
-               None if a_w is None else a_w[pick])
+        fit = (
+            points[pick],
+            None if weights is None else weights[pick],
+            a_pts[pick],
+            None if a_w is None else a_w[pick],
+        )
     else:
         fit = (points, weights, a_pts, a_w)
     centroids = init.clone() if init is not None else init_plusplus(fit[0], fit[1], k, generator)
@@ -126,8 +141,13 @@ def weighted_kmeans(points: torch.Tensor, weights: torch.Tensor | None, k: int, 
     return centroids
 
 
-def _lloyd_step(points: torch.Tensor, weights: torch.Tensor | None, a_pts: torch.Tensor,
-                a_w: torch.Tensor | None, centroids: torch.Tensor) -> torch.Tensor:
+def _lloyd_step(
+    points: torch.Tensor,
+    weights: torch.Tensor | None,
+    a_pts: torch.Tensor,
+    a_w: torch.Tensor | None,
+    centroids: torch.Tensor,
+) -> torch.Tensor:
     """One assignment + closed-form update; empty clusters re-seeded at the worst-fitting points."""
     codes, dist = assign(a_pts, a_w, centroids)
     centroids, empty = update(points, weights, codes, centroids)

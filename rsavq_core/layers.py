@@ -63,7 +63,7 @@ class VQLayer:
         for g in self.groups:
             # codebooks[p][indices[c, r, p]] -> [cols, n_vectors, n_pq, d]
             sub = torch.stack([g.codebooks[p].to(dtype)[g.indices[:, :, p]] for p in range(self.n_pq)], 2)
-            permuted[:, g.start:g.stop] = sub.reshape(g.stop - g.start, m_pad).T
+            permuted[:, g.start : g.stop] = sub.reshape(g.stop - g.start, m_pad).T
         weight = torch.empty_like(permuted)
         weight[:, self.perm] = permuted
         return weight[: self.out_features]

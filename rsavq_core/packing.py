@@ -65,8 +65,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int32, device=codes.device)
     lo, hi = int(flat.min()), int(flat.max())
     if lo < 0 or hi >= 1 << bits:
-        raise ConfigError(f"codes must lie in [0, 2**{bits}) to be packed in {bits} bits; "
-                          f"got values in [{lo}, {hi}]")
+        raise ConfigError(f"codes must lie in [0, 2**{bits}) to be packed in {bits} bits; got values in [{lo}, {hi}]")
     # Every block of per_block codes fills exactly per_words words with the same bit pattern of
     # offsets, so one vectorized step per position in the block (<= 32 steps) packs all blocks.
     per_block, per_words = _block(bits)
@@ -105,8 +104,9 @@ def unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise UnsupportedShapeError(f"packed words must be int32, got dtype {words.dtype}")
     flat = words.reshape(-1)
     if flat.numel() < needed:
-        raise ArtifactError(f"packed stream too short: {count} codes of {bits} bits need {needed} "
-                            f"int32 words, got {flat.numel()}")
+        raise ArtifactError(
+            f"packed stream too short: {count} codes of {bits} bits need {needed} int32 words, got {flat.numel()}"
+        )
     if count == 0:
         return torch.zeros(0, dtype=torch.int64, device=words.device)
     per_block, per_words = _block(bits)

@@ -53,21 +53,34 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def calibration_store(model: nn.Module, tokenizer: object, folder: Path, cfg: QuantConfig, *,
-                      micro_batch: int = 4, progress: Progress | None = None) -> tuple[StatsStore, bool]:
+def calibration_store(
+    model: nn.Module,
+    tokenizer: object,
+    folder: Path,
+    cfg: QuantConfig,
+    *,
+    micro_batch: int = 4,
+    progress: Progress | None = None,
+) -> tuple[StatsStore, bool]:
     """The statistics the config needs, from the cache when possible. Returns (store, was_cached)."""
     tokens = calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_len)
-    key = StatsKey(fingerprint=model_fingerprint(folder), tokens_hash=tokens_hash(tokens),
-                   n_samples=cfg.calib_samples, seq_len=cfg.calib_len, fisher=cfg.fisher,
-                   with_grads=cfg.needs_gradients())
+    key = StatsKey(
+        fingerprint=model_fingerprint(folder),
+        tokens_hash=tokens_hash(tokens),
+        n_samples=cfg.calib_samples,
+        seq_len=cfg.calib_len,
+        fisher=cfg.fisher,
+        with_grads=cfg.needs_gradients(),
+    )
     store = StatsStore.find(key)
     if store is not None:
         return store, True
     return compute_statistics(model, tokens, key, micro_batch=micro_batch, progress=progress), False
 
 
-def quantize_layer(weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None,
-                   cfg: QuantConfig) -> tuple[QuantizedLayer, dict[str, object]]:
+def quantize_layer(
+    weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, cfg: QuantConfig
+) -> tuple[QuantizedLayer, dict[str, object]]:
     """Dispatch one linear layer to its method. weight: [M, N] float; bias: [M] or None."""
     if cfg.method in VQ_METHODS:
         layer, report = quantize_vq(weight, stats, cfg, bias)
@@ -78,20 +91,43 @@ def quantize_layer(weight: torch.Tensor, bias: torch.Tensor | None, stats: Layer
         return layer, {"bits": [int(cfg.bits)], "seconds": time.perf_counter() - started}
     if stats is None or stats.hessian is None:
         raise CalibrationError("gptq needs the activation Hessian")
-    layer, info = gptq_quantize(weight.float(), stats.hessian, int(cfg.bits), cfg.group_size,
-                                block_size=cfg.gptq_block, damping=cfg.hessian_damping, bias=bias)
-    return layer, {"bits": [int(cfg.bits)], "hessian_error": info["proxy_loss"],
-                   "seconds": time.perf_counter() - started}
+    layer, info = gptq_quantize(
+        weight.float(),
+        stats.hessian,
+        int(cfg.bits),
+        cfg.group_size,
+        block_size=cfg.gptq_block,
+        damping=cfg.hessian_damping,
+        bias=bias,
+    )
+    return layer, {
+        "bits": [int(cfg.bits)],
+        "hessian_error": info["proxy_loss"],
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _report_dict(report: LayerReport) -> dict[str, object]:
-    return {"bits": report.bits, "proxy_error": report.proxy_error, "hessian_error": report.hessian_error,
-            "step_ratio": report.step_ratio, "sensitivity": report.sensitivity, "seconds": report.seconds}
+    return {
+        "bits": report.bits,
+        "proxy_error": report.proxy_error,
+        "hessian_error": report.hessian_error,
+        "step_ratio": report.step_ratio,
+        "sensitivity": report.sensitivity,
+        "seconds": report.seconds,
+    }
 
 
-def quantize_model(model_id: str, cfg: QuantConfig, *, out_dir: Path | None = None,
-                   progress: Progress | None = None, micro_batch: int = 4,
-                   checkpoint_dir: Path | None = None, on_layer: LayerCallback | None = None) -> QuantizeResult:
+def quantize_model(
+    model_id: str,
+    cfg: QuantConfig,
+    *,
+    out_dir: Path | None = None,
+    progress: Progress | None = None,
+    micro_batch: int = 4,
+    checkpoint_dir: Path | None = None,
+    on_layer: LayerCallback | None = None,
+) -> QuantizeResult:
     """Quantize every nn.Linear of the decoder blocks of ``model_id`` with ``cfg``.
 
     Writes a packed checkpoint to ``out_dir`` when given. Layers are quantized independently from
@@ -105,8 +141,7 @@ def quantize_model(model_id: str, cfg: QuantConfig, *, out_dir: Path | None = No
     model, tokenizer, _ = load_model(str(folder))
     layout = find_decoder_layout(model)  # fails fast on a model with no linear layers
     timings = {"load": time.perf_counter() - started}
-    names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(len(layout.blocks))
-             for n in layout.linear_names(i)]
+    names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(len(layout.blocks)) for n in layout.linear_names(i)]
     ckpt = LayerCheckpoint(checkpoint_dir, cfg, model_fingerprint(folder)) if checkpoint_dir else None
     resumed = {full: ckpt.load(full) for _, _, full in names} if ckpt else {}
     resumed = {full: done for full, done in resumed.items() if done is not None}
@@ -116,8 +151,7 @@ def quantize_model(model_id: str, cfg: QuantConfig, *, out_dir: Path | None = No
     store, cached = None, False
     if cfg.needs_calibration() and len(resumed) < len(names):
         t0 = time.perf_counter()
-        store, cached = calibration_store(model, tokenizer, folder, cfg, micro_batch=micro_batch,
-                                          progress=progress)
+        store, cached = calibration_store(model, tokenizer, folder, cfg, micro_batch=micro_batch, progress=progress)
         timings["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -141,8 +175,17 @@ def quantize_model(model_id: str, cfg: QuantConfig, *, out_dir: Path | None = No
             progress("quantize", done + 1, len(names))
     timings["quantize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
-    result = QuantizeResult(model=model, tokenizer=tokenizer, layers=layers, reports=reports, config=cfg,
-                            model_id=model_id, timings=timings, stats_cached=cached, peak_rss_gb=peak_rss_gb())
+    result = QuantizeResult(
+        model=model,
+        tokenizer=tokenizer,
+        layers=layers,
+        reports=reports,
+        config=cfg,
+        model_id=model_id,
+        timings=timings,
+        stats_cached=cached,
+        peak_rss_gb=peak_rss_gb(),
+    )
     if out_dir is not None:
         result.out_dir = save_result(result, Path(out_dir))
     return result
@@ -160,5 +203,12 @@ def save_result(result: QuantizeResult, out_dir: Path, *, reproducible: bool = F
     extra = {} if reproducible else {f"seconds_{k}": f"{v:.3f}" for k, v in result.timings.items()}
     if not reproducible:
         extra["stats_cached"] = str(result.stats_cached).lower()
-    return save_artifact(out_dir, model=result.model, tokenizer=result.tokenizer, layers=result.layers,
-                         config=result.config, source_model=result.model_id, extra_metadata=extra)
+    return save_artifact(
+        out_dir,
+        model=result.model,
+        tokenizer=result.tokenizer,
+        layers=result.layers,
+        config=result.config,
+        source_model=result.model_id,
+        extra_metadata=extra,
+    )

@@ -42,8 +42,9 @@ class QuantLinear(nn.Module):
     is dropped whenever the module's tensors move or change (``.to``, ``.half``, load_state_dict).
     """
 
-    def __init__(self, layer: QuantizedLayer, cache_weight: bool = True,
-                 packed: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, layer: QuantizedLayer, cache_weight: bool = True, packed: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """``packed`` optionally gives the int32 words of ``g<i>_indices`` / ``codes`` already
         packed from this layer's codes (``Artifact.packed``), which saves packing them again."""
         super().__init__()
@@ -54,8 +55,10 @@ class QuantLinear(nn.Module):
             if stream is None:
                 return pack_codes(codes.detach(), bits)
             if stream.dtype != torch.int32 or stream.numel() != packed_words(codes.numel(), bits):
-                raise UnsupportedShapeError(f"packed {key} holds {stream.numel()} {stream.dtype} words, "
-                                            f"expected {packed_words(codes.numel(), bits)} int32")
+                raise UnsupportedShapeError(
+                    f"packed {key} holds {stream.numel()} {stream.dtype} words, "
+                    f"expected {packed_words(codes.numel(), bits)} int32"
+                )
             return stream.reshape(-1)
 
         self.kind = layer.kind
@@ -77,8 +80,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", layer.scales.detach().to(torch.float16))
             self.register_buffer("zeros", layer.zeros.detach().to(torch.float16))
         else:
-            raise UnsupportedShapeError(
-                f"QuantLinear needs a VQLayer or ScalarLayer, got {type(layer).__name__}")
+            raise UnsupportedShapeError(f"QuantLinear needs a VQLayer or ScalarLayer, got {type(layer).__name__}")
         bias = layer.bias.detach().to(torch.float16) if layer.bias is not None else None
         self.register_buffer("bias", bias)
 
@@ -91,10 +93,18 @@ class QuantLinear(nn.Module):
             for i, (bits, start, stop) in enumerate(self.group_specs):
                 count = (stop - start) * n_vectors * self.n_pq
                 idx = unpack_codes(getattr(self, f"g{i}_indices"), bits * d, count)
-                groups.append(VQGroup(bits, start, stop, getattr(self, f"g{i}_codebooks"),
-                                      idx.reshape(stop - start, n_vectors, self.n_pq)))
-            return VQLayer(self.out_features, self.in_features, self.vector_len, self.n_pq, self.perm,
-                           groups, self.bias)
+                groups.append(
+                    VQGroup(
+                        bits,
+                        start,
+                        stop,
+                        getattr(self, f"g{i}_codebooks"),
+                        idx.reshape(stop - start, n_vectors, self.n_pq),
+                    )
+                )
+            return VQLayer(
+                self.out_features, self.in_features, self.vector_len, self.n_pq, self.perm, groups, self.bias
+            )
         m, n = self.out_features, self.in_features
         codes = unpack_codes(self.codes, self.bits, m * n).reshape(m, n).to(torch.uint8)
         return ScalarLayer(m, n, self.bits, self.group_size, codes, self.scales, self.zeros, self.bias)
@@ -117,19 +127,35 @@ class QuantLinear(nn.Module):
         the indices and codebooks are held once, not twice.
         """
         if self._kernel_layout is None and self.kind == "scalar":
-            self._kernel_layout = PackedScalar(self.out_features, self.in_features, self.bits, self.group_size,
-                                               self.codes, self.scales, self.zeros, self.bias)
+            self._kernel_layout = PackedScalar(
+                self.out_features,
+                self.in_features,
+                self.bits,
+                self.group_size,
+                self.codes,
+                self.scales,
+                self.zeros,
+                self.bias,
+            )
         if self._kernel_layout is None:
             n = len(self.group_specs)
             books = [getattr(self, f"g{i}_codebooks") for i in range(n)]
             streams = [getattr(self, f"g{i}_indices") for i in range(n)]
-            packed = build_packed_vq(out_features=self.out_features, in_features=self.in_features,
-                                     vector_len=self.vector_len, n_pq=self.n_pq, groups=self.group_specs,
-                                     perm=self.perm, codebooks=books, words=streams, bias=self.bias)
+            packed = build_packed_vq(
+                out_features=self.out_features,
+                in_features=self.in_features,
+                vector_len=self.vector_len,
+                n_pq=self.n_pq,
+                groups=self.group_specs,
+                perm=self.perm,
+                codebooks=books,
+                words=streams,
+                bias=self.bias,
+            )
             word_off = book_off = 0
             for i, (book, stream) in enumerate(zip(books, streams, strict=True)):
-                self._buffers[f"g{i}_indices"] = packed.words[word_off:word_off + stream.numel()]
-                self._buffers[f"g{i}_codebooks"] = packed.codebooks[book_off:book_off + book.numel()].view(book.shape)
+                self._buffers[f"g{i}_indices"] = packed.words[word_off : word_off + stream.numel()]
+                self._buffers[f"g{i}_codebooks"] = packed.codebooks[book_off : book_off + book.numel()].view(book.shape)
                 word_off += stream.numel()
                 book_off += book.numel()
             self._kernel_layout = packed
@@ -162,8 +188,10 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, cache_weight={self.cache_weight}")
+        return (
+            f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, cache_weight={self.cache_weight}"
+        )
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -172,8 +200,12 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def quantize_in_place(model: nn.Module, layers: dict[str, QuantizedLayer], cache_weight: bool = True,
-                      packed: dict[str, dict[str, torch.Tensor]] | None = None) -> nn.Module:
+def quantize_in_place(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    cache_weight: bool = True,
+    packed: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> nn.Module:
     """Swap a QuantLinear in for each ``nn.Linear`` named in ``layers``; returns ``model``.
 
     Each QuantLinear is placed on the device of the linear it replaces. ``packed`` (per layer, as
@@ -189,7 +221,8 @@ def quantize_in_place(model: nn.Module, layers: dict[str, QuantizedLayer], cache
         if (old.out_features, old.in_features) != (layer.out_features, layer.in_features):
             raise UnsupportedShapeError(
                 f"{name}: quantized layer is {layer.out_features}x{layer.in_features}, the model's linear "
-                f"is {old.out_features}x{old.in_features}")
+                f"is {old.out_features}x{old.in_features}"
+            )
         device = next(iter(old.buffers() if isinstance(old, QuantLinear) else old.parameters())).device
         qlin = QuantLinear(layer, cache_weight=cache_weight, packed=(packed or {}).get(name))
         _set_module(model, name, qlin.to(device))
@@ -213,9 +246,9 @@ def _skip_init() -> Iterator[None]:
         yield
 
 
-def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32,
-                         device: str | torch.device = "cpu",
-                         cache_weight: bool = True) -> tuple[nn.Module, Any, Artifact]:
+def load_quantized_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", cache_weight: bool = True
+) -> tuple[nn.Module, Any, Artifact]:
     """(model in eval mode, tokenizer or None, Artifact) from a packed checkpoint directory.
 
     The model is built on CPU from the checkpoint's ``config.json`` with random init skipped

@@ -83,12 +83,14 @@ def gptq_quantize(
     h = hessian.detach().to(torch.float64).clone()
     diag = torch.diagonal(h)
     if bool((diag < 0).any()):
-        raise CalibrationError(f"GPTQ on a [{m} x {n}] layer: the Hessian has negative diagonal "
-                               "entries, so it is not an accumulated X^T X")
+        raise CalibrationError(
+            f"GPTQ on a [{m} x {n}] layer: the Hessian has negative diagonal entries, so it is not an accumulated X^T X"
+        )
     dead = (diag == 0).nonzero().squeeze(1)
     if dead.numel() == n:
-        raise CalibrationError(f"GPTQ on a [{m} x {n}] layer: the Hessian is zero (no calibration "
-                               "tokens reached this layer)")
+        raise CalibrationError(
+            f"GPTQ on a [{m} x {n}] layer: the Hessian is zero (no calibration tokens reached this layer)"
+        )
     # A column whose input is always zero does not affect the output: quantize it to 0.
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -117,17 +119,17 @@ def gptq_quantize(
             g = int(col_group[col])
             if perm is None and col % group_size == 0:
                 stop = min(col + group_size, n)
-                cur = w1[:, i:min(stop, b2) - b1]
+                cur = w1[:, i : min(stop, b2) - b1]
                 if stop > b2:  # the group runs past this block: add the updates still pending
                     rest = w[:, b2:stop] - err1[:, :i] @ hinv[b1:col, b2:stop]
                     cur = torch.cat([cur, rest], 1)
                 s, z = _grid(cur.amin(1), cur.amax(1), maxq)
                 scales[:, g], zeros[:, g] = s, z
             s, z = scales[:, g], zeros[:, g]
-            q = _encode(w1[:, i:i + 1], s[:, None], z[:, None], maxq).squeeze(1)
+            q = _encode(w1[:, i : i + 1], s[:, None], z[:, None], maxq).squeeze(1)
             codes[:, col] = q
             err = (w1[:, i] - (q.to(torch.float32) - z) * s) / hinv1[i, i]
-            w1[:, i + 1:] -= err[:, None] * hinv1[i, i + 1:][None, :]
+            w1[:, i + 1 :] -= err[:, None] * hinv1[i, i + 1 :][None, :]
             err1[:, i] = err
         w[:, b2:] -= err1 @ hinv[b1:b2, b2:]
 
@@ -184,8 +186,9 @@ def _grid(
     hi = torch.where(flat, torch.full_like(hi, 1.0), hi)
     scale = _fp16_ceil((hi - lo) / maxq)
     if not bool(torch.isfinite(scale).all()):
-        raise ConfigError("weight range too large: a group's scale overflows float16 "
-                          f"(range up to {float((hi - lo).max()):.3g})")
+        raise ConfigError(
+            f"weight range too large: a group's scale overflows float16 (range up to {float((hi - lo).max()):.3g})"
+        )
     zero = torch.round(-lo / scale).clamp(0, maxq)
     return scale, zero
 
@@ -224,8 +227,16 @@ def _layer(
 ) -> ScalarLayer:
     m, n = codes.shape
     stored_bias = None if bias is None else bias.detach().to(torch.float16).clone()
-    return ScalarLayer(out_features=m, in_features=n, bits=bits, group_size=group_size, codes=codes,
-                       scales=scales.to(torch.float16), zeros=zeros.to(torch.float16), bias=stored_bias)
+    return ScalarLayer(
+        out_features=m,
+        in_features=n,
+        bits=bits,
+        group_size=group_size,
+        codes=codes,
+        scales=scales.to(torch.float16),
+        zeros=zeros.to(torch.float16),
+        bias=stored_bias,
+    )
 
 
 def _inverse_cholesky(
@@ -248,11 +259,18 @@ def _inverse_cholesky(
             if bool(torch.isfinite(upper).all()):
                 return upper.to(torch.float32), frac
         if attempt < _CHOLESKY_RETRIES:
-            logger.warning("GPTQ [%d x %d]: Hessian not positive definite with damping %g; retrying "
-                           "with %g", shape[0], shape[1], frac, frac * 10)
-    raise CalibrationError(f"GPTQ on a [{shape[0]} x {shape[1]}] layer: the Hessian is not positive "
-                           f"definite even with damping {frac:g} x mean(diag H); check the calibration "
-                           "statistics")
+            logger.warning(
+                "GPTQ [%d x %d]: Hessian not positive definite with damping %g; retrying with %g",
+                shape[0],
+                shape[1],
+                frac,
+                frac * 10,
+            )
+    raise CalibrationError(
+        f"GPTQ on a [{shape[0]} x {shape[1]}] layer: the Hessian is not positive "
+        f"definite even with damping {frac:g} x mean(diag H); check the calibration "
+        "statistics"
+    )
 
 
 def _check_common(
@@ -276,8 +294,10 @@ def _check_common(
     if not bool(torch.isfinite(weight).all()):
         raise ConfigError(f"weight of shape {tuple(weight.shape)} contains NaN or Inf")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise UnsupportedShapeError(f"bias must have shape ({weight.shape[0]},) to match the weight "
-                                    f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
+        raise UnsupportedShapeError(
+            f"bias must have shape ({weight.shape[0]},) to match the weight "
+            f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
+        )
     return bits, group_size
 
 
@@ -290,8 +310,9 @@ def _check_gptq(
     n = weight.shape[1]
     if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (n, n):
         shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
-        raise UnsupportedShapeError(f"hessian must have shape ({n}, {n}) to match the weight "
-                                    f"{tuple(weight.shape)}, got {shape}")
+        raise UnsupportedShapeError(
+            f"hessian must have shape ({n}, {n}) to match the weight {tuple(weight.shape)}, got {shape}"
+        )
     if not bool(torch.isfinite(hessian).all()):
         raise CalibrationError(f"hessian of shape {tuple(hessian.shape)} contains NaN or Inf")
     if _as_int("block_size", block_size) < 1:
@@ -302,7 +323,11 @@ def _check_gptq(
 
 def _as_int(name: str, value: object) -> int:
     """Accept ints and integral floats (QuantConfig.bits is a float); reject bools and the rest."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or value != int(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     return int(value)

@@ -41,8 +41,17 @@ class StatsKey:
     with_grads: bool  # False: activation Hessians only (enough for rtn/gptq)
 
     def digest(self) -> str:
-        raw = json.dumps([STATS_VERSION, self.fingerprint, self.tokens_hash, self.n_samples, self.seq_len,
-                          self.fisher if self.with_grads else "-", self.with_grads])
+        raw = json.dumps(
+            [
+                STATS_VERSION,
+                self.fingerprint,
+                self.tokens_hash,
+                self.n_samples,
+                self.seq_len,
+                self.fisher if self.with_grads else "-",
+                self.with_grads,
+            ]
+        )
         return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
@@ -56,10 +65,17 @@ class StatsStore:
     @classmethod
     def find(cls, key: StatsKey, root: Path | None = None) -> StatsStore | None:
         """A complete store for ``key``; one with gradients also serves a Hessian-only request."""
-        candidates = [key] if key.with_grads else [key, StatsKey(**{**key.__dict__, "with_grads": True}),
-                                                   StatsKey(**{**key.__dict__, "with_grads": True,
-                                                               "fisher": "kfac" if key.fisher == "exact"
-                                                               else "exact"})]
+        candidates = (
+            [key]
+            if key.with_grads
+            else [
+                key,
+                StatsKey(**{**key.__dict__, "with_grads": True}),
+                StatsKey(
+                    **{**key.__dict__, "with_grads": True, "fisher": "kfac" if key.fisher == "exact" else "exact"}
+                ),
+            ]
+        )
         for k in candidates:
             store = cls(k, root)
             if store.complete():
@@ -100,17 +116,28 @@ class StatsStore:
         out = {}
         for name in names:
             tau, n_samples, n_tokens = raw[f"{name}::tau"].tolist()
-            out[name] = LayerStats(*(raw.get(f"{name}::{f}") for f in _FIELDS[:3]), tau=tau,
-                                   hessian=raw.get(f"{name}::hessian"), n_samples=int(n_samples),
-                                   n_tokens=int(n_tokens))
+            out[name] = LayerStats(
+                *(raw.get(f"{name}::{f}") for f in _FIELDS[:3]),
+                tau=tau,
+                hessian=raw.get(f"{name}::hessian"),
+                n_samples=int(n_samples),
+                n_tokens=int(n_tokens),
+            )
         return out
 
     def finish(self, meta: dict[str, object]) -> None:
         (self.folder / "meta.json").write_text(json.dumps({**self.key.__dict__, **meta}, indent=1))
 
 
-def compute_statistics(model: nn.Module, tokens: torch.Tensor, key: StatsKey, *, micro_batch: int = 4,
-                       root: Path | None = None, progress: Progress | None = None) -> StatsStore:
+def compute_statistics(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    key: StatsKey,
+    *,
+    micro_batch: int = 4,
+    root: Path | None = None,
+    progress: Progress | None = None,
+) -> StatsStore:
     """Fill (or reuse) the store for ``key``. tokens: [S, T] int64 calibration windows."""
     existing = StatsStore.find(key, root)
     if existing is not None:
@@ -119,11 +146,13 @@ def compute_statistics(model: nn.Module, tokens: torch.Tensor, key: StatsKey, *,
     store = StatsStore(key, root)
     blocks = find_decoder_layout(model).blocks
     started = time.perf_counter()
-    inputs, kwargs, grads = record_block_inputs(model, tokens, micro_batch=micro_batch,
-                                                want_grads=key.with_grads, progress=progress)
+    inputs, kwargs, grads = record_block_inputs(
+        model, tokens, micro_batch=micro_batch, want_grads=key.with_grads, progress=progress
+    )
     for done, index in enumerate(reversed(range(len(blocks)))):
-        stats, grads = block_statistics(blocks[index], inputs[index], kwargs[index], grads,
-                                        fisher=key.fisher, seq_len=tokens.shape[1])
+        stats, grads = block_statistics(
+            blocks[index], inputs[index], kwargs[index], grads, fisher=key.fisher, seq_len=tokens.shape[1]
+        )
         store.save_block(index, stats)
         inputs[index] = []  # free this block's activations as soon as they are used
         if progress:

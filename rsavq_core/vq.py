@@ -37,8 +37,9 @@ class LayerReport:
     seconds: float = 0.0
 
 
-def _metric(cfg: QuantConfig, weight: torch.Tensor, stats: LayerStats | None, fisher: object | None
-            ) -> torch.Tensor | None:
+def _metric(
+    cfg: QuantConfig, weight: torch.Tensor, stats: LayerStats | None, fisher: object | None
+) -> torch.Tensor | None:
     """Elementwise metric ω [M, N] float32 (None = Euclidean)."""
     if cfg.metric == "euclidean":
         return None
@@ -50,8 +51,9 @@ def _metric(cfg: QuantConfig, weight: torch.Tensor, stats: LayerStats | None, fi
     return (diag / diag.mean().clamp_min(1e-30)).expand_as(weight).contiguous()
 
 
-def quantize_vq(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig,
-                bias: torch.Tensor | None = None) -> tuple[VQLayer, LayerReport]:
+def quantize_vq(
+    weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig, bias: torch.Tensor | None = None
+) -> tuple[VQLayer, LayerReport]:
     """Quantize one layer.
 
     Args:
@@ -76,8 +78,17 @@ def quantize_vq(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig
         if cfg.allocation != "uniform":
             sens = channel_sensitivity(stats, fisher, cfg.sensitivity)
     lo, hi = cfg.group_bit_range()
-    alloc: Allocation = allocate(sens, n, cfg.bits, cfg.n_groups, cfg.allocation, lo, hi, device=w.device,
-                                 budget_cost=effective_budget(m, n, cfg) if cfg.budget == "effective" else None)
+    alloc: Allocation = allocate(
+        sens,
+        n,
+        cfg.bits,
+        cfg.n_groups,
+        cfg.allocation,
+        lo,
+        hi,
+        device=w.device,
+        budget_cost=effective_budget(m, n, cfg) if cfg.budget == "effective" else None,
+    )
     # EDSG target W' = W − λñ: perturbation convention (spec §6.1) so the error follows −ñ.
     shift = _edsg_shift(w, nat, cfg)
     target = w - shift if shift is not None else w
@@ -110,16 +121,37 @@ def quantize_vq(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig
             pts = sub_t[:, :, p].reshape(-1, d)
             wts = sub_o[:, :, p].reshape(-1, d) if sub_o is not None else None
             literal = cfg.assign == "paper"
-            cents = weighted_kmeans(pts, wts, k, cfg.kmeans_iters, gen, fit_points=cfg.kmeans_fit_points,
-                                    assign_points=sub_w[:, :, p].reshape(-1, d) if literal else None)
+            cents = weighted_kmeans(
+                pts,
+                wts,
+                k,
+                cfg.kmeans_iters,
+                gen,
+                fit_points=cfg.kmeans_fit_points,
+                assign_points=sub_w[:, :, p].reshape(-1, d) if literal else None,
+            )
             cents = cents.half().float()  # what is stored: assign against the fp16 codebook
             idx, _ = assign(sub_w[:, :, p].reshape(-1, d) if literal else pts, None if literal else wts, cents)
             books.append(cents)
             codes.append(idx.view(stop - start, n_vec))
-        groups.append(VQGroup(bits=bits, start=start, stop=stop, codebooks=torch.stack(books).half(),
-                              indices=torch.stack(codes, dim=2)))
-    layer = VQLayer(out_features=m, in_features=n, vector_len=v, n_pq=n_pq, perm=alloc.perm.clone(),
-                    groups=groups, bias=None if bias is None else bias.detach().half())
+        groups.append(
+            VQGroup(
+                bits=bits,
+                start=start,
+                stop=stop,
+                codebooks=torch.stack(books).half(),
+                indices=torch.stack(codes, dim=2),
+            )
+        )
+    layer = VQLayer(
+        out_features=m,
+        in_features=n,
+        vector_len=v,
+        n_pq=n_pq,
+        perm=alloc.perm.clone(),
+        groups=groups,
+        bias=None if bias is None else bias.detach().half(),
+    )
     if cfg.compensate:
         if stats is None or stats.hessian is None:
             raise CalibrationError("compensation needs the activation Hessian")
@@ -151,9 +183,15 @@ def _edsg_shift(w: torch.Tensor, nat: torch.Tensor | None, cfg: QuantConfig) -> 
     return cfg.lam * float(w.norm()) / float(nat.norm().clamp_min(1e-30)) * nat
 
 
-def _report(layer: VQLayer, w: torch.Tensor, shift: torch.Tensor | None,
-            omega: torch.Tensor | None, stats: LayerStats | None, sens: torch.Tensor | None,
-            started: float) -> LayerReport:
+def _report(
+    layer: VQLayer,
+    w: torch.Tensor,
+    shift: torch.Tensor | None,
+    omega: torch.Tensor | None,
+    stats: LayerStats | None,
+    sens: torch.Tensor | None,
+    started: float,
+) -> LayerReport:
     delta = layer.dequantize() - w
     om = omega if omega is not None else torch.ones_like(w)
     proxy = float((om * delta**2).sum() / (om * w**2).sum().clamp_min(1e-30))
@@ -165,5 +203,11 @@ def _report(layer: VQLayer, w: torch.Tensor, shift: torch.Tensor | None,
     summary = {}
     if sens is not None:
         summary = {"min": float(sens.min()), "median": float(sens.median()), "max": float(sens.max())}
-    return LayerReport(bits=[g.bits for g in layer.groups], proxy_error=proxy, hessian_error=herr,
-                       step_ratio=step, sensitivity=summary, seconds=time.perf_counter() - started)
+    return LayerReport(
+        bits=[g.bits for g in layer.groups],
+        proxy_error=proxy,
+        hessian_error=herr,
+        step_ratio=step,
+        sensitivity=summary,
+        seconds=time.perf_counter() - started,
+    )

@@ -25,8 +25,12 @@ from service.client import Client, print_progress
 
 def start_server(data_dir: Path, port: int) -> subprocess.Popen:  # type: ignore[type-arg]
     log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir",
-                               str(data_dir)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -42,11 +46,18 @@ def start_server(data_dir: Path, port: int) -> subprocess.Popen:  # type: ignore
 
 def stream_completion(url: str, key: str, model: str, prompt: str, say) -> None:  # type: ignore[no-untyped-def]
     """Print a completion as its server-sent events arrive, then the decode rate the client saw."""
-    body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 24,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started, usage = time.monotonic(), None
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                      timeout=600) as resp:
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=600
+    ) as resp:
         if resp.status_code != 200:
             say(f"\n{resp.status_code}: {resp.read().decode()}\n")
             return
@@ -78,8 +89,21 @@ def main() -> int:
     say(f"$ rsavq serve --port {args.port} --data-dir {data_dir}\n")
     server = start_server(data_dir, args.port)
     try:
-        created = subprocess.run([sys.executable, "-m", "service.cli", "keys", "create", f"demo-{uuid.uuid4().hex[:6]}",
-                                  "--data-dir", str(data_dir)], capture_output=True, text=True, check=True)
+        created = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "keys",
+                "create",
+                f"demo-{uuid.uuid4().hex[:6]}",
+                "--data-dir",
+                str(data_dir),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         key = created.stdout.strip().splitlines()[-1]
         say(f"$ rsavq keys create demo  -> {key[:12]}…\n")
         client = Client(f"http://127.0.0.1:{args.port}", key)
@@ -102,14 +126,20 @@ def main() -> int:
         say(f"protocol:             {fp['protocol']} ({fp['windows']} windows, {fp['tokens']} tokens)\n")
         say(f"FP perplexity:        {fp['ppl']:.2f}\n")
         say(f"RSAVQ perplexity:     {q['ppl']:.2f}\n")
-        say(f"effective bpw:        {metrics['bits']['quantized']['bpw']:.4f} (quantized layers), "
-            f"{metrics['bits']['all_bpw']:.3f} (all parameters, the rest fp16)\n")
+        say(
+            f"effective bpw:        {metrics['bits']['quantized']['bpw']:.4f} (quantized layers), "
+            f"{metrics['bits']['all_bpw']:.3f} (all parameters, the rest fp16)\n"
+        )
         timings = metrics["timings"]
         stats = "cached" if metrics["stats_cached"] else f"{timings.get('statistics', 0.0):.0f} s"
-        say(f"quantize time:        {timings['total']:.0f} s (statistics {stats}); "
-            f"worker peak RSS {metrics['peak_rss_gb']:.2f} GB\n")
-        say(f"artifact:             {tar} ({metrics['artifact']['bytes'] / 2**20:.1f} MiB, "
-            f"sha256 {metrics['artifact']['sha256'][:16]}… verified)\n")
+        say(
+            f"quantize time:        {timings['total']:.0f} s (statistics {stats}); "
+            f"worker peak RSS {metrics['peak_rss_gb']:.2f} GB\n"
+        )
+        say(
+            f"artifact:             {tar} ({metrics['artifact']['bytes'] / 2**20:.1f} MiB, "
+            f"sha256 {metrics['artifact']['sha256'][:16]}… verified)\n"
+        )
         say(f"POST /v1/completions (model {job['id']}, greedy, streamed):\nRSAVQ > {args.prompt}")
         stream_completion(f"http://127.0.0.1:{args.port}", key, job["id"], args.prompt, say)
     finally:

@@ -55,16 +55,22 @@ def main() -> int:
     say(f"\nprotocol: {fp['protocol']} ({fp['windows']} windows, {fp['tokens']} tokens)\n")
     say(f"FP perplexity:        {fp['ppl']:.2f}\n")
     say(f"RSAVQ perplexity:     {q['ppl']:.2f}\n")
-    say(f"effective bpw:        {bits['quantized']['bpw']:.4f} (quantized layers), "
-        f"{bits['all_bpw']:.3f} (all parameters, the rest fp16)\n")
+    say(
+        f"effective bpw:        {bits['quantized']['bpw']:.4f} (quantized layers), "
+        f"{bits['all_bpw']:.3f} (all parameters, the rest fp16)\n"
+    )
     stats = "cached" if result.stats_cached else f"{result.timings.get('statistics', 0.0):.0f} s"
     say(f"quantize time:        {result.timings['total']:.0f} s (statistics {stats})\n")
     say(f"peak RSS:             {result.peak_rss_gb:.2f} GB\n")
     say(f"checkpoint:           {out}\n")
     say(f"FP    > {args.prompt}{text_fp}\n")
     say(f"RSAVQ > {args.prompt}{text_q}\n")
-    say(json.dumps({"fp_ppl": fp["ppl"], "rsavq_ppl": q["ppl"], "bpw": bits["quantized"]["bpw"],
-                    "generate_seconds": gen_s}) + "\n")
+    say(
+        json.dumps(
+            {"fp_ppl": fp["ppl"], "rsavq_ppl": q["ppl"], "bpw": bits["quantized"]["bpw"], "generate_seconds": gen_s}
+        )
+        + "\n"
+    )
     return 0
 
 

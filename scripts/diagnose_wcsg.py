@@ -42,8 +42,11 @@ def main() -> int:
             row = {"layer": f"{index}.{name}"}
             for rule in RULES:
                 _, report = quantize_vq(weight, stats[name], cfg.replace(allocation=rule))
-                row[rule] = {"bits": report.bits, "hessian_error": report.hessian_error,
-                             "sensitivity": report.sensitivity}
+                row[rule] = {
+                    "bits": report.bits,
+                    "hessian_error": report.hessian_error,
+                    "sensitivity": report.sensitivity,
+                }
             rows.append(row)
             cells = "".join(f"{str(row[r]['bits']):>16} {row[r]['hessian_error']:>12.4f} " for r in RULES)
             sys.stdout.write(f"{row['layer']:<28}{cells}\n")

@@ -62,8 +62,9 @@ class BodyLimit:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = JSONResponse(errors.error_body(413, f"request body over {self.limit} bytes", "PayloadTooLargeError"),
-                            status_code=413)
+        body = JSONResponse(
+            errors.error_body(413, f"request body over {self.limit} bytes", "PayloadTooLargeError"), status_code=413
+        )
         await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
         await send({"type": "http.response.body", "body": body.body})
 
@@ -106,12 +107,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with sessions() as session:
             return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
-    context = Context(settings=settings, sessions=sessions, celery=make_celery(settings),
-                      store=ArtifactStore(settings.artifact_dir), metrics=Metrics(count_jobs),
-                      keys=KeyCache(settings.auth_cache_seconds))
-    app = FastAPI(title="rsavq", version="0.1.0",
-                  description="Quantization as a service: RSAVQ and baselines for decoder-only LLMs. "
-                              "Authenticate with `Authorization: Bearer <key>` (`rsavq keys create NAME`).")
+    context = Context(
+        settings=settings,
+        sessions=sessions,
+        celery=make_celery(settings),
+        store=ArtifactStore(settings.artifact_dir),
+        metrics=Metrics(count_jobs),
+        keys=KeyCache(settings.auth_cache_seconds),
+    )
+    app = FastAPI(
+        title="rsavq",
+        version="0.1.0",
+        description="Quantization as a service: RSAVQ and baselines for decoder-only LLMs. "
+        "Authenticate with `Authorization: Bearer <key>` (`rsavq keys create NAME`).",
+    )
     app.state.context = context
     errors.install(app)
     app.include_router(jobs_router)
@@ -123,8 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         message = "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in details)
         param = ".".join(str(p) for p in details[0]["loc"][1:]) if details and details[0]["loc"] else None
-        return JSONResponse({**errors.error_body(422, message, "ValidationError", param or None), "detail": details},
-                            status_code=422)
+        return JSONResponse(
+            {**errors.error_body(422, message, "ValidationError", param or None), "detail": details}, status_code=422
+        )
 
     @app.get("/health", tags=["ops"])
     def health() -> JSONResponse:
@@ -132,8 +142,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ok = all(checks.values())
         # Reported, not part of the status: jobs work without it, only generation answers 503.
         generation = _generation_state(settings.generation_url)
-        return JSONResponse({"status": "ok" if ok else "degraded", **checks, "generation": generation},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "degraded", **checks, "generation": generation}, status_code=200 if ok else 503
+        )
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     def metrics() -> Response:

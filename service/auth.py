@@ -33,9 +33,11 @@ def create_key(session: Session, name: str, tenant: str | None = None) -> str:
 
 def revoke_key(session: Session, name_or_key: str) -> int:
     """Revoke every live key with this name, or the key itself. Returns how many were revoked."""
-    rows = session.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None),
-                                                (ApiKey.name == name_or_key)
-                                                | (ApiKey.key_hash == hash_key(name_or_key)))).all()
+    rows = session.scalars(
+        select(ApiKey).where(
+            ApiKey.revoked_at.is_(None), (ApiKey.name == name_or_key) | (ApiKey.key_hash == hash_key(name_or_key))
+        )
+    ).all()
     if not rows:
         raise NotFoundError(f"no live API key named {name_or_key!r}")
     for row in rows:

@@ -1,13 +1,13 @@
 """The ``rsavq`` entry point: service commands here, everything else from ``rsavq_core.cli``.
 
-    rsavq serve [--host H] [--port P] [--data-dir D]   API + one worker + the generation server,
-                                                         SQLite + embedded broker
-    rsavq worker [--data-dir D]                          a Celery worker on the gpu queue
-    rsavq generation-server [--port P] [--data-dir D]    the GPU process behind /v1/completions
-    rsavq db upgrade [--data-dir D]                      alembic upgrade head
-    rsavq keys create NAME | revoke NAME [--data-dir D]  API keys (the new key is the last line)
-    rsavq submit MODEL --bits B | status ID | wait ID | download ID | cancel ID   the HTTP client
-    rsavq quantize | eval | generate | ablation          the library on its own (rsavq_core.cli)
+rsavq serve [--host H] [--port P] [--data-dir D]   API + one worker + the generation server,
+                                                     SQLite + embedded broker
+rsavq worker [--data-dir D]                          a Celery worker on the gpu queue
+rsavq generation-server [--port P] [--data-dir D]    the GPU process behind /v1/completions
+rsavq db upgrade [--data-dir D]                      alembic upgrade head
+rsavq keys create NAME | revoke NAME [--data-dir D]  API keys (the new key is the last line)
+rsavq submit MODEL --bits B | status ID | wait ID | download ID | cancel ID   the HTTP client
+rsavq quantize | eval | generate | ablation          the library on its own (rsavq_core.cli)
 """
 
 from __future__ import annotations
@@ -38,9 +38,26 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def worker_command(concurrency: int = 1) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "--pool", "prefork",
-            "--concurrency", str(concurrency), "--prefetch-multiplier", "1", "--loglevel", "INFO",
-            "-n", f"rsavq-{os.getpid()}@%h"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        "gpu",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        "INFO",
+        "-n",
+        f"rsavq-{os.getpid()}@%h",
+    ]
 
 
 def _die_with_parent() -> None:
@@ -54,8 +71,14 @@ def _die_with_parent() -> None:
 def _child(command: list[str], settings: Any, log_name: str) -> subprocess.Popen[bytes]:
     """A process that lives and dies with `rsavq serve`, logging to the data dir."""
     log_file = open(settings.data_dir / log_name, "ab")  # noqa: SIM115 - lives as long as the child
-    child = subprocess.Popen(command, env={**os.environ, **settings.to_env()}, stdout=log_file,
-                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(
+        command,
+        env={**os.environ, **settings.to_env()},
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
     sys.stderr.write(f"rsavq: {command[2]} pid {child.pid}, log {settings.data_dir / log_name}\n")
     return child
 
@@ -84,8 +107,9 @@ def cmd_serve(args: argparse.Namespace) -> str:
     sys.stderr.write(f"rsavq: API on http://{args.host}:{args.port} (docs at /docs), data in {settings.data_dir}\n")
     try:
         # A bounded graceful shutdown: open event streams or generations must not keep it alive.
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
-                    timeout_graceful_shutdown=10)
+        uvicorn.run(
+            create_app(settings), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10
+        )
     finally:
         for child in children:
             child.terminate()
@@ -184,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
-    s.add_argument("--no-generation", action="store_true",
-                   help="no generation server (or set RSAVQ_GENERATION_URL to one running elsewhere)")
+    s.add_argument(
+        "--no-generation",
+        action="store_true",
+        help="no generation server (or set RSAVQ_GENERATION_URL to one running elsewhere)",
+    )
     s.add_argument("--generation-port", type=int, help="its port (default: the API's port + 1)")
     data_dir(s)
     s.set_defaults(func=cmd_serve)
@@ -223,11 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--options", help='JSON, e.g. \'{"calib_samples": 8, "evaluation": {"zero_shot": "all"}}\'')
     c.add_argument("--idempotency-key")
     c.set_defaults(func=cmd_submit)
-    for name, func, text in (("status", lambda a: _client(a).job(a.job_id), "a job's state"),
-                             ("metrics", lambda a: _client(a).metrics(a.job_id), "a job's metrics"),
-                             ("cancel", lambda a: _client(a).cancel(a.job_id), "cancel a job"),
-                             ("wait", cmd_wait, "wait for a job, with a progress bar"),
-                             ("download", cmd_download, "download (resumable) and verify a job's artifact")):
+    for name, func, text in (
+        ("status", lambda a: _client(a).job(a.job_id), "a job's state"),
+        ("metrics", lambda a: _client(a).metrics(a.job_id), "a job's metrics"),
+        ("cancel", lambda a: _client(a).cancel(a.job_id), "cancel a job"),
+        ("wait", cmd_wait, "wait for a job, with a progress bar"),
+        ("download", cmd_download, "download (resumable) and verify a job's artifact"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("job_id")
         p.set_defaults(func=func)
@@ -251,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # servers log what they do; client commands print results, not library chatter
     return run_parsed(args, verbose=args.command in ("serve", "worker"))
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

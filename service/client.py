@@ -23,8 +23,14 @@ from rsavq_core.errors import (
 )
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-_BY_STATUS: dict[int, type[RSAVQError]] = {401: AuthenticationError, 404: NotFoundError, 409: ConflictError,
-                                           413: ConfigError, 422: ConfigError, 503: UnavailableError}
+_BY_STATUS: dict[int, type[RSAVQError]] = {
+    401: AuthenticationError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: ConfigError,
+    422: ConfigError,
+    503: UnavailableError,
+}
 
 
 class Client:
@@ -47,8 +53,14 @@ class Client:
             raise _BY_STATUS.get(response.status_code, RSAVQError)(f"HTTP {response.status_code}: {message}")
         return response
 
-    def submit(self, model_id: str, bits: float, method: str = "rsavq", options: dict[str, Any] | None = None,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit(
+        self,
+        model_id: str,
+        bits: float,
+        method: str = "rsavq",
+        options: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"model_id": model_id, "bits": bits, "method": method, "options": options or {}}
         return self._call("POST", "/v1/jobs", json=body, headers=headers).json()
@@ -62,8 +74,14 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
 
-    def wait(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None,
-             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: str,
+        *,
+        poll: float = 1.0,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll until the job ends; returns the final job. on_progress sees every polled state."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -76,8 +94,9 @@ class Client:
                 raise UnavailableError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
             time.sleep(poll)
 
-    def download(self, job_id: str, dest: str | Path, *, chunk: int = 1 << 20,
-                 on_bytes: Callable[[int, int], None] | None = None) -> Path:
+    def download(
+        self, job_id: str, dest: str | Path, *, chunk: int = 1 << 20, on_bytes: Callable[[int, int], None] | None = None
+    ) -> Path:
         """Download the artifact to ``dest``, resuming a partial ``dest.part``; verifies the sha256."""
         dest = Path(dest)
         part = dest.with_name(dest.name + ".part")
@@ -103,8 +122,9 @@ class Client:
                         if on_bytes:
                             on_bytes(have, size)
         except httpx.TransportError as exc:
-            raise UnavailableError(f"download interrupted at {have} of {size} bytes (run it again to resume): "
-                                   f"{exc}") from exc
+            raise UnavailableError(
+                f"download interrupted at {have} of {size} bytes (run it again to resume): {exc}"
+            ) from exc
         digest = _sha256(part)
         if f'"{digest}"' != etag:
             part.unlink()
@@ -126,8 +146,10 @@ def progress_line(job: dict[str, Any], width: int = 30) -> str:
     p = job["progress"]
     filled = int(p["percent"] / 100 * width)
     eta = f" ETA {p['eta_seconds']:.0f}s" if p.get("eta_seconds") else ""
-    return (f"{job['status']:<9} {p['stage'][:24]:<24} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{p['done']}/{p['total']} {p['percent']:5.1f}%{eta}")
+    return (
+        f"{job['status']:<9} {p['stage'][:24]:<24} [{'#' * filled}{'.' * (width - filled)}] "
+        f"{p['done']}/{p['total']} {p['percent']:5.1f}%{eta}"
+    )
 
 
 _last_line = [""]

@@ -50,8 +50,7 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def tenant_of(request: Request, session: DbSession,
-              authorization: Annotated[str | None, Header()] = None) -> str:
+def tenant_of(request: Request, session: DbSession, authorization: Annotated[str | None, Header()] = None) -> str:
     try:
         return request.app.state.context.keys.tenant(session, authorization)
     finally:

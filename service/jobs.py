@@ -48,21 +48,37 @@ def claim(session: Session, job_id: str, worker: str, lease_seconds: float) -> b
     free = or_(Job.status == QUEUED, handed_off, and_(Job.status == RUNNING, Job.lease_until < now))
     # a hand-off is the next step of the same attempt, not a new delivery
     attempts = case((handed_off, Job.attempts), else_=Job.attempts + 1)
-    return _move(session, job_id, free,
-                 {"status": RUNNING, "worker": worker, "lease_until": lease, "attempts": attempts,
-                  "started_at": func.coalesce(Job.started_at, now), "error": None},
-                 {"status": RUNNING, "worker": worker})
+    return _move(
+        session,
+        job_id,
+        free,
+        {
+            "status": RUNNING,
+            "worker": worker,
+            "lease_until": lease,
+            "attempts": attempts,
+            "started_at": func.coalesce(Job.started_at, now),
+            "error": None,
+        },
+        {"status": RUNNING, "worker": worker},
+    )
 
 
 def hand_off(session: Session, job_id: str, worker: str, stage: str, lease_seconds: float) -> bool:
     """The holder lets go of a running job so that the next step's task can claim it."""
     lease = utcnow() + dt.timedelta(seconds=lease_seconds)
-    moved = session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
-                            .values(worker=None, stage=stage, lease_until=lease, eta_seconds=None,
-                                    updated_at=utcnow())).rowcount == 1
+    moved = (
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
+            .values(worker=None, stage=stage, lease_until=lease, eta_seconds=None, updated_at=utcnow())
+        ).rowcount
+        == 1
+    )
     if moved:
-        add_event(session, job_id, "progress", {"stage": stage, "done": 0, "total": 0, "percent": 0.0,
-                                                "eta_seconds": None})
+        add_event(
+            session, job_id, "progress", {"stage": stage, "done": 0, "total": 0, "percent": 0.0, "eta_seconds": None}
+        )
     session.commit()
     return moved
 
@@ -70,19 +86,26 @@ def hand_off(session: Session, job_id: str, worker: str, stage: str, lease_secon
 def renew_lease(session: Session, job_id: str, worker: str, lease_seconds: float) -> bool:
     """Extend the lease; False when the job is no longer this worker's (taken over, cancelled)."""
     lease = utcnow() + dt.timedelta(seconds=lease_seconds)
-    result = session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
-                             .values(lease_until=lease))
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING).values(lease_until=lease)
+    )
     session.commit()
     return result.rowcount == 1
 
 
-def finish(session: Session, job_id: str, worker: str, status: str, *, error: str | None = None,
-           **values: Any) -> bool:
+def finish(session: Session, job_id: str, worker: str, status: str, *, error: str | None = None, **values: Any) -> bool:
     """running -> succeeded | failed | cancelled, only by the worker that holds the job."""
     assert status in TERMINAL, status
     now = utcnow()
-    changes = {"status": status, "error": error, "finished_at": now, "lease_until": None,
-               "stage": status, "eta_seconds": None, **values}
+    changes = {
+        "status": status,
+        "error": error,
+        "finished_at": now,
+        "lease_until": None,
+        "stage": status,
+        "eta_seconds": None,
+        **values,
+    }
     if status == SUCCEEDED:
         changes["percent"] = 100.0
     event = {"status": status, **({"error": error} if error else {})}
@@ -91,15 +114,24 @@ def finish(session: Session, job_id: str, worker: str, status: str, *, error: st
 
 def fail_unclaimed(session: Session, job_id: str, error: str) -> bool:
     """queued -> failed (a job that can never run: pre-flight, too many attempts)."""
-    return _move(session, job_id, Job.status.in_((QUEUED, RUNNING)),
-                 {"status": FAILED, "error": error, "finished_at": utcnow(), "lease_until": None, "stage": FAILED},
-                 {"status": FAILED, "error": error})
+    return _move(
+        session,
+        job_id,
+        Job.status.in_((QUEUED, RUNNING)),
+        {"status": FAILED, "error": error, "finished_at": utcnow(), "lease_until": None, "stage": FAILED},
+        {"status": FAILED, "error": error},
+    )
 
 
 def request_cancel(session: Session, job_id: str) -> str:
     """Cancel a queued job at once; ask a running one to stop at its next layer. Returns the status."""
-    if _move(session, job_id, Job.status == QUEUED,
-             {"status": CANCELLED, "finished_at": utcnow(), "stage": CANCELLED}, {"status": CANCELLED}):
+    if _move(
+        session,
+        job_id,
+        Job.status == QUEUED,
+        {"status": CANCELLED, "finished_at": utcnow(), "stage": CANCELLED},
+        {"status": CANCELLED},
+    ):
         return CANCELLED
     session.execute(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(cancel_requested=True))
     session.commit()
@@ -109,28 +141,60 @@ def request_cancel(session: Session, job_id: str) -> str:
 
 def release(session: Session, job_id: str, worker: str) -> bool:
     """running -> queued by the holding worker (it cannot run the job itself, another may)."""
-    return _move(session, job_id, and_(Job.status == RUNNING, Job.worker == worker),
-                 {"status": QUEUED, "worker": None, "lease_until": None, "enqueued_at": utcnow()},
-                 {"status": QUEUED, "reason": "released by " + worker})
+    return _move(
+        session,
+        job_id,
+        and_(Job.status == RUNNING, Job.worker == worker),
+        {"status": QUEUED, "worker": None, "lease_until": None, "enqueued_at": utcnow()},
+        {"status": QUEUED, "reason": "released by " + worker},
+    )
 
 
 def requeue_stale(session: Session, job_id: str) -> bool:
     """running (lease expired: its worker died) -> queued. The caller then re-sends the task."""
     now = utcnow()
-    return _move(session, job_id, and_(Job.status == RUNNING, Job.lease_until < now),
-                 {"status": QUEUED, "worker": None, "lease_until": None, "enqueued_at": now},
-                 {"status": QUEUED, "reason": "worker lost; resuming from the last finished layer"})
+    return _move(
+        session,
+        job_id,
+        and_(Job.status == RUNNING, Job.lease_until < now),
+        {"status": QUEUED, "worker": None, "lease_until": None, "enqueued_at": now},
+        {"status": QUEUED, "reason": "worker lost; resuming from the last finished layer"},
+    )
 
 
-def report_progress(session: Session, job_id: str, worker: str, stage: str, done: int, total: int,
-                    percent: float, eta_seconds: float | None, lease_seconds: float) -> bool:
+def report_progress(
+    session: Session,
+    job_id: str,
+    worker: str,
+    stage: str,
+    done: int,
+    total: int,
+    percent: float,
+    eta_seconds: float | None,
+    lease_seconds: float,
+) -> bool:
     """Record progress (and renew the lease). Returns True when the job was asked to cancel."""
-    data = {"stage": stage, "done": done, "total": total, "percent": round(percent, 2),
-            "eta_seconds": None if eta_seconds is None else round(eta_seconds, 1)}
+    data = {
+        "stage": stage,
+        "done": done,
+        "total": total,
+        "percent": round(percent, 2),
+        "eta_seconds": None if eta_seconds is None else round(eta_seconds, 1),
+    }
     lease = utcnow() + dt.timedelta(seconds=lease_seconds)
-    session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
-                    .values(stage=stage, done=done, total=total, percent=percent, eta_seconds=eta_seconds,
-                            lease_until=lease, updated_at=utcnow()))
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
+        .values(
+            stage=stage,
+            done=done,
+            total=total,
+            percent=percent,
+            eta_seconds=eta_seconds,
+            lease_until=lease,
+            updated_at=utcnow(),
+        )
+    )
     add_event(session, job_id, "progress", data)
     session.commit()
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))

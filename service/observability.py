@@ -25,10 +25,15 @@ class _JobsByStatus(Collector):
 class Metrics:
     def __init__(self, count_jobs: Callable[[], dict[str, int]]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("rsavq_http_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("rsavq_http_request_seconds", "HTTP request latency", ["method", "route"],
-                                 registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.requests = Counter(
+            "rsavq_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "rsavq_http_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         self.jobs_submitted = Counter("rsavq_jobs_submitted", "jobs accepted", ["method"], registry=self.registry)
         self.registry.register(_JobsByStatus(count_jobs))

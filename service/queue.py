@@ -51,8 +51,13 @@ def make_celery(settings: Settings) -> Celery:
 def enqueue(app: Celery, task: str, job_id: str) -> None:
     """Send one job's task; UnavailableError when the broker cannot be reached."""
     try:
-        app.send_task(task, args=[job_id], queue=QUEUE, retry=True,
-                      retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+        app.send_task(
+            task,
+            args=[job_id],
+            queue=QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        )
     except Exception as exc:  # kombu raises transport-specific errors; all mean "broker unreachable"
         raise UnavailableError(f"the message broker is unreachable: {exc}") from exc
 

@@ -60,20 +60,32 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
 
 
 @router.head("/{job_id}/artifact", operation_id="artifact_headers", include_in_schema=True)
-@router.get("/{job_id}/artifact", operation_id="download_artifact", response_class=StreamingResponse,
-            responses={200: {"content": {"application/x-tar": {}}}, 206: {}, 409: {}, 416: {}})
-def download(job_id: str, tenant: Tenant, ctx: Ctx, session: DbSession,
-             range: Annotated[str | None, Header()] = None,  # noqa: A002
-             if_range: Annotated[str | None, Header()] = None,
-             if_none_match: Annotated[str | None, Header()] = None) -> Response:
+@router.get(
+    "/{job_id}/artifact",
+    operation_id="download_artifact",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}}, 206: {}, 409: {}, 416: {}},
+)
+def download(
+    job_id: str,
+    tenant: Tenant,
+    ctx: Ctx,
+    session: DbSession,
+    range: Annotated[str | None, Header()] = None,  # noqa: A002
+    if_range: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
     artifact = _artifact(session, tenant, job_id)
     path = ctx.store.path(artifact.path)
     if not path.exists():
         raise NotFoundError(f"the artifact of job {job_id} is missing from the store")
     etag = f'"{artifact.sha256}"'
-    headers = {"ETag": etag, "Accept-Ranges": "bytes",
-               "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(artifact.sha256)).decode()}:",
-               "Content-Disposition": f'attachment; filename="rsavq-{job_id}.tar"'}
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(artifact.sha256)).decode()}:",
+        "Content-Disposition": f'attachment; filename="rsavq-{job_id}.tar"',
+    }
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
     size = artifact.size
@@ -86,8 +98,9 @@ def download(job_id: str, tenant: Tenant, ctx: Ctx, session: DbSession,
     if wanted is not None:
         status = 206
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-    return StreamingResponse(_read(path, start, stop), status_code=status, media_type="application/x-tar",
-                             headers=headers)
+    return StreamingResponse(
+        _read(path, start, stop), status_code=status, media_type="application/x-tar", headers=headers
+    )
 
 
 @router.get("/{job_id}/metrics")

@@ -38,8 +38,12 @@ def _resolve(session: Session, tenant: str, model: str) -> tuple[Job, Artifact]:
     """The job a ``model`` field names (its id, else the latest succeeded job of that name)."""
     job = session.get(Job, model)
     if job is None or job.tenant != tenant:
-        job = session.scalars(select(Job).where(Job.tenant == tenant, Job.name == model)
-                              .order_by((Job.status == SUCCEEDED).desc(), Job.finished_at.desc()).limit(1)).first()
+        job = session.scalars(
+            select(Job)
+            .where(Job.tenant == tenant, Job.name == model)
+            .order_by((Job.status == SUCCEEDED).desc(), Job.finished_at.desc())
+            .limit(1)
+        ).first()
     if job is None:
         raise NotFoundError(f"no model {model!r}: use a succeeded job's id or name (GET /v1/models lists them)")
     if job.status != SUCCEEDED:
@@ -56,8 +60,7 @@ def _client(ctx: Context) -> httpx.AsyncClient:
     client = ctx.generation_client
     if client is None:
         # No read timeout: a long generation is not an error; connecting is bounded.
-        client = httpx.AsyncClient(base_url=ctx.settings.generation_url,
-                                   timeout=httpx.Timeout(None, connect=10.0))
+        client = httpx.AsyncClient(base_url=ctx.settings.generation_url, timeout=httpx.Timeout(None, connect=10.0))
         ctx.generation_client = client
     return client
 
@@ -92,8 +95,16 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _serve(ctx: Context, session: Session, tenant: str, model: str, chat: bool,
-                 payloads: list[dict[str, Any]], stream: bool, include_usage: bool) -> Any:
+async def _serve(
+    ctx: Context,
+    session: Session,
+    tenant: str,
+    model: str,
+    chat: bool,
+    payloads: list[dict[str, Any]],
+    stream: bool,
+    include_usage: bool,
+) -> Any:
     _, artifact = _resolve(session, tenant, model)
     session.rollback()  # hold no pooled connection while generating
     client = _client(ctx)
@@ -138,8 +149,14 @@ async def _serve(ctx: Context, session: Session, tenant: str, model: str, chat: 
             return _upstream_error(exc.status, exc.raw)
         finally:
             await first.aclose()
-        return {"id": ident, "object": kind, "created": created, "model": model, "choices": choices,
-                "usage": _usage(prompt_tokens, completion_tokens)}
+        return {
+            "id": ident,
+            "object": kind,
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": _usage(prompt_tokens, completion_tokens),
+        }
 
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -190,12 +207,29 @@ async def chat_completions(body: ChatCompletionRequest, tenant: Tenant, ctx: Ctx
 
 @router.get("/models", summary="The models this key may generate with (its succeeded jobs)")
 def list_models(tenant: Tenant, session: DbSession) -> dict[str, Any]:
-    rows = session.execute(select(Job).join(Artifact, Artifact.job_id == Job.id)
-                           .where(Job.tenant == tenant, Job.status == SUCCEEDED)
-                           .order_by(Job.finished_at.desc())).scalars().all()
-    data = [{"id": job.id, "object": "model", "owned_by": tenant,
-             # the database keeps naive UTC datetimes
-             "created": int((job.finished_at or job.created_at).replace(tzinfo=dt.UTC).timestamp()), "name": job.name,
-             "source_model": job.model_id, "method": job.method, "bits": job.bits,
-             "effective_bpw": job.effective_bpw} for job in rows]
+    rows = (
+        session.execute(
+            select(Job)
+            .join(Artifact, Artifact.job_id == Job.id)
+            .where(Job.tenant == tenant, Job.status == SUCCEEDED)
+            .order_by(Job.finished_at.desc())
+        )
+        .scalars()
+        .all()
+    )
+    data = [
+        {
+            "id": job.id,
+            "object": "model",
+            "owned_by": tenant,
+            # the database keeps naive UTC datetimes
+            "created": int((job.finished_at or job.created_at).replace(tzinfo=dt.UTC).timestamp()),
+            "name": job.name,
+            "source_model": job.model_id,
+            "method": job.method,
+            "bits": job.bits,
+            "effective_bpw": job.effective_bpw,
+        }
+        for job in rows
+    ]
     return {"object": "list", "data": data}

@@ -33,15 +33,27 @@ Ctx = Annotated[Context, Depends(get_context)]
 def job_out(job: Job, layers: list[JobLayer] | None = None) -> JobOut:
     base = f"/v1/jobs/{job.id}"
     return JobOut(
-        id=job.id, name=job.name, status=job.status, model_id=job.model_id, method=job.method, bits=job.bits,
+        id=job.id,
+        name=job.name,
+        status=job.status,
+        model_id=job.model_id,
+        method=job.method,
+        bits=job.bits,
         options=job.options,
-        progress=Progress(stage=job.stage, done=job.done, total=job.total, percent=round(job.percent, 2),
-                          eta_seconds=job.eta_seconds),
-        effective_bpw=job.effective_bpw, error=job.error, attempts=job.attempts,
-        cancel_requested=job.cancel_requested, created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at, updated_at=job.updated_at,
+        progress=Progress(
+            stage=job.stage, done=job.done, total=job.total, percent=round(job.percent, 2), eta_seconds=job.eta_seconds
+        ),
+        effective_bpw=job.effective_bpw,
+        error=job.error,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
         layers=None if layers is None else [{"name": row.name, **row.report} for row in layers],
-        links={"self": base, "events": f"{base}/events", "metrics": f"{base}/metrics", "artifact": f"{base}/artifact"})
+        links={"self": base, "events": f"{base}/events", "metrics": f"{base}/metrics", "artifact": f"{base}/artifact"},
+    )
 
 
 def load_job(session: Session, tenant: str, job_id: str) -> Job:
@@ -58,14 +70,22 @@ def _check_model_id(model_id: str, allow_local: bool) -> None:
     if Path(model_id).is_absolute() and allow_local:
         return
     if Path(model_id).is_absolute() or model_id.startswith((".", "~")):
-        raise ConfigError(f"model_id {model_id!r}: local paths are not allowed on this server "
-                          "(set RSAVQ_ALLOW_LOCAL_MODELS=true on a private deployment)")
+        raise ConfigError(
+            f"model_id {model_id!r}: local paths are not allowed on this server "
+            "(set RSAVQ_ALLOW_LOCAL_MODELS=true on a private deployment)"
+        )
     raise ConfigError(f"model_id {model_id!r} is not a model id: use 'org/name', 'name' or a built-in alias")
 
 
 @router.post("", status_code=202, response_model=JobOut)
-def submit(body: JobRequest, response: Response, tenant: Tenant, ctx: Ctx, session: DbSession,
-           idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
+def submit(
+    body: JobRequest,
+    response: Response,
+    tenant: Tenant,
+    ctx: Ctx,
+    session: DbSession,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobOut:
     _check_model_id(body.model_id, ctx.settings.allow_local_models)
     body.quant_config()  # every cross-field rule, before anything is stored
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
@@ -73,10 +93,19 @@ def submit(body: JobRequest, response: Response, tenant: Tenant, ctx: Ctx, sessi
         existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
         if existing is not None:
             return _accepted(response, existing)
-    job = Job(id=uuid.uuid4().hex, tenant=tenant, model_id=body.model_id, name=body.name, method=body.method,
-              bits=body.bits,
-              options=body.options.model_dump(mode="json", exclude_none=True), status=machine.QUEUED,
-              stage="queued", idempotency_key=idempotency_key, request_hash=request_hash)
+    job = Job(
+        id=uuid.uuid4().hex,
+        tenant=tenant,
+        model_id=body.model_id,
+        name=body.name,
+        method=body.method,
+        bits=body.bits,
+        options=body.options.model_dump(mode="json", exclude_none=True),
+        status=machine.QUEUED,
+        stage="queued",
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
     session.add(job)
     try:
         session.flush()
@@ -112,10 +141,14 @@ def _by_idempotency_key(session: Session, tenant: str, key: str, request_hash: s
 
 
 @router.get("", response_model=JobList)
-def list_jobs(tenant: Tenant, session: DbSession, status: Annotated[str | None, Query()] = None,
-              model_id: Annotated[str | None, Query()] = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              cursor: Annotated[str | None, Query()] = None) -> JobList:
+def list_jobs(
+    tenant: Tenant,
+    session: DbSession,
+    status: Annotated[str | None, Query()] = None,
+    model_id: Annotated[str | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query()] = None,
+) -> JobList:
     if status is not None and status not in machine.STATUSES:
         raise ConfigError(f"unknown status {status!r}; one of {', '.join(machine.STATUSES)}")
     query = select(Job).where(Job.tenant == tenant)
@@ -145,8 +178,9 @@ async def get_job(job_id: str, ctx: Ctx, authorization: Annotated[str | None, He
     def read() -> Response:
         with ctx.sessions() as session:
             job = load_job(session, ctx.keys.tenant(session, authorization), job_id)
-            layers = session.scalars(select(JobLayer).where(JobLayer.job_id == job_id)
-                                     .order_by(JobLayer.position)).all()
+            layers = session.scalars(
+                select(JobLayer).where(JobLayer.job_id == job_id).order_by(JobLayer.position)
+            ).all()
             # serialised once here; returning the model would have FastAPI validate it again
             return Response(job_out(job, list(layers)).model_dump_json(), media_type="application/json")
 
@@ -174,18 +208,26 @@ def delete_job(job_id: str, tenant: Tenant, ctx: Ctx, session: DbSession) -> Res
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
-def events(job_id: str, request: Request, tenant: Tenant, ctx: Ctx, session: DbSession,
-           last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+@router.get(
+    "/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}}
+)
+def events(
+    job_id: str,
+    request: Request,
+    tenant: Tenant,
+    ctx: Ctx,
+    session: DbSession,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
     """Server-sent events: every status and progress event, then the stream ends with the job."""
     load_job(session, tenant, job_id)
     start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
 
     def fetch(after: int) -> tuple[list[JobEvent], str]:
         with ctx.sessions() as session:
-            rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                                   .order_by(JobEvent.id).limit(500)).all()
+            rows = session.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(500)
+            ).all()
             status = session.scalar(select(Job.status).where(Job.id == job_id)) or machine.CANCELLED
             return list(rows), status
 
@@ -205,6 +247,6 @@ def events(job_id: str, request: Request, tenant: Tenant, ctx: Ctx, session: DbS
                 idle = 0.0
             await asyncio.sleep(ctx.settings.sse_poll_seconds)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -26,8 +26,10 @@ def _quant_fields() -> dict[str, Any]:
     for f in dataclasses.fields(QuantConfig):
         if f.name in ("method", "bits"):
             continue  # top-level fields of the job
-        fields[f.name] = (_TYPES[str(f.type)] | None, Field(None, description=f"QuantConfig.{f.name} (default "
-                                                                              f"{f.default!r})"))
+        fields[f.name] = (
+            _TYPES[str(f.type)] | None,
+            Field(None, description=f"QuantConfig.{f.name} (default {f.default!r})"),
+        )
     return fields
 
 
@@ -35,7 +37,8 @@ class EvalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     perplexity: bool = Field(True, description="FP and quantized perplexity on wiki-holdout-512")
     zero_shot: list[Literal[ZERO_SHOT_TASKS]] | Literal["all"] | None = Field(  # type: ignore[valid-type]
-        None, description="zero-shot tasks to score (slow: minutes per task on a CPU)")
+        None, description="zero-shot tasks to score (slow: minutes per task on a CPU)"
+    )
     limit: int | None = Field(None, ge=1, description="first N items of each zero-shot task")
     windows: int | None = Field(None, ge=1, description="first N perplexity windows (default: all)")
 
@@ -52,9 +55,15 @@ class JobRequest(BaseModel):
     model_id: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
     bits: float = Field(..., ge=MIN_BITS, le=MAX_BITS, description="target average bits per weight")
     method: Literal[METHODS] = "rsavq"  # type: ignore[valid-type]
-    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
-                             description="a name for the result: /v1/completions accepts it as `model` "
-                                         "(the latest succeeded job of that name)", examples=["smol-2bit"])
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        description="a name for the result: /v1/completions accepts it as `model` "
+        "(the latest succeeded job of that name)",
+        examples=["smol-2bit"],
+    )
     options: JobOptions = Field(default_factory=JobOptions)
 
     @field_validator("model_id")

@@ -59,8 +59,13 @@ class _Sampling(BaseModel):
 
     def params(self, max_tokens: int | None) -> dict[str, Any]:
         """Sampling for the generation server; max_tokens None = up to the model's context."""
-        return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "stop": self.stops(), "seed": self.seed}
+        return {
+            "max_tokens": max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": self.stops(),
+            "seed": self.seed,
+        }
 
 
 class CompletionRequest(_Sampling):

@@ -69,14 +69,18 @@ class Settings:
 
     def to_env(self) -> dict[str, str]:
         """The variables that make a child process (the embedded worker) see these settings."""
-        env = {"RSAVQ_DATA_DIR": str(self.data_dir), "RSAVQ_DATABASE_URL": self.database_url,
-               "RSAVQ_BROKER_URL": self.broker_url, "RSAVQ_ARTIFACT_DIR": str(self.artifact_dir),
-               "RSAVQ_ALLOW_LOCAL_MODELS": str(self.allow_local_models).lower(),
-               "RSAVQ_LEASE_SECONDS": str(self.lease_seconds),
-               "RSAVQ_REQUEUE_AFTER_S": str(self.requeue_after_seconds),
-               "RSAVQ_TASK_SOFT_LIMIT_S": str(self.soft_time_limit),
-               "RSAVQ_TASK_HARD_LIMIT_S": str(self.hard_time_limit),
-               "RSAVQ_MAX_ATTEMPTS": str(self.max_attempts)}
+        env = {
+            "RSAVQ_DATA_DIR": str(self.data_dir),
+            "RSAVQ_DATABASE_URL": self.database_url,
+            "RSAVQ_BROKER_URL": self.broker_url,
+            "RSAVQ_ARTIFACT_DIR": str(self.artifact_dir),
+            "RSAVQ_ALLOW_LOCAL_MODELS": str(self.allow_local_models).lower(),
+            "RSAVQ_LEASE_SECONDS": str(self.lease_seconds),
+            "RSAVQ_REQUEUE_AFTER_S": str(self.requeue_after_seconds),
+            "RSAVQ_TASK_SOFT_LIMIT_S": str(self.soft_time_limit),
+            "RSAVQ_TASK_HARD_LIMIT_S": str(self.hard_time_limit),
+            "RSAVQ_MAX_ATTEMPTS": str(self.max_attempts),
+        }
         if self.worker_memory_gb is not None:
             env["RSAVQ_WORKER_MEMORY_GB"] = str(self.worker_memory_gb)
         return env

@@ -28,10 +28,14 @@ def _start_reaper(**_kwargs: Any) -> None:
     from worker.pipeline import worker_capacity_bytes, worker_name
     from worker.reaper import Reaper
 
-    _reaper = Reaper(session_factory(settings.database_url), lambda job_id: enqueue(app, QUANTIZE_TASK, job_id),
-                     name=worker_name(), memory_bytes=worker_capacity_bytes(settings),
-                     interval=max(1.0, settings.lease_seconds / 2),
-                     requeue_after_seconds=settings.requeue_after_seconds)
+    _reaper = Reaper(
+        session_factory(settings.database_url),
+        lambda job_id: enqueue(app, QUANTIZE_TASK, job_id),
+        name=worker_name(),
+        memory_bytes=worker_capacity_bytes(settings),
+        interval=max(1.0, settings.lease_seconds / 2),
+        requeue_after_seconds=settings.requeue_after_seconds,
+    )
     _reaper.start()
     log.info("reaper started (every %.1f s)", _reaper.interval)
 

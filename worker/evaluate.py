@@ -24,13 +24,17 @@ log = logging.getLogger(__name__)
 
 def _settings(evaluation: dict[str, Any]) -> dict[str, Any]:
     tasks = evaluation.get("zero_shot")
-    return {"ppl": bool(evaluation.get("perplexity", True)),
-            "tasks": list(ZERO_SHOT_TASKS) if tasks == "all" else (tasks or None),
-            "limit": evaluation.get("limit"), "perplexity_windows": evaluation.get("windows")}
+    return {
+        "ppl": bool(evaluation.get("perplexity", True)),
+        "tasks": list(ZERO_SHOT_TASKS) if tasks == "all" else (tasks or None),
+        "limit": evaluation.get("limit"),
+        "perplexity_windows": evaluation.get("windows"),
+    }
 
 
-def evaluate_job(ctx: WorkerContext, job: Job, folder: Path, evaluation: dict[str, Any],
-                 reporter: Reporter) -> dict[str, Any]:
+def evaluate_job(
+    ctx: WorkerContext, job: Job, folder: Path, evaluation: dict[str, Any], reporter: Reporter
+) -> dict[str, Any]:
     from rsavq_core.evaluation import evaluate_model
     from rsavq_core.models import load_model, model_fingerprint
     from rsavq_core.qlinear import load_quantized_model

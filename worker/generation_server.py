@@ -103,8 +103,10 @@ class ModelPool:
                 return self.models[sha256]
             loaded = self._load(relative, sha256)
             if loaded.nbytes > self.cap:
-                raise InsufficientMemoryError(f"the model needs {loaded.nbytes / 2**30:.2f} GiB, over the "
-                                              f"generation server's cap of {self.cap / 2**30:.2f} GiB")
+                raise InsufficientMemoryError(
+                    f"the model needs {loaded.nbytes / 2**30:.2f} GiB, over the "
+                    f"generation server's cap of {self.cap / 2**30:.2f} GiB"
+                )
             while self.models and sum(m.nbytes for m in self.models.values()) + loaded.nbytes > self.cap:
                 evicted, _ = self.models.popitem(last=False)
                 log.info("evicted %s to stay under %.2f GiB", evicted[:12], self.cap / 2**30)
@@ -155,8 +157,10 @@ def _prompt_ids(loaded: Loaded, req: GenerateRequest) -> list[int]:
         raise ConfigError("the prompt is empty")
     budget = req.params.max_tokens
     if loaded.context is not None and len(ids) + (budget or 1) > loaded.context:
-        raise ConfigError(f"the prompt ({len(ids)} tokens) plus max_tokens ({budget or 1}) exceeds "
-                          f"the model's context of {loaded.context} tokens")
+        raise ConfigError(
+            f"the prompt ({len(ids)} tokens) plus max_tokens ({budget or 1}) exceeds "
+            f"the model's context of {loaded.context} tokens"
+        )
     return ids
 
 
@@ -167,12 +171,15 @@ def _max_tokens(loaded: Loaded, prompt_len: int, asked: int | None) -> int:
 
 
 def _result(done: Completion) -> dict[str, Any]:
-    return {"text": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens}
+    return {
+        "text": done.text,
+        "finish_reason": done.finish_reason,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+    }
 
 
-def create_app(settings: Settings | None = None, device: str | None = None,
-               memory_gb: float | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, device: str | None = None, memory_gb: float | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if memory_gb is None and os.environ.get("RSAVQ_GENERATION_MEMORY_GB"):
@@ -197,8 +204,13 @@ def create_app(settings: Settings | None = None, device: str | None = None,
         """
         ids = _prompt_ids(loaded, req)  # bad input raises here, before any answer is sent
         p = req.params
-        params = SamplingParams(max_tokens=_max_tokens(loaded, len(ids), p.max_tokens), temperature=p.temperature,
-                                top_p=p.top_p, stop=tuple(p.stop), seed=p.seed)
+        params = SamplingParams(
+            max_tokens=_max_tokens(loaded, len(ids), p.max_tokens),
+            temperature=p.temperature,
+            top_p=p.top_p,
+            stop=tuple(p.stop),
+            seed=p.seed,
+        )
         events: queue.Queue[Any] = queue.Queue()
         cancel = threading.Event()
 
@@ -268,9 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-gb", type=float, default=None, help="cap on loaded models' memory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(device=args.device, memory_gb=args.memory_gb), host=args.host, port=args.port,
-                timeout_graceful_shutdown=10,
-                log_level="warning")
+    uvicorn.run(
+        create_app(device=args.device, memory_gb=args.memory_gb),
+        host=args.host,
+        port=args.port,
+        timeout_graceful_shutdown=10,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

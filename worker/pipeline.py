@@ -51,8 +51,9 @@ class WorkerContext:
         from service.db import session_factory
 
         settings.ensure_dirs()
-        return cls(settings, session_factory(settings.database_url), ArtifactStore(settings.artifact_dir),
-                   worker_name())
+        return cls(
+            settings, session_factory(settings.database_url), ArtifactStore(settings.artifact_dir), worker_name()
+        )
 
 
 def job_config(job: Job) -> QuantConfig:
@@ -173,21 +174,24 @@ def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, report
 
     work = ctx.store.work_dir(job.id)
     started = time.perf_counter()
-    result = quantize_model(job.model_id, cfg, progress=reporter, checkpoint_dir=work / "layers",
-                            on_layer=reporter.layer)
+    result = quantize_model(
+        job.model_id, cfg, progress=reporter, checkpoint_dir=work / "layers", on_layer=reporter.layer
+    )
     reporter("package", 0, 1)
     packed = save_result(result, work / "packed", reproducible=True)
     relative, size, sha256 = ctx.store.publish(job.id, packed)
     bits = model_bits(result.layers, result.model)
     bits.pop("layers", None)
-    metrics = {"bits": bits, "timings": {**result.timings, "publish": time.perf_counter() - started
-                                         - result.timings.get("total", 0.0)},
-               "stats_cached": result.stats_cached, "peak_rss_gb": result.peak_rss_gb,
-               "artifact_bytes": size}
+    metrics = {
+        "bits": bits,
+        "timings": {**result.timings, "publish": time.perf_counter() - started - result.timings.get("total", 0.0)},
+        "stats_cached": result.stats_cached,
+        "peak_rss_gb": result.peak_rss_gb,
+        "artifact_bytes": size,
+    }
     with ctx.sessions() as session:
         session.merge(Artifact(job_id=job.id, path=relative, size=size, sha256=sha256))
-        session.execute(Job.__table__.update().where(Job.id == job.id)
-                        .values(effective_bpw=bits["quantized"]["bpw"]))
+        session.execute(Job.__table__.update().where(Job.id == job.id).values(effective_bpw=bits["quantized"]["bpw"]))
         session.commit()
     _merge_metrics(ctx, job.id, metrics)
     log.info("job %s: published %s (%d bytes, sha256 %s)", job.id, relative, size, sha256[:12])

@@ -36,8 +36,11 @@ def reap_once(sessions: sessionmaker, send: Callable[[str], None], requeue_after
         waited = now - dt.timedelta(seconds=requeue_after_seconds)
         lost = session.scalars(select(Job.id).where(Job.status == machine.QUEUED, Job.enqueued_at < waited)).all()
         for job_id in lost:
-            moved = session.execute(update(Job).where(Job.id == job_id, Job.status == machine.QUEUED,
-                                                      Job.enqueued_at < waited).values(enqueued_at=now)).rowcount
+            moved = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == machine.QUEUED, Job.enqueued_at < waited)
+                .values(enqueued_at=now)
+            ).rowcount
             session.commit()
             if moved:
                 sent.append(job_id)
@@ -54,8 +57,16 @@ def register(sessions: sessionmaker, name: str, memory_bytes: float) -> None:
 
 
 class Reaper(threading.Thread):
-    def __init__(self, sessions: sessionmaker, send: Callable[[str], None], *, name: str, memory_bytes: float,
-                 interval: float, requeue_after_seconds: float) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        send: Callable[[str], None],
+        *,
+        name: str,
+        memory_bytes: float,
+        interval: float,
+        requeue_after_seconds: float,
+    ) -> None:
         super().__init__(name="rsavq-reaper", daemon=True)
         self.sessions, self.send, self.worker, self.memory = sessions, send, name, memory_bytes
         self.interval, self.requeue_after = interval, requeue_after_seconds

@@ -51,8 +51,15 @@ class Heartbeat:
 class Reporter:
     """Progress callbacks for ``quantize_model`` and evaluation; raises JobCancelled or LeaseLost."""
 
-    def __init__(self, sessions: sessionmaker, job_id: str, worker: str, lease_seconds: float,
-                 heartbeat: Heartbeat, min_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        job_id: str,
+        worker: str,
+        lease_seconds: float,
+        heartbeat: Heartbeat,
+        min_interval: float = 0.5,
+    ) -> None:
         self.sessions, self.job_id, self.worker, self.lease = sessions, job_id, worker, lease_seconds
         self.heartbeat, self.min_interval = heartbeat, min_interval
         self.stage, self.stage_started, self.last_write = "", 0.0, 0.0
@@ -74,8 +81,9 @@ class Reporter:
             eta = (now - self.stage_started) / rate_done * (total - done)
         percent = 100.0 * done / total if total else 0.0
         with self.sessions() as session:
-            cancel = machine.report_progress(session, self.job_id, self.worker, stage, done, total, percent, eta,
-                                             self.lease)
+            cancel = machine.report_progress(
+                session, self.job_id, self.worker, stage, done, total, percent, eta, self.lease
+            )
         if cancel:
             raise JobCancelled(f"job {self.job_id} was cancelled")
 

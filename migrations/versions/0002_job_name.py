@@ -10,19 +10,19 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0002'
-down_revision = '0001'
+revision = "0002"
+down_revision = "0001"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('name', sa.String(length=128), nullable=True))
-        batch_op.create_index('ix_jobs_tenant_name', ['tenant', 'name'], unique=False)
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("name", sa.String(length=128), nullable=True))
+        batch_op.create_index("ix_jobs_tenant_name", ["tenant", "name"], unique=False)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_index('ix_jobs_tenant_name')
-        batch_op.drop_column('name')
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_jobs_tenant_name")
+        batch_op.drop_column("name")

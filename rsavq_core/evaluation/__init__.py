@@ -12,13 +12,21 @@ from rsavq_core.evaluation.zeroshot import DEFAULT_TASKS, zero_shot
 __all__ = ["DEFAULT_TASKS", "evaluate_model", "perplexity", "zero_shot"]
 
 
-def evaluate_model(model: Any, tokenizer: Any, *, ppl: bool = True, tasks: Sequence[str] | None = None,
-                   limit: int | None = None, perplexity_windows: int | None = None,
-                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    *,
+    ppl: bool = True,
+    tasks: Sequence[str] | None = None,
+    limit: int | None = None,
+    perplexity_windows: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
     """Perplexity and/or zero-shot accuracy of a loaded (float or quantized) model, with timings.
 
     progress(stage, done, total) is called with stage "perplexity" or "zero-shot".
     """
+
     def stage(name: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda done, total: progress(name, done, total))
 

@@ -41,8 +41,10 @@ def output_logits(output: Any) -> torch.Tensor:
     """
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ConfigError(f"the model's forward returned {type(output).__name__}, which has no "
-                          "[batch, seq, vocab] '.logits'; only causal language models can be evaluated")
+        raise ConfigError(
+            f"the model's forward returned {type(output).__name__}, which has no "
+            "[batch, seq, vocab] '.logits'; only causal language models can be evaluated"
+        )
     return logits
 
 
@@ -73,8 +75,15 @@ def window_nll_sum(model: nn.Module, windows: torch.Tensor) -> tuple[float, torc
     return total, logits.dtype
 
 
-def perplexity(model: nn.Module, tokenizer: object, *, n_windows: int = EVAL_WINDOWS, length: int = EVAL_LEN,
-               batch_size: int = 4, progress: Progress | None = None) -> dict[str, Any]:
+def perplexity(
+    model: nn.Module,
+    tokenizer: object,
+    *,
+    n_windows: int = EVAL_WINDOWS,
+    length: int = EVAL_LEN,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Perplexity of a causal LM on the held-out Wikipedia windows (``wiki-holdout-512``).
 
     Args:
@@ -92,8 +101,10 @@ def perplexity(model: nn.Module, tokenizer: object, *, n_windows: int = EVAL_WIN
     positions, n_windows * (length - 1)), "seq_len", "dtype" (the dtype of the model's logits)}``.
     """
     if n_windows < 1 or length < 2 or batch_size < 1:
-        raise ConfigError(f"perplexity needs n_windows >= 1, length >= 2 and batch_size >= 1; got "
-                          f"n_windows={n_windows}, length={length}, batch_size={batch_size}")
+        raise ConfigError(
+            f"perplexity needs n_windows >= 1, length >= 2 and batch_size >= 1; got "
+            f"n_windows={n_windows}, length={length}, batch_size={batch_size}"
+        )
     windows = evaluation_windows(tokenizer, n_windows, length)  # [n_windows, length] int64
     device = model_device(model)
     total, dtype = 0.0, torch.float32
@@ -102,21 +113,32 @@ def perplexity(model: nn.Module, tokenizer: object, *, n_windows: int = EVAL_WIN
     try:
         with torch.inference_mode():
             for start in range(0, n_windows, batch_size):
-                batch = windows[start:start + batch_size].to(device)
+                batch = windows[start : start + batch_size].to(device)
                 nll, dtype = window_nll_sum(model, batch)
                 total += nll  # Python float (float64): no drift across many batches
                 done = min(start + batch_size, n_windows)
-                log.debug("perplexity: %d/%d windows, running nll %.4f", done, n_windows,
-                          total / (done * (length - 1)))
+                log.debug("perplexity: %d/%d windows, running nll %.4f", done, n_windows, total / (done * (length - 1)))
                 if progress is not None:
                     progress(done, n_windows)
     finally:
         model.train(was_training)
     tokens = n_windows * (length - 1)
     mean_nll = total / tokens
-    result = {"protocol": protocol_name(n_windows, length), "ppl": math.exp(mean_nll), "nll": mean_nll,
-              "windows": n_windows, "tokens": tokens, "seq_len": length,
-              "dtype": str(dtype).removeprefix("torch.")}
-    log.info("perplexity %s: %.4f (%d windows, %d tokens, %s)", result["protocol"], result["ppl"],
-             n_windows, tokens, result["dtype"])
+    result = {
+        "protocol": protocol_name(n_windows, length),
+        "ppl": math.exp(mean_nll),
+        "nll": mean_nll,
+        "windows": n_windows,
+        "tokens": tokens,
+        "seq_len": length,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    log.info(
+        "perplexity %s: %.4f (%d windows, %d tokens, %s)",
+        result["protocol"],
+        result["ppl"],
+        n_windows,
+        tokens,
+        result["dtype"],
+    )
     return result

@@ -66,11 +66,9 @@ def _format_arc(doc: dict[str, Any]) -> Item:
         # A few ARC items mix digit labels with letter keys (or the reverse): map 1..5 <-> A..E.
         key = _ARC_KEY_SWAP.get(key, key)
     if key not in labels:
-        raise AssetError(f"ARC item {doc.get('id')!r}: answerKey {doc['answerKey']!r} "
-                         f"not among labels {labels}")
+        raise AssetError(f"ARC item {doc.get('id')!r}: answerKey {doc['answerKey']!r} not among labels {labels}")
     context = f"Question: {doc['question']}\nAnswer:"
-    return Item((context,) * len(texts), tuple(f" {t}" for t in texts), tuple(len(t) for t in texts),
-                labels.index(key))
+    return Item((context,) * len(texts), tuple(f" {t}" for t in texts), tuple(len(t) for t in texts), labels.index(key))
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -85,25 +83,26 @@ def _format_hellaswag(doc: dict[str, Any]) -> Item:
     ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
     context = hellaswag_preprocess(doc["activity_label"] + ": " + ctx)
     endings = [hellaswag_preprocess(e) for e in doc["endings"]]
-    return Item((context,) * len(endings), tuple(f" {e}" for e in endings), tuple(len(e) for e in endings),
-                int(doc["label"]))
+    return Item(
+        (context,) * len(endings), tuple(f" {e}" for e in endings), tuple(len(e) for e in endings), int(doc["label"])
+    )
 
 
 def _format_piqa(doc: dict[str, Any]) -> Item:
     sols = [doc["sol1"], doc["sol2"]]
     context = f"Question: {doc['goal']}\nAnswer:"
-    return Item((context, context), tuple(f" {s}" for s in sols), tuple(len(s) for s in sols),
-                int(doc["label"]))
+    return Item((context, context), tuple(f" {s}" for s in sols), tuple(len(s) for s in sols), int(doc["label"]))
 
 
 def _format_winogrande(doc: dict[str, Any]) -> Item:
     sentence = doc["sentence"]
     blank = sentence.index("_")
     contexts = tuple(sentence[:blank] + opt for opt in (doc["option1"], doc["option2"]))
-    continuation = " " + sentence[blank + 1:].strip()
+    continuation = " " + sentence[blank + 1 :].strip()
     # lm-eval's acc_norm denominator would be the partial sentences; it is unused (no acc_norm).
-    return Item(contexts, (continuation, continuation), tuple(len(c) for c in contexts),
-                {"1": 0, "2": 1}[str(doc["answer"])])
+    return Item(
+        contexts, (continuation, continuation), tuple(len(c) for c in contexts), {"1": 0, "2": 1}[str(doc["answer"])]
+    )
 
 
 # name -> (folder under tasks_dir(), formatter, whether lm-eval reports acc_norm for it)
@@ -144,12 +143,18 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
         raise ConfigError("zero-shot scoring needs a non-empty context (no BOS is prepended)")
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return list(whole[:len(ctx)]), list(whole[len(ctx):])
+    return list(whole[: len(ctx)]), list(whole[len(ctx) :])
 
 
-def continuation_logprobs(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], *,
-                          batch_size: int = 16, max_length: int = 2048,
-                          progress: Callable[[int, int], None] | None = None) -> list[float]:
+def continuation_logprobs(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[float]:
     """Summed log-probability of each continuation given its context, in float32.
 
     Sequences are sorted by length (longest first, as lm-eval does) and batched with right
@@ -161,26 +166,26 @@ def continuation_logprobs(model: nn.Module, tokenizer: Any, pairs: Sequence[tupl
         ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont or len(cont) > max_length:
             raise ConfigError(f"continuation {continuation!r} has {len(cont)} tokens; need 1..{max_length}")
-        seqs.append(((ctx + cont)[-(max_length + 1):][:-1], cont))
+        seqs.append(((ctx + cont)[-(max_length + 1) :][:-1], cont))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0  # any id works: padded positions are masked
     device = model_device(model)
     scores = [0.0] * len(seqs)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             width = len(seqs[rows[0]][0])  # the longest of the batch comes first
             ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T] int64
             mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T] int64, 1 = real token
             for r, i in enumerate(rows):
-                ids[r, :len(seqs[i][0])] = torch.tensor(seqs[i][0], dtype=torch.long)
-                mask[r, :len(seqs[i][0])] = 1
+                ids[r, : len(seqs[i][0])] = torch.tensor(seqs[i][0], dtype=torch.long)
+                mask[r, : len(seqs[i][0])] = 1
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             logits = output_logits(out)  # [B, T, V]
             for r, i in enumerate(rows):
                 inp, cont = seqs[i]
                 # Positions len(inp)-len(cont) .. len(inp)-1 predict the continuation tokens.
-                logp = logits[r, len(inp) - len(cont):len(inp)].float().log_softmax(-1)  # [n_cont, V] float32
+                logp = logits[r, len(inp) - len(cont) : len(inp)].float().log_softmax(-1)  # [n_cont, V] float32
                 target = torch.tensor(cont, dtype=torch.long, device=logp.device)[:, None]
                 scores[i] = float(logp.gather(-1, target).sum().item())
             if progress is not None:
@@ -200,8 +205,10 @@ def accuracy(items: Sequence[Item], scores: Sequence[Sequence[float]], normalize
     acc = sum(_argmax(s) == it.gold for it, s in zip(items, scores, strict=True)) / len(items)
     acc_norm = None
     if normalized:
-        hits = sum(_argmax([v / max(n, 1) for v, n in zip(s, it.norm_lengths, strict=True)]) == it.gold
-                   for it, s in zip(items, scores, strict=True))
+        hits = sum(
+            _argmax([v / max(n, 1) for v, n in zip(s, it.norm_lengths, strict=True)]) == it.gold
+            for it, s in zip(items, scores, strict=True)
+        )
         acc_norm = hits / len(items)
     return {"acc": acc, "acc_norm": acc_norm, "n": len(items)}
 
@@ -212,9 +219,15 @@ def _check_tasks(tasks: Sequence[str]) -> None:
         raise ConfigError(f"unknown zero-shot task(s) {unknown or '(none given)'}; known: {', '.join(TASKS)}")
 
 
-def zero_shot(model: nn.Module, tokenizer: Any, tasks: Sequence[str] = DEFAULT_TASKS, *,
-              limit: int | None = None, batch_size: int = 16,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def zero_shot(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Zero-shot accuracy of a causal LM on ``tasks`` (lm-evaluation-harness formatting and scoring).
 
     Args:
@@ -240,14 +253,16 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: Sequence[str] = DEFAULT_T
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
     loaded = {name: load_task(name, limit) for name in tasks}
     # Score every task's candidates in one pass: better length-sorted batches, one progress bar.
-    pairs = [pair for items in loaded.values() for it in items
-             for pair in zip(it.contexts, it.continuations, strict=True)]
+    pairs = [
+        pair for items in loaded.values() for it in items for pair in zip(it.contexts, it.continuations, strict=True)
+    ]
     max_length = int(getattr(getattr(model, "config", None), "max_position_embeddings", 2048) or 2048)
     was_training = model.training
     model.eval()
     try:
-        flat = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length,
-                                     progress=progress)
+        flat = continuation_logprobs(
+            model, tokenizer, pairs, batch_size=batch_size, max_length=max_length, progress=progress
+        )
     finally:
         model.train(was_training)
     results: dict[str, dict[str, Any]] = {}
@@ -255,12 +270,21 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: Sequence[str] = DEFAULT_T
     for name, items in loaded.items():
         scores = []
         for it in items:
-            scores.append(flat[pos:pos + len(it.contexts)])
+            scores.append(flat[pos : pos + len(it.contexts)])
             pos += len(it.contexts)
         results[name] = accuracy(items, scores, normalized=TASKS[name][2])
-        log.info("zero-shot %s: acc %.4f acc_norm %s (n=%d)", name, results[name]["acc"],
-                 results[name]["acc_norm"], results[name]["n"])
+        log.info(
+            "zero-shot %s: acc %.4f acc_norm %s (n=%d)",
+            name,
+            results[name]["acc"],
+            results[name]["acc_norm"],
+            results[name]["n"],
+        )
     headline = [r["acc_norm"] if r["acc_norm"] is not None else r["acc"] for r in results.values()]
-    return {"tasks": results, "average": sum(headline) / len(headline),
-            "average_acc": sum(r["acc"] for r in results.values()) / len(results),
-            "average_rule": AVERAGE_RULE, "limit": limit}
+    return {
+        "tasks": results,
+        "average": sum(headline) / len(headline),
+        "average_acc": sum(r["acc"] for r in results.values()) / len(results),
+        "average_rule": AVERAGE_RULE,
+        "limit": limit,
+    }

@@ -33,6 +33,7 @@ def best_total(sizes: list[int], budget: float, lo: int, hi: int) -> int:
 
 # --- channel rules -------------------------------------------------------------------------------
 
+
 def test_proportional_rule() -> None:
     sens = torch.tensor([3.0, 1.0, 0.0, 15.0])
     bits = channel_bits(sens, 2.0, "proportional")
@@ -41,8 +42,9 @@ def test_proportional_rule() -> None:
     assert float(bits.sum()) == pytest.approx(8.0)
     assert float(bits[2]) == 0.0  # log2(0 + 1) = 0
     # All-zero sensitivity: no information, every channel gets the target.
-    torch.testing.assert_close(channel_bits(torch.zeros(5), 3.0, "proportional"),
-                               torch.full((5,), 3.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        channel_bits(torch.zeros(5), 3.0, "proportional"), torch.full((5,), 3.0, dtype=torch.float64)
+    )
 
 
 def test_additive_rule() -> None:
@@ -61,6 +63,7 @@ def test_unknown_rule() -> None:
 
 
 # --- groups --------------------------------------------------------------------------------------
+
 
 def test_uniform_keeps_order_and_target() -> None:
     alloc = allocate(None, 8, 2.0, 4, "uniform", 1, 4)

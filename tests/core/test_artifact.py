@@ -18,8 +18,9 @@ from rsavq_core.layers import QuantizedLayer, ScalarLayer, VQGroup, VQLayer
 from rsavq_core.packing import pack_codes
 
 
-def make_vq_layer(m: int, n: int, vector_len: int, n_pq: int, group_bits: list[int], *,
-                  bias: bool = False, seed: int = 0) -> VQLayer:
+def make_vq_layer(
+    m: int, n: int, vector_len: int, n_pq: int, group_bits: list[int], *, bias: bool = False, seed: int = 0
+) -> VQLayer:
     """A VQ layer with random perm, codebooks and indices; groups split the columns evenly."""
     gen = torch.Generator().manual_seed(seed)
     d, n_vectors = vector_len // n_pq, -(-m // vector_len)
@@ -35,8 +36,7 @@ def make_vq_layer(m: int, n: int, vector_len: int, n_pq: int, group_bits: list[i
     return VQLayer(m, n, vector_len, n_pq, perm, groups, b)
 
 
-def make_scalar_layer(m: int, n: int, bits: int, group_size: int, *, bias: bool = False,
-                      seed: int = 0) -> ScalarLayer:
+def make_scalar_layer(m: int, n: int, bits: int, group_size: int, *, bias: bool = False, seed: int = 0) -> ScalarLayer:
     gen = torch.Generator().manual_seed(seed)
     n_groups = -(-n // group_size)
     codes = torch.randint(0, 2**bits, (m, n), generator=gen).to(torch.uint8)
@@ -81,14 +81,21 @@ def assert_same_layer(a: QuantizedLayer, b: QuantizedLayer) -> None:
 def saved(tmp_path: Path, tiny_llama: Any) -> tuple[Path, dict[str, QuantizedLayer]]:
     model, tokenizer = tiny_llama
     layers = tiny_layers(model)
-    out = save_artifact(tmp_path / "ckpt", model=model, tokenizer=tokenizer, layers=layers,
-                        config=QuantConfig.for_method("rsavq"), source_model="tiny-llama",
-                        extra_metadata={"quantize_seconds": "1.5"})
+    out = save_artifact(
+        tmp_path / "ckpt",
+        model=model,
+        tokenizer=tokenizer,
+        layers=layers,
+        config=QuantConfig.for_method("rsavq"),
+        source_model="tiny-llama",
+        extra_metadata={"quantize_seconds": "1.5"},
+    )
     return out, layers
 
 
-def rewrite(file: Path, *, metadata: dict[str, str] | None = None,
-            tensors: dict[str, torch.Tensor] | None = None) -> None:
+def rewrite(
+    file: Path, *, metadata: dict[str, str] | None = None, tensors: dict[str, torch.Tensor] | None = None
+) -> None:
     """Rewrite a safetensors file with some metadata entries / tensors replaced."""
     with safe_open(str(file), framework="pt") as fh:
         meta = dict(fh.metadata())
@@ -142,17 +149,28 @@ def test_tensor_names_and_dtypes(saved: tuple[Path, dict[str, QuantizedLayer]]) 
     with safe_open(str(out / WEIGHTS_FILE), framework="pt") as fh:
         manifest = json.loads(fh.metadata()["layers"])
     assert manifest[q]["groups"][1] == {"bits": 1, "start": 16, "stop": 32}
-    assert manifest[s] == {"kind": "scalar", "out_features": 48, "in_features": 96, "has_bias": True,
-                           "bits": 3, "group_size": 40}
+    assert manifest[s] == {
+        "kind": "scalar",
+        "out_features": 48,
+        "in_features": 96,
+        "has_bias": True,
+        "bits": 3,
+        "group_size": 40,
+    }
 
 
-def test_save_replaces_existing_dir_atomically(saved: tuple[Path, dict[str, QuantizedLayer]],
-                                               tiny_llama: Any) -> None:
+def test_save_replaces_existing_dir_atomically(saved: tuple[Path, dict[str, QuantizedLayer]], tiny_llama: Any) -> None:
     out, _ = saved
     model, tokenizer = tiny_llama
     layers = {"model.layers.0.mlp.gate_proj": make_scalar_layer(96, 48, 2, 48, seed=9)}
-    save_artifact(out, model=model, tokenizer=None, layers=layers,
-                  config=QuantConfig.for_method("rtn", bits=2), source_model="tiny-llama")
+    save_artifact(
+        out,
+        model=model,
+        tokenizer=None,
+        layers=layers,
+        config=QuantConfig.for_method("rtn", bits=2),
+        source_model="tiny-llama",
+    )
     art = read_artifact(out)
     assert set(art.layers) == set(layers) and art.config.method == "rtn"
     assert sorted(p.name for p in out.parent.iterdir()) == ["ckpt"]  # no temp or backup dirs left
@@ -162,8 +180,15 @@ def test_reserved_or_non_string_extra_metadata(tmp_path: Path, tiny_llama: Any) 
     model, tokenizer = tiny_llama
     for extra in ({"format": "x"}, {"seconds": 1.5}):
         with pytest.raises(ConfigError):
-            save_artifact(tmp_path / "c", model=model, tokenizer=tokenizer, layers={}, config=QuantConfig(),
-                          source_model="m", extra_metadata=extra)  # type: ignore[arg-type]
+            save_artifact(
+                tmp_path / "c",
+                model=model,
+                tokenizer=tokenizer,
+                layers={},
+                config=QuantConfig(),
+                source_model="m",
+                extra_metadata=extra,
+            )  # type: ignore[arg-type]
     assert not (tmp_path / "c").exists()
 
 
@@ -197,16 +222,23 @@ def test_wrong_format(saved: tuple[Path, dict[str, QuantizedLayer]]) -> None:
 Q = "model.layers.0.self_attn.q_proj"
 
 
-@pytest.mark.parametrize(("field", "tensor", "message"), [
-    ("g0.codebooks", torch.zeros(2, 8, 2, dtype=torch.float16),
-     r"g0\.codebooks: shape \(2, 8, 2\), expected \(2, 16, 2\)"),
-    ("perm", torch.arange(47, dtype=torch.int16), r"perm: shape \(47,\), expected \(48,\)"),
-    ("perm", torch.zeros(48, dtype=torch.int16), "perm: is not a permutation"),
-    ("g1.indices", torch.zeros(3, dtype=torch.int32), r"g1\.indices: 3 packed words"),
-    ("bias", torch.zeros(48, dtype=torch.float32), "bias: dtype torch.float32"),
-])
-def test_inconsistent_tensors(saved: tuple[Path, dict[str, QuantizedLayer]], field: str,
-                              tensor: torch.Tensor, message: str) -> None:
+@pytest.mark.parametrize(
+    ("field", "tensor", "message"),
+    [
+        (
+            "g0.codebooks",
+            torch.zeros(2, 8, 2, dtype=torch.float16),
+            r"g0\.codebooks: shape \(2, 8, 2\), expected \(2, 16, 2\)",
+        ),
+        ("perm", torch.arange(47, dtype=torch.int16), r"perm: shape \(47,\), expected \(48,\)"),
+        ("perm", torch.zeros(48, dtype=torch.int16), "perm: is not a permutation"),
+        ("g1.indices", torch.zeros(3, dtype=torch.int32), r"g1\.indices: 3 packed words"),
+        ("bias", torch.zeros(48, dtype=torch.float32), "bias: dtype torch.float32"),
+    ],
+)
+def test_inconsistent_tensors(
+    saved: tuple[Path, dict[str, QuantizedLayer]], field: str, tensor: torch.Tensor, message: str
+) -> None:
     rewrite(saved[0] / WEIGHTS_FILE, tensors={f"{Q}.{field}": tensor})
     with pytest.raises(ArtifactError, match=message) as info:
         read_artifact(saved[0])

@@ -15,8 +15,9 @@ from rsavq_core.errors import ConfigError
 from tests.core.test_artifact import make_scalar_layer, make_vq_layer, tiny_layers
 
 
-@pytest.mark.parametrize(("vector_len", "expected"), [(4, 2.0002), (6, 2.0015), (8, 2.0078), (10, 2.0391),
-                                                      (12, 2.1875), (14, 2.8750)])
+@pytest.mark.parametrize(
+    ("vector_len", "expected"), [(4, 2.0002), (6, 2.0015), (8, 2.0078), (10, 2.0391), (12, 2.1875), (14, 2.8750)]
+)
 def test_ideal_bpw_reproduces_spec_table_7(vector_len: int, expected: float) -> None:
     bpw = ideal_vq_bpw(4096, 4096, [2, 2, 2, 2], [1024] * 4, vector_len // 2, 2)
     assert round(bpw, 4) == expected
@@ -90,8 +91,9 @@ def test_counts_match_stored_tensors(tmp_path: Path, tiny_llama: Any) -> None:
     """layer_bits counts exactly the bits the checkpoint stores for each layer (bias aside)."""
     model, _ = tiny_llama
     layers = tiny_layers(model)
-    out = save_artifact(tmp_path / "c", model=model, tokenizer=None, layers=layers, config=QuantConfig(),
-                        source_model="tiny")
+    out = save_artifact(
+        tmp_path / "c", model=model, tokenizer=None, layers=layers, config=QuantConfig(), source_model="tiny"
+    )
     data = load_file(str(out / WEIGHTS_FILE))
     for name, layer in layers.items():
         stored = {k: v for k, v in data.items() if k.startswith(f"{name}.")}

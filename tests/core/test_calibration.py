@@ -62,6 +62,7 @@ def reference(tiny_llama: Any, tokens: torch.Tensor) -> dict[str, dict[str, Any]
             xs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
             output.retain_grad()
             outs[name] = output
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
@@ -92,19 +93,21 @@ def reference(tiny_llama: Any, tokens: torch.Tensor) -> dict[str, dict[str, Any]
             "hessian": x.T @ x / x.shape[0],
             "kfac_out": T * (d.T @ d) / d.shape[0],
             # sanity of the reference itself: G_s = δ_sᵀ X_s
-            "g_from_delta": torch.stack([d[s * T:(s + 1) * T].T @ x[s * T:(s + 1) * T] for s in range(S)]).mean(0),
+            "g_from_delta": torch.stack([d[s * T : (s + 1) * T].T @ x[s * T : (s + 1) * T] for s in range(S)]).mean(0),
         }
     return out
 
 
-def run_statistics(model: Any, tokens: torch.Tensor, fisher: str, micro_batch: int,
-                   want_grads: bool = True) -> dict[str, LayerStats]:
+def run_statistics(
+    model: Any, tokens: torch.Tensor, fisher: str, micro_batch: int, want_grads: bool = True
+) -> dict[str, LayerStats]:
     layout = find_decoder_layout(model)
     inputs, kwargs, grads = record_block_inputs(model, tokens, micro_batch=micro_batch, want_grads=want_grads)
     stats: dict[str, LayerStats] = {}
     for index in reversed(range(len(layout.blocks))):
-        block_stats, grads = block_statistics(layout.blocks[index], inputs[index], kwargs[index], grads,
-                                              fisher=fisher, seq_len=tokens.shape[1])
+        block_stats, grads = block_statistics(
+            layout.blocks[index], inputs[index], kwargs[index], grads, fisher=fisher, seq_len=tokens.shape[1]
+        )
         for name, st in block_stats.items():
             stats[f"{layout.blocks_path}.{index}.{name}"] = st
     return stats
@@ -118,8 +121,9 @@ def test_reference_is_consistent(reference: dict[str, dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("micro_batch", [1, 3])
-def test_exact_fisher_matches_autograd(tiny_llama: Any, tokens: torch.Tensor,
-                                       reference: dict[str, dict[str, Any]], micro_batch: int) -> None:
+def test_exact_fisher_matches_autograd(
+    tiny_llama: Any, tokens: torch.Tensor, reference: dict[str, dict[str, Any]], micro_batch: int
+) -> None:
     model, _ = tiny_llama
     stats = run_statistics(model, tokens, "exact", micro_batch)
     assert set(stats) == set(reference)
@@ -169,11 +173,13 @@ def test_hessian_only(tiny_llama: Any, tokens: torch.Tensor, reference: dict[str
 
 
 @pytest.mark.parametrize("fisher", ["exact", "kfac"])  # K-FAC's F_I *is* the Hessian: one storage, saved twice
-def test_store_round_trip_and_reuse(tiny_llama: Any, tokens: torch.Tensor, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch, fisher: str) -> None:
+def test_store_round_trip_and_reuse(
+    tiny_llama: Any, tokens: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fisher: str
+) -> None:
     model, _ = tiny_llama
-    key = StatsKey(fingerprint="tiny", tokens_hash=tokens_hash(tokens), n_samples=S, seq_len=T,
-                   fisher=fisher, with_grads=True)
+    key = StatsKey(
+        fingerprint="tiny", tokens_hash=tokens_hash(tokens), n_samples=S, seq_len=T, fisher=fisher, with_grads=True
+    )
     assert StatsStore.find(key, root=tmp_path) is None
     store = compute_statistics(model, tokens, key, micro_batch=2, root=tmp_path)
     assert store.complete() and store.folder.parent == tmp_path
@@ -208,8 +214,9 @@ def test_store_round_trip_and_reuse(tiny_llama: Any, tokens: torch.Tensor, tmp_p
 
 def test_incomplete_store_is_not_used(tiny_llama: Any, tokens: torch.Tensor, tmp_path: Path) -> None:
     model, _ = tiny_llama
-    key = StatsKey(fingerprint="tiny", tokens_hash=tokens_hash(tokens), n_samples=S, seq_len=T,
-                   fisher="exact", with_grads=False)
+    key = StatsKey(
+        fingerprint="tiny", tokens_hash=tokens_hash(tokens), n_samples=S, seq_len=T, fisher="exact", with_grads=False
+    )
     store = compute_statistics(model, tokens, key, root=tmp_path)
     (store.folder / "meta.json").unlink()
     assert StatsStore.find(key, root=tmp_path) is None

@@ -47,9 +47,11 @@ def test_a_torn_layer_file_is_discarded_and_redone(tmp_path: Path) -> None:
 
 
 def test_same_content_gives_the_same_bytes_in_every_process(tmp_path: Path) -> None:
-    code = ("import sys, torch; from pathlib import Path; from rsavq_core.canonical import save_canonical; "
-            "save_canonical({'w': torch.arange(6.).reshape(2, 3), 'i': torch.arange(4)}, Path(sys.argv[1]), "
-            "{k: k * 3 for k in 'abcdefghijklmnopqrstuvwxyz'})")
+    code = (
+        "import sys, torch; from pathlib import Path; from rsavq_core.canonical import save_canonical; "
+        "save_canonical({'w': torch.arange(6.).reshape(2, 3), 'i': torch.arange(4)}, Path(sys.argv[1]), "
+        "{k: k * 3 for k in 'abcdefghijklmnopqrstuvwxyz'})"
+    )
     digests = set()
     for i in range(3):  # safetensors alone orders metadata by a per-process random hash seed
         out = tmp_path / f"f{i}.safetensors"

@@ -48,8 +48,17 @@ def test_unknown_method_lists_the_choices() -> None:
             assert method in message
 
 
-@pytest.mark.parametrize("field,value", [("allocation", "greedy"), ("metric", "cosine"), ("fisher", "diag"),
-                                         ("sensitivity", "both"), ("assign", "nearest"), ("lam_scale", "log")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("allocation", "greedy"),
+        ("metric", "cosine"),
+        ("fisher", "diag"),
+        ("sensitivity", "both"),
+        ("assign", "nearest"),
+        ("lam_scale", "log"),
+    ],
+)
 def test_unknown_choice_lists_the_choices(field: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"unknown {field} '{value}'; choose one of"):
         QuantConfig(**{field: value})
@@ -62,8 +71,9 @@ def test_integer_fields_must_be_positive_integers(field: str, value: object) -> 
         QuantConfig(**{field: value})
 
 
-@pytest.mark.parametrize("overrides", [{"lam": -0.1}, {"lam": 11.0}, {"damping": 0.0}, {"hessian_damping": -1.0},
-                                       {"calib_len": 1}])
+@pytest.mark.parametrize(
+    "overrides", [{"lam": -0.1}, {"lam": 11.0}, {"damping": 0.0}, {"hessian_damping": -1.0}, {"calib_len": 1}]
+)
 def test_other_ranges(overrides: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         QuantConfig(**overrides)
@@ -147,8 +157,9 @@ def test_frozen() -> None:
 
 
 def test_json_round_trip() -> None:
-    cfg = QuantConfig.for_method("kmeans", bits=2.5, vector_len=8, n_pq=2, n_groups=3, kmeans_iters=7,
-                                 min_group_bits=2, seed=11)
+    cfg = QuantConfig.for_method(
+        "kmeans", bits=2.5, vector_len=8, n_pq=2, n_groups=3, kmeans_iters=7, min_group_bits=2, seed=11
+    )
     text = cfg.to_json()
     data = json.loads(text)
     assert data["method"] == "kmeans" and data["bits"] == 2.5

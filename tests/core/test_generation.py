@@ -44,8 +44,17 @@ def test_no_stop_streams_everything(tokenizer) -> None:  # type: ignore[no-untyp
     assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
 
 
-@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0},
-                                 {"stop": ("",)}, {"stop": ("a", "b", "c", "d", "e")}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_tokens": 0},
+        {"temperature": -0.1},
+        {"temperature": 2.5},
+        {"top_p": 0},
+        {"stop": ("",)},
+        {"stop": ("a", "b", "c", "d", "e")},
+    ],
+)
 def test_bad_sampling_params(bad: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(ConfigError):
         SamplingParams(**bad)

@@ -181,8 +181,9 @@ def test_assign_points_differ_from_targets() -> None:
     points, _ = data(200, seed=10)
     shifted = points + 5.0
     init = points[:4].clone()
-    cents = weighted_kmeans(shifted, None, 4, 1, torch.Generator().manual_seed(0),
-                            assign_points=points, assign_weights=None, init=init)
+    cents = weighted_kmeans(
+        shifted, None, 4, 1, torch.Generator().manual_seed(0), assign_points=points, assign_weights=None, init=init
+    )
     first = assign(points, None, init)[0]
     for c in range(4):
         sel = first == c

@@ -22,8 +22,15 @@ from rsavq_core.models import (
     resolve_model,
 )
 
-LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+LLAMA_LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 @pytest.fixture
@@ -115,11 +122,14 @@ def test_largest_list_of_linear_blocks_wins() -> None:
     assert [n for n, _ in quantizable_linears(model)] == [f"blocks.{i}.proj" for i in range(3)]
 
 
-@pytest.mark.parametrize("make", [
-    lambda: nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4)),
-    lambda: nn.Sequential(nn.Embedding(10, 4), nn.ModuleList([_Block(False), _Block(False)])),
-    lambda: nn.Sequential(nn.Linear(4, 4)),  # a linear, but not inside a list of blocks
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4)),
+        lambda: nn.Sequential(nn.Embedding(10, 4), nn.ModuleList([_Block(False), _Block(False)])),
+        lambda: nn.Sequential(nn.Linear(4, 4)),  # a linear, but not inside a list of blocks
+    ],
+)
 def test_model_without_linear_blocks_is_unsupported(make: Any) -> None:
     model = make()
     with pytest.raises(UnsupportedModelError, match="nn.Linear"):

@@ -23,8 +23,11 @@ SMALL = dict(calib_samples=2, calib_len=16, kmeans_iters=2, n_groups=2)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Any,  # type: ignore[no-untyped-def]
-              one_thread: None):
+def workspace(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_llama: Any,  # type: ignore[no-untyped-def]
+    one_thread: None,
+):
     """(root, model folder) with an isolated RSAVQ_CACHE_DIR; one thread for the tiny matmuls.
 
     ``calibration_windows`` is the real one (wiki text), memoised per (n, length): it tokenizes the
@@ -134,8 +137,10 @@ def test_second_run_reuses_statistics(workspace: tuple[Path, Path], rsavq_run: Q
     assert again.stats_cached is True
     assert sorted((root / "cache" / "stats").iterdir()) == stores  # nothing new was computed
     assert again.out_dir is None
-    assert all(sum(g.bits * (g.stop - g.start) for g in layer.groups) <= 3 * layer.in_features
-               for layer in again.layers.values())  # type: ignore[union-attr]
+    assert all(
+        sum(g.bits * (g.stop - g.start) for g in layer.groups) <= 3 * layer.in_features
+        for layer in again.layers.values()
+    )  # type: ignore[union-attr]
     # a Hessian-only method is served by the store with gradients, too
     assert quantize_model(str(folder), QuantConfig.for_method("gptq", bits=3, **SMALL)).stats_cached is True
 
@@ -143,8 +148,9 @@ def test_second_run_reuses_statistics(workspace: tuple[Path, Path], rsavq_run: Q
 def test_cli_quantize_rtn(workspace: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     root, folder = workspace
     out = root / "q_cli"
-    code = main(["quantize", str(folder), "--bits", "4", "--method", "rtn", "--group-size", "16", "--quiet",
-                 "--out", str(out)])
+    code = main(
+        ["quantize", str(folder), "--bits", "4", "--method", "rtn", "--group-size", "16", "--quiet", "--out", str(out)]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out)
@@ -153,14 +159,18 @@ def test_cli_quantize_rtn(workspace: tuple[Path, Path], capsys: pytest.CaptureFi
     assert "layers" not in summary["bits"]
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--bits", "9"], "[1, 8]"),
-    (["--bits", "0.5"], "[1, 8]"),
-    (["--bits", "2", "--vector-len", "5"], "not divisible"),
-    (["--bits", "2.5", "--method", "gptq"], "integer bits"),
-])
-def test_cli_config_errors_exit_2(argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--bits", "9"], "[1, 8]"),
+        (["--bits", "0.5"], "[1, 8]"),
+        (["--bits", "2", "--vector-len", "5"], "not divisible"),
+        (["--bits", "2.5", "--method", "gptq"], "integer bits"),
+    ],
+)
+def test_cli_config_errors_exit_2(
+    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("RSAVQ_CACHE_DIR", str(tmp_path))
     # the model id is never looked at: validation happens first
     code = main(["quantize", "some-model-that-does-not-exist", *argv, "--quiet"])
@@ -170,8 +180,9 @@ def test_cli_config_errors_exit_2(argv: list[str], needle: str, tmp_path: Path, 
     assert "Traceback" not in captured.err and captured.out == ""
 
 
-def test_cli_unresolvable_model_exits_2_quickly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_unresolvable_model_exits_2_quickly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("RSAVQ_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -123,8 +123,14 @@ def test_end_to_end_save_and_load(tmp_path: Path, tiny_llama: Any) -> None:
     model, tokenizer = tiny_llama
     layers = quantize_tiny(model)
     assert len(layers) == 14
-    out = save_artifact(tmp_path / "ckpt", model=model, tokenizer=tokenizer, layers=layers,
-                        config=QuantConfig.for_method("rsavq"), source_model="tiny-llama")
+    out = save_artifact(
+        tmp_path / "ckpt",
+        model=model,
+        tokenizer=tokenizer,
+        layers=layers,
+        config=QuantConfig.for_method("rsavq"),
+        source_model="tiny-llama",
+    )
     loaded, tok, art = load_quantized_model(out)
     assert not loaded.training
     assert set(art.layers) == set(layers)
@@ -149,8 +155,9 @@ def test_end_to_end_save_and_load(tmp_path: Path, tiny_llama: Any) -> None:
 def test_load_in_bfloat16(tmp_path: Path, tiny_llama: Any) -> None:
     model, tokenizer = tiny_llama
     layers = quantize_tiny(model)
-    out = save_artifact(tmp_path / "ckpt", model=model, tokenizer=None, layers=layers, config=QuantConfig(),
-                        source_model="tiny-llama")
+    out = save_artifact(
+        tmp_path / "ckpt", model=model, tokenizer=None, layers=layers, config=QuantConfig(), source_model="tiny-llama"
+    )
     loaded32, tok, _ = load_quantized_model(out)
     loaded16, _, _ = load_quantized_model(out, dtype=torch.bfloat16)
     assert tok is None  # saved without a tokenizer

@@ -145,33 +145,44 @@ def test_gptq_retries_damping_then_gives_up() -> None:
         gptq_quantize(w, hopeless, 4, 2)
 
 
-@pytest.mark.parametrize(("kwargs", "error", "message"), [
-    ({"bits": 0}, ConfigError, r"bits must be an integer in \[1, 8\], got 0"),
-    ({"bits": 9}, ConfigError, r"bits must be an integer in \[1, 8\], got 9"),
-    ({"bits": 2.5}, ConfigError, "bits must be an integer, got 2.5"),
-    ({"bits": True}, ConfigError, "bits must be an integer, got True"),
-    ({"group_size": 0}, ConfigError, "group_size must be a positive integer, got 0"),
-    ({"weight": torch.randn(8)}, UnsupportedShapeError, r"non-empty 2-D tensor \[out, in\], got \(8,\)"),
-    ({"weight": torch.tensor([[1.0, float("nan")]])}, ConfigError, "contains NaN or Inf"),
-    ({"bias": torch.randn(3)}, UnsupportedShapeError, r"bias must have shape \(4,\)"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"bits": 0}, ConfigError, r"bits must be an integer in \[1, 8\], got 0"),
+        ({"bits": 9}, ConfigError, r"bits must be an integer in \[1, 8\], got 9"),
+        ({"bits": 2.5}, ConfigError, "bits must be an integer, got 2.5"),
+        ({"bits": True}, ConfigError, "bits must be an integer, got True"),
+        ({"group_size": 0}, ConfigError, "group_size must be a positive integer, got 0"),
+        ({"weight": torch.randn(8)}, UnsupportedShapeError, r"non-empty 2-D tensor \[out, in\], got \(8,\)"),
+        ({"weight": torch.tensor([[1.0, float("nan")]])}, ConfigError, "contains NaN or Inf"),
+        ({"bias": torch.randn(3)}, UnsupportedShapeError, r"bias must have shape \(4,\)"),
+    ],
+)
 def test_rtn_bad_input(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
     args: dict[str, object] = {"weight": torch.randn(4, 8), "bits": 4, "group_size": 4, **kwargs}
     with pytest.raises(error, match=message):
         rtn_quantize(**args)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("kwargs", "error", "message"), [
-    ({"hessian": torch.eye(7)}, UnsupportedShapeError, r"hessian must have shape \(8, 8\)"),
-    ({"hessian": torch.full((8, 8), float("inf"))}, CalibrationError, "contains NaN or Inf"),
-    ({"hessian": torch.zeros(8, 8)}, CalibrationError, "Hessian is zero"),
-    ({"hessian": -torch.eye(8)}, CalibrationError, "negative diagonal"),
-    ({"block_size": 0}, ConfigError, "block_size must be a positive integer"),
-    ({"damping": 0.0}, ConfigError, r"damping must be a number in \(0, 10\]"),
-    ({"bits": 12}, ConfigError, r"bits must be an integer in \[1, 8\]"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"hessian": torch.eye(7)}, UnsupportedShapeError, r"hessian must have shape \(8, 8\)"),
+        ({"hessian": torch.full((8, 8), float("inf"))}, CalibrationError, "contains NaN or Inf"),
+        ({"hessian": torch.zeros(8, 8)}, CalibrationError, "Hessian is zero"),
+        ({"hessian": -torch.eye(8)}, CalibrationError, "negative diagonal"),
+        ({"block_size": 0}, ConfigError, "block_size must be a positive integer"),
+        ({"damping": 0.0}, ConfigError, r"damping must be a number in \(0, 10\]"),
+        ({"bits": 12}, ConfigError, r"bits must be an integer in \[1, 8\]"),
+    ],
+)
 def test_gptq_bad_input(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
-    args: dict[str, object] = {"weight": torch.randn(4, 8), "hessian": torch.eye(8), "bits": 4,
-                               "group_size": 4, **kwargs}
+    args: dict[str, object] = {
+        "weight": torch.randn(4, 8),
+        "hessian": torch.eye(8),
+        "bits": 4,
+        "group_size": 4,
+        **kwargs,
+    }
     with pytest.raises(error, match=message):
         gptq_quantize(**args)  # type: ignore[arg-type]

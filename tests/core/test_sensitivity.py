@@ -15,13 +15,20 @@ ALPHA = 0.01
 
 def spd(n: int, gen: torch.Generator, cond: float = 1.0) -> torch.Tensor:
     a = torch.randn(n, n + 2, generator=gen, dtype=torch.float64)
-    return (a @ a.T / (n + 2) + cond * 0.05 * torch.eye(n, dtype=torch.float64))
+    return a @ a.T / (n + 2) + cond * 0.05 * torch.eye(n, dtype=torch.float64)
 
 
 def make_stats(seed: int = 0, tau: float = 2.5) -> LayerStats:
     gen = torch.Generator().manual_seed(seed)
-    return LayerStats(grad_mean=torch.randn(M, N, generator=gen).float(), fisher_out=spd(M, gen).float(),
-                      fisher_in=spd(N, gen).float(), tau=tau, hessian=None, n_samples=4, n_tokens=64)
+    return LayerStats(
+        grad_mean=torch.randn(M, N, generator=gen).float(),
+        fisher_out=spd(M, gen).float(),
+        fisher_in=spd(N, gen).float(),
+        tau=tau,
+        hessian=None,
+        n_samples=4,
+        n_tokens=64,
+    )
 
 
 def damped(factor: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
@@ -80,7 +87,7 @@ def test_inverse_sensitivity_is_dense(seed: int) -> None:
     g = stats.grad_mean.double()
     for c in range(N):
         f_c = fi[c, c] * fo / stats.tau  # M×M diagonal block of F̃ = (F̃_I ⊗ F̃_O)/τ for column c
-        assert torch.allclose(f_c, torch.kron(fi, fo)[c * M:(c + 1) * M, c * M:(c + 1) * M] / stats.tau)
+        assert torch.allclose(f_c, torch.kron(fi, fo)[c * M : (c + 1) * M, c * M : (c + 1) * M] / stats.tau)
         expected = 0.5 * g[:, c] @ torch.linalg.solve(f_c, g[:, c])
         assert float(sens[c]) == pytest.approx(float(expected), rel=1e-5)
         # = ½ ñ_cᵀ F_c ñ_c with the per-channel natural gradient ñ_c = F_c⁻¹ g_c (Alg. 1 line 5)

@@ -15,8 +15,21 @@ pytestmark = pytest.mark.slow
 def test_quantize_eval_generate_smol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "q"
     # Few, short calibration windows keep this to minutes; the protocol's perplexity on 4 windows.
-    code = main(["quantize", "smollm2-135m", "--bits", "2", "--calib-samples", "4", "--calib-len", "128",
-                 "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "quantize",
+            "smollm2-135m",
+            "--bits",
+            "2",
+            "--calib-samples",
+            "4",
+            "--calib-len",
+            "128",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert 2.0 <= summary["bits"]["quantized"]["bpw"] <= 2.1

@@ -37,8 +37,15 @@ def fabricate(m: int, n: int, seed: int = 0, hessian: bool = True) -> tuple[torc
     g = torch.randn(m, n, generator=gen) * 1e-3
     fo, fi = spd(m, gen, 1e-6), spd(n, gen, 1e-6)
     x = correlated_inputs(256, n, gen)
-    stats = LayerStats(grad_mean=g, fisher_out=fo, fisher_in=fi, tau=float(fo.trace()),
-                       hessian=(x.T @ x / 256) if hessian else None, n_samples=8, n_tokens=256)
+    stats = LayerStats(
+        grad_mean=g,
+        fisher_out=fo,
+        fisher_in=fi,
+        tau=float(fo.trace()),
+        hessian=(x.T @ x / 256) if hessian else None,
+        n_samples=8,
+        n_tokens=256,
+    )
     return w, stats
 
 
@@ -123,8 +130,11 @@ def test_report_errors_match_their_definitions() -> None:
 def test_rows_not_divisible_by_vector_len() -> None:
     cfg = QuantConfig.for_method("rsavq", bits=2, vector_len=6, n_pq=2, n_groups=2, kmeans_iters=3)
     w, stats = fabricate(10, 8, seed=3)
-    for config, st in ((cfg, stats), (QuantConfig.for_method("kmeans", **{**SMALL, "n_groups": 2}), None),
-                       (cfg.replace(compensate=True), stats)):
+    for config, st in (
+        (cfg, stats),
+        (QuantConfig.for_method("kmeans", **{**SMALL, "n_groups": 2}), None),
+        (cfg.replace(compensate=True), stats),
+    ):
         layer, report = quantize_vq(w, st, config)
         check_layer(layer, config, 10, 8)
         assert layer.n_vectors == 2
@@ -232,8 +242,9 @@ def test_compensation_lowers_hessian_error() -> None:
         assert report.hessian_error > 0.005
     assert errors[True] < 0.6 * errors[False], errors
     # ... and it does so by trading plain (Frobenius) error for output error, not by luck.
-    plain = {c: float((quantize_vq(w, stats, cfg.replace(compensate=c))[0].dequantize() - w).norm())
-             for c in (False, True)}
+    plain = {
+        c: float((quantize_vq(w, stats, cfg.replace(compensate=c))[0].dequantize() - w).norm()) for c in (False, True)
+    }
     assert plain[True] > plain[False]
 
 

@@ -31,8 +31,10 @@ def manual_logprob(model, tok, context: str, continuation: str) -> float:  # typ
 def test_winogrande_fills_blank_and_scores_the_rest() -> None:
     item = load_task("winogrande", 1)[0]
     # "Sarah was a much better surgeon than Maria so _ always got the easier cases." answer "2"
-    assert item.contexts == ("Sarah was a much better surgeon than Maria so Sarah",
-                             "Sarah was a much better surgeon than Maria so Maria")
+    assert item.contexts == (
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    )
     assert item.continuations == (" always got the easier cases.",) * 2
     assert item.gold == 1
 
@@ -73,10 +75,12 @@ def test_encode_pair_moves_trailing_space(tiny_llama) -> None:
     assert tok.bos_token_id not in ctx
 
 
-PAIRS = [("Question: Which is a fruit?\nAnswer:", " an apple"),
-         ("Question: Which is a fruit?\nAnswer:", " a car"),
-         ("The cat sat on the", " mat."),
-         ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases of all.")]
+PAIRS = [
+    ("Question: Which is a fruit?\nAnswer:", " an apple"),
+    ("Question: Which is a fruit?\nAnswer:", " a car"),
+    ("The cat sat on the", " mat."),
+    ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases of all."),
+]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -90,8 +94,10 @@ def test_scoring_picks_highest_loglikelihood(tiny_llama, monkeypatch: pytest.Mon
     model, tok = tiny_llama
     manual = [manual_logprob(model, tok, c, k) for c, k in PAIRS]
     best_first, best_second = int(manual[0] < manual[1]), int(manual[2] < manual[3])
-    right = [Item(tuple(c for c, _ in p), tuple(k for _, k in p), (1, 1), g)
-             for p, g in ((PAIRS[:2], best_first), (PAIRS[2:], best_second))]
+    right = [
+        Item(tuple(c for c, _ in p), tuple(k for _, k in p), (1, 1), g)
+        for p, g in ((PAIRS[:2], best_first), (PAIRS[2:], best_second))
+    ]
     wrong = [Item(i.contexts, i.continuations, i.norm_lengths, 1 - i.gold) for i in right]
     monkeypatch.setitem(zs.TASKS, "toy_right", ("", zs._format_piqa, True))
     monkeypatch.setitem(zs.TASKS, "toy_wrong", ("", zs._format_piqa, False))
@@ -112,8 +118,9 @@ def test_acc_norm_divides_by_characters() -> None:
 def test_limit_and_result_shape(tiny_llama) -> None:
     model, tok = tiny_llama
     calls: list[tuple[int, int]] = []
-    result = zero_shot(model, tok, ["piqa", "winogrande"], limit=3, batch_size=4,
-                       progress=lambda d, t: calls.append((d, t)))
+    result = zero_shot(
+        model, tok, ["piqa", "winogrande"], limit=3, batch_size=4, progress=lambda d, t: calls.append((d, t))
+    )
     assert result["limit"] == 3
     assert {name: r["n"] for name, r in result["tasks"].items()} == {"piqa": 3, "winogrande": 3}
     assert result["tasks"]["winogrande"]["acc_norm"] is None

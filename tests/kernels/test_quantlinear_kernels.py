@@ -59,16 +59,22 @@ def test_default_policy_keeps_cpu_on_the_reference(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.interpret
-def test_generate_through_kernels_matches_reference(tiny_llama, kernels_on_cpu: None,  # type: ignore[no-untyped-def]
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_through_kernels_matches_reference(
+    tiny_llama,
+    kernels_on_cpu: None,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Greedy decoding with the KV cache: prefill (dequantize + GEMM) then 1-token GEMV steps."""
     _generate_both_ways(tiny_llama, monkeypatch, "cpu", torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_model_on_gpu_matches_reference(tiny_llama, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
-                                        dtype: torch.dtype) -> None:
+def test_model_on_gpu_matches_reference(
+    tiny_llama,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    dtype: torch.dtype,
+) -> None:
     """Logits through the kernels match the reference (half precision: a tolerance, not tokens,
     since a random model's near-tied logits may flip an argmax); generate() runs greedy and sampled."""
     monkeypatch.delenv("RSAVQ_KERNELS", raising=False)
@@ -80,16 +86,21 @@ def test_model_on_gpu_matches_reference(tiny_llama, monkeypatch: pytest.MonkeyPa
     with torch.inference_mode():
         via_kernels = model(**enc).logits.float()
         for sample in (False, True):
-            out = model.generate(**enc, max_new_tokens=5, min_new_tokens=5, do_sample=sample,
-                                 pad_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                **enc, max_new_tokens=5, min_new_tokens=5, do_sample=sample, pad_token_id=tokenizer.eos_token_id
+            )
             assert out.shape[1] == enc["input_ids"].shape[1] + 5
         monkeypatch.setenv("RSAVQ_KERNELS", "off")
         via_reference = model(**enc).logits.float()
     torch.testing.assert_close(via_kernels, via_reference, rtol=2e-2, atol=2e-2)
 
 
-def _generate_both_ways(tiny_llama, monkeypatch: pytest.MonkeyPatch, device: str,  # type: ignore[no-untyped-def]
-                        dtype: torch.dtype) -> None:
+def _generate_both_ways(
+    tiny_llama,
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,  # type: ignore[no-untyped-def]
+    dtype: torch.dtype,
+) -> None:
     """Greedy tokens through the kernels equal the reference path's (fp32: exact enough)."""
     model, tokenizer = tiny_llama
     model = copy.deepcopy(model)

@@ -12,14 +12,23 @@ from rsavq_core.qlinear import QuantLinear
 from tests.core.test_artifact import make_scalar_layer
 
 # (M, N, bits, group_size): nothing a multiple of the block sizes; groups that do not divide N.
-LAYOUTS = [(37, 130, bits, gs) for bits, gs in ((1, 64), (2, 64), (3, 40), (4, 128), (5, 17), (6, 64), (7, 33),
-                                                (8, 130))] + [(200, 45, 2, 16)]
+LAYOUTS = [
+    (37, 130, bits, gs) for bits, gs in ((1, 64), (2, 64), (3, 40), (4, 128), (5, 17), (6, 64), (7, 33), (8, 130))
+] + [(200, 45, 2, 16)]
 
 
 def _packed(m: int, n: int, bits: int, group_size: int, device: str) -> tuple[PackedScalar, torch.Tensor]:
     layer = make_scalar_layer(m, n, bits, group_size, bias=True, seed=bits)
-    packed = PackedScalar(m, n, bits, group_size, pack_codes(layer.codes, bits).to(device), layer.scales.to(device),
-                          layer.zeros.to(device), layer.bias.to(device))
+    packed = PackedScalar(
+        m,
+        n,
+        bits,
+        group_size,
+        pack_codes(layer.codes, bits).to(device),
+        layer.scales.to(device),
+        layer.zeros.to(device),
+        layer.bias.to(device),
+    )
     return packed, layer.dequantize(torch.float32).to(device)
 
 
@@ -48,8 +57,9 @@ def test_scalar_kernels_match_reference_interpreted(layout: tuple[int, int, int,
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "x".join(map(str, t)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_scalar_kernels_match_reference_on_gpu(layout: tuple[int, int, int, int], dtype: torch.dtype,
-                                               batch: int) -> None:
+def test_scalar_kernels_match_reference_on_gpu(
+    layout: tuple[int, int, int, int], dtype: torch.dtype, batch: int
+) -> None:
     _check("cuda", layout, dtype, batch)
 
 

@@ -80,5 +80,13 @@ def test_reference_matches_layer_dequantize() -> None:
 def test_codes_wider_than_the_kernels_are_refused() -> None:
     book = torch.zeros(1, 1, 1, dtype=torch.float16)
     with pytest.raises(UnsupportedShapeError, match=f"{MAX_CODE_BITS}"):
-        build_packed_vq(out_features=6, in_features=2, vector_len=3, n_pq=1, groups=[(9, 0, 2)],
-                        perm=torch.arange(2), codebooks=[book], words=[torch.zeros(1, dtype=torch.int32)])
+        build_packed_vq(
+            out_features=6,
+            in_features=2,
+            vector_len=3,
+            n_pq=1,
+            groups=[(9, 0, 2)],
+            perm=torch.arange(2),
+            codebooks=[book],
+            words=[torch.zeros(1, dtype=torch.int32)],
+        )

@@ -18,10 +18,16 @@ def settings(tmp_path: Path) -> Settings:
     from service.migrate import upgrade
 
     s = Settings.from_env(tmp_path / "data")
-    s = Settings(**{**s.__dict__, "database_url": f"sqlite:///{tmp_path / 'data' / 'rsavq.db'}",
-                    "broker_url": f"sqla+sqlite:///{tmp_path / 'data' / 'broker.db'}",
-                    "artifact_dir": tmp_path / "data" / "artifacts", "sse_poll_seconds": 0.05,
-                    "auth_cache_seconds": 0.0})
+    s = Settings(
+        **{
+            **s.__dict__,
+            "database_url": f"sqlite:///{tmp_path / 'data' / 'rsavq.db'}",
+            "broker_url": f"sqla+sqlite:///{tmp_path / 'data' / 'broker.db'}",
+            "artifact_dir": tmp_path / "data" / "artifacts",
+            "sse_poll_seconds": 0.05,
+            "auth_cache_seconds": 0.0,
+        }
+    )
     s.ensure_dirs()
     upgrade(s.database_url)
     return s

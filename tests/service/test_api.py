@@ -41,19 +41,22 @@ def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, 
     assert len(api.get("/v1/jobs", headers=auth(keys["alice"])).json()["items"]) == 1
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ({**JOB, "colour": "red"}, "colour"),
-    ({**JOB, "options": {"lamda": 0.1}}, "lamda"),
-    ({**JOB, "bits": 9}, "less than or equal to 8"),
-    ({**JOB, "bits": 0.5}, "greater than or equal to 1"),
-    ({**JOB, "method": "awq"}, "method"),
-    ({**JOB, "model_id": "../../etc/passwd"}, "'..'"),
-    ({**JOB, "model_id": "/etc/passwd"}, "local paths are not allowed"),
-    ({**JOB, "model_id": "a b c"}, "not a model id"),
-    ({**JOB, "method": "rtn", "bits": 2.5}, "bits"),  # QuantConfig's own rule: scalar methods take whole bits
-    ({**JOB, "options": {"vector_len": 5}}, "vector_len"),
-    ({**JOB, "options": {"evaluation": {"zero_shot": ["mmlu"]}}}, "zero_shot"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({**JOB, "colour": "red"}, "colour"),
+        ({**JOB, "options": {"lamda": 0.1}}, "lamda"),
+        ({**JOB, "bits": 9}, "less than or equal to 8"),
+        ({**JOB, "bits": 0.5}, "greater than or equal to 1"),
+        ({**JOB, "method": "awq"}, "method"),
+        ({**JOB, "model_id": "../../etc/passwd"}, "'..'"),
+        ({**JOB, "model_id": "/etc/passwd"}, "local paths are not allowed"),
+        ({**JOB, "model_id": "a b c"}, "not a model id"),
+        ({**JOB, "method": "rtn", "bits": 2.5}, "bits"),  # QuantConfig's own rule: scalar methods take whole bits
+        ({**JOB, "options": {"vector_len": 5}}, "vector_len"),
+        ({**JOB, "options": {"evaluation": {"zero_shot": ["mmlu"]}}}, "zero_shot"),
+    ],
+)
 def test_bad_input_is_a_422_that_names_the_problem(api, keys, body, fragment) -> None:  # type: ignore[no-untyped-def]
     r = submit(api, keys["alice"], body)
     assert r.status_code == 422, r.text
@@ -61,8 +64,11 @@ def test_bad_input_is_a_422_that_names_the_problem(api, keys, body, fragment) ->
 
 
 def test_oversized_body_is_413(api, keys) -> None:  # type: ignore[no-untyped-def]
-    r = api.post("/v1/jobs", content=b"{" + b" " * 70_000 + b"}", headers={**auth(keys["alice"]),
-                                                                           "Content-Type": "application/json"})
+    r = api.post(
+        "/v1/jobs",
+        content=b"{" + b" " * 70_000 + b"}",
+        headers={**auth(keys["alice"]), "Content-Type": "application/json"},
+    )
     assert r.status_code == 413
 
 
@@ -91,8 +97,14 @@ def test_keys_are_stored_hashed(keys, sessions) -> None:  # type: ignore[no-unty
 
 def test_another_tenants_job_is_a_404(api, keys) -> None:  # type: ignore[no-untyped-def]
     job = submit(api, keys["alice"]).json()
-    for method, path in (("GET", ""), ("GET", "/metrics"), ("GET", "/artifact"), ("POST", "/cancel"),
-                         ("DELETE", ""), ("GET", "/events")):
+    for method, path in (
+        ("GET", ""),
+        ("GET", "/metrics"),
+        ("GET", "/artifact"),
+        ("POST", "/cancel"),
+        ("DELETE", ""),
+        ("GET", "/events"),
+    ):
         r = api.request(method, f"/v1/jobs/{job['id']}{path}", headers=auth(keys["bob"]))
         assert r.status_code == 404, (method, path, r.status_code)
 
@@ -104,9 +116,11 @@ def test_list_paginates_and_filters(api, keys, sessions) -> None:  # type: ignor
         machine.request_cancel(session, ids[0])
     seen, cursor = [], None
     while True:
-        page = api.get("/v1/jobs", params={"limit": 2, "model_id": "smollm2-135m", **({"cursor": cursor} if cursor
-                                                                                       else {})},
-                       headers=auth(keys["alice"])).json()
+        page = api.get(
+            "/v1/jobs",
+            params={"limit": 2, "model_id": "smollm2-135m", **({"cursor": cursor} if cursor else {})},
+            headers=auth(keys["alice"]),
+        ).json()
         seen += [j["id"] for j in page["items"]]
         cursor = page["next_cursor"]
         if not cursor:
@@ -153,8 +167,9 @@ def _succeed_with_artifact(sessions, settings, job_id: str, tmp_path: Path) -> b
     return (settings.artifact_dir / relative).read_bytes()
 
 
-def test_artifact_is_409_until_succeeded_then_streams_with_etag_and_ranges(api, keys, sessions, settings,
-                                                                          tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_artifact_is_409_until_succeeded_then_streams_with_etag_and_ranges(
+    api, keys, sessions, settings, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     import hashlib
 
     job = submit(api, keys["alice"]).json()
@@ -194,8 +209,12 @@ def test_client_download_resumes_and_verifies(api, keys, sessions, settings, tmp
 def test_health_and_prometheus_metrics(api, keys) -> None:  # type: ignore[no-untyped-def]
     submit(api, keys["alice"])
     health = api.get("/health")
-    assert health.status_code == 200 and health.json() == {"status": "ok", "database": True, "broker": True,
-                                                        "generation": "not configured"}
+    assert health.status_code == 200 and health.json() == {
+        "status": "ok",
+        "database": True,
+        "broker": True,
+        "generation": "not configured",
+    }
     text = api.get("/metrics").text
     assert 'rsavq_jobs{status="queued"} 1.0' in text
     assert 'rsavq_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
@@ -209,14 +228,19 @@ def test_openapi_documents_the_quantization_knobs(api) -> None:  # type: ignore[
 
 
 def test_the_api_process_never_imports_torch(settings) -> None:  # type: ignore[no-untyped-def]
-    code = ("import sys; from service.app import create_app; from service.settings import Settings; "
-            "from fastapi.testclient import TestClient; "
-            f"c = TestClient(create_app(Settings.from_env({str(settings.data_dir)!r}))); "
-            "c.get('/health'); c.get('/openapi.json'); c.post('/v1/jobs', json={}); "
-            "import service.cli, service.client; "
-            "assert 'torch' not in sys.modules, 'torch was imported'; print('clean')")
-    env = {"PATH": "/usr/bin:/bin", "RSAVQ_DATABASE_URL": settings.database_url,
-           "RSAVQ_BROKER_URL": settings.broker_url}
+    code = (
+        "import sys; from service.app import create_app; from service.settings import Settings; "
+        "from fastapi.testclient import TestClient; "
+        f"c = TestClient(create_app(Settings.from_env({str(settings.data_dir)!r}))); "
+        "c.get('/health'); c.get('/openapi.json'); c.post('/v1/jobs', json={}); "
+        "import service.cli, service.client; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print('clean')"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "RSAVQ_DATABASE_URL": settings.database_url,
+        "RSAVQ_BROKER_URL": settings.broker_url,
+    }
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr[-2000:]
 

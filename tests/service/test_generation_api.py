@@ -86,8 +86,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
 
     root = tmp_path_factory.mktemp("data")
     settings = Settings.from_env(root)
-    settings = dataclasses.replace(settings, database_url=f"sqlite:///{root / 'rsavq.db'}",
-                                   broker_url=f"sqla+sqlite:///{root / 'broker.db'}", artifact_dir=root / "artifacts")
+    settings = dataclasses.replace(
+        settings,
+        database_url=f"sqlite:///{root / 'rsavq.db'}",
+        broker_url=f"sqla+sqlite:///{root / 'broker.db'}",
+        artifact_dir=root / "artifacts",
+    )
     settings.ensure_dirs()
     upgrade(settings.database_url)
     sessions = session_factory(settings.database_url)
@@ -97,16 +101,34 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
     with sessions() as session:
         keys = {"alice": create_key(session, "alice"), "bob": create_key(session, "bob")}
         for job_id, status, name in ((done_id, SUCCEEDED, "smol-rtn4"), (running_id, RUNNING, "smol-later")):
-            session.add(Job(id=job_id, tenant="alice", model_id="smollm2-135m", name=name, method="rtn", bits=4.0,
-                            options={}, status=status, stage=status, request_hash="x", finished_at=now))
+            session.add(
+                Job(
+                    id=job_id,
+                    tenant="alice",
+                    model_id="smollm2-135m",
+                    name=name,
+                    method="rtn",
+                    bits=4.0,
+                    options={},
+                    status=status,
+                    stage=status,
+                    request_hash="x",
+                    finished_at=now,
+                )
+            )
         session.flush()  # the jobs first: the artifact row references one
         session.add(Artifact(job_id=done_id, path=relative, size=size, sha256=sha))
         session.commit()
     with _Server(create_generation_app(settings, device="cpu", memory_gb=4)) as gen_url:
         api_settings = dataclasses.replace(settings, generation_url=gen_url)
         with _Server(create_app(api_settings)) as api_url:
-            yield {"url": api_url, "keys": keys, "done": done_id, "running": running_id,
-                   "unconfigured": create_app(settings)}
+            yield {
+                "url": api_url,
+                "keys": keys,
+                "done": done_id,
+                "running": running_id,
+                "unconfigured": create_app(settings),
+            }
 
 
 def _client(stack: dict[str, Any], who: str = "alice") -> openai.OpenAI:
@@ -128,8 +150,16 @@ def test_completion_matches_the_library(stack: dict[str, Any], reference) -> Non
 def test_stream_concatenates_to_the_same_text(stack: dict[str, Any]) -> None:
     client = _client(stack)
     whole = client.completions.create(model="smol-rtn4", prompt=PROMPT, max_tokens=10, temperature=0)
-    chunks = list(client.completions.create(model="smol-rtn4", prompt=PROMPT, max_tokens=10, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="smol-rtn4",
+            prompt=PROMPT,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
     assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 2, "deltas arrive one by one"
@@ -143,9 +173,15 @@ def test_stop_sequences_and_seeds(stack: dict[str, Any]) -> None:
     text = free.choices[0].text
     stop = text.strip()[1:3]  # two characters that do occur in the greedy continuation
     cut = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
-    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
-    sampled = [client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=8, temperature=1.0,
-                                         top_p=0.9, seed=seed).choices[0].text for seed in (7, 7, 8)]
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = [
+        client.completions.create(
+            model=stack["done"], prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=seed
+        )
+        .choices[0]
+        .text
+        for seed in (7, 7, 8)
+    ]
     assert sampled[0] == sampled[1]
 
 
@@ -155,8 +191,9 @@ def test_chat_completion_stream_and_not(stack: dict[str, Any]) -> None:
     whole = client.chat.completions.create(model=stack["done"], messages=messages, max_tokens=6, temperature=0)
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
     assert whole.choices[0].message.content and whole.usage.prompt_tokens > 5  # the chat template was applied
-    chunks = list(client.chat.completions.create(model=stack["done"], messages=messages, max_tokens=6,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=stack["done"], messages=messages, max_tokens=6, temperature=0, stream=True)
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
@@ -191,8 +228,11 @@ def test_no_generation_server_is_a_503(stack: dict[str, Any]) -> None:
     from fastapi.testclient import TestClient
 
     with TestClient(stack["unconfigured"]) as api:
-        r = api.post("/v1/completions", json={"model": stack["done"], "prompt": PROMPT},
-                     headers={"Authorization": f"Bearer {stack['keys']['alice']}"})
+        r = api.post(
+            "/v1/completions",
+            json={"model": stack["done"], "prompt": PROMPT},
+            headers={"Authorization": f"Bearer {stack['keys']['alice']}"},
+        )
     assert r.status_code == 503 and "RSAVQ_GENERATION_URL" in r.json()["error"]["message"]
 
 
@@ -220,8 +260,7 @@ def test_model_pool_evicts_least_recently_used(tmp_path: Path, checkpoint: Path)
 def test_a_client_that_hangs_up_does_not_block_the_next(stack: dict[str, Any]) -> None:
     """Closing a stream mid-way cancels that generation; the device is free for the next request."""
     client = _client(stack)
-    stream = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=200, temperature=0,
-                                       stream=True)
+    stream = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=200, temperature=0, stream=True)
     next(iter(stream))
     stream.close()
     started = time.monotonic()
@@ -234,8 +273,7 @@ def test_several_prompts_and_token_id_prompts(stack: dict[str, Any], reference) 
     _, tokenizer = reference
     client = _client(stack)
     ids = tokenizer(PROMPT)["input_ids"]
-    out = client.completions.create(model=stack["done"], prompt=[PROMPT, "Water boils at"], max_tokens=4,
-                                    temperature=0)
+    out = client.completions.create(model=stack["done"], prompt=[PROMPT, "Water boils at"], max_tokens=4, temperature=0)
     assert [c.index for c in out.choices] == [0, 1]
     by_ids = client.completions.create(model=stack["done"], prompt=ids, max_tokens=4, temperature=0)
     assert by_ids.choices[0].text == out.choices[0].text

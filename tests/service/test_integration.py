@@ -27,11 +27,20 @@ from tests.service.conftest import auth
 
 pytestmark = pytest.mark.integration
 # Every knob a real RSAVQ job has, scaled down: 4 calibration windows of 128 tokens.
-RSAVQ_FAST = {"calib_samples": 4, "calib_len": 128, "kmeans_iters": 2, "kmeans_fit_points": 1024,
-              "evaluation": {"perplexity": True, "windows": 2}}
+RSAVQ_FAST = {
+    "calib_samples": 4,
+    "calib_len": 128,
+    "kmeans_iters": 2,
+    "kmeans_fit_points": 1024,
+    "evaluation": {"perplexity": True, "windows": 2},
+}
 # RTN needs no calibration: these jobs spend their time in the per-layer loop the fault tests interrupt.
-RTN_JOB = {"model_id": "smollm2-135m", "bits": 4, "method": "rtn",
-           "options": {"evaluation": {"perplexity": True, "windows": 2}}}
+RTN_JOB = {
+    "model_id": "smollm2-135m",
+    "bits": 4,
+    "method": "rtn",
+    "options": {"evaluation": {"perplexity": True, "windows": 2}},
+}
 
 
 @pytest.fixture
@@ -40,9 +49,17 @@ def dist_settings(tmp_path: Path, pg_url: str, redis_url: str) -> Iterator[Setti
 
     redis.Redis.from_url(redis_url).flushdb()
     base = Settings.from_env(tmp_path / "data")
-    s = Settings(**{**base.__dict__, "database_url": pg_url, "broker_url": redis_url,
-                    "artifact_dir": tmp_path / "artifacts", "lease_seconds": 3.0, "requeue_after_seconds": 20.0,
-                    "sse_poll_seconds": 0.1})
+    s = Settings(
+        **{
+            **base.__dict__,
+            "database_url": pg_url,
+            "broker_url": redis_url,
+            "artifact_dir": tmp_path / "artifacts",
+            "lease_seconds": 3.0,
+            "requeue_after_seconds": 20.0,
+            "sse_poll_seconds": 0.1,
+        }
+    )
     s.ensure_dirs()
     yield s
     _truncate(pg_url)
@@ -68,8 +85,7 @@ class Workers:
 
         log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
         env = {**os.environ, **self.settings.to_env(), **env_overrides}
-        proc = subprocess.Popen(worker_command(), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(worker_command(), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -113,8 +129,9 @@ def client(dist_settings: Settings):  # type: ignore[no-untyped-def]
         yield api
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, logs: Callable[[], str] = str, *,
-             interval: float = 0.2) -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float, what: str, logs: Callable[[], str] = str, *, interval: float = 0.2
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -129,8 +146,12 @@ def job_of(client, job_id: str) -> dict:  # type: ignore[no-untyped-def]
 
 
 def finished(client, job_id: str, workers: Workers, timeout: float = 600) -> dict:  # type: ignore[no-untyped-def]
-    job = wait_for(lambda: (j := job_of(client, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
-                   timeout, f"job {job_id} to finish", workers.logs)
+    job = wait_for(
+        lambda: (j := job_of(client, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
+        timeout,
+        f"job {job_id} to finish",
+        workers.logs,
+    )
     return job  # type: ignore[return-value]
 
 
@@ -187,8 +208,9 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(client, workers, dist
     body = RTN_JOB
     first = workers.start()
     killed_id = client.post("/v1/jobs", json=body).json()["id"]
-    wait_for(lambda: _quantize_progress(client, killed_id) >= 40, 300, "40 quantized layers", workers.logs,
-             interval=0.05)
+    wait_for(
+        lambda: _quantize_progress(client, killed_id) >= 40, 300, "40 quantized layers", workers.logs, interval=0.05
+    )
     workers.kill9(first)
     done_before = _quantize_progress(client, killed_id)
     assert job_of(client, killed_id)["status"] == "running"  # nobody knows yet: the lease is still live
@@ -208,16 +230,16 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(client, workers, dist
     clean = finished(client, clean_id, workers)
     sha = {j: client.get(f"/v1/jobs/{j}/metrics").json()["artifact"]["sha256"] for j in (killed_id, clean_id)}
     assert clean["status"] == "succeeded" and sha[killed_id] == sha[clean_id]
-    ppl = {j: client.get(f"/v1/jobs/{j}/metrics").json()["quantized"]["perplexity"]["ppl"]
-           for j in (killed_id, clean_id)}
+    ppl = {
+        j: client.get(f"/v1/jobs/{j}/metrics").json()["quantized"]["perplexity"]["ppl"] for j in (killed_id, clean_id)
+    }
     assert ppl[killed_id] == ppl[clean_id]
 
 
 def test_cancel_is_honoured_between_layers(client, workers, dist_settings) -> None:  # type: ignore[no-untyped-def]
     workers.start()
     job_id = client.post("/v1/jobs", json=RTN_JOB).json()["id"]
-    wait_for(lambda: _quantize_progress(client, job_id) >= 20, 300, "20 quantized layers", workers.logs,
-             interval=0.05)
+    wait_for(lambda: _quantize_progress(client, job_id) >= 20, 300, "20 quantized layers", workers.logs, interval=0.05)
     assert client.post(f"/v1/jobs/{job_id}/cancel").json()["cancel_requested"] is True
     job = finished(client, job_id, workers, timeout=120)
     assert job["status"] == "cancelled" and job["progress"]["done"] < 210, job
@@ -228,11 +250,33 @@ def test_cancel_is_honoured_between_layers(client, workers, dist_settings) -> No
 
 def _restart_redis() -> None:
     subprocess.run(["redis-cli", "-h", "127.0.0.1", "shutdown", "nosave"], check=False, capture_output=True)
-    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
-                    "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
-                    "--logfile", "/var/log/redis/ci.log"], check=True, capture_output=True)
-    wait_for(lambda: subprocess.run(["redis-cli", "-h", "127.0.0.1", "ping"], capture_output=True).stdout.strip()
-             == b"PONG", 30, "redis to come back")
+    subprocess.run(
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "-::1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/var/lib/redis",
+            "--logfile",
+            "/var/log/redis/ci.log",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wait_for(
+        lambda: subprocess.run(["redis-cli", "-h", "127.0.0.1", "ping"], capture_output=True).stdout.strip() == b"PONG",
+        30,
+        "redis to come back",
+    )
 
 
 def test_redis_restarted_mid_job_loses_nothing(client, workers) -> None:  # type: ignore[no-untyped-def]
@@ -242,8 +286,11 @@ def test_redis_restarted_mid_job_loses_nothing(client, workers) -> None:  # type
     wait_for(lambda: _quantize_progress(client, running) >= 10, 300, "the first job to quantize", workers.logs)
     waiting = client.post("/v1/jobs", json={**body, "bits": 3}).json()["id"]  # its message sits in Redis
     _restart_redis()  # Redis here keeps nothing on disk: the queued message is gone
-    later = wait_for(lambda: (r := client.post("/v1/jobs", json={**body, "bits": 2})).status_code == 202 and r,
-                     60, "the API to reach Redis again")
+    later = wait_for(
+        lambda: (r := client.post("/v1/jobs", json={**body, "bits": 2})).status_code == 202 and r,
+        60,
+        "the API to reach Redis again",
+    )
     ids = [running, waiting, later.json()["id"]]  # type: ignore[union-attr]
     results = [finished(client, job_id, workers, timeout=900) for job_id in ids]
     assert [r["status"] for r in results] == ["succeeded"] * 3, [(r["status"], r["error"]) for r in results]
@@ -256,18 +303,24 @@ def test_two_workers_racing_for_one_job_run_it_once(client, workers, dist_settin
 
     workers.start()
     workers.start()
-    job_id = client.post("/v1/jobs", json={"model_id": "smollm2-135m", "bits": 4, "method": "rtn",
-                                           "options": {"evaluation": {"perplexity": False}}}).json()["id"]
+    job_id = client.post(
+        "/v1/jobs",
+        json={"model_id": "smollm2-135m", "bits": 4, "method": "rtn", "options": {"evaluation": {"perplexity": False}}},
+    ).json()["id"]
     app = make_celery(dist_settings)
     for _ in range(3):  # duplicate deliveries of the same job, as a redelivery would produce
         enqueue(app, QUANTIZE_TASK, job_id)
     job = finished(client, job_id, workers)
     assert job["status"] == "succeeded" and job["attempts"] == 1
-    wait_for(lambda: workers.logs().count("dropping this delivery") >= 3, 60, "the duplicates to be dropped",
-             workers.logs)
+    wait_for(
+        lambda: workers.logs().count("dropping this delivery") >= 3, 60, "the duplicates to be dropped", workers.logs
+    )
     with session_factory(dist_settings.database_url)() as session:
-        runs = [e for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id))
-                if e.kind == "status" and e.data.get("status") == "running"]
+        runs = [
+            e
+            for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id))
+            if e.kind == "status" and e.data.get("status") == "running"
+        ]
     assert len(runs) == 1
 
 
@@ -282,8 +335,22 @@ def test_fifty_concurrent_submissions_none_lost_or_duplicated(dist_settings, tmp
         key = create_key(session, "load")
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, **dist_settings.to_env()}
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-                               "--port", str(port), "--workers", "2", "--log-level", "warning"], env=env)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.app:create_app",
+            "--factory",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _up(base), 60, "uvicorn")
@@ -294,8 +361,11 @@ def test_fifty_concurrent_submissions_none_lost_or_duplicated(dist_settings, tmp
             # every submission is sent twice at once with one Idempotency-Key, as a retrying client would
             try:
                 with httpx.Client(base_url=base, headers=auth(key), timeout=60) as http:
-                    r = http.post("/v1/jobs", json={"model_id": "smollm2-135m", "bits": 2 + (i // 2 % 5) / 5},
-                                  headers={"Idempotency-Key": f"sub-{i // 2}"})
+                    r = http.post(
+                        "/v1/jobs",
+                        json={"model_id": "smollm2-135m", "bits": 2 + (i // 2 % 5) / 5},
+                        headers={"Idempotency-Key": f"sub-{i // 2}"},
+                    )
                 outcome = (r.status_code, r.json()["id"] if r.status_code == 202 else r.text)
             except (httpx.HTTPError, ValueError) as exc:  # recorded, so the assertion below reports it
                 outcome = (0, repr(exc))

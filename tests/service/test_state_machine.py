@@ -15,8 +15,19 @@ from service.db import Job
 def new_job(sessions, tenant: str = "t") -> str:  # type: ignore[no-untyped-def]
     job_id = uuid.uuid4().hex
     with sessions() as session:
-        session.add(Job(id=job_id, tenant=tenant, model_id="m", method="rtn", bits=2, options={}, status="queued",
-                        stage="queued", request_hash="h"))
+        session.add(
+            Job(
+                id=job_id,
+                tenant=tenant,
+                model_id="m",
+                method="rtn",
+                bits=2,
+                options={},
+                status="queued",
+                stage="queued",
+                request_hash="h",
+            )
+        )
         session.commit()
     return job_id
 
