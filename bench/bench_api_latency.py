@@ -1,6 +1,6 @@
 """API latency of ``GET /v1/jobs/{id}`` under a fixed request rate, on loopback.
 
-Starts ``uvicorn service.app:create_app`` (embedded default: SQLite + SQLite broker, unless
+Starts ``uvicorn service.api.app:create_app`` (embedded default: SQLite + SQLite broker, unless
 RSAVQ_DATABASE_URL / RSAVQ_BROKER_URL say otherwise), creates a key and a job, then sends requests
 open-loop at --rate per second for --seconds (each request is scheduled at its tick, whether or
 not earlier ones have returned, so a slow server shows up as latency rather than a lower rate).
@@ -69,7 +69,7 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/api_latency.json")
     args = parser.parse_args()
 
-    from service.auth import create_key
+    from service.api.auth import create_key
     from service.db import session_factory
     from service.migrate import upgrade
     from service.settings import Settings
@@ -86,7 +86,7 @@ def main() -> int:
             sys.executable,
             "-m",
             "uvicorn",
-            "service.app:create_app",
+            "service.api.app:create_app",
             "--factory",
             "--port",
             str(args.port),

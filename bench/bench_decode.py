@@ -103,7 +103,7 @@ def main() -> int:
         fp, _, _ = load_model(args.model)
         fp = fp.to(args.device, dtype).eval()
     if args.artifact:
-        from rsavq_core.qlinear import load_quantized_model
+        from rsavq_core.runtime import load_quantized_model
 
         quant, _, _ = load_quantized_model(args.artifact, dtype=dtype, device=args.device)
     else:

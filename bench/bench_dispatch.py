@@ -29,8 +29,8 @@ TOKENS = [1, 2, 3, 4, 6, 8, 12, 16]
 def measure(shape: tuple[int, int], bits: int) -> list[dict[str, Any]]:
     import triton.testing
 
-    from kernels.vq_layout import packed_from_layer
     from kernels.vq_triton import vq_dequantize, vq_gemv
+    from rsavq_core.formats.vq import packed_from_layer
 
     packed = packed_from_layer(random_vq_layer(*shape, bits, device="cuda"), "cuda")
     rows = []

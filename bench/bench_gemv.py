@@ -35,8 +35,8 @@ def bytes_read(packed: Any, n: int, m: int) -> int:
 def run(shape: tuple[int, int], bits: int, sweep: bool) -> dict[str, Any]:
     import triton.testing
 
-    from kernels.vq_layout import packed_from_layer
     from kernels.vq_triton import vq_gemv
+    from rsavq_core.formats.vq import packed_from_layer
 
     m, n = shape
     layer = random_vq_layer(m, n, bits, device="cuda")

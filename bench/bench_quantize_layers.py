@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from rsavq_core.calibration import LayerStats, _Accumulator
+from rsavq_core.algorithms.scalar import gptq_quantize
+from rsavq_core.algorithms.vq import quantize_vq
+from rsavq_core.calibration.statistics import LayerStats, _Accumulator
 from rsavq_core.config import QuantConfig
-from rsavq_core.scalar import gptq_quantize
-from rsavq_core.vq import quantize_vq
 
 PAPER_A100_HOURS = 1.2
 D_MODEL, D_FFN, VOCAB = 4096, 11008, 32000

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rsavq_core.layers import VQGroup, VQLayer
+from rsavq_core.formats import VQGroup, VQLayer
 from rsavq_core.models import quantizable_linears
-from rsavq_core.qlinear import quantize_in_place
+from rsavq_core.runtime import quantize_in_place
 
 
 def random_vq_layer(

@@ -1,7 +1,7 @@
 """Scalar (RTN / GPTQ) layers for the kernels: their packed form and the pure-torch reference.
 
 W[m, n] = (code[m, n] - zero[m, n // g]) * scale[m, n // g], codes packed row-major ``bits``
-wide (``rsavq_core.packing``), one fp16 scale and zero point per row and group of g inputs.
+wide (``kernels.packing``), one fp16 scale and zero point per row and group of g inputs.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rsavq_core.errors import UnsupportedShapeError
-from rsavq_core.packing import packed_words, unpack_codes
+from kernels.packing import packed_words, unpack_codes
 
 
 @dataclass(frozen=True)
@@ -35,9 +34,9 @@ class PackedScalar:
     def __post_init__(self) -> None:
         m, n, groups = self.out_features, self.in_features, -(-self.in_features // self.group_size)
         if self.words.numel() < packed_words(m * n, self.bits):
-            raise UnsupportedShapeError(f"{self.words.numel()} words cannot hold {m}x{n} {self.bits}-bit codes")
+            raise ValueError(f"{self.words.numel()} words cannot hold {m}x{n} {self.bits}-bit codes")
         if tuple(self.scales.shape) != (m, groups) or tuple(self.zeros.shape) != (m, groups):
-            raise UnsupportedShapeError(
+            raise ValueError(
                 f"scales/zeros must be [{m}, {groups}], got {tuple(self.scales.shape)} and {tuple(self.zeros.shape)}"
             )
 

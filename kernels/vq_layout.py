@@ -1,12 +1,12 @@
 """The kernel-side form of one VQ layer: every group's packed indices and codebooks in one buffer each.
 
-A VQ layer (``rsavq_core.layers``) has G channel groups, each with its own code width and
+A VQ layer (``rsavq_core.formats.vq``) has G channel groups, each with its own code width and
 codebook size. Rather than one launch per group, the kernels take the groups concatenated and a
 small *tile table*: one row per tile of permuted columns, each tile inside a single group, giving
 where that group's bits and codebooks start. One launch then covers the whole layer and the grid
 has enough column tiles to keep every SM busy even when M is small (split-K).
 
-Index addressing (the artifact's layout, see ``rsavq_core.artifact``): inside group g, permuted
+Index addressing (the packed checkpoint's layout, see ``rsavq_core.formats.vq``): inside group g, permuted
 column j holds Q = n_vectors * n_pq codes in sequence; code q covers output rows
 [q*d, q*d + d) with sub-codebook q % n_pq, and lives at bits [c*((j - start)*Q + q), +c) of the
 group's stream, c = bits_g * d. The dense weight is W[m, perm[j]] = CB_g[q % n_pq][code][m % d].
@@ -17,10 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from rsavq_core.errors import UnsupportedShapeError
-from rsavq_core.layers import VQLayer
-from rsavq_core.packing import pack_codes
 
 # Tile table columns.
 COL_START, COL_STOP, GROUP_START, CODE_BITS, WORD_OFFSET, CODEBOOK_OFFSET = range(6)
@@ -85,7 +81,7 @@ def build_packed_vq(
         bias: [M] floating or None.
     """
     if vector_len % n_pq:
-        raise UnsupportedShapeError(f"vector length {vector_len} is not a multiple of n_pq {n_pq}")
+        raise ValueError(f"vector length {vector_len} is not a multiple of n_pq {n_pq}")
     d = vector_len // n_pq
     q = -(-out_features // vector_len) * n_pq
     rows, word_off, cb_off = [], 0, 0
@@ -93,11 +89,9 @@ def build_packed_vq(
     for (bits, start, stop), cb, stream in zip(groups, codebooks, words, strict=True):
         code_bits = bits * d
         if code_bits > MAX_CODE_BITS:
-            raise UnsupportedShapeError(f"{code_bits}-bit codes exceed the kernels' {MAX_CODE_BITS}")
+            raise ValueError(f"{code_bits}-bit codes exceed the kernels' {MAX_CODE_BITS}")
         if tuple(cb.shape) != (n_pq, 2**code_bits, d):
-            raise UnsupportedShapeError(
-                f"group codebooks have shape {tuple(cb.shape)}, expected {(n_pq, 2**code_bits, d)}"
-            )
+            raise ValueError(f"group codebooks have shape {tuple(cb.shape)}, expected {(n_pq, 2**code_bits, d)}")
         max_bits = max(max_bits, code_bits)
         for col in range(start, stop, tile_cols):
             rows.append((col, min(col + tile_cols, stop), start, code_bits, word_off, cb_off))
@@ -116,22 +110,4 @@ def build_packed_vq(
         tiles=torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, TILE_FIELDS),
         bias=None if bias is None else bias.to(device=device, dtype=torch.float16),
         max_code_bits=max_bits,
-    )
-
-
-def packed_from_layer(layer: VQLayer, device: torch.device | str | None = None, tile_cols: int = 128) -> PackedVQ:
-    """``build_packed_vq`` of an in-memory ``VQLayer`` (packs its unpacked indices)."""
-    device = layer.perm.device if device is None else torch.device(device)
-    d = layer.sub_dim
-    return build_packed_vq(
-        out_features=layer.out_features,
-        in_features=layer.in_features,
-        vector_len=layer.vector_len,
-        n_pq=layer.n_pq,
-        groups=[(g.bits, g.start, g.stop) for g in layer.groups],
-        perm=layer.perm.to(device),
-        codebooks=[g.codebooks.to(device) for g in layer.groups],
-        words=[pack_codes(g.indices, g.bits * d).to(device) for g in layer.groups],
-        bias=layer.bias,
-        tile_cols=tile_cols,
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.packing import packed_words, unpack_codes
 from kernels.vq_layout import CODE_BITS, CODEBOOK_OFFSET, COL_START, COL_STOP, GROUP_START, WORD_OFFSET, PackedVQ
-from rsavq_core.packing import packed_words, unpack_codes
 
 
 def group_extents(packed: PackedVQ) -> list[tuple[int, int, int, int, int]]:

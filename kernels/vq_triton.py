@@ -24,7 +24,7 @@ def read_codes(words_ptr, code_idx, code_bits, ok):
     """Codes ``code_idx`` (int64, any shape) of a stream of ``code_bits``-bit codes, as int64.
 
     Code i sits at stream bits [i*c, i*c + c), least significant first, possibly straddling two
-    int32 words (``rsavq_core.packing``). 1 <= code_bits <= 24, so no shift is by 32.
+    int32 words (``kernels.packing``). 1 <= code_bits <= 24, so no shift is by 32.
     """
     bit = code_idx * code_bits.to(tl.int64)
     word = bit >> 5

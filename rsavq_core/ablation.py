@@ -1,34 +1,38 @@
 """The paper's ablation (Table 3) plus the scalar baselines, side by side, on one model.
 
-Every row runs in its own ``rsavq quantize`` process so that its peak memory is its own. The first
-RSAVQ row of the run computes the calibration statistics (unless cached); the other rows reuse them,
-and the table says which rows did.
+Every row runs in a fresh process (``multiprocessing`` spawn) so that its peak memory is its own.
+The first RSAVQ row of the run computes the calibration statistics (unless cached); the other rows
+reuse them, and the table says which rows did.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
+import multiprocessing
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from rsavq_core.errors import RSAVQError
+from rsavq_core.config import QuantConfig
+from rsavq_core.errors import ConfigError, RSAVQError
+from rsavq_core.runs import evaluate_summary, parse_tasks, quantize_summary
+from rsavq_core.settings import configure, get_settings
 
 log = logging.getLogger(__name__)
 
-# (label, method, extra CLI flags). Order matters: full RSAVQ first computes the statistics.
-ROWS: list[tuple[str, str, list[str]]] = [
-    ("+WCSG (RSAVQ)", "rsavq", []),
-    ("RTN g64", "rtn", ["--group-size", "64"]),
-    ("GPTQ g64", "gptq", ["--group-size", "64"]),
-    ("k-means", "kmeans", []),
-    ("+EDSG", "rsavq", ["--allocation", "uniform"]),
-    ("RSAVQ + compensation", "rsavq", ["--compensate"]),
+# (label, method, knobs). Order matters: full RSAVQ first computes the statistics.
+ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("+WCSG (RSAVQ)", "rsavq", {}),
+    ("RTN g64", "rtn", {"group_size": 64}),
+    ("GPTQ g64", "gptq", {"group_size": 64}),
+    ("k-means", "kmeans", {}),
+    ("+EDSG", "rsavq", {"allocation": "uniform"}),
+    ("RSAVQ + compensation", "rsavq", {"compensate": True}),
     # Not a paper row: the same RSAVQ with --bits bounding every stored bit (codebooks included).
-    ("RSAVQ, effective budget", "rsavq", ["--budget", "effective"]),
+    ("RSAVQ, effective budget", "rsavq", {"budget": "effective"}),
 ]
 DISPLAY_ORDER = [
     "FP",
@@ -42,16 +46,19 @@ DISPLAY_ORDER = [
 ]
 
 
-def _run(args: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "rsavq_core.cli", *args, "--quiet"]
-    log.info("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RSAVQError(f"ablation row failed ({' '.join(args)}): {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout)
+def _in_fresh_process(label: str, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``fn(*args, **kwargs)`` in a new process with this process's settings."""
+    log.info("ablation row %s", label)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=configure, initargs=(get_settings(),)) as pool:
+        try:
+            return pool.submit(fn, *args, **kwargs).result()
+        except RSAVQError as exc:
+            raise RSAVQError(f"ablation row {label!r} failed: {exc}") from exc
 
 
 def _eval_flags(tasks: str | None, limit: int | None, windows: int | None) -> list[str]:
+    """The evaluation settings as the command line spells them: the key under which rows resume."""
     flags = ["--ppl"]
     if tasks:
         flags += ["--tasks", tasks]
@@ -71,26 +78,35 @@ def run_ablation(
     limit: int | None = 100,
     windows: int | None = None,
     calib_samples: int | None = None,
+    rows: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run every row at every bit width; write ``ablation.json`` and ``ablation.md`` in out_dir."""
+    """Run every row (or those labelled in ``rows``) at every bit width; write ``ablation.json`` and
+    ``ablation.md`` in out_dir. Rows finished by an earlier run with the same evaluation are kept."""
+    unknown = sorted(set(rows or []) - {label for label, _, _ in ROWS})
+    if unknown:
+        raise ConfigError(f"unknown ablation row(s) {', '.join(unknown)}; rows: {', '.join(r[0] for r in ROWS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = _eval_flags(tasks, limit, windows)
-    calib = ["--calib-samples", str(calib_samples)] if calib_samples else []
-    rows = _finished_rows(out_dir / "ablation.json", model, flags)
+    evaluation = {"ppl": True, "tasks": parse_tasks(tasks), "limit": limit, "perplexity_windows": windows}
+    calib = {"calib_samples": calib_samples} if calib_samples else {}
+    done = _finished_rows(out_dir / "ablation.json", model, flags)
     t0 = time.perf_counter()
-    if not any(r["label"] == "FP" for r in rows):
-        fp = _run(["eval", model, *flags])
+    if not any(r["label"] == "FP" for r in done):
+        fp = _in_fresh_process("FP", evaluate_summary, model, evaluation)
         fp_eval = {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}
-        rows.append({"target_bits": None, "label": "FP", "eval_flags": flags, "eval": fp_eval})
+        done.append({"target_bits": None, "label": "FP", "eval_flags": flags, "eval": fp_eval})
     for b in bits:
-        for label, method, extra in ROWS:
-            if any(r["label"] == label and r["target_bits"] == b for r in rows):
+        for label, method, knobs in ROWS:
+            if rows and label not in rows:
+                continue
+            if any(r["label"] == label and r["target_bits"] == b for r in done):
                 continue  # resumed: this row finished in an earlier run with the same evaluation
-            summary = _run(["quantize", model, "--bits", f"{b:g}", "--method", method, *extra, *calib, *flags])
-            rows.append({"target_bits": b, "label": label, "eval_flags": flags, **summary})
-            _write(out_dir, model, rows, limit)  # partial results survive a crash
-    result = {"model": model, "rows": rows, "seconds": time.perf_counter() - t0}
-    _write(out_dir, model, rows, limit)
+            cfg = QuantConfig.for_method(method, bits=b, **knobs, **calib)  # validated before the row starts
+            summary = _in_fresh_process(label, quantize_summary, model, cfg, evaluation=evaluation)
+            done.append({"target_bits": b, "label": label, "eval_flags": flags, **summary})
+            _write(out_dir, model, done, limit)  # partial results survive a crash
+    result = {"model": model, "rows": done, "seconds": time.perf_counter() - t0}
+    _write(out_dir, model, done, limit)
     return {"json": str(out_dir / "ablation.json"), "markdown": str(out_dir / "ablation.md"), **result}
 
 

@@ -1,219 +1,133 @@
-"""Every knob of a quantization run, in one frozen, validated dataclass.
+"""The configuration of one quantization run: the method, the bit budget, calibration, the method's options.
 
-The spec's inferred ([I]) choices are made here, each with the section of
-``shared/docs/rsavq_spec.md`` that discusses it. ``QuantConfig.for_method`` gives the preset of
-each method so that the ablation rows differ only in the knobs the paper's ablation changes.
+``QuantConfig`` holds what every method shares (target bits, calibration windows, the Fisher
+form, the seed) and ``options``, the chosen method's own frozen dataclass (``rsavq_core.methods``).
+Its flat form (``to_dict`` / ``for_method``: ``{"method": ..., "bits": ..., <knob>: ...}``) is
+what the command line, the API and the packed checkpoint's metadata use. Everything is validated on
+construction (``ConfigError``), before any heavy work.
+
+Torch-free: the API process imports this to validate requests.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from rsavq_core.errors import ConfigError
+from rsavq_core.methods import MethodOptions, get_method, method_names, option_knobs, option_names
+from rsavq_core.options import knob, knobs, validate_knobs
 
-MethodName = Literal["rsavq", "kmeans", "rtn", "gptq"]
-METHODS: tuple[str, ...] = ("rsavq", "kmeans", "rtn", "gptq")
-VQ_METHODS: tuple[str, ...] = ("rsavq", "kmeans")
+log = logging.getLogger(__name__)
 
-Allocation = Literal["proportional", "additive", "uniform"]
-Sensitivity = Literal["inverse", "direct"]
-Metric = Literal["fisher_diag", "hessian", "euclidean"]
-Assign = Literal["shifted", "paper"]
-FisherForm = Literal["exact", "kfac"]
-
-# Codebooks of 2^(bits * d) entries: beyond 2^16 a k-means over them is neither fast nor useful.
-MAX_INDEX_BITS = 16
 MIN_BITS, MAX_BITS = 1.0, 8.0
 # The paper's five zero-shot tasks (here, not in evaluation/, so torch-free callers can validate names).
 ZERO_SHOT_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
+FisherForm = Literal["exact", "kfac"]
+OptionsT = TypeVar("OptionsT", bound=MethodOptions)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """All algorithm parameters of one run. Validated on construction (``ConfigError``)."""
+    """All parameters of one run. Validated on construction (``ConfigError``)."""
 
     method: str = "rsavq"
-    # Target average bits per weight. With budget="index" (the paper's accounting) it is spent on
-    # indices (scalar methods: on codes) and the effective bpw, which adds codebooks, permutation
-    # and scales, is reported separately; with budget="effective" (VQ methods) every stored bit of
-    # a layer counts, so the reported effective bpw is at most ``bits``.
-    bits: float = 2.0
-    budget: str = "index"
-
-    # --- vector quantization (rsavq, kmeans) -------------------------------------------------
-    vector_len: int = 6  # v: [P §5] main config
-    n_pq: int = 2  # sub-vectors per vector; d = v / n_pq = 3 [I, spec §5.4 / §9.2]
-    n_groups: int = 4  # WCSG channel groups G [P §5]
-    lam: float = 0.05  # EDSG projection strength λ [P A.10]
-    # How λ is scaled (spec §6.5: λ is not scale-free). "relative": the shift λ·ñ is rescaled so
-    # that ‖shift‖_F = λ·‖W‖_F, i.e. λ is a relative step size; "raw": W − λñ literally. With the
-    # per-sequence empirical Fisher and a mean loss, raw ‖ñ‖ measured 10^4-10^5 × ‖W‖ on SmolLM2,
-    # which makes every paper-grid λ destroy the layer.
-    lam_scale: str = "relative"
-    # Bit rule of WCSG: the paper's proportional rule [P-Alg1], the reverse water-filling
-    # rule its own Lagrangian gives (spec §5.2), or uniform bits (no WCSG).
-    allocation: str = "proportional"
-    # I_c = ½ gᵀF⁻¹g (paper Alg.1 / A.7) or ½ gᵀF g (third-party summaries), spec §5.1.
-    sensitivity: str = "inverse"
-    # Metric of the codebook objective, spec §6.2: Fisher diagonal (EDSG's Fisher norm),
-    # VPTQ's Hessian diagonal, or plain Euclidean (the k-means baseline).
-    metric: str = "fisher_diag"
-    # Assignment target: "shifted" is the consistent Lloyd step on W - λñ under the metric
-    # (spec §6.3, recommended); "paper" is Alg.1 line 25 literally (Euclidean, unshifted W).
-    assign: str = "shifted"
-    kmeans_iters: int = 10  # T codebook updates (closed form, spec §6.4); the paper gives no T [I]
-    # Lloyd rounds run on a random subsample of max(this, 8·K) sub-vectors, then one round on all
-    # of them (0 = always all). Measured in the README: the full-data rounds dominated CPU time.
-    kmeans_fit_points: int = 4096
-    compensate: bool = False  # VPTQ-style column-wise error compensation (spec §7)
-    min_group_bits: int | None = None  # clamps of the per-group bits; None = derived from bits
-    max_group_bits: int | None = None
-
-    # --- calibration statistics --------------------------------------------------------------
-    fisher: str = "exact"  # per-sequence gradient factors [P A.9] or textbook K-FAC (spec §3.3)
-    damping: float = 0.01  # α of the Fisher factors' Tikhonov damping (spec §3.3)
-    hessian_damping: float = 0.01  # GPTQ/VPTQ percdamp for the activation Hessian
+    bits: float = knob(2.0, "target average bits per weight (indices or codes)", ge=MIN_BITS, le=MAX_BITS)
     # 32 windows of 512 tokens: the eval protocol lets a job choose N; 128 windows would cost
     # about 10 minutes of backward passes alone on 2 CPU cores (measured in the README).
-    calib_samples: int = 32
-    calib_len: int = 512
-
-    # --- scalar baselines (rtn, gptq) --------------------------------------------------------
-    group_size: int = 64  # input channels sharing one fp16 scale and zero point
-    gptq_block: int = 128
-
-    seed: int = 0
+    calib_samples: int = knob(32, "calibration windows", ge=1)
+    calib_len: int = knob(512, "tokens per calibration window", ge=2)
+    fisher: FisherForm = knob("exact", "Fisher factors: per-sequence gradients [P A.9] or textbook K-FAC (spec §3.3)")
+    seed: int = knob(0, "seed of every random choice (k-means initialisation, subsampling)")
+    options: MethodOptions | None = None  # the method's options; None = its defaults
 
     def __post_init__(self) -> None:
-        def bad(message: str) -> ConfigError:
-            return ConfigError(message)
-
-        if self.method not in METHODS:
-            raise bad(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits):
-            raise bad(f"bits must be a number, got {self.bits!r}")
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise bad(f"bits must lie in [{MIN_BITS:g}, {MAX_BITS:g}], got {self.bits:g}")
-        _choice("lam_scale", self.lam_scale, ("relative", "raw"))
-        _choice("budget", self.budget, ("index", "effective"))
-        _choice("allocation", self.allocation, ("proportional", "additive", "uniform"))
-        _choice("sensitivity", self.sensitivity, ("inverse", "direct"))
-        _choice("metric", self.metric, ("fisher_diag", "hessian", "euclidean"))
-        _choice("assign", self.assign, ("shifted", "paper"))
-        _choice("fisher", self.fisher, ("exact", "kfac"))
-        if (
-            not isinstance(self.kmeans_fit_points, int)
-            or isinstance(self.kmeans_fit_points, bool)
-            or self.kmeans_fit_points < 0
-        ):
-            raise bad(f"kmeans_fit_points must be a non-negative integer, got {self.kmeans_fit_points!r}")
-        for name in (
-            "vector_len",
-            "n_pq",
-            "n_groups",
-            "kmeans_iters",
-            "calib_samples",
-            "calib_len",
-            "group_size",
-            "gptq_block",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(f"{name} must be a positive integer, got {value!r}")
-        if self.vector_len % self.n_pq:
-            raise bad(
-                f"vector_len {self.vector_len} is not divisible by n_pq {self.n_pq}: "
-                f"each vector must split into {self.n_pq} equal sub-vectors"
+        method = get_method(self.method)
+        validate_knobs(self)
+        if self.options is None:
+            object.__setattr__(self, "options", method.options_type())
+        elif type(self.options) is not method.options_type:
+            raise ConfigError(
+                f"method {self.method} takes {method.options_type.__name__}, got {type(self.options).__name__}"
             )
-        if self.calib_len < 2:
-            raise bad("calib_len must be at least 2 tokens")
-        if not 0.0 <= self.lam <= 10.0:
-            raise bad(f"lam must lie in [0, 10], got {self.lam}")
-        for name in ("damping", "hessian_damping"):
-            if not 0.0 < getattr(self, name) <= 10.0:
-                raise bad(f"{name} must lie in (0, 10], got {getattr(self, name)}")
-        if self.method in VQ_METHODS:
-            if self.bits * self.sub_dim > MAX_INDEX_BITS + 1e-9:
-                raise bad(
-                    f"{self.bits:g} bits with sub-vectors of {self.sub_dim} needs codebooks of "
-                    f"2^{self.bits * self.sub_dim:g} entries; at most 2^{MAX_INDEX_BITS} are "
-                    f"supported: lower bits or use a shorter vector_len / more n_pq"
-                )
-            lo, hi = self.group_bit_range()
-            if lo > hi:
-                raise bad(f"min_group_bits {lo} exceeds max_group_bits {hi}")
-            if not lo <= self.bits <= hi:
-                raise bad(f"bits {self.bits:g} is outside the per-group range [{lo}, {hi}]")
-        elif self.bits != int(self.bits):
-            raise bad(f"method {self.method} needs integer bits, got {self.bits:g}")
+        method.validate(self)
 
-    @property
-    def sub_dim(self) -> int:
-        """Length d of one product-quantization sub-vector."""
-        return self.vector_len // self.n_pq
-
-    def group_bit_range(self) -> tuple[int, int]:
-        """Clamps [lo, hi] of the per-group bits (spec §5.3 'budget repair and clamps').
-
-        Derived defaults reproduce the spec's examples: [1, 4] at 2 bits, [2, 6] at 4 bits; never 0
-        bits (a dropped channel group) and never a codebook above 2^MAX_INDEX_BITS entries.
-        """
-        cap = MAX_INDEX_BITS // self.sub_dim
-        lo = self.min_group_bits if self.min_group_bits is not None else max(1, math.ceil(self.bits) - 2)
-        hi = self.max_group_bits if self.max_group_bits is not None else math.floor(self.bits) + 2
-        return max(1, lo), min(cap, hi)
+    def options_as(self, cls: type[OptionsT]) -> OptionsT:
+        """The options, typed as the method's own class (which the constructor checked)."""
+        if not isinstance(self.options, cls):
+            raise TypeError(f"method {self.method}'s options are {type(self.options).__name__}, not {cls.__name__}")
+        return self.options
 
     @classmethod
-    def for_method(cls, method: str, **overrides: Any) -> QuantConfig:
-        """The preset of a method, with explicit overrides applied on top.
+    def for_method(cls, method: str, **knobs_: Any) -> QuantConfig:
+        """A config from flat knobs: shared ones (``bits``, ``calib_samples``...) and the method's options.
 
-        ``kmeans`` is the paper's plain baseline (λ = 0, uniform bits, Euclidean metric, no
-        compensation) in the same engine as ``rsavq``.
+        The method's option defaults are its preset (k-means: λ = 0, uniform bits, Euclidean); explicit
+        knobs win. A knob the method does not have is an error that says which methods have it.
         """
-        presets: dict[str, dict[str, Any]] = {
-            "rsavq": {},
-            "kmeans": {"lam": 0.0, "allocation": "uniform", "metric": "euclidean", "compensate": False},
-            "rtn": {},
-            "gptq": {},
-        }
-        if method not in presets:
-            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        return cls(**{"method": method, **presets[method], **overrides})
+        chosen = get_method(method)
+        shared = {f.name for f in dataclasses.fields(cls)} - {"method", "options"}
+        own = set(option_names(chosen))
+        stray = sorted(set(knobs_) - shared - own)
+        if stray:
+            raise ConfigError(_stray_message(method, stray))
+        options = chosen.options_type(**{k: v for k, v in knobs_.items() if k in own})
+        return cls(method=method, options=options, **{k: v for k, v in knobs_.items() if k in shared})
 
     def replace(self, **changes: Any) -> QuantConfig:
-        return dataclasses.replace(self, **changes)
+        """This config with some flat knobs changed."""
+        flat = {**self.to_dict(), **changes}
+        return QuantConfig.for_method(flat.pop("method"), **flat)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat form: the shared fields and the method's options in one mapping."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**shared, **dataclasses.asdict(self.options)} if self.options is not None else shared
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> QuantConfig:
+        """Inverse of ``to_dict``. ``strict=False`` drops knobs that belong to other methods.
+
+        Non-strict reading is for checkpoints written before each method had its own options, when
+        every config listed every knob of every method.
+        """
+        flat = dict(data)
+        method = flat.pop("method", "rsavq")
+        if not strict and isinstance(method, str) and method in method_names():
+            keep = set(option_names(get_method(method))) | {f.name for f in dataclasses.fields(cls)}
+            others = set(option_knobs())
+            dropped = sorted(k for k in flat if k not in keep and k in others)
+            if dropped:
+                log.debug("ignoring knobs of other methods in a %s config: %s", method, ", ".join(dropped))
+            flat = {k: v for k, v in flat.items() if k not in dropped}
+        return cls.for_method(method, **flat)
 
     def needs_gradients(self) -> bool:
         """Whether the run needs the gradient/Fisher statistics (and hence backward passes)."""
-        if self.method in ("rtn", "gptq"):
-            return False
-        return self.lam > 0 or self.allocation != "uniform" or self.metric == "fisher_diag"
+        return get_method(self.method).statistics(self).gradients
 
     def needs_hessian(self) -> bool:
-        return self.method == "gptq" or self.compensate or self.metric == "hessian"
+        return get_method(self.method).statistics(self).hessian
 
     def needs_calibration(self) -> bool:
-        return self.needs_gradients() or self.needs_hessian()
+        return get_method(self.method).statistics(self).any
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+def shared_knobs() -> tuple[Any, ...]:
+    """The knobs every method shares (``QuantConfig``'s own), ``bits`` included."""
+    return knobs(QuantConfig)
+
+
+def _stray_message(method: str, stray: list[str]) -> str:
+    by_method = option_knobs()
+    unknown = [k for k in stray if k not in by_method]
+    if unknown:
+        return f"unknown config field(s): {', '.join(unknown)}"
+    owners = "; ".join(f"{k} is an option of {', '.join(m.name for m in by_method[k][1])}" for k in stray)
+    return f"method {method} has no option {', '.join(stray)} ({owners})"

@@ -13,12 +13,10 @@ the worker, the HTTP service) can map them in one place::
       + AssetError              an offline asset package (text, tasks) is not installed
       + InsufficientMemoryError the pre-flight estimate of a job exceeds what a worker can hold
       + JobCancelled            a caller asked a running job to stop (honoured between layers)
-      + ServiceError            errors of the job service (service/, worker/), by HTTP meaning:
-          + AuthenticationError     missing, unknown or revoked API key          (401)
-          + NotFoundError           no such job for this tenant                  (404)
-          + ConflictError           wrong state for the request, key reuse, ... (409)
-          + PayloadTooLargeError    request body over the configured limit       (413)
-          + UnavailableError        database or broker unreachable               (503)
+
+The job service extends this hierarchy with its own errors (``service.errors``: authentication,
+not found, conflict, ...) and maps the whole of it to HTTP statuses there, once; the library
+itself has no notion of HTTP.
 
 ``ConfigError`` also derives from ``ValueError`` so that argument validation reads naturally.
 """
@@ -64,27 +62,3 @@ class InsufficientMemoryError(RSAVQError):
 
 class JobCancelled(RSAVQError):
     """Raised from a progress callback when the job was cancelled; the pipeline stops between layers."""
-
-
-class ServiceError(RSAVQError):
-    """Errors of the job service. ``service.errors`` maps each subclass to one HTTP status."""
-
-
-class AuthenticationError(ServiceError):
-    """Missing, malformed, unknown or revoked API key."""
-
-
-class NotFoundError(ServiceError):
-    """The resource does not exist, or belongs to another tenant (never say which)."""
-
-
-class ConflictError(ServiceError):
-    """The request conflicts with the resource's state (artifact of an unfinished job, reused key)."""
-
-
-class PayloadTooLargeError(ServiceError):
-    """The request body is larger than the configured limit."""
-
-
-class UnavailableError(ServiceError):
-    """A backing service (database, broker) is unreachable."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rsavq_core.errors import AssetError, ModelResolutionError, UnsupportedModelError
+from rsavq_core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 def cache_root() -> Path:
     """Where rsavq keeps converted models and calibration statistics (``RSAVQ_CACHE_DIR``)."""
-    root = os.environ.get("RSAVQ_CACHE_DIR") or Path.home() / ".cache" / "rsavq"
-    return Path(root)
+    return get_settings().cache_dir
 
 
 def resolve_model(model_id: str) -> Path:

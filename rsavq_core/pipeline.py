@@ -18,19 +18,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsavq_core.calibration import LayerStats
-from rsavq_core.checkpoint import LayerCheckpoint
-from rsavq_core.config import VQ_METHODS, QuantConfig
+from rsavq_core.calibration.cache import StatsKey, StatsStore, compute_statistics
+from rsavq_core.calibration.statistics import LayerStats
+from rsavq_core.config import QuantConfig
 from rsavq_core.data import calibration_windows, tokens_hash
-from rsavq_core.errors import CalibrationError
-from rsavq_core.layers import QuantizedLayer
+from rsavq_core.formats import QuantizedLayer
+from rsavq_core.methods import get_method
 from rsavq_core.models import find_decoder_layout, load_model, model_fingerprint, resolve_model
-from rsavq_core.scalar import gptq_quantize, rtn_quantize
-from rsavq_core.stats_cache import StatsKey, StatsStore, compute_statistics
-from rsavq_core.vq import LayerReport, quantize_vq
+from rsavq_core.progress import Progress
+from rsavq_core.resume import FinishedLayers
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 LayerCallback = Callable[[str, dict], None]  # (full layer name, report)
 
 
@@ -79,43 +77,13 @@ def calibration_store(
 
 
 def quantize_layer(
-    weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, cfg: QuantConfig
+    weight: torch.Tensor,  # [M, N] floating
+    bias: torch.Tensor | None,  # [M] floating
+    stats: LayerStats | None,
+    cfg: QuantConfig,
 ) -> tuple[QuantizedLayer, dict[str, object]]:
-    """Dispatch one linear layer to its method. weight: [M, N] float; bias: [M] or None."""
-    if cfg.method in VQ_METHODS:
-        layer, report = quantize_vq(weight, stats, cfg, bias)
-        return layer, _report_dict(report)
-    started = time.perf_counter()
-    if cfg.method == "rtn":
-        layer = rtn_quantize(weight.float(), int(cfg.bits), cfg.group_size, bias=bias)
-        return layer, {"bits": [int(cfg.bits)], "seconds": time.perf_counter() - started}
-    if stats is None or stats.hessian is None:
-        raise CalibrationError("gptq needs the activation Hessian")
-    layer, info = gptq_quantize(
-        weight.float(),
-        stats.hessian,
-        int(cfg.bits),
-        cfg.group_size,
-        block_size=cfg.gptq_block,
-        damping=cfg.hessian_damping,
-        bias=bias,
-    )
-    return layer, {
-        "bits": [int(cfg.bits)],
-        "hessian_error": info["proxy_loss"],
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def _report_dict(report: LayerReport) -> dict[str, object]:
-    return {
-        "bits": report.bits,
-        "proxy_error": report.proxy_error,
-        "hessian_error": report.hessian_error,
-        "step_ratio": report.step_ratio,
-        "sensitivity": report.sensitivity,
-        "seconds": report.seconds,
-    }
+    """One linear layer by the config's method (``rsavq_core.methods``): the packed layer and its report."""
+    return get_method(cfg.method).quantize_layer(weight, bias, stats, cfg)
 
 
 def quantize_model(
@@ -142,7 +110,7 @@ def quantize_model(
     layout = find_decoder_layout(model)  # fails fast on a model with no linear layers
     timings = {"load": time.perf_counter() - started}
     names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(len(layout.blocks)) for n in layout.linear_names(i)]
-    ckpt = LayerCheckpoint(checkpoint_dir, cfg, model_fingerprint(folder)) if checkpoint_dir else None
+    ckpt = FinishedLayers(checkpoint_dir, cfg, model_fingerprint(folder)) if checkpoint_dir else None
     resumed = {full: ckpt.load(full) for _, _, full in names} if ckpt else {}
     resumed = {full: done for full, done in resumed.items() if done is not None}
     if resumed:
@@ -198,12 +166,12 @@ def save_result(result: QuantizeResult, out_dir: Path, *, reproducible: bool = F
     give the same bytes: the job service publishes the artifact's sha256, and a resumed job must
     produce the artifact an uninterrupted one would.
     """
-    from rsavq_core.artifact import save_artifact
+    from rsavq_core.packed_checkpoint import save_checkpoint
 
     extra = {} if reproducible else {f"seconds_{k}": f"{v:.3f}" for k, v in result.timings.items()}
     if not reproducible:
         extra["stats_cached"] = str(result.stats_cached).lower()
-    return save_artifact(
+    return save_checkpoint(
         out_dir,
         model=result.model,
         tokenizer=result.tokenizer,

@@ -16,11 +16,14 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from httpx_sse import connect_sse
 
-from service.client import Client, print_progress
+from service.cli.progress import JobEvents
+from service.client import Client
 
 
 def start_server(data_dir: Path, port: int) -> subprocess.Popen:  # type: ignore[type-arg]
@@ -44,7 +47,7 @@ def start_server(data_dir: Path, port: int) -> subprocess.Popen:  # type: ignore
     raise SystemExit("rsavq serve did not become healthy in 120 s")
 
 
-def stream_completion(url: str, key: str, model: str, prompt: str, say) -> None:  # type: ignore[no-untyped-def]
+def stream_completion(url: str, key: str, model: str, prompt: str, say: Callable[[str], object]) -> None:
     """Print a completion as its server-sent events arrive, then the decode rate the client saw."""
     body = {
         "model": model,
@@ -55,16 +58,18 @@ def stream_completion(url: str, key: str, model: str, prompt: str, say) -> None:
         "stream_options": {"include_usage": True},
     }
     started, usage = time.monotonic(), None
-    with httpx.stream(
-        "POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=600
-    ) as resp:
-        if resp.status_code != 200:
-            say(f"\n{resp.status_code}: {resp.read().decode()}\n")
+    headers = {"Authorization": f"Bearer {key}"}
+    with (
+        httpx.Client(timeout=600) as http,
+        connect_sse(http, "POST", f"{url}/v1/completions", json=body, headers=headers) as source,
+    ):
+        if source.response.status_code != 200:
+            say(f"\n{source.response.status_code}: {source.response.read().decode()}\n")
             return
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for event in source.iter_sse():
+            if event.data == "[DONE]":
+                break
+            chunk = json.loads(event.data)
             usage = chunk.get("usage") or usage
             if chunk["choices"]:
                 say(chunk["choices"][0]["text"])
@@ -111,8 +116,9 @@ def main() -> int:
         job = client.submit(args.model, args.bits, "rsavq", options, idempotency_key=uuid.uuid4().hex)
         say(f"POST /v1/jobs -> 202, job {job['id']} ({job['status']})\n")
         started = time.monotonic()
-        job = client.wait(job["id"], poll=1.0, on_progress=print_progress)
-        sys.stderr.write("\n")
+        events = JobEvents()
+        job = client.wait(job["id"], poll=1.0, on_event=events)
+        events.close()
         if job["status"] != "succeeded":
             say(f"job {job['status']}: {job['error']}\n")
             return 1

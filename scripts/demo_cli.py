@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from rsavq_core.bitcount import model_bits
-from rsavq_core.cli import ProgressBar
 from rsavq_core.config import QuantConfig
 from rsavq_core.evaluation import perplexity
-from rsavq_core.generation import generate_text
 from rsavq_core.pipeline import quantize_model, save_result
-from rsavq_core.qlinear import load_quantized_model
+from rsavq_core.runtime import load_quantized_model
+from rsavq_core.runtime.generation import generate_text
+from service.cli.progress import StageBars
 
 
 def main() -> int:
@@ -33,18 +33,18 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     say = sys.stdout.write
 
-    bar = ProgressBar()
+    bar = StageBars()
     overrides = {"calib_samples": args.calib_samples} if args.calib_samples else {}
     cfg = QuantConfig.for_method("rsavq", bits=args.bits, **overrides)
     say(f"Quantizing {args.model} with RSAVQ at {args.bits:g} bits (statistics are cached after the first run)\n")
     result = quantize_model(args.model, cfg, progress=bar)
     bar.close()
-    fp = perplexity(result.model, result.tokenizer, progress=lambda d, t: bar("FP perplexity", d, t))
+    fp = perplexity(result.model, result.tokenizer, progress=lambda _, d, t: bar("FP perplexity", d, t))
     bar.close()
     out = save_result(result, Path(args.out))
 
     model, tokenizer, _ = load_quantized_model(out)  # evaluate what was written, not what is in memory
-    q = perplexity(model, tokenizer, progress=lambda d, t: bar("quantized perplexity", d, t))
+    q = perplexity(model, tokenizer, progress=lambda _, d, t: bar("quantized perplexity", d, t))
     bar.close()
     bits = model_bits(result.layers, result.model)
     t0 = time.perf_counter()

@@ -14,10 +14,10 @@ import argparse
 import json
 import sys
 
+from rsavq_core.algorithms.vq import quantize_vq
 from rsavq_core.config import QuantConfig
 from rsavq_core.models import find_decoder_layout, load_model
 from rsavq_core.pipeline import calibration_store
-from rsavq_core.vq import quantize_vq
 
 RULES = ("uniform", "proportional", "additive")
 

@@ -1,28 +1,26 @@
-"""A small HTTP client of the job API (used by ``rsavq submit/status/wait/download``). No torch."""
+"""A small HTTP client of the job API (used by ``rsavq submit/status/wait/download``). No torch.
+
+Server and key default to the settings (``RSAVQ_SERVER``, ``RSAVQ_API_KEY``). ``wait`` follows the
+job's server-sent events (httpx-sse), reconnecting with ``Last-Event-ID`` when the stream drops.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import sys
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import SSEError, connect_sse
 
-from rsavq_core.errors import (
-    ArtifactError,
-    AuthenticationError,
-    ConfigError,
-    ConflictError,
-    NotFoundError,
-    RSAVQError,
-    UnavailableError,
-)
+from rsavq_core.errors import ArtifactError, ConfigError, RSAVQError
+from service.errors import AuthenticationError, ConflictError, NotFoundError, UnavailableError
+from service.settings import get_settings
 
-DEFAULT_SERVER = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
 _BY_STATUS: dict[int, type[RSAVQError]] = {
     401: AuthenticationError,
     404: NotFoundError,
@@ -35,8 +33,10 @@ _BY_STATUS: dict[int, type[RSAVQError]] = {
 
 class Client:
     def __init__(self, server: str | None = None, key: str | None = None, timeout: float = 30.0) -> None:
-        self.server = (server or os.environ.get("RSAVQ_SERVER") or DEFAULT_SERVER).rstrip("/")
-        key = key or os.environ.get("RSAVQ_API_KEY")
+        settings = get_settings() if server is None or key is None else None
+        self.server = (server or (settings.server if settings else "")).rstrip("/")
+        if key is None and settings is not None and settings.api_key is not None:
+            key = settings.api_key.get_secret_value()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 
@@ -45,12 +45,7 @@ class Client:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise UnavailableError(f"cannot reach {self.server}: {exc}") from exc
-        if response.status_code >= 400:
-            try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:500]
-            raise _BY_STATUS.get(response.status_code, RSAVQError)(f"HTTP {response.status_code}: {message}")
+        _raise_for(response)
         return response
 
     def submit(
@@ -74,21 +69,48 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
 
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """The job's events as (id, kind, data) from ``last_event_id`` on; ends when the job has ended."""
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        timeout = httpx.Timeout(self.http.timeout.connect, read=None)  # a quiet stream is not a failure
+        try:
+            with connect_sse(self.http, "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as source:
+                if source.response.status_code >= 400:
+                    source.response.read()
+                    _raise_for(source.response)
+                for event in source.iter_sse():
+                    yield event.id, event.event, json.loads(event.data)
+        except (httpx.TransportError, SSEError) as exc:
+            raise UnavailableError(f"event stream of job {job_id} from {self.server} broke: {exc}") from exc
+
     def wait(
         self,
         job_id: str,
         *,
         poll: float = 1.0,
         timeout: float | None = None,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the job ends; returns the final job. on_progress sees every polled state."""
+        """Follow the job's events until it ends; returns the final job.
+
+        ``on_event(kind, data)`` sees every "status" and "progress" event. A broken stream is
+        resumed after ``poll`` seconds from the last event seen.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        last: str | None = None
         while True:
+            try:
+                for event_id, kind, data in self.events(job_id, last):
+                    last = event_id or last
+                    if on_event:
+                        on_event(kind, data)
+                    if deadline is not None and time.monotonic() > deadline:
+                        break
+            except UnavailableError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
             job = self.job(job_id)
-            if on_progress:
-                on_progress(job)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in TERMINAL:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise UnavailableError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
@@ -112,7 +134,7 @@ class Client:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/artifact", headers=headers) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise _BY_STATUS.get(response.status_code, RSAVQError)(f"HTTP {response.status_code}")
+                    _raise_for(response)
                 mode = "ab" if response.status_code == 206 else "wb"
                 have = have if mode == "ab" else 0
                 with open(part, mode) as fh:
@@ -133,32 +155,20 @@ class Client:
         return dest
 
 
+def _raise_for(response: httpx.Response) -> None:
+    """The error class of an HTTP error status, with the server's message."""
+    if response.status_code < 400:
+        return
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:500]
+    raise _BY_STATUS.get(response.status_code, RSAVQError)(f"HTTP {response.status_code}: {message}")
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def progress_line(job: dict[str, Any], width: int = 30) -> str:
-    """'running quantize [#####.....] 61/210 29.0% ETA 235s' for one polled job state."""
-    p = job["progress"]
-    filled = int(p["percent"] / 100 * width)
-    eta = f" ETA {p['eta_seconds']:.0f}s" if p.get("eta_seconds") else ""
-    return (
-        f"{job['status']:<9} {p['stage'][:24]:<24} [{'#' * filled}{'.' * (width - filled)}] "
-        f"{p['done']}/{p['total']} {p['percent']:5.1f}%{eta}"
-    )
-
-
-_last_line = [""]
-
-
-def print_progress(job: dict[str, Any]) -> None:
-    """Redraw the progress line on stderr when it changed (a log file gets one line per change)."""
-    line = progress_line(job)
-    if line != _last_line[0]:
-        _last_line[0] = line
-        sys.stderr.write("\r" + line.ljust(100))
-        sys.stderr.flush()

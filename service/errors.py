@@ -1,4 +1,15 @@
-"""The one place where the library's exception hierarchy becomes HTTP statuses."""
+"""The service's errors, and the one place where every error becomes an HTTP status and body.
+
+The library's hierarchy (``rsavq_core.errors``) is extended here by what only a service has::
+
+    RSAVQError
+      + ServiceError            errors of the job service (service/, worker/), by HTTP meaning:
+          + AuthenticationError     missing, unknown or revoked API key          (401)
+          + NotFoundError           no such job for this tenant                  (404)
+          + ConflictError           wrong state for the request, key reuse, ... (409)
+          + PayloadTooLargeError    request body over the configured limit       (413)
+          + UnavailableError        database, broker or generation server down  (503)
+"""
 
 from __future__ import annotations
 
@@ -7,17 +18,37 @@ from fastapi.responses import JSONResponse
 
 from rsavq_core.errors import (
     ArtifactError,
-    AuthenticationError,
     ConfigError,
-    ConflictError,
     InsufficientMemoryError,
     ModelResolutionError,
-    NotFoundError,
-    PayloadTooLargeError,
     RSAVQError,
-    UnavailableError,
     UnsupportedModelError,
 )
+
+
+class ServiceError(RSAVQError):
+    """Errors of the job service; ``STATUS`` below maps each subclass to one HTTP status."""
+
+
+class AuthenticationError(ServiceError):
+    """Missing, malformed, unknown or revoked API key."""
+
+
+class NotFoundError(ServiceError):
+    """The resource does not exist, or belongs to another tenant (never say which)."""
+
+
+class ConflictError(ServiceError):
+    """The request conflicts with the resource's state (artifact of an unfinished job, reused key)."""
+
+
+class PayloadTooLargeError(ServiceError):
+    """The request body is larger than the configured limit."""
+
+
+class UnavailableError(ServiceError):
+    """A backing service (database, broker, generation server) is unreachable."""
+
 
 # Most specific first: the first class an error is an instance of decides.
 STATUS: list[tuple[type[RSAVQError], int]] = [
@@ -46,7 +77,8 @@ def error_body(status: int, message: str, kind: str, param: str | None = None) -
 
 def install(app: FastAPI) -> None:
     async def handle(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RSAVQError)
+        if not isinstance(exc, RSAVQError):  # registered for RSAVQError only; keeps the type checker honest
+            raise exc
         status = status_of(exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(error_body(status, str(exc), type(exc).__name__), status_code=status, headers=headers)

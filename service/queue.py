@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from rsavq_core.errors import UnavailableError
+from service.errors import UnavailableError
 from service.settings import Settings
 
 QUEUE = "gpu"
@@ -32,8 +32,8 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
-        task_soft_time_limit=settings.soft_time_limit,
-        task_time_limit=settings.hard_time_limit,
+        task_soft_time_limit=settings.task_soft_limit_s,
+        task_time_limit=settings.task_hard_limit_s,
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,

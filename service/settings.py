@@ -1,90 +1,103 @@
-"""Service settings, from ``RSAVQ_*`` environment variables, with an embedded default.
+"""Service settings: ``RSAVQ_*`` environment variables, read once per process (pydantic-settings).
 
 With nothing set, everything lives under one data directory: a SQLite database, a SQLite
 message broker (kombu's SQLAlchemy transport) and the artifact store, so one machine runs the whole
 service with no Redis and no PostgreSQL. Setting ``RSAVQ_DATABASE_URL`` (PostgreSQL) and
 ``RSAVQ_BROKER_URL`` (Redis) turns the same code into a distributed deployment.
+
+Every field's variable is ``RSAVQ_`` + its name in upper case (``lease_seconds`` ->
+``RSAVQ_LEASE_SECONDS``). ``Settings`` extends the library's ``CoreSettings`` (cache directory,
+kernel policy), so one object serves both: ``get_settings`` installs it for the library too.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from rsavq_core.errors import ConfigError
+from pydantic import Field, SecretStr, model_validator
 
+from rsavq_core.settings import CoreSettings, configure, load_settings
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw not in (None, "") else default
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a number") from exc
+# Triton's own variable: children inherit it from the environment as it was set.
+_NOT_EXPORTED = {"triton_interpret"}
 
 
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    return default if not raw else raw in ("1", "true", "yes", "on")
+class Settings(CoreSettings):
+    # Required here, filled by _derived: the defaults depend on the data dir.
+    data_dir: Path = Field(description="database, broker and artifacts (default: ./rsavq-data)")
+    database_url: str = Field(description="SQLAlchemy URL (default: SQLite in the data dir)")
+    broker_url: str = Field(description="Celery broker URL (default: SQLite in the data dir)")
+    artifact_dir: Path = Field(description="published artifacts (default: <data dir>/artifacts)")
+    allow_local_models: bool = Field(False, description="may a job name a server-side path? never on a shared service")
+    max_body_bytes: int = Field(64 * 1024, ge=1, description="largest request body")
+    lease_seconds: float = Field(30.0, gt=0, description="a running job's lease; its worker renews it every lease/3 s")
+    requeue_after_s: float = Field(600.0, gt=0, description="re-send a queued job's message after this long")
+    task_soft_limit_s: float = Field(6 * 3600.0, gt=0, description="raises inside the task: the job fails, saying so")
+    task_hard_limit_s: float = Field(
+        6.5 * 3600.0, gt=0, description="the worker child is killed; the reaper takes over"
+    )
+    worker_memory_gb: float | None = Field(None, gt=0, description="capacity override for the pre-flight check")
+    max_attempts: int = Field(
+        3, ge=1, description="deliveries of one job before it is failed (a job that kills workers)"
+    )
+    generation_url: str | None = Field(None, description="the generation server behind /v1/completions")
+    generation_memory_gb: float | None = Field(None, gt=0, description="cap on the generation server's loaded models")
+    generation_host: str = Field("127.0.0.1", description="where the generation server listens")
+    generation_port: int = Field(8001, ge=1, le=65535, description="its port")
+    generation_device: str | None = Field(
+        None, description="its device: cuda, cuda:1, cpu (default: cuda when present)"
+    )
+    sse_poll_seconds: float = Field(0.5, gt=0, description="how often an event stream looks for new events")
+    auth_cache_s: float = Field(0.0, ge=0, description=">0: verified keys are cached this long (revocation lags by it)")
+    # The command line's HTTP client (rsavq submit / status / wait / download / cancel).
+    server: str = Field("http://127.0.0.1:8000", description="API URL the client talks to")
+    api_key: SecretStr | None = Field(None, description="API key the client sends")
 
-
-@dataclass(frozen=True)
-class Settings:
-    data_dir: Path
-    database_url: str
-    broker_url: str
-    artifact_dir: Path
-    allow_local_models: bool = False  # may a job name a server-side path? never on a shared service
-    max_body_bytes: int = 64 * 1024
-    lease_seconds: float = 30.0  # a running job's lease; a worker renews it every lease/3 s
-    requeue_after_seconds: float = 600.0  # re-send a queued job's message after this long (lost messages)
-    soft_time_limit: float = 6 * 3600.0  # raises inside the task: the job fails with a clear message
-    hard_time_limit: float = 6.5 * 3600.0  # the worker child is killed: the reaper then fails or resumes it
-    worker_memory_gb: float | None = None  # capacity override for the pre-flight check
-    max_attempts: int = 3  # deliveries of one job before it is failed (a job that kills its worker)
-    generation_url: str | None = None
-    sse_poll_seconds: float = 0.5  # how often the event stream looks for new events
-    auth_cache_seconds: float = 0.0  # >0: verified keys are cached this long, so revocation lags by it
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, data: Any) -> Any:
+        """Fill what is unset (or set empty) from the data dir; ``data`` is the merged environment and arguments."""
+        if not isinstance(data, dict):
+            return data
+        root = Path(data.get("data_dir") or Path.cwd() / "rsavq-data").resolve()
+        derived = {
+            "database_url": f"sqlite:///{root / 'rsavq.db'}",
+            "broker_url": f"sqla+sqlite:///{root / 'broker.db'}",
+            "artifact_dir": root / "artifacts",
+        }
+        return {**data, "data_dir": root, **{k: v for k, v in derived.items() if not data.get(k)}}
 
     @classmethod
-    def from_env(cls, data_dir: str | Path | None = None) -> Settings:
-        root = Path(data_dir or os.environ.get("RSAVQ_DATA_DIR") or Path.cwd() / "rsavq-data").resolve()
-        memory = os.environ.get("RSAVQ_WORKER_MEMORY_GB")
-        return cls(
-            data_dir=root,
-            database_url=os.environ.get("RSAVQ_DATABASE_URL") or f"sqlite:///{root / 'rsavq.db'}",
-            broker_url=os.environ.get("RSAVQ_BROKER_URL") or f"sqla+sqlite:///{root / 'broker.db'}",
-            artifact_dir=Path(os.environ.get("RSAVQ_ARTIFACT_DIR") or root / "artifacts"),
-            allow_local_models=_bool("RSAVQ_ALLOW_LOCAL_MODELS", False),
-            max_body_bytes=int(_float("RSAVQ_MAX_BODY_BYTES", 64 * 1024)),
-            lease_seconds=_float("RSAVQ_LEASE_SECONDS", 30.0),
-            requeue_after_seconds=_float("RSAVQ_REQUEUE_AFTER_S", 600.0),
-            soft_time_limit=_float("RSAVQ_TASK_SOFT_LIMIT_S", 6 * 3600.0),
-            hard_time_limit=_float("RSAVQ_TASK_HARD_LIMIT_S", 6.5 * 3600.0),
-            worker_memory_gb=float(memory) if memory else None,
-            max_attempts=int(_float("RSAVQ_MAX_ATTEMPTS", 3)),
-            generation_url=os.environ.get("RSAVQ_GENERATION_URL") or None,
-            auth_cache_seconds=_float("RSAVQ_AUTH_CACHE_S", 0.0),
-        )
+    def from_env(cls, data_dir: str | Path | None = None, **values: Any) -> Settings:
+        """Settings from the environment; ``data_dir`` (a ``--data-dir`` flag) and ``values`` win."""
+        if data_dir is not None:
+            values["data_dir"] = Path(data_dir)
+        return load_settings(cls, **values)
 
     def to_env(self) -> dict[str, str]:
-        """The variables that make a child process (the embedded worker) see these settings."""
-        env = {
-            "RSAVQ_DATA_DIR": str(self.data_dir),
-            "RSAVQ_DATABASE_URL": self.database_url,
-            "RSAVQ_BROKER_URL": self.broker_url,
-            "RSAVQ_ARTIFACT_DIR": str(self.artifact_dir),
-            "RSAVQ_ALLOW_LOCAL_MODELS": str(self.allow_local_models).lower(),
-            "RSAVQ_LEASE_SECONDS": str(self.lease_seconds),
-            "RSAVQ_REQUEUE_AFTER_S": str(self.requeue_after_seconds),
-            "RSAVQ_TASK_SOFT_LIMIT_S": str(self.soft_time_limit),
-            "RSAVQ_TASK_HARD_LIMIT_S": str(self.hard_time_limit),
-            "RSAVQ_MAX_ATTEMPTS": str(self.max_attempts),
-        }
-        if self.worker_memory_gb is not None:
-            env["RSAVQ_WORKER_MEMORY_GB"] = str(self.worker_memory_gb)
+        """The variables that give a child process (a worker, the generation server) these settings."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None or name in _NOT_EXPORTED:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"RSAVQ_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
 
     def ensure_dirs(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """This process's settings, read once, and installed as the library's settings too."""
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()
+        configure(_settings)
+    return _settings

@@ -71,3 +71,21 @@ def tiny_llama(smol_dir: Path):  # type: ignore[no-untyped-def]
     )
     model = LlamaForCausalLM(config).eval()
     return model, tokenizer
+
+
+@pytest.fixture
+def rsavq_settings():  # type: ignore[no-untyped-def]
+    """Change the library's settings inside one test: ``rsavq_settings(kernels="off")``; restored after.
+
+    The settings are read once per process, so tests change them here, not in the environment.
+    """
+    from rsavq_core import settings as core
+
+    before = core.get_settings()
+
+    def change(**changes: object) -> None:
+        current = core.get_settings()
+        core.configure(core.load_settings(type(current), **{**current.model_dump(), **changes}))
+
+    yield change
+    core.configure(before)

@@ -13,10 +13,10 @@ from celery.signals import worker_ready, worker_shutdown
 
 from service.db import session_factory
 from service.queue import QUANTIZE_TASK, enqueue, make_celery
-from service.settings import Settings
+from service.settings import get_settings
 
 log = logging.getLogger(__name__)
-settings = Settings.from_env()
+settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
 _reaper: Any = None
@@ -25,8 +25,8 @@ _reaper: Any = None
 @worker_ready.connect
 def _start_reaper(**_kwargs: Any) -> None:
     global _reaper
-    from worker.pipeline import worker_capacity_bytes, worker_name
     from worker.reaper import Reaper
+    from worker.runner import worker_capacity_bytes, worker_name
 
     _reaper = Reaper(
         session_factory(settings.database_url),
@@ -34,7 +34,7 @@ def _start_reaper(**_kwargs: Any) -> None:
         name=worker_name(),
         memory_bytes=worker_capacity_bytes(settings),
         interval=max(1.0, settings.lease_seconds / 2),
-        requeue_after_seconds=settings.requeue_after_seconds,
+        requeue_after_seconds=settings.requeue_after_s,
     )
     _reaper.start()
     log.info("reaper started (every %.1f s)", _reaper.interval)

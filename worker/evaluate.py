@@ -16,8 +16,8 @@ from typing import Any
 
 from rsavq_core.config import ZERO_SHOT_TASKS
 from service.db import Job
-from worker.pipeline import WorkerContext
 from worker.reporter import Reporter
+from worker.runner import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def evaluate_job(
 ) -> dict[str, Any]:
     from rsavq_core.evaluation import evaluate_model
     from rsavq_core.models import load_model, model_fingerprint
-    from rsavq_core.qlinear import load_quantized_model
+    from rsavq_core.runtime import load_quantized_model
 
     kwargs = _settings(evaluation)
     fp_file = _fp_cache_file(ctx, model_fingerprint(folder), kwargs)

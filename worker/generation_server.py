@@ -1,7 +1,9 @@
 """The generation server: a GPU process holding quantized models, which the API forwards to.
 
-``python -m worker.generation_server --port 8001`` (``rsavq serve`` starts one). Internal API,
-not for clients (the public, OpenAI-shaped one is ``service/routes_generation.py``):
+``rsavq generation-server --port 8001`` runs ``python -m worker.generation_server`` with its
+settings (``RSAVQ_GENERATION_HOST`` / ``_PORT`` / ``_DEVICE`` / ``_MEMORY_GB``); ``rsavq serve``
+starts one. Internal API, not for clients (the public, OpenAI-shaped one is
+``service/api/routes_generation.py``):
 
 * ``POST /generate`` {artifact, sha256, prompt | prompt_ids | messages, params, stream}: the
   artifact is a path relative to the shared artifact store; the answer is JSON
@@ -17,7 +19,6 @@ process's global RNG.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -33,16 +34,17 @@ from typing import Any, Literal
 import psutil
 import torch
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from rsavq_core.errors import ConfigError, InsufficientMemoryError, RSAVQError
-from rsavq_core.generation import Completion, SamplingParams, stream_completion
-from rsavq_core.qlinear import load_quantized_model
+from rsavq_core.runtime import load_quantized_model
+from rsavq_core.runtime.generation import Completion, SamplingParams, stream_completion
 from service import errors
 from service.artifacts import ArtifactStore, extract
-from service.settings import Settings
+from service.settings import Settings, get_settings
 
 log = logging.getLogger("rsavq.generation")
 DEFAULT_MAX_TOKENS = 256  # when neither the request nor the model's config bounds a chat answer
@@ -180,10 +182,10 @@ def _result(done: Completion) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None, device: str | None = None, memory_gb: float | None = None) -> FastAPI:
-    settings = settings or Settings.from_env()
+    settings = settings or get_settings()
+    device = device or settings.generation_device
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if memory_gb is None and os.environ.get("RSAVQ_GENERATION_MEMORY_GB"):
-        memory_gb = float(os.environ["RSAVQ_GENERATION_MEMORY_GB"])
+    memory_gb = memory_gb if memory_gb is not None else settings.generation_memory_gb
     if memory_gb is not None:
         cap = memory_gb * 2**30
     elif dev.type == "cuda":
@@ -244,20 +246,20 @@ def create_app(settings: Settings | None = None, device: str | None = None, memo
                 last = item
             return _result(last)
 
-        async def sse() -> AsyncIterator[str]:
+        async def sse() -> AsyncIterator[ServerSentEvent]:
             item = first
             try:
                 while item is not _END:
                     body = _result(item) if isinstance(item, Completion) else {"text": item}
-                    yield f"data: {json.dumps(body)}\n\n"
+                    yield ServerSentEvent(json.dumps(body))
                     item = await run_in_threadpool(take, events)
             except Exception as exc:  # the 200 is gone: the error becomes the last event
                 status = errors.status_of(exc) if isinstance(exc, RSAVQError) else 500
-                yield f"data: {json.dumps(errors.error_body(status, str(exc), type(exc).__name__))}\n\n"
+                yield ServerSentEvent(json.dumps(errors.error_body(status, str(exc), type(exc).__name__)))
             finally:  # also on a disconnect (cancellation): stop generating for nobody
                 cancel.set()
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return EventSourceResponse(sse(), sep="\n")
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -270,20 +272,16 @@ def create_app(settings: Settings | None = None, device: str | None = None, memo
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
+    """Serve on the settings' ``generation_host``:``generation_port`` (``rsavq generation-server`` sets them)."""
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
-    parser.add_argument("--memory-gb", type=float, default=None, help="cap on loaded models' memory")
-    args = parser.parse_args(argv)
+    settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(
-        create_app(device=args.device, memory_gb=args.memory_gb),
-        host=args.host,
-        port=args.port,
+        create_app(settings),
+        host=settings.generation_host,
+        port=settings.generation_port,
         timeout_graceful_shutdown=10,
         log_level="warning",
     )

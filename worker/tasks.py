@@ -1,4 +1,4 @@
-"""Celery tasks: thin shells over ``worker.pipeline``."""
+"""Celery tasks: thin shells over ``worker.runner``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from service.queue import EVALUATE_TASK, QUANTIZE_TASK, enqueue
 from worker.celery_app import app, settings
-from worker.pipeline import WorkerContext, fail_job, run_job
+from worker.runner import WorkerContext, fail_job, run_job
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _step(job_id: str, step: str) -> str:
     try:
         status = run_job(ctx, job_id, step)
     except SoftTimeLimitExceeded:
-        fail_job(ctx, job_id, f"exceeded the soft time limit of {settings.soft_time_limit:.0f} s")
+        fail_job(ctx, job_id, f"exceeded the soft time limit of {settings.task_soft_limit_s:.0f} s")
         return "failed"
     except Exception as exc:
         log.exception("job %s crashed", job_id)

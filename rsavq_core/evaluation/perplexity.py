@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,10 +18,9 @@ from torch import nn
 
 from rsavq_core.data import EVAL_LEN, EVAL_PROTOCOL, EVAL_WINDOWS, evaluation_windows
 from rsavq_core.errors import ConfigError
+from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -95,7 +93,7 @@ def perplexity(
             ``protocol``.
         batch_size: windows per forward; only one batch of logits ([batch_size, length, vocab])
             is alive at a time.
-        progress: called as ``progress(windows_done, n_windows)`` after each batch.
+        progress: called as ``progress("perplexity", windows_done, n_windows)`` after each batch.
 
     Returns: ``{"protocol", "ppl", "nll" (mean per predicted token), "windows", "tokens" (predicted
     positions, n_windows * (length - 1)), "seq_len", "dtype" (the dtype of the model's logits)}``.
@@ -119,7 +117,7 @@ def perplexity(
                 done = min(start + batch_size, n_windows)
                 log.debug("perplexity: %d/%d windows, running nll %.4f", done, n_windows, total / (done * (length - 1)))
                 if progress is not None:
-                    progress(done, n_windows)
+                    progress("perplexity", done, n_windows)
     finally:
         model.train(was_training)
     tokens = n_windows * (length - 1)

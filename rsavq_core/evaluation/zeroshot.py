@@ -39,6 +39,7 @@ from rsavq_core.config import ZERO_SHOT_TASKS
 from rsavq_core.data import tasks_dir
 from rsavq_core.errors import AssetError, ConfigError
 from rsavq_core.evaluation.perplexity import model_device, output_logits
+from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def continuation_logprobs(
     *,
     batch_size: int = 16,
     max_length: int = 2048,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[float]:
     """Summed log-probability of each continuation given its context, in float32.
 
@@ -189,7 +190,7 @@ def continuation_logprobs(
                 target = torch.tensor(cont, dtype=torch.long, device=logp.device)[:, None]
                 scores[i] = float(logp.gather(-1, target).sum().item())
             if progress is not None:
-                progress(min(start + batch_size, len(order)), len(order))
+                progress("zero-shot", min(start + batch_size, len(order)), len(order))
     return scores
 
 
@@ -226,7 +227,7 @@ def zero_shot(
     *,
     limit: int | None = None,
     batch_size: int = 16,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of a causal LM on ``tasks`` (lm-evaluation-harness formatting and scoring).
 
@@ -237,7 +238,7 @@ def zero_shot(
         tasks: names among ``TASKS``; an unknown name raises ``ConfigError`` before any work.
         limit: score only the first ``limit`` items of each task (a quick, labelled run).
         batch_size: candidate sequences per forward.
-        progress: ``progress(sequences_done, sequences_total)`` after each batch, over all tasks.
+        progress: ``progress("zero-shot", sequences_done, sequences_total)`` after each batch, over all tasks.
 
     Returns: ``{"tasks": {name: {"acc", "acc_norm", "n"}}, "average", "average_acc",
     "average_rule", "limit"}``. The paper does not say which metric its table uses; we follow the

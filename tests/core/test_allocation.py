@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rsavq_core.allocation import allocate, channel_bits, repair_budget
+from rsavq_core.algorithms.allocation import allocate, channel_bits, repair_budget
 from rsavq_core.errors import ConfigError
 
 

@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rsavq_core.artifact import WEIGHTS_FILE, read_artifact, save_artifact
+from kernels.packing import pack_codes
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError
-from rsavq_core.layers import QuantizedLayer, ScalarLayer, VQGroup, VQLayer
-from rsavq_core.packing import pack_codes
+from rsavq_core.formats import QuantizedLayer, ScalarLayer, VQGroup, VQLayer
+from rsavq_core.packed_checkpoint import WEIGHTS_FILE, read_checkpoint, save_checkpoint
 
 
 def make_vq_layer(
@@ -81,7 +81,7 @@ def assert_same_layer(a: QuantizedLayer, b: QuantizedLayer) -> None:
 def saved(tmp_path: Path, tiny_llama: Any) -> tuple[Path, dict[str, QuantizedLayer]]:
     model, tokenizer = tiny_llama
     layers = tiny_layers(model)
-    out = save_artifact(
+    out = save_checkpoint(
         tmp_path / "ckpt",
         model=model,
         tokenizer=tokenizer,
@@ -109,7 +109,7 @@ def test_round_trip(saved: tuple[Path, dict[str, QuantizedLayer]], tiny_llama: A
     out, layers = saved
     assert (out / "config.json").is_file() and (out / WEIGHTS_FILE).is_file()
     assert (out / "tokenizer_config.json").is_file() or (out / "tokenizer.json").is_file()
-    art = read_artifact(out)
+    art = read_checkpoint(out)
     assert art.config == QuantConfig.for_method("rsavq")
     assert art.metadata["format"] == "rsavq" and art.metadata["format_version"] == "1"
     assert art.metadata["method"] == "rsavq" and art.metadata["source_model"] == "tiny-llama"
@@ -163,7 +163,7 @@ def test_save_replaces_existing_dir_atomically(saved: tuple[Path, dict[str, Quan
     out, _ = saved
     model, tokenizer = tiny_llama
     layers = {"model.layers.0.mlp.gate_proj": make_scalar_layer(96, 48, 2, 48, seed=9)}
-    save_artifact(
+    save_checkpoint(
         out,
         model=model,
         tokenizer=None,
@@ -171,7 +171,7 @@ def test_save_replaces_existing_dir_atomically(saved: tuple[Path, dict[str, Quan
         config=QuantConfig.for_method("rtn", bits=2),
         source_model="tiny-llama",
     )
-    art = read_artifact(out)
+    art = read_checkpoint(out)
     assert set(art.layers) == set(layers) and art.config.method == "rtn"
     assert sorted(p.name for p in out.parent.iterdir()) == ["ckpt"]  # no temp or backup dirs left
 
@@ -180,7 +180,7 @@ def test_reserved_or_non_string_extra_metadata(tmp_path: Path, tiny_llama: Any) 
     model, tokenizer = tiny_llama
     for extra in ({"format": "x"}, {"seconds": 1.5}):
         with pytest.raises(ConfigError):
-            save_artifact(
+            save_checkpoint(
                 tmp_path / "c",
                 model=model,
                 tokenizer=tokenizer,
@@ -194,7 +194,7 @@ def test_reserved_or_non_string_extra_metadata(tmp_path: Path, tiny_llama: Any) 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="no packed checkpoint"):
-        read_artifact(tmp_path / "nowhere")
+        read_checkpoint(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 0.001])
@@ -203,20 +203,20 @@ def test_truncated_file(saved: tuple[Path, dict[str, QuantizedLayer]], keep: flo
     data = file.read_bytes()
     file.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ArtifactError, match="truncated or corrupt") as info:
-        read_artifact(saved[0])
+        read_checkpoint(saved[0])
     assert str(file) in str(info.value)
 
 
 def test_wrong_format_version(saved: tuple[Path, dict[str, QuantizedLayer]]) -> None:
     rewrite(saved[0] / WEIGHTS_FILE, metadata={"format_version": "7"})
     with pytest.raises(ArtifactError, match=r"unsupported format_version '7'.*reads format_version 1"):
-        read_artifact(saved[0])
+        read_checkpoint(saved[0])
 
 
 def test_wrong_format(saved: tuple[Path, dict[str, QuantizedLayer]]) -> None:
     rewrite(saved[0] / WEIGHTS_FILE, metadata={"format": "gguf"})
     with pytest.raises(ArtifactError, match="not an rsavq checkpoint"):
-        read_artifact(saved[0])
+        read_checkpoint(saved[0])
 
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -241,7 +241,7 @@ def test_inconsistent_tensors(
 ) -> None:
     rewrite(saved[0] / WEIGHTS_FILE, tensors={f"{Q}.{field}": tensor})
     with pytest.raises(ArtifactError, match=message) as info:
-        read_artifact(saved[0])
+        read_checkpoint(saved[0])
     assert f"layer {Q}" in str(info.value)
 
 
@@ -252,7 +252,7 @@ def test_inconsistent_manifest(saved: tuple[Path, dict[str, QuantizedLayer]]) ->
     manifest[Q]["groups"][1]["start"] = 17  # leaves a hole between groups 0 and 1
     rewrite(file, metadata={"layers": json.dumps(manifest)})
     with pytest.raises(ArtifactError, match=r"groups\[1\]: columns \[17, 32\)"):
-        read_artifact(saved[0])
+        read_checkpoint(saved[0])
 
 
 def test_missing_layer_tensor(saved: tuple[Path, dict[str, QuantizedLayer]]) -> None:
@@ -263,4 +263,4 @@ def test_missing_layer_tensor(saved: tuple[Path, dict[str, QuantizedLayer]]) -> 
     del data["model.layers.1.mlp.up_proj.scales"]
     save_file(data, str(file), metadata=meta)
     with pytest.raises(ArtifactError, match="layer model.layers.1.mlp.up_proj: scales: tensor .* is missing"):
-        read_artifact(saved[0])
+        read_checkpoint(saved[0])

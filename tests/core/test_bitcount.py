@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from rsavq_core.artifact import WEIGHTS_FILE, save_artifact
-from rsavq_core.bitcount import BitCount, ideal_vq_bpw, layer_bits, model_bits
+from rsavq_core.bitcount import BitCount, layer_bits, model_bits
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ConfigError
+from rsavq_core.formats.vq import ideal_vq_bpw
+from rsavq_core.packed_checkpoint import WEIGHTS_FILE, save_checkpoint
 from tests.core.test_artifact import make_scalar_layer, make_vq_layer, tiny_layers
 
 
@@ -91,7 +92,7 @@ def test_counts_match_stored_tensors(tmp_path: Path, tiny_llama: Any) -> None:
     """layer_bits counts exactly the bits the checkpoint stores for each layer (bias aside)."""
     model, _ = tiny_llama
     layers = tiny_layers(model)
-    out = save_artifact(
+    out = save_checkpoint(
         tmp_path / "c", model=model, tokenizer=None, layers=layers, config=QuantConfig(), source_model="tiny"
     )
     data = load_file(str(out / WEIGHTS_FILE))

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsavq_core import stats_cache
-from rsavq_core.calibration import LayerStats, block_statistics, record_block_inputs
+from rsavq_core.calibration import cache as stats_cache
+from rsavq_core.calibration.cache import StatsKey, StatsStore, compute_statistics
+from rsavq_core.calibration.statistics import LayerStats, block_statistics, record_block_inputs
 from rsavq_core.data import tokens_hash
 from rsavq_core.models import find_decoder_layout, quantizable_linears
-from rsavq_core.stats_cache import StatsKey, StatsStore, compute_statistics
 
 S, T = 3, 16
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rsavq_core.checkpoint import LayerCheckpoint
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ConfigError
+from rsavq_core.resume import FinishedLayers
 from tests.core.test_artifact import assert_same_layer, make_scalar_layer, make_vq_layer
 
 CFG = QuantConfig.for_method("rsavq", bits=2)
@@ -19,11 +19,11 @@ CFG = QuantConfig.for_method("rsavq", bits=2)
 
 def test_layers_round_trip_and_survive_a_new_process_object(tmp_path: Path) -> None:
     vq, scalar = make_vq_layer(48, 48, 4, 2, [2, 1, 3], bias=True, seed=1), make_scalar_layer(48, 96, 3, 40, seed=3)
-    ckpt = LayerCheckpoint(tmp_path, CFG, "fp1")
+    ckpt = FinishedLayers(tmp_path, CFG, "fp1")
     assert ckpt.load("a.q") is None
     ckpt.save("a.q", vq, {"bits": [2, 1, 3], "proxy_error": 0.25})
     ckpt.save("b.down", scalar, {"bits": [3]})
-    again = LayerCheckpoint(tmp_path, CFG, "fp1")  # what a restarted worker builds
+    again = FinishedLayers(tmp_path, CFG, "fp1")  # what a restarted worker builds
     assert again.finished() == ["a.q", "b.down"]
     layer, report = again.load("a.q")
     assert_same_layer(vq, layer) and report == {"bits": [2, 1, 3], "proxy_error": 0.25}
@@ -31,15 +31,15 @@ def test_layers_round_trip_and_survive_a_new_process_object(tmp_path: Path) -> N
 
 
 def test_a_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
-    LayerCheckpoint(tmp_path, CFG, "fp1")
+    FinishedLayers(tmp_path, CFG, "fp1")
     with pytest.raises(ConfigError, match="different run"):
-        LayerCheckpoint(tmp_path, CFG.replace(lam=0.1), "fp1")
+        FinishedLayers(tmp_path, CFG.replace(lam=0.1), "fp1")
     with pytest.raises(ConfigError, match="different run"):
-        LayerCheckpoint(tmp_path, CFG, "another-model")
+        FinishedLayers(tmp_path, CFG, "another-model")
 
 
 def test_a_torn_layer_file_is_discarded_and_redone(tmp_path: Path) -> None:
-    ckpt = LayerCheckpoint(tmp_path, CFG, "fp1")
+    ckpt = FinishedLayers(tmp_path, CFG, "fp1")
     ckpt.save("a.q", make_vq_layer(48, 48, 4, 2, [2, 2]), {})
     file = tmp_path / "a.q.safetensors"
     file.write_bytes(file.read_bytes()[:200])

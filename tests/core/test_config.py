@@ -8,8 +8,19 @@ import math
 
 import pytest
 
-from rsavq_core.config import METHODS, QuantConfig
+from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ConfigError
+from rsavq_core.methods import method_names
+from rsavq_core.methods.rsavq import VQOptions
+
+
+def vq(**knobs: object) -> QuantConfig:
+    """An RSAVQ config from flat knobs (the shared ones and the method's options)."""
+    return QuantConfig.for_method("rsavq", **knobs)
+
+
+def bit_range(cfg: QuantConfig) -> tuple[int, int]:
+    return cfg.options_as(VQOptions).group_bit_range(cfg.bits)
 
 
 @pytest.mark.parametrize("bits", [0.5, 9, 8.5, -1])
@@ -31,11 +42,11 @@ def test_config_error_is_a_value_error() -> None:
 
 def test_vector_len_not_divisible_by_n_pq() -> None:
     with pytest.raises(ConfigError, match="not divisible") as info:
-        QuantConfig(vector_len=5, n_pq=2)
+        vq(vector_len=5, n_pq=2)
     assert "vector_len 5" in str(info.value) and "n_pq 2" in str(info.value)
     # The same numbers are fine when they divide.
-    assert QuantConfig(vector_len=6, n_pq=2).sub_dim == 3
-    assert QuantConfig(vector_len=5, n_pq=1).sub_dim == 5
+    assert vq(vector_len=6, n_pq=2).options_as(VQOptions).sub_dim == 3
+    assert vq(vector_len=5, n_pq=1).options_as(VQOptions).sub_dim == 5
 
 
 def test_unknown_method_lists_the_choices() -> None:
@@ -44,7 +55,7 @@ def test_unknown_method_lists_the_choices() -> None:
             make()
         message = str(info.value)
         assert "'awq'" in message
-        for method in METHODS:
+        for method in method_names():
             assert method in message
 
 
@@ -61,14 +72,15 @@ def test_unknown_method_lists_the_choices() -> None:
 )
 def test_unknown_choice_lists_the_choices(field: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"unknown {field} '{value}'; choose one of"):
-        QuantConfig(**{field: value})
+        vq(**{field: value})
 
 
 @pytest.mark.parametrize("field", ["vector_len", "n_pq", "n_groups", "kmeans_iters", "calib_samples", "group_size"])
 @pytest.mark.parametrize("value", [0, -3, 2.0, True])
 def test_integer_fields_must_be_positive_integers(field: str, value: object) -> None:
+    method = "rtn" if field == "group_size" else "rsavq"
     with pytest.raises(ConfigError, match=f"{field} must be a positive integer"):
-        QuantConfig(**{field: value})
+        QuantConfig.for_method(method, **{field: value})
 
 
 @pytest.mark.parametrize(
@@ -76,7 +88,7 @@ def test_integer_fields_must_be_positive_integers(field: str, value: object) -> 
 )
 def test_other_ranges(overrides: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
-        QuantConfig(**overrides)
+        vq(**overrides)
 
 
 @pytest.mark.parametrize("bits,vector_len,n_pq", [(6, 6, 2), (3, 6, 1), (5, 8, 2), (2.5, 8, 1)])
@@ -84,20 +96,20 @@ def test_vq_codebook_above_2_to_16_entries_is_rejected(bits: float, vector_len: 
     d = vector_len // n_pq
     assert bits * d > 16
     with pytest.raises(ConfigError):
-        QuantConfig(bits=bits, vector_len=vector_len, n_pq=n_pq)
+        vq(bits=bits, vector_len=vector_len, n_pq=n_pq)
     # The scalar methods have no codebook: the same bits are fine for them (integer bits only).
     if bits == int(bits):
-        assert QuantConfig(method="gptq", bits=bits, vector_len=vector_len, n_pq=n_pq).bits == bits
+        assert QuantConfig.for_method("gptq", bits=bits).bits == bits
 
 
 def test_largest_codebook_allowed_is_2_to_16() -> None:
-    cfg = QuantConfig(bits=4, vector_len=8, n_pq=2)  # 4 bits x d=4 = 16-bit indices
-    assert cfg.bits * cfg.sub_dim == 16
+    cfg = vq(bits=4, vector_len=8, n_pq=2)  # 4 bits x d=4 = 16-bit indices
+    assert cfg.bits * cfg.options_as(VQOptions).sub_dim == 16
 
 
 def test_codebook_size_error_explains_the_codebook() -> None:
     with pytest.raises(ConfigError, match="codebooks of"):
-        QuantConfig(bits=6, vector_len=6, n_pq=2)
+        vq(bits=6, vector_len=6, n_pq=2)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
@@ -113,40 +125,43 @@ def test_vq_methods_accept_fractional_bits() -> None:
 
 def test_explicit_clamps_are_validated() -> None:
     with pytest.raises(ConfigError, match="exceeds"):
-        QuantConfig(bits=2, min_group_bits=3, max_group_bits=2)
+        vq(bits=2, min_group_bits=3, max_group_bits=2)
     with pytest.raises(ConfigError, match="outside the per-group range"):
-        QuantConfig(bits=2, min_group_bits=3, max_group_bits=4)
-    assert QuantConfig(bits=2, min_group_bits=2, max_group_bits=3).group_bit_range() == (2, 3)
+        vq(bits=2, min_group_bits=3, max_group_bits=4)
+    assert bit_range(vq(bits=2, min_group_bits=2, max_group_bits=3)) == (2, 3)
 
 
 def test_presets() -> None:
     km = QuantConfig.for_method("kmeans")
     assert km.method == "kmeans"
-    assert km.lam == 0.0 and km.allocation == "uniform" and km.metric == "euclidean" and km.compensate is False
+    o = km.options_as(VQOptions)
+    assert o.lam == 0.0 and o.allocation == "uniform" and o.metric == "euclidean" and o.compensate is False
     assert not km.needs_gradients() and not km.needs_hessian() and not km.needs_calibration()
     rs = QuantConfig.for_method("rsavq")
     assert rs == QuantConfig()
-    assert rs.lam == 0.05 and rs.allocation == "proportional" and rs.metric == "fisher_diag"
+    o = rs.options_as(VQOptions)
+    assert o.lam == 0.05 and o.allocation == "proportional" and o.metric == "fisher_diag"
     assert rs.needs_gradients() and not rs.needs_hessian()
     gptq = QuantConfig.for_method("gptq", bits=3)
     assert not gptq.needs_gradients() and gptq.needs_hessian()
     assert not QuantConfig.for_method("rtn", bits=3).needs_calibration()
     # Explicit overrides win over the preset.
     km2 = QuantConfig.for_method("kmeans", lam=0.1, compensate=True)
-    assert km2.lam == 0.1 and km2.compensate and km2.allocation == "uniform"
+    o = km2.options_as(VQOptions)
+    assert o.lam == 0.1 and o.compensate and o.allocation == "uniform"
     assert km2.needs_gradients() and km2.needs_hessian()
 
 
 @pytest.mark.parametrize("bits,expected", [(2, (1, 4)), (2.5, (1, 4)), (3, (1, 5)), (1, (1, 3))])
 def test_group_bit_range_defaults(bits: float, expected: tuple[int, int]) -> None:
-    assert QuantConfig(bits=bits).group_bit_range() == expected
+    assert bit_range(QuantConfig(bits=bits)) == expected
 
 
 def test_group_bit_range_at_4_bits() -> None:
     # The spec's example [2, 6] at 4 bits holds when 6-bit groups fit the 2^16 codebook cap (d <= 2) ...
-    assert QuantConfig(bits=4, vector_len=4, n_pq=2).group_bit_range() == (2, 6)
+    assert bit_range(vq(bits=4, vector_len=4, n_pq=2)) == (2, 6)
     # ... and the cap 16 // d wins with the default d = 3 (6 x 3 = 18 index bits would be too many).
-    assert QuantConfig(bits=4).group_bit_range() == (2, 5)
+    assert bit_range(QuantConfig(bits=4)) == (2, 5)
 
 
 def test_frozen() -> None:

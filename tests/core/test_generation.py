@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rsavq_core.errors import ConfigError
-from rsavq_core.generation import SamplingParams, _TextStops
+from rsavq_core.runtime.generation import SamplingParams, _TextStops
 
 
 @pytest.fixture(scope="module")

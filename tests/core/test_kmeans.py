@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rsavq_core import kmeans
-from rsavq_core.kmeans import assign, init_plusplus, update, weighted_kmeans
+from rsavq_core.algorithms import kmeans
+from rsavq_core.algorithms.kmeans import assign, init_plusplus, update, weighted_kmeans
 
 
 def data(n: int = 300, d: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,7 +57,7 @@ def test_protocol_name_labels_variants(tiny_llama) -> None:
 def test_progress_reports_every_batch(tiny_llama) -> None:
     model, tok = tiny_llama
     calls: list[tuple[int, int]] = []
-    perplexity(model, tok, n_windows=5, length=32, batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    perplexity(model, tok, n_windows=5, length=32, batch_size=2, progress=lambda stage, d, t: calls.append((d, t)))
     assert calls == [(2, 5), (4, 5), (5, 5)]
 
 

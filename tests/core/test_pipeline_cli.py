@@ -12,14 +12,16 @@ import pytest
 import torch
 
 from rsavq_core import pipeline
-from rsavq_core.cli import main
 from rsavq_core.config import QuantConfig
-from rsavq_core.layers import ScalarLayer, VQLayer
+from rsavq_core.formats import ScalarLayer, VQLayer
 from rsavq_core.models import quantizable_linears
 from rsavq_core.pipeline import QuantizeResult, quantize_model
-from rsavq_core.qlinear import QuantLinear, load_quantized_model, quantize_in_place
+from rsavq_core.runtime import QuantLinear, load_quantized_model, quantize_in_place
+from rsavq_core.settings import override
+from service.cli import main
 
-SMALL = dict(calib_samples=2, calib_len=16, kmeans_iters=2, n_groups=2)
+CALIB = dict(calib_samples=2, calib_len=16)
+SMALL = dict(**CALIB, kmeans_iters=2, n_groups=2)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,7 @@ def workspace(
             memo[(n, length)] = real(tok, n, length)
         return memo[(n, length)].clone()
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RSAVQ_CACHE_DIR", str(root / "cache"))
+    with pytest.MonkeyPatch.context() as mp, override(cache_dir=root / "cache"):
         mp.setattr(pipeline, "calibration_windows", windows)
         yield root, folder
 
@@ -121,7 +122,7 @@ def test_rsavq_end_to_end(workspace: tuple[Path, Path], rsavq_run: QuantizeResul
 def test_gptq_end_to_end(workspace: tuple[Path, Path], tiny_llama: Any) -> None:
     root, folder = workspace
     _, tokenizer = tiny_llama
-    cfg = QuantConfig.for_method("gptq", bits=2, **SMALL)
+    cfg = QuantConfig.for_method("gptq", bits=2, **CALIB)
     result = quantize_model(str(folder), cfg, out_dir=root / "q_gptq")
     assert len(result.layers) == 14
     assert all(isinstance(layer, ScalarLayer) and layer.bits == 2 for layer in result.layers.values())
@@ -142,7 +143,7 @@ def test_second_run_reuses_statistics(workspace: tuple[Path, Path], rsavq_run: Q
         for layer in again.layers.values()
     )  # type: ignore[union-attr]
     # a Hessian-only method is served by the store with gradients, too
-    assert quantize_model(str(folder), QuantConfig.for_method("gptq", bits=3, **SMALL)).stats_cached is True
+    assert quantize_model(str(folder), QuantConfig.for_method("gptq", bits=3, **CALIB)).stats_cached is True
 
 
 def test_cli_quantize_rtn(workspace: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -169,9 +170,9 @@ def test_cli_quantize_rtn(workspace: tuple[Path, Path], capsys: pytest.CaptureFi
     ],
 )
 def test_cli_config_errors_exit_2(
-    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], rsavq_settings: Any
 ) -> None:
-    monkeypatch.setenv("RSAVQ_CACHE_DIR", str(tmp_path))
+    rsavq_settings(cache_dir=tmp_path)
     # the model id is never looked at: validation happens first
     code = main(["quantize", "some-model-that-does-not-exist", *argv, "--quiet"])
     captured = capsys.readouterr()
@@ -181,9 +182,9 @@ def test_cli_config_errors_exit_2(
 
 
 def test_cli_unresolvable_model_exits_2_quickly(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, rsavq_settings: Any
 ) -> None:
-    monkeypatch.setenv("RSAVQ_CACHE_DIR", str(tmp_path))
+    rsavq_settings(cache_dir=tmp_path)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     started = time.perf_counter()

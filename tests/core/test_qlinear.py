@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsavq_core.artifact import save_artifact
+from kernels.packing import pack_codes
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ConfigError, UnsupportedShapeError
-from rsavq_core.layers import QuantizedLayer, ScalarLayer
+from rsavq_core.formats import QuantizedLayer, ScalarLayer
 from rsavq_core.models import quantizable_linears
-from rsavq_core.packing import pack_codes
-from rsavq_core.qlinear import QuantLinear, load_quantized_model, quantize_in_place
+from rsavq_core.packed_checkpoint import save_checkpoint
+from rsavq_core.runtime import QuantLinear, load_quantized_model, quantize_in_place
 from tests.core.test_artifact import assert_same_layer, make_scalar_layer, make_vq_layer
 
 LAYERS = {
@@ -123,7 +123,7 @@ def test_end_to_end_save_and_load(tmp_path: Path, tiny_llama: Any) -> None:
     model, tokenizer = tiny_llama
     layers = quantize_tiny(model)
     assert len(layers) == 14
-    out = save_artifact(
+    out = save_checkpoint(
         tmp_path / "ckpt",
         model=model,
         tokenizer=tokenizer,
@@ -155,7 +155,7 @@ def test_end_to_end_save_and_load(tmp_path: Path, tiny_llama: Any) -> None:
 def test_load_in_bfloat16(tmp_path: Path, tiny_llama: Any) -> None:
     model, tokenizer = tiny_llama
     layers = quantize_tiny(model)
-    out = save_artifact(
+    out = save_checkpoint(
         tmp_path / "ckpt", model=model, tokenizer=None, layers=layers, config=QuantConfig(), source_model="tiny-llama"
     )
     loaded32, tok, _ = load_quantized_model(out)

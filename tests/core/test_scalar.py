@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rsavq_core.algorithms.linalg import hessian_relative_error as proxy_loss
+from rsavq_core.algorithms.linalg import inverse_hessian_factor
+from rsavq_core.algorithms.scalar import gptq_quantize, rtn_quantize
 from rsavq_core.errors import CalibrationError, ConfigError, UnsupportedShapeError
-from rsavq_core.layers import ScalarLayer
-from rsavq_core.scalar import _inverse_cholesky, gptq_quantize, proxy_loss, rtn_quantize
+from rsavq_core.formats import ScalarLayer
 
 
 def _weight(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -128,11 +130,11 @@ def test_gptq_dead_column_is_zeroed() -> None:
 def test_inverse_cholesky_matches_reference_route() -> None:
     # The reference factors H^-1 = cholesky_inverse(chol(H)) again; ours avoids forming H^-1.
     h = _correlated_hessian(64).double()
-    upper, frac = _inverse_cholesky(h, 0.01, (1, 64))
+    upper, frac = inverse_hessian_factor(h, 0.01, what="a [1 x 64] layer")
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(64, dtype=torch.float64)
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     assert frac == 0.01
-    torch.testing.assert_close(upper, ref.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(upper, ref, rtol=1e-8, atol=1e-10)
 
 
 def test_gptq_retries_damping_then_gives_up() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rsavq_core.calibration import LayerStats
+from rsavq_core.algorithms.sensitivity import channel_sensitivity, damp, fisher_diag_metric, natural_gradient
+from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.errors import CalibrationError
-from rsavq_core.sensitivity import channel_sensitivity, damp, fisher_diag_metric, natural_gradient
 
 M, N = 6, 5
 ALPHA = 0.01

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rsavq_core.cli import main
+from service.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from rsavq_core.calibration import LayerStats
+from rsavq_core.algorithms.sensitivity import damp, natural_gradient
+from rsavq_core.algorithms.vq import LayerReport, quantize_vq
+from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
-from rsavq_core.layers import VQLayer
-from rsavq_core.sensitivity import damp, natural_gradient
-from rsavq_core.vq import LayerReport, quantize_vq, to_subvectors
+from rsavq_core.formats import VQLayer
+from rsavq_core.formats.vq import to_subvectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,21 +64,26 @@ CONFIGS = {
 
 
 def check_layer(layer: VQLayer, cfg: QuantConfig, m: int, n: int) -> None:
-    d = cfg.sub_dim
-    n_vec = -(-m // cfg.vector_len)
-    assert (layer.out_features, layer.in_features, layer.vector_len, layer.n_pq) == (m, n, cfg.vector_len, cfg.n_pq)
+    d = cfg.options.sub_dim
+    n_vec = -(-m // cfg.options.vector_len)
+    assert (layer.out_features, layer.in_features, layer.vector_len, layer.n_pq) == (
+        m,
+        n,
+        cfg.options.vector_len,
+        cfg.options.n_pq,
+    )
     assert sorted(layer.perm.tolist()) == list(range(n))
     assert layer.groups[0].start == 0 and layer.groups[-1].stop == n
     for a, b in zip(layer.groups, layer.groups[1:]):
         assert a.stop == b.start and a.bits >= b.bits
-    lo, hi = cfg.group_bit_range()
+    lo, hi = cfg.options.group_bit_range(cfg.bits)
     total = 0
     for g in layer.groups:
         assert lo <= g.bits <= hi
         assert g.codebooks.dtype == torch.float16
-        assert tuple(g.codebooks.shape) == (cfg.n_pq, 2 ** (g.bits * d), d)
+        assert tuple(g.codebooks.shape) == (cfg.options.n_pq, 2 ** (g.bits * d), d)
         assert torch.isfinite(g.codebooks).all()
-        assert g.indices.dtype == torch.int64 and tuple(g.indices.shape) == (g.stop - g.start, n_vec, cfg.n_pq)
+        assert g.indices.dtype == torch.int64 and tuple(g.indices.shape) == (g.stop - g.start, n_vec, cfg.options.n_pq)
         assert int(g.indices.min()) >= 0 and int(g.indices.max()) < 2 ** (g.bits * d)
         total += g.bits * (g.stop - g.start)
     assert total <= cfg.bits * n + 1e-9
@@ -111,8 +117,8 @@ def test_quantize_small_layer(name: str) -> None:
         assert set(report.sensitivity) == {"min", "median", "max"}
         assert all(math.isfinite(v) for v in report.sensitivity.values())
         assert report.sensitivity["min"] <= report.sensitivity["median"] <= report.sensitivity["max"]
-    if cfg.lam > 0 and cfg.lam_scale == "relative":
-        assert report.step_ratio == pytest.approx(cfg.lam, rel=1e-5)
+    if cfg.options.lam > 0 and cfg.options.lam_scale == "relative":
+        assert report.step_ratio == pytest.approx(cfg.options.lam, rel=1e-5)
 
 
 def test_report_errors_match_their_definitions() -> None:
@@ -122,7 +128,7 @@ def test_report_errors_match_their_definitions() -> None:
     delta = layer.dequantize() - w
     h = stats.hessian
     assert report.hessian_error == pytest.approx(float(((delta @ h) * delta).sum() / ((w @ h) * w).sum()), rel=1e-4)
-    fisher = damp(stats, cfg.damping)
+    fisher = damp(stats, cfg.options.damping)
     omega = torch.outer(fisher.diag_out, fisher.diag_in).float()
     assert report.proxy_error == pytest.approx(float((omega * delta**2).sum() / (omega * w**2).sum()), rel=1e-4)
 
@@ -208,7 +214,7 @@ def test_edsg_moves_error_along_negative_natural_gradient() -> None:
     base = QuantConfig.for_method("rsavq", bits=2, allocation="uniform", n_groups=2, kmeans_iters=5)
     for seed in range(3):
         w, stats = fabricate(48, 40, seed=10 + seed, hessian=False)
-        nat = natural_gradient(stats, damp(stats, base.damping))
+        nat = natural_gradient(stats, damp(stats, base.options.damping))
         # what the shift alone would give: ⟨Ḡ, −0.05‖W‖ ñ/‖ñ‖⟩ < 0
         expected = -0.05 * float(w.norm()) * float((stats.grad_mean * nat).sum()) / float(nat.norm())
         assert expected < 0
@@ -269,5 +275,5 @@ def test_effective_budget_unreachable_falls_back_to_lowest_bits() -> None:
     w = torch.randn(12, 6)  # codebooks alone exceed 2 bits per weight here
     cfg = QuantConfig.for_method("kmeans", bits=2, kmeans_iters=1, n_groups=2, budget="effective")
     layer, _ = quantize_vq(w, None, cfg)
-    lo, _ = cfg.group_bit_range()
+    lo, _ = cfg.options.group_bit_range(cfg.bits)
     assert [g.bits for g in layer.groups] == [lo, lo]

@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from kernels import dispatch
 from rsavq_core.errors import ConfigError
-from rsavq_core.qlinear import QuantLinear, quantize_in_place
+from rsavq_core.runtime import QuantLinear, kernel_policy, quantize_in_place
+from rsavq_core.settings import CoreSettings, load_settings
 from tests.core.test_artifact import make_vq_layer, tiny_layers
 
 
 @pytest.fixture
-def kernels_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RSAVQ_KERNELS", "interpret")
+def kernels_on_cpu(rsavq_settings) -> None:  # type: ignore[no-untyped-def]
+    rsavq_settings(kernels="interpret")
 
 
 @pytest.mark.interpret
@@ -36,23 +36,28 @@ def test_quantlinear_kernel_path_matches_reference(kernels_on_cpu: None, tokens:
 
 
 @pytest.mark.interpret
-def test_fallbacks_take_the_reference(kernels_on_cpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fallbacks_take_the_reference(kernels_on_cpu: None, rsavq_settings) -> None:  # type: ignore[no-untyped-def]
     layer = make_vq_layer(12, 20, 6, 2, [2, 1], seed=4)
     qlin = QuantLinear(layer)
     x64 = torch.randn(1, 20, dtype=torch.float64)
     assert not qlin._uses_kernels(x64)  # float64: not a kernel dtype
     torch.testing.assert_close(qlin(x64), x64 @ layer.dequantize(torch.float64).T)
     assert qlin._uses_kernels(x64.float())
-    monkeypatch.setenv("RSAVQ_KERNELS", "off")
+    rsavq_settings(kernels="off")
     assert not qlin._uses_kernels(x64.float())
+    with pytest.raises(ConfigError, match="RSAVQ_KERNELS"):
+        rsavq_settings(kernels="sometimes")
+
+
+def test_a_bad_policy_in_the_environment_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RSAVQ_KERNELS", "sometimes")
     with pytest.raises(ConfigError, match="RSAVQ_KERNELS"):
-        qlin(x64.float())
+        load_settings(CoreSettings)
 
 
-def test_default_policy_keeps_cpu_on_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RSAVQ_KERNELS", raising=False)
-    assert not dispatch.kernel_device(torch.device("cpu"))
+def test_default_policy_keeps_cpu_on_the_reference(rsavq_settings) -> None:  # type: ignore[no-untyped-def]
+    rsavq_settings(kernels="auto")
+    assert not kernel_policy().runs_on(torch.device("cpu"))
     qlin = QuantLinear(make_vq_layer(12, 20, 6, 2, [2, 1], seed=4))
     qlin(torch.randn(1, 20))
     assert qlin._kernel_layout is None and len(qlin._cache) == 1
@@ -62,22 +67,22 @@ def test_default_policy_keeps_cpu_on_the_reference(monkeypatch: pytest.MonkeyPat
 def test_generate_through_kernels_matches_reference(
     tiny_llama,
     kernels_on_cpu: None,  # type: ignore[no-untyped-def]
-    monkeypatch: pytest.MonkeyPatch,
+    rsavq_settings,
 ) -> None:
     """Greedy decoding with the KV cache: prefill (dequantize + GEMM) then 1-token GEMV steps."""
-    _generate_both_ways(tiny_llama, monkeypatch, "cpu", torch.float32)
+    _generate_both_ways(tiny_llama, rsavq_settings, "cpu", torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_model_on_gpu_matches_reference(
     tiny_llama,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    rsavq_settings,  # type: ignore[no-untyped-def]
     dtype: torch.dtype,
 ) -> None:
     """Logits through the kernels match the reference (half precision: a tolerance, not tokens,
     since a random model's near-tied logits may flip an argmax); generate() runs greedy and sampled."""
-    monkeypatch.delenv("RSAVQ_KERNELS", raising=False)
+    rsavq_settings(kernels="auto")
     model, tokenizer = tiny_llama
     model = copy.deepcopy(model)
     quantize_in_place(model, tiny_layers(model))
@@ -90,14 +95,14 @@ def test_model_on_gpu_matches_reference(
                 **enc, max_new_tokens=5, min_new_tokens=5, do_sample=sample, pad_token_id=tokenizer.eos_token_id
             )
             assert out.shape[1] == enc["input_ids"].shape[1] + 5
-        monkeypatch.setenv("RSAVQ_KERNELS", "off")
+        rsavq_settings(kernels="off")
         via_reference = model(**enc).logits.float()
     torch.testing.assert_close(via_kernels, via_reference, rtol=2e-2, atol=2e-2)
 
 
 def _generate_both_ways(
     tiny_llama,
-    monkeypatch: pytest.MonkeyPatch,
+    rsavq_settings,
     device: str,  # type: ignore[no-untyped-def]
     dtype: torch.dtype,
 ) -> None:
@@ -112,6 +117,6 @@ def _generate_both_ways(
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
     with torch.inference_mode():
         via_kernels = model.generate(**enc, **kwargs)
-        monkeypatch.setenv("RSAVQ_KERNELS", "off")
+        rsavq_settings(kernels="off")
         via_reference = model.generate(**enc, **kwargs)
     assert torch.equal(via_kernels, via_reference)

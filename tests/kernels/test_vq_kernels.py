@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.vq_layout import MAX_CODE_BITS, build_packed_vq, packed_from_layer
+from kernels.vq_layout import MAX_CODE_BITS, build_packed_vq
 from kernels.vq_reference import dequantize_reference, vq_linear_reference
-from rsavq_core.errors import UnsupportedShapeError
-from rsavq_core.layers import VQLayer
+from rsavq_core.formats import VQLayer
+from rsavq_core.formats.vq import packed_from_layer
 from tests.core.test_artifact import make_vq_layer
 
 # (M, N, vector_len, n_pq, bits per group): d = vector_len / n_pq rows per code.
@@ -79,7 +79,7 @@ def test_reference_matches_layer_dequantize() -> None:
 
 def test_codes_wider_than_the_kernels_are_refused() -> None:
     book = torch.zeros(1, 1, 1, dtype=torch.float16)
-    with pytest.raises(UnsupportedShapeError, match=f"{MAX_CODE_BITS}"):
+    with pytest.raises(ValueError, match=f"{MAX_CODE_BITS}"):
         build_packed_vq(
             out_features=6,
             in_features=2,

@@ -42,7 +42,7 @@ def sessions(settings: Settings):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def api(settings: Settings) -> Iterator[TestClient]:
-    from service.app import create_app
+    from service.api.app import create_app
 
     with TestClient(create_app(settings)) as client:
         yield client
@@ -50,7 +50,7 @@ def api(settings: Settings) -> Iterator[TestClient]:
 
 @pytest.fixture
 def keys(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    from service.auth import create_key
+    from service.api.auth import create_key
 
     with sessions() as session:
         return {"alice": create_key(session, "alice"), "bob": create_key(session, "bob")}

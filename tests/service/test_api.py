@@ -73,7 +73,7 @@ def test_oversized_body_is_413(api, keys) -> None:  # type: ignore[no-untyped-de
 
 
 def test_missing_unknown_and_revoked_keys_are_401(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
-    from service.auth import revoke_key
+    from service.api.auth import revoke_key
 
     assert api.get("/v1/jobs").status_code == 401
     assert api.get("/v1/jobs", headers=auth("rsavq_not-a-key")).status_code == 401
@@ -229,7 +229,7 @@ def test_openapi_documents_the_quantization_knobs(api) -> None:  # type: ignore[
 
 def test_the_api_process_never_imports_torch(settings) -> None:  # type: ignore[no-untyped-def]
     code = (
-        "import sys; from service.app import create_app; from service.settings import Settings; "
+        "import sys; from service.api.app import create_app; from service.settings import Settings; "
         "from fastapi.testclient import TestClient; "
         f"c = TestClient(create_app(Settings.from_env({str(settings.data_dir)!r}))); "
         "c.get('/health'); c.get('/openapi.json'); c.post('/v1/jobs', json={}); "
@@ -248,8 +248,8 @@ def test_the_api_process_never_imports_torch(settings) -> None:  # type: ignore[
 def test_key_cache_bounds_how_long_a_revoked_key_keeps_working(keys, sessions) -> None:  # type: ignore[no-untyped-def]
     import time
 
-    from rsavq_core.errors import AuthenticationError
-    from service.auth import KeyCache, revoke_key
+    from service.api.auth import KeyCache, revoke_key
+    from service.errors import AuthenticationError
 
     cache = KeyCache(ttl=0.5)
     with sessions() as session:

@@ -22,9 +22,9 @@ import pytest
 import uvicorn
 
 from rsavq_core.config import QuantConfig
-from rsavq_core.generation import SamplingParams, complete
+from rsavq_core.runtime.generation import SamplingParams, complete
+from service.api.auth import create_key
 from service.artifacts import ArtifactStore
-from service.auth import create_key
 from service.db import Artifact, Job, session_factory
 from service.jobs import RUNNING, SUCCEEDED
 from service.settings import Settings
@@ -71,7 +71,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path):  # type: ignore[no-untyped-def]
-    from rsavq_core.qlinear import load_quantized_model
+    from rsavq_core.runtime import load_quantized_model
 
     model, tokenizer, _ = load_quantized_model(checkpoint)
     return model, tokenizer
@@ -80,7 +80,7 @@ def reference(checkpoint: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[dict[str, Any]]:
     """API + generation server over one database holding a succeeded and a running job."""
-    from service.app import create_app
+    from service.api.app import create_app
     from service.migrate import upgrade
     from worker.generation_server import create_app as create_generation_app
 

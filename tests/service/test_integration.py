@@ -81,7 +81,7 @@ class Workers:
         self.settings, self.log_dir, self.procs = settings, log_dir, []  # type: ignore[var-annotated]
 
     def start(self, **env_overrides: str) -> subprocess.Popen:  # type: ignore[type-arg]
-        from service.cli import worker_command
+        from service.cli.servers import worker_command
 
         log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
         env = {**os.environ, **self.settings.to_env(), **env_overrides}
@@ -118,8 +118,8 @@ def workers(dist_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
 def client(dist_settings: Settings):  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.auth import create_key
+    from service.api.app import create_app
+    from service.api.auth import create_key
     from service.db import session_factory
 
     with session_factory(dist_settings.database_url)() as session:
@@ -156,7 +156,7 @@ def finished(client, job_id: str, workers: Workers, timeout: float = 600) -> dic
 
 
 def test_job_end_to_end_through_a_real_worker(client, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from rsavq_core.artifact import read_artifact
+    from rsavq_core.packed_checkpoint import read_checkpoint
     from service.artifacts import extract
 
     workers.start()
@@ -179,7 +179,7 @@ def test_job_end_to_end_through_a_real_worker(client, workers, tmp_path) -> None
         tar.write_bytes(b"".join(response.iter_bytes()))
         etag = response.headers["ETag"]
     assert etag == f'"{hashlib.sha256(tar.read_bytes()).hexdigest()}"'
-    artifact = read_artifact(extract(tar, tmp_path / "unpacked"))
+    artifact = read_checkpoint(extract(tar, tmp_path / "unpacked"))
     assert len(artifact.layers) == 210 and artifact.config.method == "rsavq"
 
 
@@ -327,7 +327,7 @@ def test_two_workers_racing_for_one_job_run_it_once(client, workers, dist_settin
 def test_fifty_concurrent_submissions_none_lost_or_duplicated(dist_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import redis
 
-    from service.auth import create_key
+    from service.api.auth import create_key
     from service.db import session_factory
 
     sessions = session_factory(dist_settings.database_url)
@@ -340,7 +340,7 @@ def test_fifty_concurrent_submissions_none_lost_or_duplicated(dist_settings, tmp
             sys.executable,
             "-m",
             "uvicorn",
-            "service.app:create_app",
+            "service.api.app:create_app",
             "--factory",
             "--port",
             str(port),

@@ -1,0 +1,261 @@
+"""The VQ format: RSAVQ / k-means vector quantization with channel groups and product codebooks.
+
+Input channels (columns) are permuted by ``perm`` (WCSG order) and split into contiguous groups;
+group g has ``bits`` b_g per weight and ``n_pq`` sub-codebooks of ``2**(b_g*d)`` entries of
+dimension d = vector_len / n_pq. Vectors run down the output rows inside one input column (VPTQ
+layout, spec §11.1): rows are padded to a multiple of vector_len, cut into vectors of vector_len
+rows, and each vector into n_pq sub-vectors of d consecutive rows; sub-vector p of every vector
+uses sub-codebook p.
+
+Stored tensors of a layer ``<name>``: ``<name>.perm`` int16 (N <= 32767) / int32 [N];
+``<name>.g<i>.codebooks`` fp16 [n_pq, 2**(b_i*d), d]; ``<name>.g<i>.indices`` int32 words
+(``pack_codes`` of the [cols, n_vectors, n_pq] indices, row-major, b_i*d bits per code).
+Manifest fields: ``vector_len``, ``n_pq``, ``groups`` [{bits, start, stop}].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kernels.packing import pack_codes, unpack_codes
+from kernels.vq_layout import MAX_CODE_BITS, PackedVQ, build_packed_vq
+from rsavq_core.errors import ConfigError, UnsupportedShapeError
+from rsavq_core.formats import register_format
+from rsavq_core.formats.base import FP16_BITS, BitCount, LayerFormat, LayerReader, packed_stream, stream_bits
+
+# The perm is stored as int16 while N <= 32767 (the rule of the format, spec §11.4), else int32.
+PERM_INT16_MAX_N = 32767
+
+
+def perm_dtype_bits(in_features: int) -> int:
+    """Bits per stored permutation entry (see ``PERM_INT16_MAX_N``)."""
+    return 16 if in_features <= PERM_INT16_MAX_N else 32
+
+
+def to_subvectors(matrix: torch.Tensor, vector_len: int, n_pq: int) -> torch.Tensor:
+    """[M_pad, C] (M_pad a multiple of v) -> [C, n_vectors, n_pq, d]: the column-vector layout above."""
+    m_pad, cols = matrix.shape
+    return matrix.T.reshape(cols, m_pad // vector_len, n_pq, vector_len // n_pq)
+
+
+@dataclass
+class VQGroup:
+    """One WCSG channel group of a VQ layer."""
+
+    bits: int  # b_g: index bits per weight; each sub-vector index has bits * d bits
+    start: int  # first column of the group, in permuted column order
+    stop: int  # one past its last column
+    codebooks: torch.Tensor  # [n_pq, 2**(bits*d), d] float16
+    indices: torch.Tensor  # [stop - start, n_vectors, n_pq] int64 (unpacked, in memory)
+
+
+@dataclass
+class VQLayer:
+    out_features: int  # M
+    in_features: int  # N
+    vector_len: int  # v
+    n_pq: int
+    perm: torch.Tensor  # [N] int64: permuted column j is original column perm[j]
+    groups: list[VQGroup]
+    bias: torch.Tensor | None = None  # [M] float16, copied from the original layer
+    kind: str = field(default="vq", init=False)
+
+    @property
+    def sub_dim(self) -> int:
+        return self.vector_len // self.n_pq
+
+    @property
+    def n_vectors(self) -> int:
+        """Vectors per column: ceil(M / v) (rows padded with zeros)."""
+        return -(-self.out_features // self.vector_len)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight [M, N] in the original column order (reference path)."""
+        m_pad = self.n_vectors * self.vector_len
+        permuted = torch.empty(m_pad, self.in_features, dtype=dtype, device=self.perm.device)
+        for g in self.groups:
+            # codebooks[p][indices[c, r, p]] -> [cols, n_vectors, n_pq, d]
+            sub = torch.stack([g.codebooks[p].to(dtype)[g.indices[:, :, p]] for p in range(self.n_pq)], 2)
+            permuted[:, g.start : g.stop] = sub.reshape(g.stop - g.start, m_pad).T
+        weight = torch.empty_like(permuted)
+        weight[:, self.perm] = permuted
+        return weight[: self.out_features]
+
+
+def ideal_vq_bpw(
+    out_features: int, in_features: int, group_bits: list[int], group_cols: list[int], sub_dim: int, n_pq: int
+) -> float:
+    """Spec §9.1 without perm or scales: (indices + fp16 codebooks) / (M * N).
+
+    ``group_bits[g]`` is b_g, ``group_cols[g]`` is |G_g|; each group has ``n_pq`` codebooks of
+    ``2**(b_g * sub_dim)`` entries of ``sub_dim`` fp16 values.
+    """
+    if len(group_bits) != len(group_cols):
+        raise ConfigError(f"{len(group_bits)} group bit widths for {len(group_cols)} groups")
+    if sum(group_cols) != in_features:
+        raise ConfigError(f"group columns sum to {sum(group_cols)}, expected in_features={in_features}")
+    index = sum(out_features * cols * b for b, cols in zip(group_bits, group_cols, strict=True))
+    codebooks = sum(n_pq * 2 ** (b * sub_dim) * sub_dim * FP16_BITS for b in group_bits)
+    return (index + codebooks) / (out_features * in_features)
+
+
+def packed_from_layer(layer: VQLayer, device: torch.device | str | None = None, tile_cols: int = 128) -> PackedVQ:
+    """The kernels' layout (``build_packed_vq``) of an in-memory layer, packing its indices."""
+    device = layer.perm.device if device is None else torch.device(device)
+    return build_packed_vq(
+        out_features=layer.out_features,
+        in_features=layer.in_features,
+        vector_len=layer.vector_len,
+        n_pq=layer.n_pq,
+        groups=[(g.bits, g.start, g.stop) for g in layer.groups],
+        perm=layer.perm.to(device),
+        codebooks=[g.codebooks.to(device) for g in layer.groups],
+        words=[pack_codes(g.indices, g.bits * layer.sub_dim).to(device) for g in layer.groups],
+        bias=layer.bias,
+        tile_cols=tile_cols,
+    )
+
+
+@register_format
+class VQFormat(LayerFormat):
+    kind = "vq"
+
+    def manifest(self, layer: VQLayer) -> dict[str, Any]:
+        groups = [{"bits": g.bits, "start": g.start, "stop": g.stop} for g in layer.groups]
+        return {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups}
+
+    def tensors(self, layer: VQLayer) -> dict[str, torch.Tensor]:
+        perm_dtype = torch.int16 if layer.in_features <= PERM_INT16_MAX_N else torch.int32
+        out = {"perm": layer.perm.detach().to("cpu", perm_dtype).contiguous()}
+        for i, g in enumerate(layer.groups):
+            want = (g.stop - g.start, layer.n_vectors, layer.n_pq)
+            if tuple(g.indices.shape) != want:
+                raise UnsupportedShapeError(f"group {i}: indices have shape {tuple(g.indices.shape)}, expected {want}")
+            out[f"g{i}.codebooks"] = g.codebooks.detach().to("cpu", torch.float16).contiguous()
+            out[f"g{i}.indices"] = pack_codes(g.indices.detach().cpu(), g.bits * layer.sub_dim)
+        return out
+
+    def read(self, reader: LayerReader, out_features: int, in_features: int, bias: torch.Tensor | None) -> VQLayer:
+        e, m, n = reader.entry, out_features, in_features
+        v, n_pq = reader.int_(e, "vector_len"), reader.int_(e, "n_pq")
+        if v % n_pq:
+            raise reader.fail("vector_len", f"{v} is not divisible by n_pq={n_pq}")
+        d, n_vectors = v // n_pq, -(-m // v)
+        perm = reader.take("perm", (n,), (torch.int16, torch.int32)).to(torch.int64)
+        if not torch.equal(perm.sort().values, torch.arange(n)):
+            raise reader.fail("perm", f"is not a permutation of 0..{n - 1}")
+        specs = e.get("groups")
+        if not isinstance(specs, list) or not specs:
+            raise reader.fail("groups", "manifest needs a non-empty list of groups")
+        groups: list[VQGroup] = []
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, dict):
+                raise reader.fail(f"groups[{i}]", "must be an object")
+            bits, start, stop = reader.int_(spec, "bits"), reader.int_(spec, "start", 0), reader.int_(spec, "stop")
+            expected_start = groups[-1].stop if groups else 0
+            if start != expected_start or stop <= start:
+                raise reader.fail(
+                    f"groups[{i}]",
+                    f"columns [{start}, {stop}) do not continue the previous group at column {expected_start}",
+                )
+            if not 1 <= bits * d <= 32:
+                raise reader.fail(f"g{i}.indices", f"{bits} bits x d={d} is outside [1, 32] bits per code")
+            cb = reader.take(f"g{i}.codebooks", (n_pq, 2 ** (bits * d), d), (torch.float16,))
+            count = (stop - start) * n_vectors * n_pq
+            idx = reader.codes(f"g{i}.indices", count, bits * d).reshape(stop - start, n_vectors, n_pq)
+            groups.append(VQGroup(bits, start, stop, cb, idx))
+        if groups[-1].stop != n:
+            raise reader.fail("groups", f"cover columns [0, {groups[-1].stop}), expected [0, {n})")
+        return VQLayer(m, n, v, n_pq, perm, groups, bias)
+
+    def stored_bits(self, layer: VQLayer) -> BitCount:
+        m, n, d = layer.out_features, layer.in_features, layer.sub_dim
+        index = codebooks = padding = 0
+        for g in layer.groups:
+            code_bits, word_pad = stream_bits(g.indices.numel(), g.bits * d)
+            # Codes of real weights: M rows per column; the rest of the stream pads rows up to
+            # n_vectors * vector_len.
+            real = m * (g.stop - g.start) * g.bits
+            index += real
+            padding += code_bits - real + word_pad
+            codebooks += g.codebooks.numel() * FP16_BITS
+        bias_bits = layer.bias.numel() * FP16_BITS if layer.bias is not None else 0
+        return BitCount(
+            weights=m * n,
+            index_bits=index,
+            codebook_bits=codebooks,
+            perm_bits=n * perm_dtype_bits(n),
+            bias_bits=bias_bits,
+            padding_bits=padding,
+        )
+
+    def spec(self, layer: VQLayer) -> dict[str, Any]:
+        groups = [(g.bits, g.start, g.stop) for g in layer.groups]
+        return {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups}
+
+    def buffers(self, layer: VQLayer, packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {"perm": layer.perm.detach().to(torch.int64)}
+        for i, g in enumerate(layer.groups):
+            out[f"g{i}_codebooks"] = g.codebooks.detach().to(torch.float16)
+            out[f"g{i}_indices"] = packed_stream(packed, f"g{i}_indices", g.indices, g.bits * layer.sub_dim)
+        return out
+
+    def from_buffers(
+        self,
+        spec: dict[str, Any],
+        buffers: Mapping[str, torch.Tensor],
+        out_features: int,
+        in_features: int,
+        bias: torch.Tensor | None,
+    ) -> VQLayer:
+        v, n_pq = spec["vector_len"], spec["n_pq"]
+        d, n_vectors = v // n_pq, -(-out_features // v)
+        groups = []
+        for i, (bits, start, stop) in enumerate(spec["groups"]):
+            count = (stop - start) * n_vectors * n_pq
+            idx = unpack_codes(buffers[f"g{i}_indices"], bits * d, count).reshape(stop - start, n_vectors, n_pq)
+            groups.append(VQGroup(bits, start, stop, buffers[f"g{i}_codebooks"], idx))
+        return VQLayer(out_features, in_features, v, n_pq, buffers["perm"], groups, bias)
+
+    def kernel_ready(self, spec: dict[str, Any]) -> bool:
+        d = spec["vector_len"] // spec["n_pq"]
+        return max(bits for bits, _, _ in spec["groups"]) * d <= MAX_CODE_BITS
+
+    def kernel_layout(self, module: Any) -> PackedVQ:
+        """The layer's groups concatenated for one launch; the module's per-group buffers then
+        become views into the concatenated streams, so indices and codebooks are held once."""
+        spec, n = module.spec, len(module.spec["groups"])
+        books = [getattr(module, f"g{i}_codebooks") for i in range(n)]
+        streams = [getattr(module, f"g{i}_indices") for i in range(n)]
+        packed = build_packed_vq(
+            out_features=module.out_features,
+            in_features=module.in_features,
+            vector_len=spec["vector_len"],
+            n_pq=spec["n_pq"],
+            groups=spec["groups"],
+            perm=module.perm,
+            codebooks=books,
+            words=streams,
+            bias=module.bias,
+        )
+        word_off = book_off = 0
+        for i, (book, stream) in enumerate(zip(books, streams, strict=True)):
+            module._buffers[f"g{i}_indices"] = packed.words[word_off : word_off + stream.numel()]
+            module._buffers[f"g{i}_codebooks"] = packed.codebooks[book_off : book_off + book.numel()].view(book.shape)
+            word_off += stream.numel()
+            book_off += book.numel()
+        return packed
+
+    def kernel_gemv(self, x: torch.Tensor, layout: PackedVQ) -> torch.Tensor:
+        from kernels.vq_triton import vq_gemv
+
+        return vq_gemv(x, layout)
+
+    def kernel_dequantize(self, layout: PackedVQ, dtype: torch.dtype) -> torch.Tensor:
+        from kernels.vq_triton import vq_dequantize
+
+        return vq_dequantize(layout, dtype)

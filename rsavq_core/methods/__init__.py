@@ -1,0 +1,148 @@
+"""The method registry: every quantization method is one module here, found by its name.
+
+A method (in the style of vLLM's quantization configs) declares
+
+* ``options_type``: a frozen dataclass of ``knob`` fields: its options. The command line's flags,
+  the API's request schema and the validation all come from it;
+* ``statistics(cfg)``: the calibration statistics it needs (``StatsNeeds``);
+* ``quantize_layer(weight, bias, stats, cfg)``: one linear layer -> a packed layer of one of the
+  registered formats (``rsavq_core.formats``), and a report of plain numbers.
+
+The pipeline, the command line and the service only ask this registry; none of them branches on a
+method's name. Adding a method is one new module that calls ``register_method`` (built-ins are
+imported at the bottom of this file). Importing a method module must not import torch: the API
+process validates requests with the options alone, so algorithms are imported inside
+``quantize_layer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from rsavq_core.errors import ConfigError
+from rsavq_core.options import Knob, knobs, validate_knobs
+
+if TYPE_CHECKING:
+    import torch
+
+    from rsavq_core.calibration.statistics import LayerStats
+    from rsavq_core.config import QuantConfig
+    from rsavq_core.formats import QuantizedLayer
+
+
+@dataclass(frozen=True)
+class StatsNeeds:
+    """Which calibration statistics a run needs."""
+
+    gradients: bool = False  # mean gradient and Fisher factors (backward passes through every block)
+    hessian: bool = False  # activation Hessian E[x xᵀ] of every linear's input
+
+    @property
+    def any(self) -> bool:
+        return self.gradients or self.hessian
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options: a frozen dataclass of ``knob`` fields, validated on construction."""
+
+    def __post_init__(self) -> None:
+        validate_knobs(self)
+
+
+class QuantMethod(ABC):
+    """One quantization method. Subclasses set the class attributes and implement the two methods."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, for --help and the API's documentation
+    options_type: ClassVar[type[MethodOptions]]
+
+    def validate(self, cfg: QuantConfig) -> None:  # noqa: B027 - optional hook, no rules by default
+        """Rules between knobs (the knobs themselves are already valid); raise ``ConfigError``."""
+
+    @abstractmethod
+    def statistics(self, cfg: QuantConfig) -> StatsNeeds:
+        """The calibration statistics this run needs."""
+
+    @abstractmethod
+    def quantize_layer(
+        self,
+        weight: torch.Tensor,  # [M, N] floating, the linear's weight (rows = output channels)
+        bias: torch.Tensor | None,  # [M] floating, copied into the packed layer
+        stats: LayerStats | None,  # this layer's statistics, None when statistics() needs none
+        cfg: QuantConfig,
+    ) -> tuple[QuantizedLayer, dict[str, Any]]:
+        """The packed layer and its report (``bits``, errors, ``seconds``: plain JSON values)."""
+
+
+_METHODS: dict[str, QuantMethod] = {}
+M = TypeVar("M", bound=type[QuantMethod])
+
+
+def register_method(cls: M) -> M:
+    """Class decorator: register one instance of ``cls`` under ``cls.name``.
+
+    A knob name shared with another method (``group_size``, ``hessian_damping``...) must have the
+    same type there: the command line and the API offer one flag / field per name.
+    """
+    if cls.name in _METHODS:
+        raise ValueError(f"a quantization method named {cls.name!r} is already registered")
+    mine = {k.name: k for k in knobs(cls.options_type)}
+    for other in _METHODS.values():
+        for k in knobs(other.options_type):
+            if k.name in mine and (mine[k.name].base, mine[k.name].choices) != (k.base, k.choices):
+                raise TypeError(f"option {k.name!r} of method {cls.name!r} differs in type from {other.name!r}'s")
+    _METHODS[cls.name] = cls()
+    return cls
+
+
+def unregister_method(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+def get_method(name: str) -> QuantMethod:
+    try:
+        return _METHODS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}") from None
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_METHODS)
+
+
+def methods() -> tuple[QuantMethod, ...]:
+    return tuple(_METHODS.values())
+
+
+def option_knobs() -> dict[str, tuple[Knob, list[QuantMethod]]]:
+    """Every method option by name, with the methods that have it (in registration order)."""
+    out: dict[str, tuple[Knob, list[QuantMethod]]] = {}
+    for method in _METHODS.values():
+        for k in knobs(method.options_type):
+            out.setdefault(k.name, (k, []))[1].append(method)
+    return out
+
+
+def option_names(method: QuantMethod) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(method.options_type))
+
+
+def describe_option(name: str) -> str:
+    """A method option's help for users: its text, the methods that have it and their defaults."""
+    k, owners = option_knobs()[name]
+    defaults = {m.name: next(o.default for o in knobs(m.options_type) if o.name == name) for m in owners}
+    first = owners[0].name
+    shown = f"default {defaults[first]!r}" + "".join(
+        f", {m} {d!r}" for m, d in defaults.items() if m != first and d != defaults[first]
+    )
+    return f"{k.help} [{', '.join(defaults)}; {shown}]"
+
+
+# The built-in methods register themselves on import, in the order users see them listed.
+for _builtin in ("rsavq", "kmeans", "rtn", "gptq"):
+    importlib.import_module(f"{__name__}.{_builtin}")

@@ -1,0 +1,60 @@
+"""GPTQ: RTN's integer grid with second-order error feedback over the activation Hessian."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rsavq_core.errors import CalibrationError
+from rsavq_core.methods import StatsNeeds, register_method
+from rsavq_core.methods.rtn import RTN, RTNOptions
+from rsavq_core.options import knob
+
+if TYPE_CHECKING:
+    import torch
+
+    from rsavq_core.calibration.statistics import LayerStats
+    from rsavq_core.config import QuantConfig
+    from rsavq_core.formats import QuantizedLayer
+
+
+@dataclass(frozen=True)
+class GPTQOptions(RTNOptions):
+    gptq_block: int = knob(128, "columns per lazy block update", ge=1)
+    hessian_damping: float = knob(0.01, "percent damping of the activation Hessian (GPTQ / VPTQ)", gt=0.0, le=10.0)
+
+
+@register_method
+class GPTQ(RTN):
+    name = "gptq"
+    summary = "GPTQ: integer codes with Hessian-weighted error feedback (Frantar et al.)"
+    options_type = GPTQOptions
+
+    def statistics(self, cfg: QuantConfig) -> StatsNeeds:
+        return StatsNeeds(hessian=True)
+
+    def quantize_layer(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, cfg: QuantConfig
+    ) -> tuple[QuantizedLayer, dict[str, Any]]:
+        from rsavq_core.algorithms.scalar import gptq_quantize
+
+        if stats is None or stats.hessian is None:
+            raise CalibrationError("gptq needs the activation Hessian")
+        o = cfg.options_as(GPTQOptions)
+        started = time.perf_counter()
+        layer, info = gptq_quantize(
+            weight.float(),
+            stats.hessian,
+            int(cfg.bits),
+            o.group_size,
+            block_size=o.gptq_block,
+            damping=o.hessian_damping,
+            bias=bias,
+        )
+        report = {
+            "bits": [int(cfg.bits)],
+            "hessian_error": info["proxy_loss"],
+            "seconds": time.perf_counter() - started,
+        }
+        return layer, report

@@ -1,0 +1,25 @@
+"""The paper's plain k-means baseline: the RSAVQ engine with λ = 0, uniform bits, Euclidean metric."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rsavq_core.methods import register_method
+from rsavq_core.methods.rsavq import RSAVQ, Allocation, Metric, VQOptions
+from rsavq_core.options import knob
+
+
+@dataclass(frozen=True)
+class KMeansOptions(VQOptions):
+    """The VQ engine's options with the baseline's defaults; each can still be set explicitly."""
+
+    lam: float = knob(0.0, "EDSG projection strength λ (0: no shift, the baseline)", ge=0.0, le=10.0)
+    allocation: Allocation = knob("uniform", "WCSG bit rule (uniform: no WCSG, the baseline)")
+    metric: Metric = knob("euclidean", "codebook metric (Euclidean: plain k-means, the baseline)")
+
+
+@register_method
+class KMeans(RSAVQ):
+    name = "kmeans"
+    summary = "k-means vector quantization: the paper's baseline, in the same engine as RSAVQ"
+    options_type = KMeansOptions

@@ -1,0 +1,249 @@
+"""The packed checkpoint: one directory, one safetensors file, the config in its metadata.
+
+Layout of ``<out_dir>/``: ``config.json`` (+ ``generation_config.json``) of the source model,
+the tokenizer files, and ``rsavq.safetensors`` holding every tensor. The safetensors metadata
+(all str -> str) carries ``format`` = "rsavq", ``format_version``, ``method``, ``config``
+(QuantConfig JSON), ``layers`` (JSON manifest, see ``manifest_entry``), ``source_model``,
+``tied`` (JSON {alias: stored name}) and any caller-supplied extras. Loading dispatches on this
+metadata only, never on a file name (style convention 2).
+
+A quantized layer ``<name>`` stores ``<name>.<field>`` for each tensor its format writes (see
+``rsavq_core.formats.vq`` and ``.scalar``), and ``<name>.bias`` fp16 [M] when it has a bias; its
+manifest entry is ``{"kind", "out_features", "in_features", "has_bias"}`` plus the format's fields.
+Every other state_dict entry is stored under its own name: floating tensors as fp16, integer
+ones unchanged; tensors tied to an earlier entry are stored once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from rsavq_core.canonical import save_canonical
+from rsavq_core.config import QuantConfig
+from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
+from rsavq_core.formats import LayerReader, QuantizedLayer, format_of, get_format
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rsavq"
+FORMAT_VERSION = "1"
+SUPPORTED_VERSIONS: tuple[str, ...] = ("1",)
+WEIGHTS_FILE = "rsavq.safetensors"
+_RESERVED = ("format", "format_version", "method", "config", "layers", "source_model", "tied")
+
+
+@dataclass
+class PackedCheckpoint:
+    """A packed checkpoint read back: layers hold unpacked indices/codes (int64 / uint8)."""
+
+    path: Path  # the safetensors file
+    metadata: dict[str, str]
+    config: QuantConfig
+    layers: dict[str, QuantizedLayer]
+    other_state: dict[str, torch.Tensor]  # non-quantized state_dict entries, as stored
+    tied: dict[str, str]  # alias -> name of the stored tensor it shares
+    # layer -> {"g<i>_indices" | "codes": int32 words as stored}, validated against the manifest,
+    # so that QuantLinear can take them without packing the unpacked codes again.
+    packed: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+
+def manifest_entry(layer: QuantizedLayer) -> dict[str, Any]:
+    common = {
+        "kind": layer.kind,
+        "out_features": layer.out_features,
+        "in_features": layer.in_features,
+        "has_bias": layer.bias is not None,
+    }
+    return {**common, **format_of(layer).manifest(layer)}
+
+
+def layer_tensors(name: str, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
+    """The packed tensors of one layer, keyed by their names in the file."""
+    try:
+        fields = format_of(layer).tensors(layer)
+    except UnsupportedShapeError as exc:
+        raise UnsupportedShapeError(f"layer {name}: {exc}") from exc
+    out = {f"{name}.{field}": tensor for field, tensor in fields.items()}
+    if layer.bias is not None:
+        out[f"{name}.bias"] = layer.bias.detach().to("cpu", torch.float16).contiguous()
+    return out
+
+
+def _other_tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Non-quantized state_dict entries (fp16 if floating) and the {alias: stored name} of ties."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, t in model.state_dict().items():
+        if key.startswith(skip):
+            continue  # the quantized layers' original weight/bias, or their QuantLinear buffers
+        ident = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and ident in seen:
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        if t.is_floating_point():
+            # copy=True: the file must not share storage with the model or between entries.
+            half = t.detach().to("cpu", torch.float16, copy=True)
+            if bool(torch.isfinite(t).all()) and not bool(torch.isfinite(half).all()):
+                log.warning("%s overflows float16; stored values are not finite", key)
+            tensors[key] = half.contiguous()
+        else:
+            tensors[key] = t.detach().to("cpu", copy=True).contiguous()
+    return tensors, tied
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    layers: dict[str, QuantizedLayer],
+    config: QuantConfig,
+    source_model: str,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the packed checkpoint to ``out_dir`` atomically and return ``out_dir``.
+
+    Everything is written into a temporary sibling directory first; an existing ``out_dir`` is
+    replaced only once that succeeded, so a crash never leaves a half-written checkpoint.
+    ``model`` may be the FP model or one with QuantLinear modules already swapped in.
+    """
+    out = Path(out_dir)
+    extra = dict(extra_metadata or {})
+    for key, value in extra.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigError(f"extra metadata must map str to str, got {key!r}: {type(value).__name__}")
+        if key in _RESERVED:
+            raise ConfigError(f"extra metadata key {key!r} is reserved by the format")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors.update(layer_tensors(name, layer))
+    other, tied = _other_tensors(model, tuple(f"{name}." for name in layers))
+    clash = sorted(set(other) & set(tensors))
+    if clash:
+        raise ConfigError(f"tensor names clash between quantized layers and model state: {clash[:5]}")
+    tensors.update(other)
+    metadata = {
+        **extra,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": config.method,
+        "config": config.to_json(),
+        "source_model": source_model,
+        "layers": json.dumps({name: manifest_entry(layer) for name, layer in layers.items()}),
+        "tied": json.dumps(tied),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_canonical(tensors, tmp / WEIGHTS_FILE, metadata)  # same content, same bytes (sha256)
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        if out.exists():
+            out.rename(old)  # two renames: the old checkpoint is removed only once the new one is in place
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s (%d tensors, %d quantized layers)", out, len(tensors), len(layers))
+    return out
+
+
+def read_checkpoint(path: str | Path) -> PackedCheckpoint:
+    """Read and validate a checkpoint directory (or its ``rsavq.safetensors`` file directly)."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / WEIGHTS_FILE
+    if not file.is_file():
+        raise ArtifactError(f"no packed checkpoint at {file}")
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            _check_header(metadata, file)
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{file}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
+    manifest = _json(metadata, "layers", file)
+    tied = _json(metadata, "tied", file) if "tied" in metadata else {}
+    try:
+        config = QuantConfig.from_dict(_json(metadata, "config", file), strict=False)
+    except (ConfigError, TypeError) as exc:
+        raise ArtifactError(f"{file}: invalid config in metadata: {exc}") from exc
+    readers = {name: LayerReader(file, name, entry, tensors) for name, entry in manifest.items()}
+    layers = {name: read_layer(reader) for name, reader in readers.items()}
+    prefixes = tuple(f"{name}." for name in manifest)
+    stray = sorted(key for key in tensors if key.startswith(prefixes))
+    if stray:
+        raise ArtifactError(f"{file}: tensors not described by the layer manifest: {stray[:5]}")
+    for alias, target in tied.items():
+        if not isinstance(target, str) or target not in tensors:
+            raise ArtifactError(f"{file}: {alias} is tied to {target}, which is not stored")
+    return PackedCheckpoint(
+        path=file,
+        metadata=metadata,
+        config=config,
+        layers=layers,
+        other_state=tensors,
+        tied=tied,
+        packed={name: reader.packed for name, reader in readers.items()},
+    )
+
+
+def _check_header(metadata: dict[str, str], file: Path) -> None:
+    if metadata.get("format") != FORMAT:
+        raise ArtifactError(f"{file}: not an rsavq checkpoint (metadata format={metadata.get('format')!r})")
+    version = metadata.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise ArtifactError(
+            f"{file}: unsupported format_version {version!r}; this version of rsavq "
+            f"reads format_version {', '.join(SUPPORTED_VERSIONS)}"
+        )
+
+
+def _json(metadata: dict[str, str], key: str, file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(metadata[key])
+    except KeyError as exc:
+        raise ArtifactError(f"{file}: metadata lacks {key!r}") from exc
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{file}: metadata {key!r} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{file}: metadata {key!r} must be a JSON object")
+    return value
+
+
+def read_layer(reader: LayerReader) -> QuantizedLayer:
+    """One layer from its manifest entry: the shared fields here, the rest by its format."""
+    e = reader.entry
+    m, n = reader.int_(e, "out_features"), reader.int_(e, "in_features")
+    bias = reader.take("bias", (m,), (torch.float16,)) if e.get("has_bias") else None
+    try:
+        layer_format = get_format(e.get("kind"))
+    except ArtifactError as exc:
+        raise reader.fail("kind", str(exc)) from None
+    return layer_format.read(reader, m, n, bias)

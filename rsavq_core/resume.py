@@ -1,0 +1,86 @@
+"""The finished layers of a running quantization, kept on disk so a killed run resumes where it stopped.
+
+One folder per run: ``run.json`` (the config and model fingerprint it belongs to) and one
+``<layer>.safetensors`` per finished layer, in the packed format's tensor layout, with the
+manifest entry and the layer's report in its metadata. Files are written to a temporary name and
+renamed, so a layer file is either complete or absent. Layers are quantized independently from
+cached statistics with a fixed per-layer seed, so a resumed run produces the same layers as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from rsavq_core.canonical import save_canonical
+from rsavq_core.config import QuantConfig
+from rsavq_core.errors import ArtifactError, ConfigError
+from rsavq_core.formats import LayerReader, QuantizedLayer
+from rsavq_core.packed_checkpoint import layer_tensors, manifest_entry, read_layer
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+
+class FinishedLayers:
+    """Finished layers of one (model, config) run in ``folder``."""
+
+    def __init__(self, folder: str | Path, cfg: QuantConfig, fingerprint: str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        identity = {"config": cfg.to_dict(), "fingerprint": fingerprint}
+        run_file = self.folder / RUN_FILE
+        if run_file.exists():
+            stored = json.loads(run_file.read_text())
+            if stored != identity:
+                # A checkpoint of another config or another model must never be mixed in.
+                raise ConfigError(
+                    f"{self.folder} holds the checkpoint of a different run "
+                    f"(model {stored.get('fingerprint')}); use a new folder"
+                )
+        else:
+            tmp = run_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(identity, sort_keys=True))
+            os.replace(tmp, run_file)
+
+    def _file(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def finished(self) -> list[str]:
+        """Names of the layers already checkpointed."""
+        return sorted(p.name.removesuffix(".safetensors") for p in self.folder.glob("*.safetensors"))
+
+    def load(self, name: str) -> tuple[QuantizedLayer, dict[str, Any]] | None:
+        """The checkpointed (layer, report) of ``name``, or None if it has not finished."""
+        file = self._file(name)
+        if not file.exists():
+            return None
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                metadata = dict(fh.metadata() or {})
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+            entry, report = json.loads(metadata["entry"]), json.loads(metadata["report"])
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+            # Only a crash between write and rename could leave this; redo the layer.
+            log.warning("discarding unreadable layer checkpoint %s: %s", file, exc)
+            file.unlink(missing_ok=True)
+            return None
+        try:
+            return read_layer(LayerReader(file, name, entry, tensors)), report
+        except ArtifactError as exc:
+            log.warning("discarding inconsistent layer checkpoint %s: %s", file, exc)
+            file.unlink(missing_ok=True)
+            return None
+
+    def save(self, name: str, layer: QuantizedLayer, report: dict[str, Any]) -> None:
+        """Checkpoint one finished layer atomically."""
+        metadata = {"entry": json.dumps(manifest_entry(layer)), "report": json.dumps(report, default=float)}
+        tmp = self.folder / f".{name}.tmp"
+        save_canonical(layer_tensors(name, layer), tmp, metadata)
+        os.replace(tmp, self._file(name))

@@ -1,0 +1,72 @@
+"""The library's whole runs as plain functions returning JSON-able summaries.
+
+``rsavq quantize`` and ``rsavq eval`` print what these return; the ablation runs them in fresh
+processes, one per row, so that each row's peak memory is its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rsavq_core.config import ZERO_SHOT_TASKS, QuantConfig
+from rsavq_core.progress import Progress
+
+
+def parse_tasks(tasks: str | None) -> list[str] | None:
+    """A comma-separated task list, or "all" for the paper's five zero-shot tasks."""
+    if not tasks:
+        return None
+    return list(ZERO_SHOT_TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+
+
+def quantize_summary(
+    model_id: str,
+    cfg: QuantConfig,
+    *,
+    out: str | Path | None = None,
+    evaluation: dict[str, Any] | None = None,
+    per_layer: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Quantize ``model_id``; optionally save the packed checkpoint to ``out`` and evaluate.
+
+    ``evaluation`` holds ``evaluate_model``'s keyword arguments (``ppl``, ``tasks``, ``limit``,
+    ``perplexity_windows``); the model is evaluated with its quantized layers swapped in.
+    """
+    from rsavq_core.bitcount import model_bits
+    from rsavq_core.pipeline import peak_rss_gb, quantize_model, save_result
+
+    result = quantize_model(model_id, cfg, progress=progress)
+    summary: dict[str, Any] = {
+        "model": model_id,
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "timings": result.timings,
+        "stats_cached": result.stats_cached,
+        "peak_rss_gb": result.peak_rss_gb,
+        "bits": model_bits(result.layers, result.model),
+    }
+    if out:
+        summary["out"] = str(save_result(result, Path(out)))
+    if evaluation and (evaluation.get("ppl") or evaluation.get("tasks")):
+        from rsavq_core.evaluation import evaluate_model
+        from rsavq_core.runtime import quantize_in_place
+
+        quantize_in_place(result.model, result.layers)
+        summary["eval"] = evaluate_model(result.model, result.tokenizer, progress=progress, **evaluation)
+    summary["peak_rss_gb"] = peak_rss_gb()  # ru_maxrss is monotonic: this covers evaluation too
+    if per_layer:
+        summary["layers"] = result.reports
+    else:
+        summary["bits"].pop("layers", None)
+    return summary
+
+
+def evaluate_summary(target: str, evaluation: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    """Evaluate a packed checkpoint folder or a float model id (``evaluate_model``'s keyword arguments)."""
+    from rsavq_core.evaluation import evaluate_model
+    from rsavq_core.runtime.loading import load_any
+
+    model, tokenizer, info = load_any(target)
+    return {**info, **evaluate_model(model, tokenizer, progress=progress, **evaluation)}

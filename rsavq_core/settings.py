@@ -1,0 +1,86 @@
+"""What the library reads from the environment, in one object read once per process.
+
+Every ``RSAVQ_*`` variable the library honours is a field here (pydantic-settings); nothing else
+in ``rsavq_core`` reads ``os.environ``. The job service's ``Settings`` extends this class, so a
+service process holds one settings object that both the service and the library read
+(``configure`` installs it). Tests change settings with ``override``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rsavq_core.errors import ConfigError
+
+
+class CoreSettings(BaseSettings):
+    """The library's settings (environment variable = ``RSAVQ_`` + the field name, upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="RSAVQ_", extra="ignore", frozen=True, populate_by_name=True)
+
+    cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "rsavq",
+        description="converted models and calibration statistics",
+    )
+    kernels: Literal["auto", "off", "interpret"] = Field(
+        "auto",
+        description="Triton kernels: auto (on CUDA), off (the torch reference everywhere), "
+        "interpret (also on the CPU when TRITON_INTERPRET=1; very slow)",
+    )
+    gemv_max_tokens: int | None = Field(
+        None, ge=1, description="largest token count on the fused GEMV (default: measured per GPU)"
+    )
+    triton_interpret: bool = Field(
+        False,
+        validation_alias=AliasChoices("TRITON_INTERPRET"),
+        description="Triton's own switch, read here so the kernel policy knows the interpreter is on",
+    )
+
+
+_current: CoreSettings | None = None
+
+
+S = TypeVar("S", bound="CoreSettings")
+
+
+def load_settings(cls: type[S], **values: Any) -> S:
+    """A settings object of ``cls`` from the environment (``values`` win), as a ``ConfigError`` on bad input."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'RSAVQ_' + '.'.join(map(str, e['loc'])).upper() if e['loc'] else 'settings'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def get_settings() -> CoreSettings:
+    """The process's settings: read from the environment on first use, or what ``configure`` set."""
+    global _current
+    if _current is None:
+        _current = load_settings(CoreSettings)
+    return _current
+
+
+def configure(settings: CoreSettings) -> None:
+    """Make ``settings`` the process's settings (the service installs its own, a subclass)."""
+    global _current
+    _current = settings
+
+
+@contextlib.contextmanager
+def override(**changes: Any) -> Iterator[CoreSettings]:
+    """Within the block, the process's settings with ``changes`` applied (validated)."""
+    before = get_settings()
+    configure(load_settings(type(before), **{**before.model_dump(), **changes}))
+    try:
+        yield get_settings()
+    finally:
+        configure(before)

@@ -1,0 +1,120 @@
+"""Request and response bodies. Unknown fields are rejected (422) everywhere.
+
+The algorithm knobs are generated from the knobs of ``QuantConfig`` and of every registered
+method's options, so the API offers exactly the knobs the library has, each documented in the
+OpenAPI schema with its bounds and choices; a knob the chosen method does not have, and the rules
+between knobs (bits per method, vector length vs PQ, ...), are QuantConfig's own and surface as a
+422 with its message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from rsavq_core.config import MAX_BITS, MIN_BITS, ZERO_SHOT_TASKS, QuantConfig, shared_knobs
+from rsavq_core.methods import describe_option, method_names, methods, option_knobs
+from rsavq_core.options import Knob
+
+# A hub id ("org/name", "name") or a built-in alias: letters, digits, "-", "_", "." and one "/".
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+def _field(k: Knob, description: str) -> tuple[Any, Any]:
+    """The request field of one knob: optional (None = the method's default), bounds and choices in the schema."""
+    # Choices come from the registry at import time, so the Literal is built at run time.
+    kind: Any = Literal[k.choices] if k.choices is not None else k.base  # type: ignore[valid-type]
+    return kind | None, Field(None, ge=k.ge, gt=k.gt, le=k.le, description=description)
+
+
+def _quant_fields() -> dict[str, Any]:
+    """Every shared knob but ``bits`` (top level) and every method's options, one field per name."""
+    fields = {k.name: _field(k, f"{k.help} [all methods; default {k.default!r}]") for k in shared_knobs()}
+    fields.pop("bits")
+    fields.update({name: _field(k, describe_option(name)) for name, (k, _) in option_knobs().items()})
+    return fields
+
+
+class EvalOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    perplexity: bool = Field(True, description="FP and quantized perplexity on wiki-holdout-512")
+    zero_shot: list[Literal[ZERO_SHOT_TASKS]] | Literal["all"] | None = Field(  # type: ignore[valid-type]
+        None, description="zero-shot tasks to score (slow: minutes per task on a CPU)"
+    )
+    limit: int | None = Field(None, ge=1, description="first N items of each zero-shot task")
+    windows: int | None = Field(None, ge=1, description="first N perplexity windows (default: all)")
+
+
+QuantOptions = create_model("QuantOptions", __config__=ConfigDict(extra="forbid"), **_quant_fields())
+
+
+class JobOptions(QuantOptions):  # type: ignore[misc, valid-type]
+    evaluation: EvalOptions = Field(default_factory=EvalOptions)
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
+    bits: float = Field(..., ge=MIN_BITS, le=MAX_BITS, description="target average bits per weight")
+    method: Literal[method_names()] = Field(  # type: ignore[valid-type]  # the registry's names, at import time
+        "rsavq", description="quantization method: " + "; ".join(f"{m.name}: {m.summary}" for m in methods())
+    )
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        description="a name for the result: /v1/completions accepts it as `model` "
+        "(the latest succeeded job of that name)",
+        examples=["smol-2bit"],
+    )
+    options: JobOptions = Field(default_factory=JobOptions)
+
+    @field_validator("model_id")
+    @classmethod
+    def _no_traversal(cls, value: str) -> str:
+        if ".." in value.split("/") or "\\" in value or "\x00" in value:
+            raise ValueError("model_id must not contain '..' segments, backslashes or NUL")
+        return value
+
+    def quant_config(self) -> QuantConfig:
+        """The validated QuantConfig of this request (raises ConfigError)."""
+        knobs = {k: v for k, v in self.options.model_dump(exclude={"evaluation"}).items() if v is not None}
+        return QuantConfig.for_method(self.method, bits=self.bits, **knobs)
+
+
+class JobProgress(BaseModel):
+    stage: str
+    done: int
+    total: int
+    percent: float
+    eta_seconds: float | None
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str | None = None
+    status: str
+    model_id: str
+    method: str
+    bits: float
+    options: dict[str, Any]
+    progress: JobProgress
+    effective_bpw: float | None
+    error: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    updated_at: dt.datetime
+    layers: list[dict[str, Any]] | None = Field(None, description="per-layer bits and proxy error")
+    links: dict[str, str]
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page")

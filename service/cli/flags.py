@@ -1,0 +1,59 @@
+"""Command-line flags generated from the knobs: ``QuantConfig``'s own and every method's options.
+
+One flag per knob name (``--kmeans-iters``), never listed by hand: a new knob or a new method's
+options appear here by themselves. Unset flags are None, so the method's defaults apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rsavq_core.config import QuantConfig, shared_knobs
+from rsavq_core.methods import describe_option, method_names, methods, option_knobs
+from rsavq_core.options import Knob
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def knob_names() -> list[str]:
+    """Every knob that has a flag (``bits`` included)."""
+    return [k.name for k in shared_knobs()] + list(option_knobs())
+
+
+def _add(group: argparse._ArgumentGroup, k: Knob, help: str, *, required: bool = False) -> None:
+    kwargs: dict[str, Any] = {"dest": k.name, "default": None, "help": help, "required": required}
+    if k.base is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif k.choices is not None:
+        kwargs["choices"] = k.choices
+    else:
+        kwargs["type"] = k.base
+        kwargs["metavar"] = "N" if k.base is int else "X"
+    group.add_argument(flag_of(k.name), **kwargs)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--method``, ``--bits`` (required) and a flag for every other knob."""
+    summaries = "; ".join(f"{m.name}: {m.summary}" for m in methods())
+    parser.add_argument("--method", default="rsavq", choices=method_names(), help=f"default rsavq. {summaries}")
+    shared = parser.add_argument_group("every method")
+    for k in shared_knobs():
+        bounds = f" {k.interval()}" if k.ge is not None or k.gt is not None or k.le is not None else ""
+        default = "" if k.name == "bits" else f" (default {k.default!r})"
+        _add(shared, k, f"{k.help}{bounds}{default}", required=k.name == "bits")
+    own = parser.add_argument_group("method options", "[the methods that have an option; their defaults]")
+    for name, (k, _) in option_knobs().items():
+        _add(own, k, describe_option(name))
+
+
+def knobs_from_args(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The knobs given on the command line (flags left unset are absent)."""
+    return {n: getattr(args, n) for n in knob_names() if n not in exclude and getattr(args, n, None) is not None}
+
+
+def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    """The validated config of the flags (``ConfigError`` for a knob the method does not have)."""
+    return QuantConfig.for_method(args.method, **knobs_from_args(args))

@@ -1,0 +1,83 @@
+"""The HTTP client of a running service: submit, status, metrics, wait, download, cancel."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rsavq_core.errors import ConfigError, RSAVQError
+from service.cli.flags import add_config_flags, knobs_from_args
+from service.cli.progress import JobEvents
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from service.client import Client
+
+    return Client(args.server, args.key)
+
+
+def cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--options is not valid JSON: {exc}") from exc
+    if not isinstance(options, dict):
+        raise ConfigError("--options must be a JSON object")
+    options = {**options, **knobs_from_args(args, exclude=("bits",))}
+    result: dict[str, Any] = _client(args).submit(args.model, args.bits, args.method, options, args.idempotency_key)
+    return result
+
+
+def cmd_wait(args: argparse.Namespace) -> dict[str, Any]:
+    events = JobEvents(not args.quiet)
+    try:
+        job: dict[str, Any] = _client(args).wait(args.job_id, poll=args.poll, on_event=events)
+    finally:
+        events.close()
+    if job["status"] != "succeeded":
+        raise RSAVQError(f"job {job['id']} {job['status']}: {job.get('error') or ''}")
+    return job
+
+
+def cmd_download(args: argparse.Namespace) -> str:
+    out = Path(args.out or f"rsavq-{args.job_id}.tar")
+    _client(args).download(args.job_id, out)
+    if args.extract:
+        from service.artifacts import extract
+
+        return str(extract(out, out.with_suffix("")))
+    return str(out)
+
+
+def _remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="API URL (default $RSAVQ_SERVER or http://127.0.0.1:8000)")
+    p.add_argument("--key", help="API key (default $RSAVQ_API_KEY)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("submit", help="submit a quantization job to a running service")
+    s.add_argument("model")
+    s.add_argument("--options", help='more options as JSON, e.g. \'{"evaluation": {"zero_shot": "all"}}\' (flags win)')
+    s.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
+    add_config_flags(s)
+    _remote_flags(s)
+    s.set_defaults(func=cmd_submit)
+    for name, func, text in (
+        ("status", lambda a: _client(a).job(a.job_id), "a job's state, progress and per-layer reports"),
+        ("wait", cmd_wait, "follow a job's progress until it ends"),
+        ("download", cmd_download, "download (resumable) and verify a job's artifact"),
+        ("cancel", lambda a: _client(a).cancel(a.job_id), "cancel a job"),
+        ("metrics", lambda a: _client(a).metrics(a.job_id), "a job's metrics: perplexity, zero-shot, bpw, sizes"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        _remote_flags(p)
+        p.set_defaults(func=func)
+    wait = sub.choices["wait"]
+    wait.add_argument("--poll", type=float, default=1.0, help="seconds before reconnecting a broken event stream")
+    wait.add_argument("--quiet", action="store_true", help="no progress bars")
+    download = sub.choices["download"]
+    download.add_argument("--out", help="file to write (default rsavq-<id>.tar)")
+    download.add_argument("--extract", action="store_true", help="unpack the checkpoint folder")
