@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
-from rsavq_core.algorithms.scalar import gptq_quantize
-from rsavq_core.algorithms.vq import quantize_vq
 from rsavq_core.calibration.statistics import LayerStats, _Accumulator
 from rsavq_core.config import QuantConfig
+from rsavq_core.methods import get_method, method_names
 
 PAPER_A100_HOURS = 1.2
 D_MODEL, D_FFN, VOCAB = 4096, 11008, 32000
@@ -113,17 +112,7 @@ def fake_stats(m: int, n: int, seq_len: int, samples: int, device: torch.device)
 
 
 def quantize_once(weight: torch.Tensor, stats: LayerStats, cfg: QuantConfig) -> None:
-    if cfg.method == "gptq":
-        gptq_quantize(
-            weight,
-            stats.hessian,
-            int(cfg.bits),
-            cfg.group_size,  # type: ignore[arg-type]
-            block_size=cfg.gptq_block,
-            damping=cfg.hessian_damping,
-        )
-    else:
-        quantize_vq(weight, stats, cfg)
+    get_method(cfg.method).quantize_layer(weight, None, stats, cfg)
 
 
 def time_quantize(
@@ -180,7 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Time a LLaMA-7B-shaped block; project 7B GPU-hours.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bits", type=float, action="append", help="repeatable; default 2")
-    ap.add_argument("--method", default="rsavq", choices=["rsavq", "kmeans", "gptq"])
+    ap.add_argument("--method", default="rsavq", choices=[m for m in method_names() if m != "rtn"])
     ap.add_argument("--compensate", action="store_true", help="VQ: VPTQ column-wise compensation")
     ap.add_argument(
         "--fisher",
@@ -210,8 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "calib_len": args.seq_len,
         "seed": args.seed,
     }
-    if args.method != "gptq":
-        overrides["compensate"] = args.compensate
+    if args.compensate:  # a ConfigError for a method without it
+        overrides["compensate"] = True
     cfgs = [QuantConfig.for_method(args.method, bits=b, **overrides) for b in (args.bits or [2.0])]
     want_grads = cfgs[0].needs_gradients()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -256,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows += [(f"quantize {n} (bits {cfg.bits:g})", s, args.blocks) for n, s in per_layer.items()]
         total_h = (stats_s + quant_s) / 3600
         out(
-            f"\n{args.method} bits={cfg.bits:g} fisher={args.fisher} compensate={cfg.compensate} "
+            f"\n{args.method} bits={cfg.bits:g} fisher={args.fisher} "
+            f"compensate={cfg.to_dict().get('compensate', False)} "
             f"samples={args.samples} seq_len={args.seq_len} blocks={args.blocks} scale={args.scale:g}\n"
         )
         out(f"{'stage':<46}{'per unit s':>12}{'count':>8}{'proj. hours':>13}\n")

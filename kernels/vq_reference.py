@@ -22,7 +22,7 @@ def group_extents(packed: PackedVQ) -> list[tuple[int, int, int, int, int]]:
             groups[start][1] = max(groups[start][1], row[COL_STOP])
         else:
             groups[start] = [row[COL_START], row[COL_STOP], row[CODE_BITS], row[WORD_OFFSET], row[CODEBOOK_OFFSET]]
-    return [tuple(g) for g in sorted(groups.values())]  # type: ignore[misc]
+    return [(g[0], g[1], g[2], g[3], g[4]) for g in sorted(groups.values())]
 
 
 def dequantize_reference(packed: PackedVQ, dtype: torch.dtype = torch.float16) -> torch.Tensor:

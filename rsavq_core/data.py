@@ -12,6 +12,7 @@ import importlib.metadata as md
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,14 +58,14 @@ def split_documents(docs: tuple[str, ...]) -> tuple[list[str], list[str]]:
 _TOKEN_CACHE: dict[tuple[str, int, str], list[int]] = {}
 
 
-def _tokenized(tokenizer: object, split: str, docs: list[str]) -> list[int]:
+def _tokenized(tokenizer: Any, split: str, docs: list[str]) -> list[int]:
     """Token ids of the split's documents joined by a blank line, memoised per tokenizer.
 
     Tokenizing the 2 MB text takes seconds; runs and tests ask for it repeatedly.
     """
-    key = (str(getattr(tokenizer, "name_or_path", id(tokenizer))), len(tokenizer), split)  # type: ignore[arg-type]
+    key = (str(getattr(tokenizer, "name_or_path", id(tokenizer))), len(tokenizer), split)
     if key not in _TOKEN_CACHE:
-        ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
         _TOKEN_CACHE[key] = list(ids)
     return _TOKEN_CACHE[key]
 

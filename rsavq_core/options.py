@@ -9,7 +9,6 @@ are ``Literal`` types: their values are read from the annotation, never listed a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import types
 import typing
@@ -77,9 +76,17 @@ class Knob:
         return "an integer" if self.ge is None and self.le is None else f"an integer in {self.interval()}"
 
 
-@functools.cache
+_KNOBS: dict[type, tuple[Knob, ...]] = {}
+
+
 def knobs(cls: type) -> tuple[Knob, ...]:
     """The knobs of a dataclass, in field order (fields declared without ``knob`` are left out)."""
+    if cls not in _KNOBS:
+        _KNOBS[cls] = _read_knobs(cls)
+    return _KNOBS[cls]
+
+
+def _read_knobs(cls: type) -> tuple[Knob, ...]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):

@@ -150,10 +150,11 @@ def save_checkpoint(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    hf: Any = model  # a transformers model: its config is not an nn.Module attribute to a type checker
     try:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+        hf.config.save_pretrained(tmp)
+        if getattr(hf, "generation_config", None) is not None:
+            hf.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_canonical(tensors, tmp / WEIGHTS_FILE, metadata)  # same content, same bytes (sha256)

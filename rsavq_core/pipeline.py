@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from rsavq_core.calibration.cache import StatsKey, StatsStore, compute_statistic
 from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config import QuantConfig
 from rsavq_core.data import calibration_windows, tokens_hash
+from rsavq_core.errors import UnsupportedModelError
 from rsavq_core.formats import QuantizedLayer
 from rsavq_core.methods import get_method
 from rsavq_core.models import find_decoder_layout, load_model, model_fingerprint, resolve_model
@@ -37,7 +39,7 @@ class QuantizeResult:
     model: nn.Module  # the original float model (weights untouched)
     tokenizer: object
     layers: dict[str, QuantizedLayer]  # full dotted linear name -> packed layer
-    reports: dict[str, dict[str, object]]  # per-layer bits / errors / seconds
+    reports: dict[str, dict[str, Any]]  # per-layer bits / errors / seconds
     config: QuantConfig
     model_id: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
@@ -81,7 +83,7 @@ def quantize_layer(
     bias: torch.Tensor | None,  # [M] floating
     stats: LayerStats | None,
     cfg: QuantConfig,
-) -> tuple[QuantizedLayer, dict[str, object]]:
+) -> tuple[QuantizedLayer, dict[str, Any]]:
     """One linear layer by the config's method (``rsavq_core.methods``): the packed layer and its report."""
     return get_method(cfg.method).quantize_layer(weight, bias, stats, cfg)
 
@@ -111,8 +113,11 @@ def quantize_model(
     timings = {"load": time.perf_counter() - started}
     names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(len(layout.blocks)) for n in layout.linear_names(i)]
     ckpt = FinishedLayers(checkpoint_dir, cfg, model_fingerprint(folder)) if checkpoint_dir else None
-    resumed = {full: ckpt.load(full) for _, _, full in names} if ckpt else {}
-    resumed = {full: done for full, done in resumed.items() if done is not None}
+    resumed: dict[str, tuple[QuantizedLayer, dict[str, Any]]] = {}
+    for _, _, full in names:
+        finished = ckpt.load(full) if ckpt is not None else None
+        if finished is not None:
+            resumed[full] = finished
     if resumed:
         log.info("resuming: %d of %d layers already checkpointed", len(resumed), len(names))
 
@@ -124,7 +129,8 @@ def quantize_model(
 
     t0 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
-    reports: dict[str, dict[str, object]] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    block_stats: dict[str, LayerStats] = {}
     loaded_block = -1
     for done, (index, name, full) in enumerate(names):
         if full in resumed:
@@ -134,6 +140,8 @@ def quantize_model(
                 block_stats, loaded_block = store.load_block(index), index
             stats = block_stats.get(name) if store is not None else None
             module = layout.blocks[index].get_submodule(name)
+            if not isinstance(module, nn.Linear):
+                raise UnsupportedModelError(f"{full} is a {type(module).__name__}, not an nn.Linear")
             layers[full], reports[full] = quantize_layer(module.weight.detach(), module.bias, stats, cfg)
             if ckpt is not None:
                 ckpt.save(full, layers[full], reports[full])

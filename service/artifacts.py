@@ -52,6 +52,7 @@ class ArtifactStore:
         name = ARCHIVE_ROOT  # not the job id: two jobs with the same result publish the same bytes
         with open(tmp, "wb") as fh:
             writer = _HashingWriter(fh)
+            # Stream mode only calls write(); typeshed's overloads want a full IO[bytes].
             with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 tar.add(folder, arcname=name, recursive=False, filter=_normalise)
                 for file in sorted(p for p in folder.rglob("*") if p.is_file()):

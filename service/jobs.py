@@ -14,9 +14,9 @@ re-queues the job like any other.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import CursorResult, Update, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import Job, JobEvent, JobLayer, utcnow
@@ -30,10 +30,15 @@ def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) ->
     session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=utcnow()))
 
 
+def updated_rows(session: Session, statement: Update) -> int:
+    """How many rows an UPDATE changed (an UPDATE's result is a cursor result)."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
 def _move(session: Session, job_id: str, where: Any, values: dict[str, Any], event: dict[str, Any]) -> bool:
     """UPDATE jobs SET values WHERE id = job_id AND where; record the event if a row moved. Commits."""
     values = {**values, "updated_at": utcnow()}
-    moved = session.execute(update(Job).where(Job.id == job_id, where).values(**values)).rowcount == 1
+    moved = updated_rows(session, update(Job).where(Job.id == job_id, where).values(**values)) == 1
     if moved:
         add_event(session, job_id, "status", event)
     session.commit()
@@ -67,14 +72,12 @@ def claim(session: Session, job_id: str, worker: str, lease_seconds: float) -> b
 def hand_off(session: Session, job_id: str, worker: str, stage: str, lease_seconds: float) -> bool:
     """The holder lets go of a running job so that the next step's task can claim it."""
     lease = utcnow() + dt.timedelta(seconds=lease_seconds)
-    moved = (
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
-            .values(worker=None, stage=stage, lease_until=lease, eta_seconds=None, updated_at=utcnow())
-        ).rowcount
-        == 1
+    statement = (
+        update(Job)
+        .where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
+        .values(worker=None, stage=stage, lease_until=lease, eta_seconds=None, updated_at=utcnow())
     )
+    moved = updated_rows(session, statement) == 1
     if moved:
         add_event(
             session, job_id, "progress", {"stage": stage, "done": 0, "total": 0, "percent": 0.0, "eta_seconds": None}
@@ -86,11 +89,10 @@ def hand_off(session: Session, job_id: str, worker: str, stage: str, lease_secon
 def renew_lease(session: Session, job_id: str, worker: str, lease_seconds: float) -> bool:
     """Extend the lease; False when the job is no longer this worker's (taken over, cancelled)."""
     lease = utcnow() + dt.timedelta(seconds=lease_seconds)
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING).values(lease_until=lease)
-    )
+    statement = update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
+    renewed = updated_rows(session, statement.values(lease_until=lease))
     session.commit()
-    return result.rowcount == 1
+    return renewed == 1
 
 
 def finish(session: Session, job_id: str, worker: str, status: str, *, error: str | None = None, **values: Any) -> bool:

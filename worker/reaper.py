@@ -36,11 +36,8 @@ def reap_once(sessions: sessionmaker, send: Callable[[str], None], requeue_after
         waited = now - dt.timedelta(seconds=requeue_after_seconds)
         lost = session.scalars(select(Job.id).where(Job.status == machine.QUEUED, Job.enqueued_at < waited)).all()
         for job_id in lost:
-            moved = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == machine.QUEUED, Job.enqueued_at < waited)
-                .values(enqueued_at=now)
-            ).rowcount
+            statement = update(Job).where(Job.id == job_id, Job.status == machine.QUEUED, Job.enqueued_at < waited)
+            moved = machine.updated_rows(session, statement.values(enqueued_at=now))
             session.commit()
             if moved:
                 sent.append(job_id)

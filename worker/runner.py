@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
 from rsavq_core.config import QuantConfig
@@ -191,7 +191,7 @@ def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, report
     }
     with ctx.sessions() as session:
         session.merge(Artifact(job_id=job.id, path=relative, size=size, sha256=sha256))
-        session.execute(Job.__table__.update().where(Job.id == job.id).values(effective_bpw=bits["quantized"]["bpw"]))
+        session.execute(update(Job).where(Job.id == job.id).values(effective_bpw=bits["quantized"]["bpw"]))
         session.commit()
     _merge_metrics(ctx, job.id, metrics)
     log.info("job %s: published %s (%d bytes, sha256 %s)", job.id, relative, size, sha256[:12])

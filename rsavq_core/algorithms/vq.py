@@ -112,14 +112,13 @@ def quantize_vq(
     n_vec = -(-m // v)
     pad = n_vec * v - m
 
-    def prep(x: torch.Tensor | None, fill: float) -> torch.Tensor | None:
-        """Permute columns and pad rows: [M, N] -> [M_pad, N]."""
-        if x is None:
-            return None
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        """Permute columns and pad rows with zeros: [M, N] -> [M_pad, N]."""
         x = x[:, alloc.perm]
-        return torch.cat([x, x.new_full((pad, n), fill)]) if pad else x
+        return torch.cat([x, x.new_zeros((pad, n))]) if pad else x
 
-    t_p, w_p, om_p = prep(target, 0.0), prep(w, 0.0), prep(omega, 0.0)
+    t_p, w_p = prep(target), prep(w)
+    om_p = prep(omega) if omega is not None else None
     if om_p is None and pad:
         # Padded rows must not pull centroids: give them zero weight even in the Euclidean metric.
         om_p = torch.ones_like(t_p)

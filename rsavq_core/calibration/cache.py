@@ -118,7 +118,9 @@ class StatsStore:
         for name in names:
             tau, n_samples, n_tokens = raw[f"{name}::tau"].tolist()
             out[name] = LayerStats(
-                *(raw.get(f"{name}::{f}") for f in _FIELDS[:3]),
+                grad_mean=raw.get(f"{name}::grad_mean"),
+                fisher_out=raw.get(f"{name}::fisher_out"),
+                fisher_in=raw.get(f"{name}::fisher_in"),
                 tau=tau,
                 hessian=raw.get(f"{name}::hessian"),
                 n_samples=int(n_samples),

@@ -26,7 +26,9 @@ How (memory ≈ one block plus its statistics, plus the block-boundary activatio
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +111,11 @@ class _Accumulator:
 
 
 def _first_tensor(output: object) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[return-value]
+    """The hidden states of a block's output (a tensor, or a tuple/list starting with one)."""
+    first = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(first, torch.Tensor):
+        raise CalibrationError(f"a decoder block returned {type(first).__name__}, not its hidden states")
+    return first
 
 
 def _replace_first(output: object, value: torch.Tensor) -> object:
@@ -140,7 +146,7 @@ def _sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def record_block_inputs(
     model: nn.Module, tokens: torch.Tensor, *, micro_batch: int, want_grads: bool, progress: Progress | None = None
-):  # type: ignore[no-untyped-def]
+) -> tuple[list[list[torch.Tensor]], list[list[dict[str, object]]], list[torch.Tensor] | None]:
     """Pass 1. tokens: [S, T] int64. Returns (inputs[l][b], kwargs[l][b], out_grads[b] | None)."""
     blocks = find_decoder_layout(model).blocks
     batches = list(torch.split(tokens, micro_batch))
@@ -148,15 +154,15 @@ def record_block_inputs(
     kwargs: list[list[dict[str, object]]] = [[] for _ in blocks]
     tail: list[torch.Tensor] = []
 
-    def pre_hook(index: int):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: tuple, kw: dict) -> None:  # type: ignore[type-arg]
+    def pre_hook(index: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
             hidden = args[0] if args else kw["hidden_states"]
             inputs[index].append(hidden.detach())
             kwargs[index].append(_detach_kwargs(kw))
 
         return hook
 
-    def last_hook(module: nn.Module, args: tuple, output: object) -> object:  # type: ignore[type-arg]
+    def last_hook(module: nn.Module, args: tuple[Any, ...], output: object) -> object:
         leaf = _first_tensor(output).detach().requires_grad_(want_grads)
         tail.append(leaf)
         return _replace_first(output, leaf)
@@ -204,6 +210,7 @@ def block_statistics(
     Returns the statistics of each linear (by name relative to the block) and the gradients
     w.r.t. the block's inputs (the next lower block's output gradients), or None without grads.
     """
+    grads = out_grads or []
     want_grads = out_grads is not None
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     acc = {n: _Accumulator(fisher, want_grads) for n in linears}
@@ -211,8 +218,8 @@ def block_statistics(
     hessian_by_input: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share one input tensor
     deltas: dict[str, torch.Tensor] = {}
 
-    def fwd_hook(name: str):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:  # type: ignore[type-arg]
+    def fwd_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             x = args[0].detach()
             seen_x[name] = x
             key = x.data_ptr()
@@ -229,12 +236,14 @@ def block_statistics(
     in_grads: list[torch.Tensor] = []
     try:
         for b, (x, kw) in enumerate(zip(inputs, kwargs, strict=True)):
-            seen_x.clear(), deltas.clear(), hessian_by_input.clear()
+            seen_x.clear()
+            deltas.clear()
+            hessian_by_input.clear()
             if want_grads:
                 leaf = x.detach().requires_grad_(True)
                 with torch.enable_grad():
                     out = _first_tensor(block(leaf, **kw))
-                    (g_in,) = torch.autograd.grad(out, leaf, grad_outputs=out_grads[b])  # type: ignore[index]
+                    (g_in,) = torch.autograd.grad(out, leaf, grad_outputs=grads[b])
                 in_grads.append(g_in.detach())
                 for name in linears:
                     if name not in deltas:

@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer; quantized modules may hold only buffers)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

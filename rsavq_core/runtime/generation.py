@@ -151,11 +151,12 @@ def stream_completion(
     if params.seed is not None:
         torch.manual_seed(params.seed)
     result: dict[str, Any] = {}
+    hf: Any = model  # a transformers model: generate() is not an nn.Module method to a type checker
 
     def run() -> None:
         try:
             with torch.inference_mode():
-                result["ids"] = model.generate(
+                result["ids"] = hf.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     streamer=stops,

@@ -70,10 +70,14 @@ class QuantLinear(nn.Module):
     def _format_buffers(self) -> dict[str, torch.Tensor]:
         return {name: t for name, t in self._buffers.items() if name != "bias" and t is not None}
 
+    def _bias(self) -> torch.Tensor | None:
+        """[M] float16 or None (``self.bias`` reads as any module attribute to a type checker)."""
+        return self._buffers["bias"]
+
     def to_layer(self) -> QuantizedLayer:
         """The in-memory layer (unpacked indices/codes) on the buffers' device."""
         layer: QuantizedLayer = self.format.from_buffers(
-            self.spec, self._format_buffers(), self.out_features, self.in_features, self.bias
+            self.spec, self._format_buffers(), self.out_features, self.in_features, self._bias()
         )
         return layer
 
@@ -110,8 +114,8 @@ class QuantLinear(nn.Module):
                 dequantize=self.format.kernel_dequantize,
                 policy=kernel_policy(),
             )
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self._dense_weight(x.dtype, x.device), bias)
+        bias = self._bias()
+        return F.linear(x, self._dense_weight(x.dtype, x.device), bias.to(x.dtype) if bias is not None else None)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
         # .to() / .cuda() / .half() all go through _apply: a cached weight would be stale.

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 import httpx
@@ -77,7 +77,7 @@ def _upstream_error(status: int, raw: bytes) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-async def _events(client: httpx.AsyncClient, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def _events(client: httpx.AsyncClient, payload: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
     """The generation server's events for one prompt: {"text": delta}..., then the final result."""
     async with aconnect_sse(client, "POST", "/generate", json={**payload, "stream": True}) as source:
         if source.response.status_code != 200:

@@ -25,8 +25,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-
 
 def _field(k: Knob, description: str) -> tuple[Any, Any]:
     """The request field of one knob: optional (None = the method's default), bounds and choices in the schema."""
-    # Choices come from the registry at import time, so the Literal is built at run time.
-    kind: Any = Literal[k.choices] if k.choices is not None else k.base  # type: ignore[valid-type]
+    # Choices come from the knob's type, so the Literal is built at run time.
+    kind: Any = Literal[k.choices] if k.choices is not None else k.base
     return kind | None, Field(None, ge=k.ge, gt=k.gt, le=k.le, description=description)
 
 
@@ -41,6 +41,7 @@ def _quant_fields() -> dict[str, Any]:
 class EvalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     perplexity: bool = Field(True, description="FP and quantized perplexity on wiki-holdout-512")
+    # A Literal of a tuple constant: valid at run time, not a literal type to mypy.
     zero_shot: list[Literal[ZERO_SHOT_TASKS]] | Literal["all"] | None = Field(  # type: ignore[valid-type]
         None, description="zero-shot tasks to score (slow: minutes per task on a CPU)"
     )
@@ -51,7 +52,7 @@ class EvalOptions(BaseModel):
 QuantOptions = create_model("QuantOptions", __config__=ConfigDict(extra="forbid"), **_quant_fields())
 
 
-class JobOptions(QuantOptions):  # type: ignore[misc, valid-type]
+class JobOptions(QuantOptions):
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
 
 
@@ -59,7 +60,8 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
     bits: float = Field(..., ge=MIN_BITS, le=MAX_BITS, description="target average bits per weight")
-    method: Literal[method_names()] = Field(  # type: ignore[valid-type]  # the registry's names, at import time
+    # The registry's names at import time: a run-time Literal, not a literal type to mypy.
+    method: Literal[method_names()] = Field(  # type: ignore[valid-type]
         "rsavq", description="quantization method: " + "; ".join(f"{m.name}: {m.summary}" for m in methods())
     )
     name: str | None = Field(

@@ -90,9 +90,10 @@ class CompletionRequest(_Sampling):
         p = self.prompt
         if isinstance(p, str):
             return [{"prompt": p}]
-        if all(isinstance(x, int) for x in p):
-            return [{"prompt_ids": list(p)}]
-        return [{"prompt": x} if isinstance(x, str) else {"prompt_ids": list(x)} for x in p]
+        items: list[Any] = list(p)
+        if all(isinstance(x, int) for x in items):
+            return [{"prompt_ids": items}]
+        return [{"prompt": x} if isinstance(x, str) else {"prompt_ids": list(x)} for x in items]
 
 
 class ContentPart(BaseModel):

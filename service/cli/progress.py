@@ -44,10 +44,10 @@ class JobEvents:
     def __init__(self, enabled: bool = True) -> None:
         self.bars = StageBars(enabled)
 
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "progress" and data.get("total"):
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "progress" and data.get("total"):
             self.bars(str(data.get("stage", "")), int(data.get("done", 0)), int(data["total"]))
-        elif kind == "status":
+        elif event == "status":
             self.bars.close()
             error = f": {data['error']}" if data.get("error") else ""
             self.bars.note(f"job {data.get('status')}{error}")

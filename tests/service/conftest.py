@@ -25,7 +25,7 @@ def settings(tmp_path: Path) -> Settings:
             "broker_url": f"sqla+sqlite:///{tmp_path / 'data' / 'broker.db'}",
             "artifact_dir": tmp_path / "data" / "artifacts",
             "sse_poll_seconds": 0.05,
-            "auth_cache_seconds": 0.0,
+            "auth_cache_s": 0.0,
         }
     )
     s.ensure_dirs()

@@ -55,6 +55,8 @@ def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, 
         ({**JOB, "method": "rtn", "bits": 2.5}, "bits"),  # QuantConfig's own rule: scalar methods take whole bits
         ({**JOB, "options": {"vector_len": 5}}, "vector_len"),
         ({**JOB, "options": {"evaluation": {"zero_shot": ["mmlu"]}}}, "zero_shot"),
+        ({**JOB, "options": {"allocation": "greedy"}}, "allocation"),  # an enum in the schema
+        ({**JOB, "method": "rtn", "bits": 4, "options": {"kmeans_iters": 3}}, "method rtn has no option kmeans_iters"),
     ],
 )
 def test_bad_input_is_a_422_that_names_the_problem(api, keys, body, fragment) -> None:  # type: ignore[no-untyped-def]
@@ -225,6 +227,26 @@ def test_openapi_documents_the_quantization_knobs(api) -> None:  # type: ignore[
     knobs = schema["components"]["schemas"]["JobOptions"]["properties"]
     assert {"lam", "vector_len", "calib_samples", "evaluation"} <= set(knobs)
     assert api.get("/docs").status_code == 200
+
+
+def test_openapi_shows_choices_as_enums_and_bounds(api) -> None:  # type: ignore[no-untyped-def]
+    from rsavq_core.config import shared_knobs
+    from rsavq_core.methods import method_names, option_knobs
+
+    schemas = api.get("/openapi.json").json()["components"]["schemas"]
+    knobs = schemas["JobOptions"]["properties"]
+
+    def variant(prop: dict, key: str) -> dict:  # the non-null branch of an optional field
+        return next(v for v in prop.get("anyOf", [prop]) if key in v)
+
+    assert variant(knobs["allocation"], "enum")["enum"] == ["proportional", "additive", "uniform"]
+    assert variant(knobs["fisher"], "enum")["enum"] == ["exact", "kfac"]
+    assert variant(schemas["JobRequest"]["properties"]["method"], "enum")["enum"] == list(method_names())
+    assert variant(knobs["kmeans_iters"], "type") == {"type": "integer", "minimum": 1}
+    assert variant(knobs["lam"], "type") == {"type": "number", "minimum": 0.0, "maximum": 10.0}
+    # Every knob of every method, and every shared one but bits (top level), is a documented option.
+    expected = {k.name for k in shared_knobs()} - {"bits"} | set(option_knobs())
+    assert expected <= set(knobs) and all(knobs[name].get("description") for name in expected)
 
 
 def test_the_api_process_never_imports_torch(settings) -> None:  # type: ignore[no-untyped-def]

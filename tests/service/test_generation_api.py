@@ -7,7 +7,6 @@ succeeded job. Answers are checked against the library generating from the same 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import socket
 import threading
@@ -86,11 +85,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
 
     root = tmp_path_factory.mktemp("data")
     settings = Settings.from_env(root)
-    settings = dataclasses.replace(
-        settings,
-        database_url=f"sqlite:///{root / 'rsavq.db'}",
-        broker_url=f"sqla+sqlite:///{root / 'broker.db'}",
-        artifact_dir=root / "artifacts",
+    settings = settings.model_copy(
+        update=dict(
+            database_url=f"sqlite:///{root / 'rsavq.db'}",
+            broker_url=f"sqla+sqlite:///{root / 'broker.db'}",
+            artifact_dir=root / "artifacts",
+        )
     )
     settings.ensure_dirs()
     upgrade(settings.database_url)
@@ -120,7 +120,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
         session.add(Artifact(job_id=done_id, path=relative, size=size, sha256=sha))
         session.commit()
     with _Server(create_generation_app(settings, device="cpu", memory_gb=4)) as gen_url:
-        api_settings = dataclasses.replace(settings, generation_url=gen_url)
+        api_settings = settings.model_copy(update=dict(generation_url=gen_url))
         with _Server(create_app(api_settings)) as api_url:
             yield {
                 "url": api_url,

@@ -56,7 +56,7 @@ def dist_settings(tmp_path: Path, pg_url: str, redis_url: str) -> Iterator[Setti
             "broker_url": redis_url,
             "artifact_dir": tmp_path / "artifacts",
             "lease_seconds": 3.0,
-            "requeue_after_seconds": 20.0,
+            "requeue_after_s": 20.0,
             "sse_poll_seconds": 0.1,
         }
     )

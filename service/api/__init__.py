@@ -1,0 +1,1 @@
+"""The HTTP layer: the FastAPI app, its routes, schemas, authentication and middleware."""
