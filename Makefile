@@ -3,12 +3,13 @@
 #               broker), submit the bundled model at 2 bits over HTTP, follow, download, verify
 #   make test   the default test suite, including the integration tests against the real Redis
 #               and PostgreSQL on 127.0.0.1 (skipped, saying so, when they are not reachable)
+# `make check` runs what CI runs before the tests: lint, format, types, import contracts.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-cli test test-slow test-all install clean
+.PHONY: demo demo-cli test test-slow check install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml requirements-assets.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,dev]"
 	$(BIN)/pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
@@ -32,6 +33,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow and not gpu" -q
+
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 demo-cli: $(STAMP)
 	$(BIN)/python scripts/demo_cli.py
