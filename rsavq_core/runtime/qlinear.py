@@ -10,7 +10,6 @@ Everywhere else the reference path dequantizes the weight once, caches it and ca
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,18 +22,20 @@ from rsavq_core.errors import ConfigError
 from rsavq_core.formats import QuantizedLayer, format_of
 from rsavq_core.settings import CoreSettings, get_settings
 
-
-@functools.lru_cache(maxsize=4)
-def _policy_of(settings: CoreSettings) -> KernelPolicy:
-    try:
-        return KernelPolicy(settings.kernels, settings.gemv_max_tokens, settings.triton_interpret)
-    except ValueError as exc:
-        raise ConfigError(f"RSAVQ_KERNELS: {exc}") from exc
+_policy: tuple[CoreSettings, KernelPolicy] | None = None
 
 
 def kernel_policy() -> KernelPolicy:
-    """The process's kernel policy, from its settings (built once per settings object)."""
-    return _policy_of(get_settings())
+    """The process's kernel policy, built once per settings object (every forward asks for it)."""
+    global _policy
+    settings = get_settings()
+    if _policy is None or _policy[0] is not settings:
+        try:
+            policy = KernelPolicy(settings.kernels, settings.gemv_max_tokens, settings.triton_interpret)
+        except ValueError as exc:
+            raise ConfigError(f"RSAVQ_KERNELS: {exc}") from exc
+        _policy = (settings, policy)
+    return _policy[1]
 
 
 class QuantLinear(nn.Module):
