@@ -1,0 +1,1 @@
+"""RSAVQ: the quantization library (methods, formats, calibration, evaluation, runtime). See ARCHITECTURE.md."""

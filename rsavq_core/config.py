@@ -71,6 +71,8 @@ class QuantConfig:
         chosen = get_method(method)
         shared = {f.name for f in dataclasses.fields(cls)} - {"method", "options"}
         own = set(option_names(chosen))
+        if own & shared:  # a method's option may not shadow a shared knob: one flag, one field per name
+            raise TypeError(f"method {method} declares shared knob(s) {sorted(own & shared)} as its own options")
         stray = sorted(set(knobs_) - shared - own)
         if stray:
             raise ConfigError(_stray_message(method, stray))
