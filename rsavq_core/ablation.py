@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from rsavq_core.config import QuantConfig
-from rsavq_core.errors import ConfigError, RSAVQError
-from rsavq_core.runs import evaluate_summary, parse_tasks, quantize_summary
-from rsavq_core.settings import configure, get_settings
+from rsavq_core.errors import ConfigError
+from rsavq_core.runs import evaluate_summary, in_fresh_process, parse_tasks, quantize_summary
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +40,6 @@ DISPLAY_ORDER = [
     "RSAVQ + compensation",
     "RSAVQ, effective budget",
 ]
-
-
-def _in_fresh_process(label: str, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``fn(*args, **kwargs)`` in a new process with this process's settings."""
-    log.info("ablation row %s", label)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, initializer=configure, initargs=(get_settings(),)) as pool:
-        try:
-            return pool.submit(fn, *args, **kwargs).result()
-        except RSAVQError as exc:
-            raise RSAVQError(f"ablation row {label!r} failed: {exc}") from exc
 
 
 def _eval_flags(tasks: str | None, limit: int | None, windows: int | None) -> list[str]:
@@ -92,7 +77,7 @@ def run_ablation(
     done = _finished_rows(out_dir / "ablation.json", model, flags)
     t0 = time.perf_counter()
     if not any(r["label"] == "FP" for r in done):
-        fp = _in_fresh_process("FP", evaluate_summary, model, evaluation)
+        fp = in_fresh_process("FP", evaluate_summary, model, evaluation)
         fp_eval = {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}
         done.append({"target_bits": None, "label": "FP", "eval_flags": flags, "eval": fp_eval})
     for b in bits:
@@ -102,7 +87,7 @@ def run_ablation(
             if any(r["label"] == label and r["target_bits"] == b for r in done):
                 continue  # resumed: this row finished in an earlier run with the same evaluation
             cfg = QuantConfig.for_method(method, bits=b, **knobs, **calib)  # validated before the row starts
-            summary = _in_fresh_process(label, quantize_summary, model, cfg, evaluation=evaluation)
+            summary = in_fresh_process(label, quantize_summary, model, cfg, evaluation=evaluation)
             done.append({"target_bits": b, "label": label, "eval_flags": flags, **summary})
             _write(out_dir, model, done, limit)  # partial results survive a crash
     result = {"model": model, "rows": done, "seconds": time.perf_counter() - t0}

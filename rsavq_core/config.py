@@ -27,6 +27,7 @@ MIN_BITS, MAX_BITS = 1.0, 8.0
 # The paper's five zero-shot tasks (here, not in evaluation/, so torch-free callers can validate names).
 ZERO_SHOT_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
 FisherForm = Literal["exact", "kfac"]
+CalibSampling = Literal["random", "first"]
 OptionsT = TypeVar("OptionsT", bound=MethodOptions)
 
 
@@ -40,6 +41,9 @@ class QuantConfig:
     # about 10 minutes of backward passes alone on 2 CPU cores (measured in the README).
     calib_samples: int = knob(32, "calibration windows", ge=1)
     calib_len: int = knob(512, "tokens per calibration window", ge=2)
+    calib_sampling: CalibSampling = knob(
+        "random", "calibration windows: drawn across the whole calibration split (seeded), or the first in file order"
+    )
     fisher: FisherForm = knob("exact", "Fisher factors: per-sequence gradients [P A.9] or textbook K-FAC (spec §3.3)")
     seed: int = knob(0, "seed of every random choice (k-means initialisation, subsampling)")
     options: MethodOptions | None = None  # the method's options; None = its defaults

@@ -83,10 +83,31 @@ def token_windows(ids: list[int], n_windows: int, length: int) -> torch.Tensor:
     return torch.tensor(ids[: n_windows * length], dtype=torch.long).view(n_windows, length)
 
 
-def calibration_windows(tokenizer: object, n_windows: int, length: int) -> torch.Tensor:
-    """[n_windows, length] int64 calibration tokens (calibration documents only)."""
+def sampled_windows(ids: list[int], n_windows: int, length: int, seed: int) -> torch.Tensor:
+    """``n_windows`` of the text's non-overlapping windows of ``length`` tokens, drawn uniformly
+    without replacement (seeded) and kept in text order, [n, length] int64."""
+    available = len(ids) // max(length, 1)
+    if not 1 <= n_windows <= available or length < 2:
+        return token_windows(ids, n_windows, length)  # raises CalibrationError saying what fits
+    every = token_windows(ids, available, length)
+    chosen = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_windows]
+    return every[chosen.sort().values]
+
+
+def calibration_windows(
+    tokenizer: object, n_windows: int, length: int, *, sampling: str = "random", seed: int = 0
+) -> torch.Tensor:
+    """[n_windows, length] int64 calibration tokens (calibration documents only).
+
+    ``sampling="random"`` draws the windows across the whole calibration split (seeded): the first
+    windows in file order are a handful of articles, and GPTQ fits them rather than the text
+    (``shared/docs/quality_notes.md`` §2). ``"first"`` takes the first windows in file order.
+    """
     calib, _ = split_documents(wiki_documents())
-    return token_windows(_tokenized(tokenizer, "calibration", calib), n_windows, length)
+    ids = _tokenized(tokenizer, "calibration", calib)
+    if sampling == "first":
+        return token_windows(ids, n_windows, length)
+    return sampled_windows(ids, n_windows, length, seed)
 
 
 def evaluation_windows(tokenizer: object, n_windows: int = EVAL_WINDOWS, length: int = EVAL_LEN) -> torch.Tensor:

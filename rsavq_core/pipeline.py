@@ -63,7 +63,9 @@ def calibration_store(
     progress: Progress | None = None,
 ) -> tuple[StatsStore, bool]:
     """The statistics the config needs, from the cache when possible. Returns (store, was_cached)."""
-    tokens = calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_len)
+    tokens = calibration_windows(
+        tokenizer, cfg.calib_samples, cfg.calib_len, sampling=cfg.calib_sampling, seed=cfg.seed
+    )
     key = StatsKey(
         fingerprint=model_fingerprint(folder),
         tokens_hash=tokens_hash(tokens),

@@ -6,11 +6,19 @@ processes, one per row, so that each row's peak memory is its own.
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from rsavq_core.config import ZERO_SHOT_TASKS, QuantConfig
+from rsavq_core.errors import RSAVQError
 from rsavq_core.progress import Progress
+from rsavq_core.settings import configure, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def parse_tasks(tasks: str | None) -> list[str] | None:
@@ -70,3 +78,17 @@ def evaluate_summary(target: str, evaluation: dict[str, Any], progress: Progress
 
     model, tokenizer, info = load_any(target)
     return {**info, **evaluate_model(model, tokenizer, progress=progress, **evaluation)}
+
+
+def in_fresh_process(label: str, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``fn(*args, **kwargs)`` in a new process (spawned) with this process's settings.
+
+    Its peak memory is then its own (``peak_rss_gb`` in a summary measures one run, not a series).
+    """
+    log.info("run %s", label)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=configure, initargs=(get_settings(),)) as pool:
+        try:
+            return pool.submit(fn, *args, **kwargs).result()
+        except RSAVQError as exc:
+            raise RSAVQError(f"run {label!r} failed: {exc}") from exc

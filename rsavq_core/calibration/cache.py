@@ -28,8 +28,8 @@ from rsavq_core.models import cache_root, find_decoder_layout
 from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)
-STATS_VERSION = "1"
-_FIELDS = ("grad_mean", "fisher_out", "fisher_in", "hessian")
+STATS_VERSION = "2"  # 2: the first-token Hessian
+_FIELDS = ("grad_mean", "fisher_out", "fisher_in", "hessian", "hessian_first")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,7 @@ class StatsStore:
                 fisher_in=raw.get(f"{name}::fisher_in"),
                 tau=tau,
                 hessian=raw.get(f"{name}::hessian"),
+                hessian_first=raw.get(f"{name}::hessian_first"),
                 n_samples=int(n_samples),
                 n_tokens=int(n_tokens),
             )

@@ -52,6 +52,27 @@ class LayerStats:
     hessian: torch.Tensor | None  # [N, N] float32, mean over tokens of x xᵀ
     n_samples: int
     n_tokens: int
+    # [N, N] float32, mean over windows of x₀x₀ᵀ, x₀ the window's first token: the attention sink,
+    # whose rare input direction a plain token mean underweights (``sink_protected_hessian``).
+    hessian_first: torch.Tensor | None = None
+
+
+def sink_protected_hessian(stats: LayerStats, sink_weight: float) -> torch.Tensor:
+    """[N, N] float32: H with each window's first token counted ``1 + sink_weight`` times.
+
+    H is a mean over all S·T tokens, so one more count of every first token adds
+    (sink_weight / T) · E_s[x₀x₀ᵀ]. The first token of a window is the attention sink: nearly every
+    query reads its value, yet its input direction is rare, so an error-minimiser over H (GPTQ, the
+    VQ compensation) moves error into it (``shared/docs/quality_notes.md`` §1).
+    """
+    if stats.hessian is None:
+        raise CalibrationError("these statistics hold no activation Hessian")
+    if sink_weight == 0:
+        return stats.hessian
+    if stats.hessian_first is None:
+        raise CalibrationError("these statistics hold no first-token Hessian (recompute them)")
+    tokens_per_window = stats.n_tokens / max(stats.n_samples, 1)
+    return stats.hessian + (sink_weight / tokens_per_window) * stats.hessian_first
 
 
 class _Accumulator:
@@ -69,10 +90,15 @@ class _Accumulator:
         else:
             self.sums[key] = value.clone()
 
-    def add_inputs(self, x: torch.Tensor, hessian: torch.Tensor | None = None) -> None:
-        """x: [B, T, N]; ``hessian`` (xᵀx [N, N] of the same x) is reused when a sibling computed it."""
+    def add_inputs(
+        self, x: torch.Tensor, hessian: torch.Tensor | None = None, first: torch.Tensor | None = None
+    ) -> None:
+        """x: [B, T, N]; ``hessian`` (xᵀx [N, N]) and ``first`` (x₀ᵀx₀ [N, N] of the first tokens) of
+        the same x are reused when a sibling layer with the same input computed them."""
         flat = x.reshape(-1, x.shape[-1]).float()
         self._add("xx", hessian if hessian is not None else flat.T @ flat)
+        x0 = x[:, 0, :].float()
+        self._add("x0", first if first is not None else x0.T @ x0)
         self.n_tokens += flat.shape[0]
         self.n_samples += x.shape[0]
 
@@ -98,16 +124,16 @@ class _Accumulator:
         if self.n_samples == 0:
             raise CalibrationError("a linear layer saw no calibration data")
         s, t = self.n_samples, self.n_tokens
-        hessian = self.sums["xx"] / t
+        hessian, first = self.sums["xx"] / t, self.sums["x0"] / s
         if not self.want_grads:
-            return LayerStats(None, None, None, 0.0, hessian, s, t)
+            return LayerStats(None, None, None, 0.0, hessian, s, t, first)
         g = self.sums["g"] / s
         if self.fisher == "exact":
             fo, fi, tau = self.sums["fo"] / s, self.sums["fi"] / s, self.tau / s
         else:
             # δ are gradients of per-sequence means: E_t[δδᵀ] = sums/t, scaled by T (see module doc).
             fo, fi, tau = self.sums["dd"] / t * seq_len, hessian, 1.0
-        return LayerStats(g, fo, fi, tau, hessian, s, t)
+        return LayerStats(g, fo, fi, tau, hessian, s, t, first)
 
 
 def _first_tensor(output: object) -> torch.Tensor:
@@ -215,7 +241,9 @@ def block_statistics(
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     acc = {n: _Accumulator(fisher, want_grads) for n in linears}
     seen_x: dict[str, torch.Tensor] = {}
-    hessian_by_input: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share one input tensor
+    # q/k/v (and gate/up) share one input tensor: its Gram matrices are computed once, keyed by the
+    # tensor's address, which is unique while seen_x keeps every input of the batch alive.
+    hessian_by_input: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     deltas: dict[str, torch.Tensor] = {}
 
     def fwd_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
@@ -224,9 +252,9 @@ def block_statistics(
             seen_x[name] = x
             key = x.data_ptr()
             if key not in hessian_by_input:
-                flat = x.reshape(-1, x.shape[-1]).float()
-                hessian_by_input[key] = flat.T @ flat
-            acc[name].add_inputs(x, hessian_by_input[key])
+                flat, x0 = x.reshape(-1, x.shape[-1]).float(), x[:, 0, :].float()
+                hessian_by_input[key] = (flat.T @ flat, x0.T @ x0)
+            acc[name].add_inputs(x, *hessian_by_input[key])
             if want_grads and output.requires_grad:
                 output.register_hook(lambda g: deltas.__setitem__(name, g.detach()))
 

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 class GPTQOptions(RTNOptions):
     gptq_block: int = knob(128, "columns per lazy block update", ge=1)
     hessian_damping: float = knob(0.01, "percent damping of the activation Hessian (GPTQ / VPTQ)", gt=0.0, le=10.0)
+    act_order: bool = knob(False, "quantize columns by decreasing Hessian diagonal (groups keep their order)")
+    sink_weight: float = knob(
+        0.0, "extra count of each window's first token (the attention sink) in the Hessian, in tokens", ge=0.0
+    )
 
 
 @register_method
@@ -37,7 +41,9 @@ class GPTQ(RTN):
     def quantize_layer(
         self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, cfg: QuantConfig
     ) -> tuple[QuantizedLayer, dict[str, Any]]:
+        from rsavq_core.algorithms.linalg import hessian_relative_error
         from rsavq_core.algorithms.scalar import gptq_quantize
+        from rsavq_core.calibration.statistics import sink_protected_hessian
 
         if stats is None or stats.hessian is None:
             raise CalibrationError("gptq needs the activation Hessian")
@@ -45,13 +51,16 @@ class GPTQ(RTN):
         started = time.perf_counter()
         layer, info = gptq_quantize(
             weight.float(),
-            stats.hessian,
+            sink_protected_hessian(stats, o.sink_weight),
             int(cfg.bits),
             o.group_size,
             block_size=o.gptq_block,
             damping=o.hessian_damping,
+            act_order=o.act_order,
             bias=bias,
         )
+        if o.sink_weight:  # report the error under the plain token mean: the output error on calibration text
+            info["proxy_loss"] = hessian_relative_error(weight, layer.dequantize(), stats.hessian)
         report = {
             "bits": [int(cfg.bits)],
             "hessian_error": info["proxy_loss"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,13 @@ import torch.nn.functional as F
 
 from rsavq_core.calibration import cache as stats_cache
 from rsavq_core.calibration.cache import StatsKey, StatsStore, compute_statistics
-from rsavq_core.calibration.statistics import LayerStats, block_statistics, record_block_inputs
+from rsavq_core.calibration.statistics import (
+    LayerStats,
+    block_statistics,
+    record_block_inputs,
+    sink_protected_hessian,
+)
+from rsavq_core.errors import CalibrationError
 from rsavq_core.data import tokens_hash
 from rsavq_core.models import find_decoder_layout, quantizable_linears
 
@@ -91,6 +98,8 @@ def reference(tiny_llama: Any, tokens: torch.Tensor) -> dict[str, dict[str, Any]
             "fisher_in": torch.einsum("smn,smk->nk", g, g) / S,
             "tau": float((g * g).sum() / S),
             "hessian": x.T @ x / x.shape[0],
+            # each sequence's first token: the attention sink
+            "hessian_first": x[::T].T @ x[::T] / S,
             "kfac_out": T * (d.T @ d) / d.shape[0],
             # sanity of the reference itself: G_s = δ_sᵀ X_s
             "g_from_delta": torch.stack([d[s * T : (s + 1) * T].T @ x[s * T : (s + 1) * T] for s in range(S)]).mean(0),
@@ -170,6 +179,23 @@ def test_hessian_only(tiny_llama: Any, tokens: torch.Tensor, reference: dict[str
     for name, st in stats.items():
         assert st.grad_mean is None and st.fisher_out is None and st.fisher_in is None
         close(st.hessian, reference[name]["hessian"])
+        close(st.hessian_first, reference[name]["hessian_first"])
+
+
+def test_sink_protection_counts_first_tokens_more(tiny_llama: Any, tokens: torch.Tensor) -> None:
+    """H + (w / T) E[x₀x₀ᵀ] is the token-mean Hessian of the same windows with every first token
+    repeated w more times; w = 0 leaves H as it is."""
+    model, _ = tiny_llama
+    plain = run_statistics(model, tokens, "exact", 2, want_grads=False)
+    name = "model.layers.1.self_attn.v_proj"
+    assert sink_protected_hessian(plain[name], 0.0) is plain[name].hessian
+    # Repeating the first token of each window w times inside the window changes the causal
+    # context, so compare against the definition on the recorded first-token Hessian instead.
+    st, w = plain[name], 7.0
+    expected = (st.hessian * (S * T) + w * st.hessian_first * S) / (S * T)
+    close(sink_protected_hessian(st, w), expected, rtol=1e-6)
+    with pytest.raises(CalibrationError, match="first-token"):
+        sink_protected_hessian(dataclasses.replace(st, hessian_first=None), 1.0)
 
 
 @pytest.mark.parametrize("fisher", ["exact", "kfac"])  # K-FAC's F_I *is* the Hessian: one storage, saved twice
@@ -189,7 +215,7 @@ def test_store_round_trip_and_reuse(
         assert set(loaded) == set(find_decoder_layout(model).linear_names(index))
         for name, st in loaded.items():
             ref = direct[f"model.layers.{index}.{name}"]
-            for field in ("grad_mean", "fisher_out", "fisher_in", "hessian"):
+            for field in ("grad_mean", "fisher_out", "fisher_in", "hessian", "hessian_first"):
                 torch.testing.assert_close(getattr(st, field), getattr(ref, field), rtol=1e-6, atol=0)
             assert st.tau == pytest.approx(ref.tau, rel=1e-12)
             assert (st.n_samples, st.n_tokens) == (S, S * T)

@@ -41,12 +41,13 @@ def workspace(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     real = pipeline.calibration_windows
-    memo: dict[tuple[int, int], torch.Tensor] = {}
+    memo: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def windows(tok: Any, n: int, length: int) -> torch.Tensor:
-        if (n, length) not in memo:
-            memo[(n, length)] = real(tok, n, length)
-        return memo[(n, length)].clone()
+    def windows(tok: Any, n: int, length: int, **sampling: Any) -> torch.Tensor:
+        key = (n, length, *sorted(sampling.items()))
+        if key not in memo:
+            memo[key] = real(tok, n, length, **sampling)
+        return memo[key].clone()
 
     with pytest.MonkeyPatch.context() as mp, override(cache_dir=root / "cache"):
         mp.setattr(pipeline, "calibration_windows", windows)
