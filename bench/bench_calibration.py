@@ -8,7 +8,7 @@ resumes.
 
     python bench/bench_calibration.py --model smollm2-135m --method gptq --bits 3 \\
         --base '{"group_size": 64}' \\
-        --grid '[{"calib_sampling": "first"}, {}, {"sink_weight": 100}, {"calib_samples": 128, "sink_weight": 100}]' \\
+        --grid '[{"calib_sampling": "first"}, {}, {"sink_share": 0.1}, {"calib_samples": 128, "sink_share": 0.1}]' \\
         --json bench/results/calibration-gptq-3bit.json
 """
 

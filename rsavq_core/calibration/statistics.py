@@ -57,22 +57,32 @@ class LayerStats:
     hessian_first: torch.Tensor | None = None
 
 
-def sink_protected_hessian(stats: LayerStats, sink_weight: float) -> torch.Tensor:
-    """[N, N] float32: H with each window's first token counted ``1 + sink_weight`` times.
+def sink_protected_hessian(stats: LayerStats, share: float) -> torch.Tensor:
+    """[N, N] float32: H + c · E_s[x₀x₀ᵀ], with c such that the windows' first tokens carry at least
+    ``share`` of the trace (c = 0 where they already do).
 
-    H is a mean over all S·T tokens, so one more count of every first token adds
-    (sink_weight / T) · E_s[x₀x₀ᵀ]. The first token of a window is the attention sink: nearly every
-    query reads its value, yet its input direction is rare, so an error-minimiser over H (GPTQ, the
-    VQ compensation) moves error into it (``shared/docs/quality_notes.md`` §1).
+    The first token of a window is the attention sink: nearly every query reads its value, yet in
+    most layers its input direction is rare, so an error-minimiser over the token-mean H (GPTQ, the
+    VQ compensation) moves error into it (``shared/docs/quality_notes.md`` §1). Where the sink's
+    input is itself massive (a down_proj fed by a massive activation) it already dominates H, and
+    a fixed extra count would starve every other token; a share adapts to both. In H the first
+    tokens weigh tr(H₀)/T of tr(H) (H₀ = E_s[x₀x₀ᵀ], T tokens per window); solving
+    (tr(H₀)/T + c tr(H₀)) / (tr(H) + c tr(H₀)) = share gives c.
     """
     if stats.hessian is None:
         raise CalibrationError("these statistics hold no activation Hessian")
-    if sink_weight == 0:
+    if share == 0:
         return stats.hessian
     if stats.hessian_first is None:
         raise CalibrationError("these statistics hold no first-token Hessian (recompute them)")
+    if not 0 < share < 1:
+        raise CalibrationError(f"the first tokens' share of the Hessian must lie in [0, 1), got {share}")
     tokens_per_window = stats.n_tokens / max(stats.n_samples, 1)
-    return stats.hessian + (sink_weight / tokens_per_window) * stats.hessian_first
+    total, first = float(stats.hessian.double().trace()), float(stats.hessian_first.double().trace())
+    if first <= 0:
+        return stats.hessian  # no signal at the first position (e.g. a layer fed zeros there)
+    extra = (share * total - first / tokens_per_window) / ((1 - share) * first)
+    return stats.hessian + max(0.0, extra) * stats.hessian_first
 
 
 class _Accumulator:

@@ -24,8 +24,8 @@ class GPTQOptions(RTNOptions):
     gptq_block: int = knob(128, "columns per lazy block update", ge=1)
     hessian_damping: float = knob(0.01, "percent damping of the activation Hessian (GPTQ / VPTQ)", gt=0.0, le=10.0)
     act_order: bool = knob(False, "quantize columns by decreasing Hessian diagonal (groups keep their order)")
-    sink_weight: float = knob(
-        0.0, "extra count of each window's first token (the attention sink) in the Hessian, in tokens", ge=0.0
+    sink_share: float = knob(
+        0.0, "least share of the Hessian's trace the windows' first tokens (the attention sink) carry", ge=0.0, le=0.9
     )
 
 
@@ -51,7 +51,7 @@ class GPTQ(RTN):
         started = time.perf_counter()
         layer, info = gptq_quantize(
             weight.float(),
-            sink_protected_hessian(stats, o.sink_weight),
+            sink_protected_hessian(stats, o.sink_share),
             int(cfg.bits),
             o.group_size,
             block_size=o.gptq_block,
@@ -59,7 +59,7 @@ class GPTQ(RTN):
             act_order=o.act_order,
             bias=bias,
         )
-        if o.sink_weight:  # report the error under the plain token mean: the output error on calibration text
+        if o.sink_share:  # report the error under the plain token mean: the output error on calibration text
             info["proxy_loss"] = hessian_relative_error(weight, layer.dequantize(), stats.hessian)
         report = {
             "bits": [int(cfg.bits)],
