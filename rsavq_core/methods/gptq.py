@@ -23,9 +23,11 @@ if TYPE_CHECKING:
 class GPTQOptions(RTNOptions):
     gptq_block: int = knob(128, "columns per lazy block update", ge=1)
     hessian_damping: float = knob(0.01, "percent damping of the activation Hessian (GPTQ / VPTQ)", gt=0.0, le=10.0)
-    act_order: bool = knob(False, "quantize columns by decreasing Hessian diagonal (groups keep their order)")
+    # Both defaults measured (README, "Calibration and an honest GPTQ"): 3-bit g64 on smollm2-135m
+    # goes 101.04 -> 37.75 with the sink protected, 34.61 with act-order too.
+    act_order: bool = knob(True, "quantize columns by decreasing Hessian diagonal (groups keep their order)")
     sink_share: float = knob(
-        0.0, "least share of the Hessian's trace the windows' first tokens (the attention sink) carry", ge=0.0, le=0.9
+        0.1, "least share of the Hessian's trace the windows' first tokens (the attention sink) carry", ge=0.0, le=0.9
     )
 
 
