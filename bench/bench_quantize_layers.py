@@ -108,6 +108,7 @@ def fake_stats(m: int, n: int, seq_len: int, samples: int, device: torch.device)
         hessian=x.T @ x / x.shape[0],
         n_samples=samples,
         n_tokens=samples * seq_len,
+        hessian_first=x[:16].T @ x[:16] / 16,  # stands in for the windows' first tokens
     )
 
 

@@ -26,7 +26,7 @@ from rsavq_core.algorithms.sensitivity import (
     fisher_diag_metric,
     natural_gradient,
 )
-from rsavq_core.calibration.statistics import LayerStats
+from rsavq_core.calibration.statistics import LayerStats, sink_protected_hessian
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
 from rsavq_core.formats.vq import VQGroup, VQLayer, perm_dtype_bits, to_subvectors
@@ -168,7 +168,8 @@ def quantize_vq(
     if o.compensate:
         if stats is None or stats.hessian is None:
             raise CalibrationError("compensation needs the activation Hessian")
-        compensate_columns(layer, target, stats.hessian, om_p, o.hessian_damping)
+        hessian = sink_protected_hessian(stats, o.sink_share)
+        compensate_columns(layer, target, hessian, om_p, o.hessian_damping)
     return layer, _report(layer, w, shift, omega, stats, sens, started)
 
 

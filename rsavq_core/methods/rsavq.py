@@ -71,6 +71,10 @@ class VQOptions(MethodOptions):
     max_group_bits: int | None = knob(None, "highest bits of a channel group (default: derived from --bits)", ge=1)
     damping: float = knob(0.01, "α of the Fisher factors' Tikhonov damping (spec §3.3)", gt=0.0, le=10.0)
     hessian_damping: float = knob(0.01, "percent damping of the activation Hessian (GPTQ / VPTQ)", gt=0.0, le=10.0)
+    # The compensation feeds error forward over H like GPTQ, and so has GPTQ's attention-sink problem.
+    sink_share: float = knob(
+        0.1, "least share of the Hessian's trace the windows' first tokens (the attention sink) carry", ge=0.0, le=0.9
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

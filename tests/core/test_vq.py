@@ -46,6 +46,7 @@ def fabricate(m: int, n: int, seed: int = 0, hessian: bool = True) -> tuple[torc
         hessian=(x.T @ x / 256) if hessian else None,
         n_samples=8,
         n_tokens=256,
+        hessian_first=(x[::32].T @ x[::32] / 8) if hessian else None,  # 8 windows of 32 tokens
     )
     return w, stats
 
@@ -237,7 +238,7 @@ def test_compensation_lowers_hessian_error() -> None:
     w = torch.randn(m, n, generator=gen) * 0.1
     x = correlated_inputs(512, n, gen, rho=0.95)
     h = x.T @ x / 512
-    stats = LayerStats(None, None, None, 0.0, h, 8, 512)
+    stats = LayerStats(None, None, None, 0.0, h, 8, 512, hessian_first=x[::64].T @ x[::64] / 8)
     cfg = QuantConfig.for_method("kmeans", bits=2, n_groups=2, kmeans_iters=5)
     errors = {}
     for compensate in (False, True):
