@@ -169,18 +169,15 @@ def quantize_model(
     return result
 
 
-def save_result(result: QuantizeResult, out_dir: Path, *, reproducible: bool = False) -> Path:
-    """Write the packed checkpoint of a finished run (config, and timings unless ``reproducible``).
+def save_result(result: QuantizeResult, out_dir: Path) -> Path:
+    """Write the packed checkpoint of a finished run.
 
-    ``reproducible`` leaves the run's timings out of the metadata, so that the same layers always
-    give the same bytes: the job service publishes the artifact's sha256, and a resumed job must
-    produce the artifact an uninterrupted one would.
+    Its bytes depend only on the layers, the model's other tensors and the config, never on how
+    long the run took or whether statistics were cached (those are in the run's summary): the same
+    inputs give the same sha256, and a resumed job publishes the artifact an uninterrupted one would.
     """
     from rsavq_core.packed_checkpoint import save_checkpoint
 
-    extra = {} if reproducible else {f"seconds_{k}": f"{v:.3f}" for k, v in result.timings.items()}
-    if not reproducible:
-        extra["stats_cached"] = str(result.stats_cached).lower()
     return save_checkpoint(
         out_dir,
         model=result.model,
@@ -188,5 +185,4 @@ def save_result(result: QuantizeResult, out_dir: Path, *, reproducible: bool = F
         layers=result.layers,
         config=result.config,
         source_model=result.model_id,
-        extra_metadata=extra,
     )

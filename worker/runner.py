@@ -178,7 +178,7 @@ def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, report
         job.model_id, cfg, progress=reporter, checkpoint_dir=work / "layers", on_layer=reporter.layer
     )
     reporter("package", 0, 1)
-    packed = save_result(result, work / "packed", reproducible=True)
+    packed = save_result(result, work / "packed")
     relative, size, sha256 = ctx.store.publish(job.id, packed)
     bits = model_bits(result.layers, result.model)
     bits.pop("layers", None)

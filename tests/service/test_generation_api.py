@@ -64,7 +64,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("rtn4") / "ckpt"
     result = quantize_model("smollm2-135m", QuantConfig.for_method("rtn", bits=4))
-    save_result(result, out, reproducible=True)
+    save_result(result, out)
     return out
 
 
