@@ -105,15 +105,40 @@ def calibration_windows(
     """
     calib, _ = split_documents(wiki_documents())
     ids = _tokenized(tokenizer, "calibration", calib)
+    bos = bos_token(tokenizer)
+    text = length - 1 if bos is not None else length
     if sampling == "first":
-        return token_windows(ids, n_windows, length)
-    return sampled_windows(ids, n_windows, length, seed)
+        return _with_bos(token_windows(ids, n_windows, text), bos)
+    return _with_bos(sampled_windows(ids, n_windows, text, seed), bos)
 
 
 def evaluation_windows(tokenizer: object, n_windows: int = EVAL_WINDOWS, length: int = EVAL_LEN) -> torch.Tensor:
-    """[n_windows, length] int64 evaluation tokens (held-out documents only)."""
+    """[n_windows, length] int64 evaluation tokens (held-out documents only; BOS first when the tokenizer uses one)."""
     _, evaluation = split_documents(wiki_documents())
-    return token_windows(_tokenized(tokenizer, "evaluation", evaluation), n_windows, length)
+    bos = bos_token(tokenizer)
+    text = length - 1 if bos is not None else length
+    return _with_bos(token_windows(_tokenized(tokenizer, "evaluation", evaluation), n_windows, text), bos)
+
+
+def bos_token(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer puts one in front of a text by itself, else None.
+
+    The tokenizer's own convention decides: Llama-style tokenizers add BOS and their models expect
+    it; SmolLM2's BOS is a chat token its tokenizer does not add. Windows then start with it and the
+    protocol's name says so (``wiki-holdout-512+bos``).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return int(bos) if len(ids) and int(ids[0]) == int(bos) else None
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """[n, L] -> [n, L + 1] with ``bos`` in front of every window (unchanged when None)."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], 1)
 
 
 def tokens_hash(tokens: torch.Tensor) -> str:

@@ -1,6 +1,6 @@
 """Perplexity under the ``wiki-holdout-512`` protocol (``shared/docs/eval_protocol.md``).
 
-The windows come from ``rsavq_core.data.evaluation_windows`` (held-out documents, no BOS, 64
+The windows come from ``rsavq_core.data.evaluation_windows`` (held-out documents, BOS only where the tokenizer adds one, 64
 non-overlapping windows of 512 tokens). PPL = exp(mean next-token NLL over every predicted position
 of every window), accumulated in float32 per batch and in float64 across batches. Other window
 counts or lengths are allowed and labelled, e.g. ``wiki-holdout-512[windows=8]``.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsavq_core.data import EVAL_LEN, EVAL_PROTOCOL, EVAL_WINDOWS, evaluation_windows
+from rsavq_core.data import EVAL_LEN, EVAL_PROTOCOL, EVAL_WINDOWS, bos_token, evaluation_windows
 from rsavq_core.errors import ConfigError
 from rsavq_core.progress import Progress
 
@@ -46,8 +46,11 @@ def output_logits(output: Any) -> torch.Tensor:
     return logits
 
 
-def protocol_name(n_windows: int, length: int) -> str:
-    """``wiki-holdout-512`` for the protocol's own settings, else that name with the changes labelled."""
+def protocol_name(n_windows: int, length: int, bos: bool = False) -> str:
+    """``wiki-holdout-512`` for the protocol's own settings, else that name with the changes labelled
+    (``+bos`` when every window starts with the tokenizer's BOS)."""
+    if bos:
+        return protocol_name(n_windows, length) + "+bos"
     changes = []
     if n_windows != EVAL_WINDOWS:
         changes.append(f"windows={n_windows}")
@@ -123,7 +126,7 @@ def perplexity(
     tokens = n_windows * (length - 1)
     mean_nll = total / tokens
     result = {
-        "protocol": protocol_name(n_windows, length),
+        "protocol": protocol_name(n_windows, length, bos=bos_token(tokenizer) is not None),
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
         "windows": n_windows,
