@@ -1,8 +1,9 @@
 """Perplexity under the ``wiki-holdout-512`` protocol (``shared/docs/eval_protocol.md``).
 
 The windows come from ``rsavq_core.data.evaluation_windows`` (held-out documents, BOS only where
-the tokenizer adds one, 64 non-overlapping windows of 512 tokens). PPL = exp(mean next-token NLL over every predicted position
-of every window), accumulated in float32 per batch and in float64 across batches. Other window
+the tokenizer adds one, 64 non-overlapping windows of 512 tokens). PPL = exp(mean next-token NLL
+over every predicted position of every window), accumulated in float32 per batch and in float64
+across batches. Other window
 counts or lengths are allowed and labelled, e.g. ``wiki-holdout-512[windows=8]``.
 """
 
