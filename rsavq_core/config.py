@@ -28,6 +28,7 @@ MIN_BITS, MAX_BITS = 1.0, 8.0
 ZERO_SHOT_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
 FisherForm = Literal["exact", "kfac"]
 CalibSampling = Literal["random", "first"]
+CalibInputs = Literal["fp", "quantized"]
 OptionsT = TypeVar("OptionsT", bound=MethodOptions)
 
 
@@ -43,6 +44,9 @@ class QuantConfig:
     calib_len: int = knob(512, "tokens per calibration window", ge=2)
     calib_sampling: CalibSampling = knob(
         "random", "calibration windows: drawn across the whole calibration split (seeded), or the first in file order"
+    )
+    calib_inputs: CalibInputs = knob(
+        "fp", "inputs behind each block's Hessian: the float model's, or the partly quantized model's (sequential)"
     )
     fisher: FisherForm = knob("exact", "Fisher factors: per-sequence gradients [P A.9] or textbook K-FAC (spec §3.3)")
     seed: int = knob(0, "seed of every random choice (k-means initialisation, subsampling)")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from rsavq_core.calibration.cache import StatsKey, StatsStore, compute_statistics
+from rsavq_core.calibration.sequential import SequentialHessians, with_hessians
 from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config import QuantConfig
 from rsavq_core.data import calibration_windows, tokens_hash
@@ -53,9 +54,14 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def calibration_tokens(tokenizer: object, cfg: QuantConfig) -> torch.Tensor:
+    """[calib_samples, calib_len] int64: the run's calibration windows."""
+    return calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_len, sampling=cfg.calib_sampling, seed=cfg.seed)
+
+
 def calibration_store(
     model: nn.Module,
-    tokenizer: object,
+    tokens: torch.Tensor,  # [S, T] int64, ``calibration_tokens``
     folder: Path,
     cfg: QuantConfig,
     *,
@@ -63,9 +69,6 @@ def calibration_store(
     progress: Progress | None = None,
 ) -> tuple[StatsStore, bool]:
     """The statistics the config needs, from the cache when possible. Returns (store, was_cached)."""
-    tokens = calibration_windows(
-        tokenizer, cfg.calib_samples, cfg.calib_len, sampling=cfg.calib_sampling, seed=cfg.seed
-    )
     key = StatsKey(
         fingerprint=model_fingerprint(folder),
         tokens_hash=tokens_hash(tokens),
@@ -102,9 +105,10 @@ def quantize_model(
 ) -> QuantizeResult:
     """Quantize every nn.Linear of the decoder blocks of ``model_id`` with ``cfg``.
 
-    Writes a packed checkpoint to ``out_dir`` when given. Layers are quantized independently from
-    the float model's statistics (VPTQ-style, spec §11.3), block by block. With ``checkpoint_dir``
-    every finished layer is saved there and layers found there are not quantized again, so a
+    Writes a packed checkpoint to ``out_dir`` when given. Layers are quantized block by block from
+    the float model's statistics (VPTQ-style, spec §11.3), or, with ``calib_inputs="quantized"``,
+    from Hessians of each block's inputs in the partly quantized model (``calibration.sequential``).
+    With ``checkpoint_dir`` every finished layer is saved there and layers found there are not quantized again, so a
     killed run resumes from its last finished layer. ``progress`` may raise (``JobCancelled``) to
     stop the run between layers; ``on_layer(name, report)`` sees each layer's report.
     """
@@ -123,34 +127,46 @@ def quantize_model(
     if resumed:
         log.info("resuming: %d of %d layers already checkpointed", len(resumed), len(names))
 
-    store, cached = None, False
-    if cfg.needs_calibration() and len(resumed) < len(names):
+    todo = len(resumed) < len(names)
+    sequential = cfg.calib_inputs == "quantized" and cfg.needs_hessian()
+    tokens = calibration_tokens(tokenizer, cfg) if cfg.needs_calibration() and todo else None
+    store, cached, walker = None, False, None
+    if tokens is not None and (cfg.needs_gradients() or not sequential):
         t0 = time.perf_counter()
-        store, cached = calibration_store(model, tokenizer, folder, cfg, micro_batch=micro_batch, progress=progress)
+        store, cached = calibration_store(model, tokens, folder, cfg, micro_batch=micro_batch, progress=progress)
         timings["statistics"] = time.perf_counter() - t0
+    if tokens is not None and sequential:
+        walker = SequentialHessians(model, tokens, micro_batch=micro_batch, progress=progress)
 
     t0 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
     reports: dict[str, dict[str, Any]] = {}
-    block_stats: dict[str, LayerStats] = {}
-    loaded_block = -1
-    for done, (index, name, full) in enumerate(names):
-        if full in resumed:
-            layers[full], reports[full] = resumed[full]
-        else:
-            if store is not None and loaded_block != index:
-                block_stats, loaded_block = store.load_block(index), index
-            stats = block_stats.get(name) if store is not None else None
-            module = layout.blocks[index].get_submodule(name)
-            if not isinstance(module, nn.Linear):
-                raise UnsupportedModelError(f"{full} is a {type(module).__name__}, not an nn.Linear")
-            layers[full], reports[full] = quantize_layer(module.weight.detach(), module.bias, stats, cfg)
-            if ckpt is not None:
-                ckpt.save(full, layers[full], reports[full])
-        if on_layer:
-            on_layer(full, reports[full])
-        if progress:
-            progress("quantize", done + 1, len(names))
+    done = 0
+    for index, block in enumerate(layout.blocks):
+        in_block = [(name, full) for i, name, full in names if i == index]
+        pending = [full for _, full in in_block if full not in resumed]
+        block_stats = store.load_block(index) if store is not None and pending else {}
+        fresh = walker.statistics(block) if walker is not None and pending else {}
+        for name, full in in_block:
+            if full in resumed:
+                layers[full], reports[full] = resumed[full]
+            else:
+                stats = block_stats.get(name)
+                if name in fresh:
+                    stats = with_hessians(stats, fresh[name])
+                module = block.get_submodule(name)
+                if not isinstance(module, nn.Linear):
+                    raise UnsupportedModelError(f"{full} is a {type(module).__name__}, not an nn.Linear")
+                layers[full], reports[full] = quantize_layer(module.weight.detach(), module.bias, stats, cfg)
+                if ckpt is not None:
+                    ckpt.save(full, layers[full], reports[full])
+            if on_layer:
+                on_layer(full, reports[full])
+            done += 1
+            if progress:
+                progress("quantize", done, len(names))
+        if walker is not None and index + 1 < len(layout.blocks):
+            walker.advance(block, {name: layers[full] for name, full in in_block})
     timings["quantize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     result = QuantizeResult(

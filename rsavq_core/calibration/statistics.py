@@ -26,7 +26,7 @@ How (memory ≈ one block plus its statistics, plus the block-boundary activatio
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,7 +146,7 @@ class _Accumulator:
         return LayerStats(g, fo, fi, tau, hessian, s, t, first)
 
 
-def _first_tensor(output: object) -> torch.Tensor:
+def first_tensor(output: object) -> torch.Tensor:
     """The hidden states of a block's output (a tensor, or a tuple/list starting with one)."""
     first = output[0] if isinstance(output, (tuple, list)) else output
     if not isinstance(first, torch.Tensor):
@@ -181,9 +181,19 @@ def _sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def record_block_inputs(
-    model: nn.Module, tokens: torch.Tensor, *, micro_batch: int, want_grads: bool, progress: Progress | None = None
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    micro_batch: int,
+    want_grads: bool,
+    progress: Progress | None = None,
+    keep_inputs: Container[int] | None = None,
 ) -> tuple[list[list[torch.Tensor]], list[list[dict[str, object]]], list[torch.Tensor] | None]:
-    """Pass 1. tokens: [S, T] int64. Returns (inputs[l][b], kwargs[l][b], out_grads[b] | None)."""
+    """Pass 1. tokens: [S, T] int64. Returns (inputs[l][b], kwargs[l][b], out_grads[b] | None).
+
+    ``keep_inputs`` limits the recorded hidden states to those blocks (the others' lists stay
+    empty); keyword arguments are recorded for every block.
+    """
     blocks = find_decoder_layout(model).blocks
     batches = list(torch.split(tokens, micro_batch))
     inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
@@ -193,13 +203,14 @@ def record_block_inputs(
     def pre_hook(index: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
             hidden = args[0] if args else kw["hidden_states"]
-            inputs[index].append(hidden.detach())
+            if keep_inputs is None or index in keep_inputs:
+                inputs[index].append(hidden.detach())
             kwargs[index].append(_detach_kwargs(kw))
 
         return hook
 
     def last_hook(module: nn.Module, args: tuple[Any, ...], output: object) -> object:
-        leaf = _first_tensor(output).detach().requires_grad_(want_grads)
+        leaf = first_tensor(output).detach().requires_grad_(want_grads)
         tail.append(leaf)
         return _replace_first(output, leaf)
 
@@ -227,7 +238,7 @@ def record_block_inputs(
             h.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
-    if any(len(x) != len(batches) for x in inputs):
+    if any(len(kw) != len(batches) for kw in kwargs):
         raise CalibrationError("not every decoder block was reached by the forward pass")
     return inputs, kwargs, (out_grads if want_grads else None)
 
@@ -280,7 +291,7 @@ def block_statistics(
             if want_grads:
                 leaf = x.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    out = _first_tensor(block(leaf, **kw))
+                    out = first_tensor(block(leaf, **kw))
                     (g_in,) = torch.autograd.grad(out, leaf, grad_outputs=grads[b])
                 in_grads.append(g_in.detach())
                 for name in linears:

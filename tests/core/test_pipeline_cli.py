@@ -209,3 +209,17 @@ def test_cli_missing_bits_is_an_argparse_error(capsys: pytest.CaptureFixture[str
         main(["quantize", "m"])
     assert info.value.code == 2
     assert "--bits" in capsys.readouterr().err
+
+
+def test_sequential_hessians_see_the_quantized_blocks(workspace: tuple[Path, Path]) -> None:
+    """calib_inputs="quantized": block 0 sees the same inputs either way, block 1 the quantized block 0's outputs."""
+    _, folder = workspace
+    fp = quantize_model(str(folder), QuantConfig.for_method("gptq", bits=2, **CALIB))
+    seq = quantize_model(str(folder), QuantConfig.for_method("gptq", bits=2, calib_inputs="quantized", **CALIB))
+    assert "statistics" not in seq.timings  # Hessian-only: nothing from the float model's cache is needed
+
+    def codes(result: QuantizeResult, block: int) -> dict[str, torch.Tensor]:
+        return {n: layer.codes for n, layer in result.layers.items() if f".{block}." in n}  # type: ignore[union-attr]
+
+    assert all(torch.equal(a, b) for a, b in zip(codes(fp, 0).values(), codes(seq, 0).values(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(codes(fp, 1).values(), codes(seq, 1).values(), strict=True))

@@ -1,0 +1,61 @@
+"""Sequential calibration: each block's activation Hessians from what it receives in the partly
+quantized model (the outputs of the blocks before it, quantized), as the reference GPTQ does.
+
+With the float model's statistics every block is calibrated on inputs it will never see once the
+blocks below it are quantized; sequentially, block i's Hessian includes their error, so its
+error feedback can correct for it. Only the Hessians are sequential: gradient statistics stay the
+float model's (gradients through the quantized model would need a backward pass per block).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from rsavq_core.calibration.statistics import LayerStats, block_statistics, first_tensor, record_block_inputs
+from rsavq_core.formats import QuantizedLayer
+from rsavq_core.progress import Progress
+
+
+class SequentialHessians:
+    """Walks the blocks in order: ``statistics`` of the current block, then ``advance`` past it."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, *, micro_batch: int, progress: Progress | None = None):
+        """tokens: [S, T] int64 calibration windows."""
+        inputs, self.kwargs, _ = record_block_inputs(
+            model, tokens, micro_batch=micro_batch, want_grads=False, progress=progress, keep_inputs=(0,)
+        )
+        self.inputs = inputs[0]  # per micro-batch [B, T, D]: what the current block receives
+        self.seq_len = tokens.shape[1]
+        self.index = 0
+
+    def statistics(self, block: nn.Module) -> dict[str, LayerStats]:
+        """Hessian statistics of the current block's linears (by name relative to the block)."""
+        stats, _ = block_statistics(
+            block, self.inputs, self.kwargs[self.index], None, fisher="exact", seq_len=self.seq_len
+        )
+        return stats
+
+    def advance(self, block: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
+        """Move to the next block: the current one's outputs with ``layers`` (by relative name) in place."""
+        quantized = copy.deepcopy(block)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                linear = quantized.get_submodule(name)
+                if isinstance(linear, nn.Linear):
+                    linear.weight.copy_(layer.dequantize(linear.weight.dtype))
+            self.inputs = [
+                first_tensor(quantized(x, **kw)).detach()
+                for x, kw in zip(self.inputs, self.kwargs[self.index], strict=True)
+            ]
+        self.index += 1
+
+
+def with_hessians(stats: LayerStats | None, sequential: LayerStats) -> LayerStats:
+    """``stats`` (gradients from the float model, or None) with the sequential Hessians in place."""
+    if stats is None:
+        return sequential
+    return dataclasses.replace(stats, hessian=sequential.hessian, hessian_first=sequential.hessian_first)
