@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from rsavq_core.calibration.cache import StatsKey, StatsStore, compute_statistics
-from rsavq_core.calibration.sequential import SequentialHessians, with_hessians
+from rsavq_core.calibration.sequential import BlockInputs, with_hessians
 from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config import QuantConfig
 from rsavq_core.data import calibration_windows, tokens_hash
 from rsavq_core.errors import UnsupportedModelError
+from rsavq_core.finetune import finetune_block
 from rsavq_core.formats import QuantizedLayer
 from rsavq_core.methods import get_method
 from rsavq_core.models import find_decoder_layout, load_model, model_fingerprint, resolve_model
@@ -129,44 +130,40 @@ def quantize_model(
 
     todo = len(resumed) < len(names)
     sequential = cfg.calib_inputs == "quantized" and cfg.needs_hessian()
-    tokens = calibration_tokens(tokenizer, cfg) if cfg.needs_calibration() and todo else None
+    tokens = calibration_tokens(tokenizer, cfg) if (cfg.needs_calibration() or cfg.finetune_steps) and todo else None
     store, cached, walker = None, False, None
-    if tokens is not None and (cfg.needs_gradients() or not sequential):
+    if tokens is not None and (cfg.needs_gradients() or (cfg.needs_hessian() and not sequential)):
         t0 = time.perf_counter()
         store, cached = calibration_store(model, tokens, folder, cfg, micro_batch=micro_batch, progress=progress)
         timings["statistics"] = time.perf_counter() - t0
-    if tokens is not None and sequential:
-        walker = SequentialHessians(model, tokens, micro_batch=micro_batch, progress=progress)
+    if tokens is not None and (sequential or cfg.finetune_steps):
+        walker = BlockInputs(model, tokens, micro_batch=micro_batch, progress=progress)
 
     t0 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
     reports: dict[str, dict[str, Any]] = {}
-    done = 0
     for index, block in enumerate(layout.blocks):
-        in_block = [(name, full) for i, name, full in names if i == index]
-        pending = [full for _, full in in_block if full not in resumed]
-        block_stats = store.load_block(index) if store is not None and pending else {}
-        fresh = walker.statistics(block) if walker is not None and pending else {}
-        for name, full in in_block:
-            if full in resumed:
-                layers[full], reports[full] = resumed[full]
-            else:
-                stats = block_stats.get(name)
-                if name in fresh:
-                    stats = with_hessians(stats, fresh[name])
-                module = block.get_submodule(name)
-                if not isinstance(module, nn.Linear):
-                    raise UnsupportedModelError(f"{full} is a {type(module).__name__}, not an nn.Linear")
-                layers[full], reports[full] = quantize_layer(module.weight.detach(), module.bias, stats, cfg)
+        in_block = {name: full for i, name, full in names if i == index}
+        done = {name: resumed[full] for name, full in in_block.items() if full in resumed}
+        if len(done) < len(in_block):
+            stats = store.load_block(index) if store is not None else {}
+            if sequential and walker is not None:
+                stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
+            fresh = _quantize_block(block, [n for n in in_block if n not in done], stats, cfg)
+            if cfg.finetune_steps and walker is not None:
+                fresh = _finetune(block, {**done, **fresh}, walker, cfg, progress, f"fine-tune block {index}")
+            for name, (layer, report) in fresh.items():
                 if ckpt is not None:
-                    ckpt.save(full, layers[full], reports[full])
+                    ckpt.save(in_block[name], layer, report)
+            done.update(fresh)
+        for name, full in in_block.items():
+            layers[full], reports[full] = done[name]
             if on_layer:
                 on_layer(full, reports[full])
-            done += 1
             if progress:
-                progress("quantize", done, len(names))
+                progress("quantize", len(layers), len(names))
         if walker is not None and index + 1 < len(layout.blocks):
-            walker.advance(block, {name: layers[full] for name, full in in_block})
+            walker.advance(block, {name: done[name][0] for name in in_block})
     timings["quantize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     result = QuantizeResult(
@@ -183,6 +180,41 @@ def quantize_model(
     if out_dir is not None:
         result.out_dir = save_result(result, Path(out_dir))
     return result
+
+
+def _quantize_block(
+    block: nn.Module, names: list[str], stats: dict[str, LayerStats], cfg: QuantConfig
+) -> dict[str, tuple[QuantizedLayer, dict[str, Any]]]:
+    """The named linears of one block (names relative to it), each quantized by the config's method."""
+    out = {}
+    for name in names:
+        module = block.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise UnsupportedModelError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+        out[name] = quantize_layer(module.weight.detach(), module.bias, stats.get(name), cfg)
+    return out
+
+
+def _finetune(
+    block: nn.Module,
+    quantized: dict[str, tuple[QuantizedLayer, dict[str, Any]]],
+    walker: BlockInputs,
+    cfg: QuantConfig,
+    progress: Progress | None,
+    stage: str,
+) -> dict[str, tuple[QuantizedLayer, dict[str, Any]]]:
+    """Block-wise fine-tuning of every layer of the block; each layer's report gets the block's losses."""
+    tuned, report = finetune_block(
+        block,
+        {name: layer for name, (layer, _) in quantized.items()},
+        walker.inputs,
+        walker.block_kwargs,
+        steps=cfg.finetune_steps,
+        lr=cfg.finetune_lr,
+        progress=progress,
+        stage=stage,
+    )
+    return {name: (tuned[name], {**rep, "finetune": report}) for name, (_, rep) in quantized.items()}
 
 
 def save_result(result: QuantizeResult, out_dir: Path) -> Path:

@@ -114,8 +114,10 @@ def fail_job(ctx: WorkerContext, job_id: str, error: str) -> None:
 
 def _end(ctx: WorkerContext, job_id: str, status: str, error: str | None, *, cleanup: bool) -> str:
     with ctx.sessions() as session:
-        machine.finish(session, job_id, ctx.name, status, error=error)
-    if cleanup:  # layer checkpoints are only worth keeping for a retry of a failed job
+        owned = machine.finish(session, job_id, ctx.name, status, error=error)
+    # layer checkpoints are only worth keeping for a retry of a failed job; a job this worker no
+    # longer owns keeps them for whoever owns it now
+    if cleanup and owned:
         shutil.rmtree(ctx.store.work_dir(job_id), ignore_errors=True)
     log.info("job %s %s%s", job_id, status, f": {error}" if error else "")
     return status

@@ -1,5 +1,6 @@
-"""Sequential calibration: each block's activation Hessians from what it receives in the partly
-quantized model (the outputs of the blocks before it, quantized), as the reference GPTQ does.
+"""What each block receives in the partly quantized model: for sequential calibration (each block's
+activation Hessians from the outputs of the blocks before it, quantized, as the reference GPTQ
+does) and for block-wise fine-tuning (which trains a block on those inputs).
 
 With the float model's statistics every block is calibrated on inputs it will never see once the
 blocks below it are quantized; sequentially, block i's Hessian includes their error, so its
@@ -20,8 +21,8 @@ from rsavq_core.formats import QuantizedLayer
 from rsavq_core.progress import Progress
 
 
-class SequentialHessians:
-    """Walks the blocks in order: ``statistics`` of the current block, then ``advance`` past it."""
+class BlockInputs:
+    """Walks the blocks in order: the current block's ``inputs``, its ``hessians``, then ``advance``."""
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, *, micro_batch: int, progress: Progress | None = None):
         """tokens: [S, T] int64 calibration windows."""
@@ -32,7 +33,12 @@ class SequentialHessians:
         self.seq_len = tokens.shape[1]
         self.index = 0
 
-    def statistics(self, block: nn.Module) -> dict[str, LayerStats]:
+    @property
+    def block_kwargs(self) -> list[dict[str, object]]:
+        """The current block's keyword arguments per micro-batch (rotary embeddings, masks...)."""
+        return self.kwargs[self.index]
+
+    def hessians(self, block: nn.Module) -> dict[str, LayerStats]:
         """Hessian statistics of the current block's linears (by name relative to the block)."""
         stats, _ = block_statistics(
             block, self.inputs, self.kwargs[self.index], None, fisher="exact", seq_len=self.seq_len

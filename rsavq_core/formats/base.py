@@ -153,6 +153,19 @@ class LayerFormat(ABC):
     def stored_bits(self, layer: Any) -> BitCount:
         """Exactly the bits ``tensors`` stores for the weight (bias in ``bias_bits``)."""
 
+    # --- fine-tuning (codes fixed, continuous parameters trained) ----------------------------------
+    def tunable(self, layer: Any) -> dict[str, torch.Tensor]:
+        """The layer's continuous tensors fine-tuning may change, as float32 copies (default: none)."""
+        return {}
+
+    def dequantize_with(self, layer: Any, tunable: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The dense weight [M, N] float32 with ``tunable`` in place of the layer's own (differentiable)."""
+        raise NotImplementedError(f"format {self.kind} cannot be fine-tuned")
+
+    def with_tuned(self, layer: Any, tunable: Mapping[str, torch.Tensor]) -> Any:
+        """A copy of the layer holding ``tunable``, rounded to how the format stores them."""
+        raise NotImplementedError(f"format {self.kind} cannot be fine-tuned")
+
     # --- runtime (QuantLinear) -------------------------------------------------------------------
     @abstractmethod
     def spec(self, layer: Any) -> dict[str, Any]:

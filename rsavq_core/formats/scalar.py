@@ -37,10 +37,12 @@ class ScalarLayer:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight [M, N]: (code - zero) * scale, per (row, input-channel group)."""
+        return self.dequantize_scales(self.scales.to(dtype))
+
+    def dequantize_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """The dense weight [M, N] with ``scales`` [M, groups] in place of the layer's (differentiable)."""
         idx = torch.arange(self.in_features, device=self.codes.device) // self.group_size
-        scale = self.scales.to(dtype)[:, idx]
-        zero = self.zeros.to(dtype)[:, idx]
-        return (self.codes.to(dtype) - zero) * scale
+        return (self.codes.to(scales.dtype) - self.zeros.to(scales.dtype)[:, idx]) * scales[:, idx]
 
 
 @register_format
@@ -78,6 +80,17 @@ class ScalarFormat(LayerFormat):
             bias_bits=layer.bias.numel() * FP16_BITS if layer.bias is not None else 0,
             padding_bits=word_pad,
         )
+
+    def tunable(self, layer: ScalarLayer) -> dict[str, torch.Tensor]:
+        return {"scales": layer.scales.float().clone()}  # zero points stay integers in code units
+
+    def dequantize_with(self, layer: ScalarLayer, tunable: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return layer.dequantize_scales(tunable["scales"])
+
+    def with_tuned(self, layer: ScalarLayer, tunable: Mapping[str, torch.Tensor]) -> ScalarLayer:
+        scales = tunable["scales"].detach().half()
+        m, n = layer.out_features, layer.in_features
+        return ScalarLayer(m, n, layer.bits, layer.group_size, layer.codes, scales, layer.zeros, layer.bias)
 
     def spec(self, layer: ScalarLayer) -> dict[str, Any]:
         return {"bits": layer.bits, "group_size": layer.group_size}

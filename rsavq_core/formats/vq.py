@@ -75,15 +75,18 @@ class VQLayer:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight [M, N] in the original column order (reference path)."""
+        return self.dequantize_books([g.codebooks.to(dtype) for g in self.groups])
+
+    def dequantize_books(self, books: list[torch.Tensor]) -> torch.Tensor:
+        """The dense weight [M, N] with ``books[g]`` [n_pq, K_g, d] as group g's codebooks (differentiable)."""
         m_pad = self.n_vectors * self.vector_len
-        permuted = torch.empty(m_pad, self.in_features, dtype=dtype, device=self.perm.device)
-        for g in self.groups:
-            # codebooks[p][indices[c, r, p]] -> [cols, n_vectors, n_pq, d]
-            sub = torch.stack([g.codebooks[p].to(dtype)[g.indices[:, :, p]] for p in range(self.n_pq)], 2)
-            permuted[:, g.start : g.stop] = sub.reshape(g.stop - g.start, m_pad).T
-        weight = torch.empty_like(permuted)
-        weight[:, self.perm] = permuted
-        return weight[: self.out_features]
+        columns = []
+        for g, book in zip(self.groups, books, strict=True):
+            # book[p][indices[c, r, p]] -> [cols, n_vectors, n_pq, d]
+            sub = torch.stack([book[p][g.indices[:, :, p]] for p in range(self.n_pq)], 2)
+            columns.append(sub.reshape(g.stop - g.start, m_pad).T)
+        permuted = torch.cat(columns, 1)  # [M_pad, N] in permuted column order
+        return permuted[:, torch.argsort(self.perm)][: self.out_features]
 
 
 def ideal_vq_bpw(
@@ -191,6 +194,21 @@ class VQFormat(LayerFormat):
             perm_bits=n * perm_dtype_bits(n),
             bias_bits=bias_bits,
             padding_bits=padding,
+        )
+
+    def tunable(self, layer: VQLayer) -> dict[str, torch.Tensor]:
+        return {f"g{i}.codebooks": g.codebooks.float().clone() for i, g in enumerate(layer.groups)}
+
+    def dequantize_with(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return layer.dequantize_books([tunable[f"g{i}.codebooks"] for i in range(len(layer.groups))])
+
+    def with_tuned(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> VQLayer:
+        groups = [
+            VQGroup(g.bits, g.start, g.stop, tunable[f"g{i}.codebooks"].detach().half(), g.indices)
+            for i, g in enumerate(layer.groups)
+        ]
+        return VQLayer(
+            layer.out_features, layer.in_features, layer.vector_len, layer.n_pq, layer.perm, groups, layer.bias
         )
 
     def spec(self, layer: VQLayer) -> dict[str, Any]:

@@ -223,3 +223,19 @@ def test_sequential_hessians_see_the_quantized_blocks(workspace: tuple[Path, Pat
 
     assert all(torch.equal(a, b) for a, b in zip(codes(fp, 0).values(), codes(seq, 0).values(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(codes(fp, 1).values(), codes(seq, 1).values(), strict=True))
+
+
+@pytest.mark.parametrize("method", ["rtn", "rsavq"])
+def test_blockwise_finetuning_lowers_each_blocks_output_error(workspace: tuple[Path, Path], method: str) -> None:
+    _, folder = workspace
+    knobs = {**(SMALL if method == "rsavq" else CALIB), "finetune_steps": 12, "finetune_lr": 1e-3}
+    bits = 2 if method == "rsavq" else 3
+    tuned = quantize_model(str(folder), QuantConfig.for_method(method, bits=bits, **knobs))
+    plain = quantize_model(str(folder), QuantConfig.for_method(method, bits=bits, **{**knobs, "finetune_steps": 0}))
+    for block in (0, 1):
+        report = tuned.reports[f"model.layers.{block}.mlp.down_proj"]["finetune"]
+        assert report["kept"] and report["loss_after"] < report["loss_before"], report
+    name = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(tuned.layers[name].dequantize(), plain.layers[name].dequantize())  # trained...
+    again = quantize_model(str(folder), QuantConfig.for_method(method, bits=bits, **knobs))
+    assert torch.equal(again.layers[name].dequantize(), tuned.layers[name].dequantize())  # ... deterministically

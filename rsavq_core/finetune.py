@@ -1,0 +1,103 @@
+"""Block-wise fine-tuning: codes fixed, each layer's continuous parameters (VQ codebooks, scalar
+scales) trained so that the quantized block reproduces the float block's outputs (AQLM, VPTQ).
+
+The inputs are what the block receives in the partly quantized model (``BlockInputs``), the targets
+the float block's outputs on those inputs, the loss the mean squared error relative to the
+targets' energy. Adam over micro-batches in a fixed order: deterministic for a given input. The
+trained values are rounded to their stored precision before the final loss is measured, and a
+block whose loss did not improve keeps its one-shot layers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsavq_core.calibration.statistics import first_tensor
+from rsavq_core.formats import LayerFormat, QuantizedLayer, format_of
+from rsavq_core.progress import Progress
+
+
+class _TunedLinear(nn.Module):
+    """A linear whose weight is its format's dequantization of trainable tensors."""
+
+    def __init__(self, layer_format: LayerFormat, layer: QuantizedLayer, tunable: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.layer_format, self.layer = layer_format, layer
+        self.tunable = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v) for k, v in tunable.items()})
+        self.names = {k.replace(".", "_"): k for k in tunable}
+        self.bias_value = None if layer.bias is None else layer.bias.float()
+
+    def values(self) -> dict[str, torch.Tensor]:
+        return {self.names[k]: p for k, p in self.tunable.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.layer_format.dequantize_with(self.layer, self.values())
+        bias = None if self.bias_value is None else self.bias_value.to(x.dtype)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+
+def _swap(module: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
+
+
+def finetune_block(
+    block: nn.Module,
+    layers: dict[str, QuantizedLayer],  # by name relative to the block
+    inputs: list[torch.Tensor],  # per micro-batch [B, T, D]: what the block receives
+    kwargs: list[dict[str, object]],  # the block's keyword arguments per micro-batch
+    *,
+    steps: int,
+    lr: float,
+    progress: Progress | None = None,
+    stage: str = "fine-tune",
+) -> tuple[dict[str, QuantizedLayer], dict[str, Any]]:
+    """The block's layers after ``steps`` Adam steps, and a report (losses before and after)."""
+    with torch.no_grad():
+        targets = [first_tensor(block(x, **kw)).detach() for x, kw in zip(inputs, kwargs, strict=True)]
+    tuned = copy.deepcopy(block)
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    modules: dict[str, _TunedLinear] = {}
+    for name, layer in layers.items():
+        layer_format = format_of(layer)
+        tunable = layer_format.tunable(layer)
+        if tunable:
+            modules[name] = _TunedLinear(layer_format, layer, tunable)
+            _swap(tuned, name, modules[name])
+    if not modules or steps == 0:
+        return layers, {}
+
+    def loss_of(b: int) -> torch.Tensor:
+        out = first_tensor(tuned(inputs[b], **kwargs[b]))
+        return (out - targets[b]).pow(2).mean() / targets[b].pow(2).mean().clamp_min(1e-30)
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(b)) for b in range(len(inputs))) / len(inputs)
+
+    before = mean_loss()
+    optimizer = torch.optim.Adam([p for m in modules.values() for p in m.parameters()], lr=lr)
+    with torch.enable_grad():
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss_of(step % len(inputs)).backward()
+            optimizer.step()
+            if progress:
+                progress(stage, step + 1, steps)
+    out = dict(layers)
+    for name, module in modules.items():
+        out[name] = module.layer_format.with_tuned(module.layer, {k: v.detach() for k, v in module.values().items()})
+        for parameter, stored in zip(
+            module.tunable.values(), module.layer_format.tunable(out[name]).values(), strict=True
+        ):
+            parameter.data.copy_(stored)  # measure what is stored, after rounding
+    after = mean_loss()
+    report = {"loss_before": before, "loss_after": after, "steps": steps, "kept": after < before}
+    return (out if after < before else layers), report
