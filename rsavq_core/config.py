@@ -49,9 +49,14 @@ class QuantConfig:
         "fp", "inputs behind each block's Hessian: the float model's, or the partly quantized model's (sequential)"
     )
     fisher: FisherForm = knob("exact", "Fisher factors: per-sequence gradients [P A.9] or textbook K-FAC (spec §3.3)")
-    # Block-wise fine-tuning after each block's one-shot pass (rsavq_core/finetune.py).
-    finetune_steps: int = knob(0, "block-wise fine-tuning: Adam steps per block (0: off)", ge=0, le=100_000)
-    finetune_lr: float = knob(1e-3, "block-wise fine-tuning: learning rate", gt=0.0, le=1.0)
+    # Fine-tuning, codes fixed: block-wise after each block's one-shot pass (rsavq_core/finetune.py),
+    # then end to end on the float model's logits (rsavq_core/finetune_global.py).
+    block_finetune_steps: int = knob(0, "block-wise fine-tuning: Adam steps per block (0: off)", ge=0, le=100_000)
+    block_finetune_lr: float = knob(1e-3, "block-wise fine-tuning: learning rate", gt=0.0, le=1.0)
+    model_finetune_steps: int = knob(
+        0, "end-to-end fine-tuning (KL to the float model's logits): Adam steps (0: off)", ge=0, le=100_000
+    )
+    model_finetune_lr: float = knob(1e-4, "end-to-end fine-tuning: learning rate", gt=0.0, le=1.0)
     seed: int = knob(0, "seed of every random choice (k-means initialisation, subsampling)")
     options: MethodOptions | None = None  # the method's options; None = its defaults
 

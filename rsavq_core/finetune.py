@@ -23,7 +23,7 @@ from rsavq_core.formats import LayerFormat, QuantizedLayer, format_of
 from rsavq_core.progress import Progress
 
 
-class _TunedLinear(nn.Module):
+class TunedLinear(nn.Module):
     """A linear whose weight is its format's dequantization of trainable tensors."""
 
     def __init__(self, layer_format: LayerFormat, layer: QuantizedLayer, tunable: Mapping[str, torch.Tensor]) -> None:
@@ -42,9 +42,22 @@ class _TunedLinear(nn.Module):
         return F.linear(x, weight.to(x.dtype), bias)
 
 
-def _swap(module: nn.Module, name: str, new: nn.Module) -> None:
+def swap_module(module: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
+
+
+def round_tuned(modules: Mapping[str, TunedLinear]) -> dict[str, QuantizedLayer]:
+    """Each tuned layer as its format stores it, and the modules' values rounded to match (so that
+    what is measured afterwards is what is stored)."""
+    out = {}
+    for name, module in modules.items():
+        out[name] = module.layer_format.with_tuned(module.layer, {k: v.detach() for k, v in module.values().items()})
+        stored = module.layer_format.tunable(out[name]).values()
+        with torch.no_grad():
+            for parameter, value in zip(module.tunable.values(), stored, strict=True):
+                parameter.copy_(value)
+    return out
 
 
 def finetune_block(
@@ -64,13 +77,13 @@ def finetune_block(
     tuned = copy.deepcopy(block)
     for p in tuned.parameters():
         p.requires_grad_(False)
-    modules: dict[str, _TunedLinear] = {}
+    modules: dict[str, TunedLinear] = {}
     for name, layer in layers.items():
         layer_format = format_of(layer)
         tunable = layer_format.tunable(layer)
         if tunable:
-            modules[name] = _TunedLinear(layer_format, layer, tunable)
-            _swap(tuned, name, modules[name])
+            modules[name] = TunedLinear(layer_format, layer, tunable)
+            swap_module(tuned, name, modules[name])
     if not modules or steps == 0:
         return layers, {}
 
@@ -91,13 +104,7 @@ def finetune_block(
             optimizer.step()
             if progress:
                 progress(stage, step + 1, steps)
-    out = dict(layers)
-    for name, module in modules.items():
-        out[name] = module.layer_format.with_tuned(module.layer, {k: v.detach() for k, v in module.values().items()})
-        for parameter, stored in zip(
-            module.tunable.values(), module.layer_format.tunable(out[name]).values(), strict=True
-        ):
-            parameter.data.copy_(stored)  # measure what is stored, after rounding
+    out = {**layers, **round_tuned(modules)}
     after = mean_loss()
     report = {"loss_before": before, "loss_after": after, "steps": steps, "kept": after < before}
     return (out if after < before else layers), report

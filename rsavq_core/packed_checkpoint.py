@@ -81,6 +81,10 @@ def layer_tensors(name: str, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
     return out
 
 
+# The precision the checkpoint keeps every floating tensor outside the quantized layers in.
+OTHER_TENSORS_DTYPE = torch.float16
+
+
 def _other_tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Non-quantized state_dict entries (fp16 if floating) and the {alias: stored name} of ties."""
     tensors: dict[str, torch.Tensor] = {}
@@ -96,7 +100,7 @@ def _other_tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, t
         seen[ident] = key
         if t.is_floating_point():
             # copy=True: the file must not share storage with the model or between entries.
-            half = t.detach().to("cpu", torch.float16, copy=True)
+            half = t.detach().to("cpu", OTHER_TENSORS_DTYPE, copy=True)
             if bool(torch.isfinite(t).all()) and not bool(torch.isfinite(half).all()):
                 log.warning("%s overflows float16; stored values are not finite", key)
             tensors[key] = half.contiguous()

@@ -26,6 +26,7 @@ from rsavq_core.config import QuantConfig
 from rsavq_core.data import calibration_windows, tokens_hash
 from rsavq_core.errors import UnsupportedModelError
 from rsavq_core.finetune import finetune_block
+from rsavq_core.finetune_global import finetune_model
 from rsavq_core.formats import QuantizedLayer
 from rsavq_core.methods import get_method
 from rsavq_core.models import find_decoder_layout, load_model, model_fingerprint, resolve_model
@@ -38,12 +39,13 @@ LayerCallback = Callable[[str, dict], None]  # (full layer name, report)
 
 @dataclass
 class QuantizeResult:
-    model: nn.Module  # the original float model (weights untouched)
+    model: nn.Module  # the source model: float weights; norms as end-to-end fine-tuning left them
     tokenizer: object
     layers: dict[str, QuantizedLayer]  # full dotted linear name -> packed layer
     reports: dict[str, dict[str, Any]]  # per-layer bits / errors / seconds
     config: QuantConfig
     model_id: str
+    model_finetune: dict[str, Any] = field(default_factory=dict)  # end-to-end fine-tuning's report
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     stats_cached: bool = False  # the calibration statistics came from the cache
     peak_rss_gb: float = 0.0
@@ -130,13 +132,14 @@ def quantize_model(
 
     todo = len(resumed) < len(names)
     sequential = cfg.calib_inputs == "quantized" and cfg.needs_hessian()
-    tokens = calibration_tokens(tokenizer, cfg) if (cfg.needs_calibration() or cfg.finetune_steps) and todo else None
+    need_tokens = (todo and (cfg.needs_calibration() or cfg.block_finetune_steps)) or cfg.model_finetune_steps
+    tokens = calibration_tokens(tokenizer, cfg) if need_tokens else None
     store, cached, walker = None, False, None
-    if tokens is not None and (cfg.needs_gradients() or (cfg.needs_hessian() and not sequential)):
+    if tokens is not None and todo and (cfg.needs_gradients() or (cfg.needs_hessian() and not sequential)):
         t0 = time.perf_counter()
         store, cached = calibration_store(model, tokens, folder, cfg, micro_batch=micro_batch, progress=progress)
         timings["statistics"] = time.perf_counter() - t0
-    if tokens is not None and (sequential or cfg.finetune_steps):
+    if tokens is not None and todo and (sequential or cfg.block_finetune_steps):
         walker = BlockInputs(model, tokens, micro_batch=micro_batch, progress=progress)
 
     t0 = time.perf_counter()
@@ -150,7 +153,7 @@ def quantize_model(
             if sequential and walker is not None:
                 stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
             fresh = _quantize_block(block, [n for n in in_block if n not in done], stats, cfg)
-            if cfg.finetune_steps and walker is not None:
+            if cfg.block_finetune_steps and walker is not None:
                 fresh = _finetune(block, {**done, **fresh}, walker, cfg, progress, f"fine-tune block {index}")
             for name, (layer, report) in fresh.items():
                 if ckpt is not None:
@@ -165,6 +168,11 @@ def quantize_model(
         if walker is not None and index + 1 < len(layout.blocks):
             walker.advance(block, {name: done[name][0] for name in in_block})
     timings["quantize"] = time.perf_counter() - t0
+    model_finetune: dict[str, Any] = {}
+    if cfg.model_finetune_steps and tokens is not None:
+        t0 = time.perf_counter()
+        layers, model_finetune = _finetune_model(model, layers, tokens, cfg, micro_batch, progress, checkpoint_dir)
+        timings["model fine-tune"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     result = QuantizeResult(
         model=model,
@@ -173,6 +181,7 @@ def quantize_model(
         reports=reports,
         config=cfg,
         model_id=model_id,
+        model_finetune=model_finetune,
         timings=timings,
         stats_cached=cached,
         peak_rss_gb=peak_rss_gb(),
@@ -209,12 +218,44 @@ def _finetune(
         {name: layer for name, (layer, _) in quantized.items()},
         walker.inputs,
         walker.block_kwargs,
-        steps=cfg.finetune_steps,
-        lr=cfg.finetune_lr,
+        steps=cfg.block_finetune_steps,
+        lr=cfg.block_finetune_lr,
         progress=progress,
         stage=stage,
     )
     return {name: (tuned[name], {**rep, "finetune": report}) for name, (_, rep) in quantized.items()}
+
+
+def _finetune_model(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    tokens: torch.Tensor,  # [S, T] int64 calibration windows
+    cfg: QuantConfig,
+    micro_batch: int,
+    progress: Progress | None,
+    checkpoint_dir: Path | None,
+) -> tuple[dict[str, QuantizedLayer], dict[str, Any]]:
+    """End-to-end fine-tuning; the tuned normalisation weights are written into ``model``."""
+    tuned, norms, report = finetune_model(
+        model,
+        layers,
+        tokens,
+        steps=cfg.model_finetune_steps,
+        lr=cfg.model_finetune_lr,
+        micro_batch=micro_batch,
+        progress=progress,
+        state_file=checkpoint_dir / "model-finetune.pt" if checkpoint_dir else None,
+    )
+    with torch.no_grad():
+        for name, value in norms.items():
+            model.get_parameter(name).copy_(value)
+    log.info(
+        "end-to-end fine-tuning: KL %.4g -> %.4g (%s)",
+        report["kl_before"],
+        report["kl_after"],
+        "kept" if report["kept"] else "discarded",
+    )
+    return tuned, report
 
 
 def save_result(result: QuantizeResult, out_dir: Path) -> Path:

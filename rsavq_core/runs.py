@@ -6,6 +6,7 @@ processes, one per row, so that each row's peak memory is its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 from collections.abc import Callable
@@ -54,6 +55,7 @@ def quantize_summary(
         "stats_cached": result.stats_cached,
         "peak_rss_gb": result.peak_rss_gb,
         "bits": model_bits(result.layers, result.model),
+        "finetune": _finetune_summary(result.reports, result.model_finetune),
     }
     if out:
         summary["out"] = str(save_result(result, Path(out)))
@@ -92,3 +94,22 @@ def in_fresh_process(label: str, fn: Callable[..., dict[str, Any]], *args: Any, 
             return pool.submit(fn, *args, **kwargs).result()
         except RSAVQError as exc:
             raise RSAVQError(f"run {label!r} failed: {exc}") from exc
+
+
+def _finetune_summary(reports: dict[str, dict[str, Any]], model_finetune: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tuning's effect: blocks tuned and kept, their mean relative error before and after;
+    the end-to-end KL before and after. Empty when neither ran."""
+    # every layer of a block carries its block's report: one per distinct report
+    distinct = {json.dumps(r["finetune"], sort_keys=True): r["finetune"] for r in reports.values() if r.get("finetune")}
+    blocks = list(distinct.values())
+    out: dict[str, Any] = {}
+    if blocks:
+        out["blocks"] = {
+            "tuned": len(blocks),
+            "kept": sum(1 for b in blocks if b["kept"]),
+            "mean_loss_before": sum(b["loss_before"] for b in blocks) / len(blocks),
+            "mean_loss_after": sum(b["loss_after"] for b in blocks) / len(blocks),
+        }
+    if model_finetune:
+        out["model"] = model_finetune
+    return out

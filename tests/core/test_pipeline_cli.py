@@ -228,10 +228,11 @@ def test_sequential_hessians_see_the_quantized_blocks(workspace: tuple[Path, Pat
 @pytest.mark.parametrize("method", ["rtn", "rsavq"])
 def test_blockwise_finetuning_lowers_each_blocks_output_error(workspace: tuple[Path, Path], method: str) -> None:
     _, folder = workspace
-    knobs = {**(SMALL if method == "rsavq" else CALIB), "finetune_steps": 12, "finetune_lr": 1e-3}
+    knobs = {**(SMALL if method == "rsavq" else CALIB), "block_finetune_steps": 12, "block_finetune_lr": 1e-3}
     bits = 2 if method == "rsavq" else 3
     tuned = quantize_model(str(folder), QuantConfig.for_method(method, bits=bits, **knobs))
-    plain = quantize_model(str(folder), QuantConfig.for_method(method, bits=bits, **{**knobs, "finetune_steps": 0}))
+    untuned = QuantConfig.for_method(method, bits=bits, **{**knobs, "block_finetune_steps": 0})
+    plain = quantize_model(str(folder), untuned)
     for block in (0, 1):
         report = tuned.reports[f"model.layers.{block}.mlp.down_proj"]["finetune"]
         assert report["kept"] and report["loss_after"] < report["loss_before"], report
@@ -239,3 +240,19 @@ def test_blockwise_finetuning_lowers_each_blocks_output_error(workspace: tuple[P
     assert not torch.equal(tuned.layers[name].dequantize(), plain.layers[name].dequantize())  # trained...
     again = quantize_model(str(folder), QuantConfig.for_method(method, bits=bits, **knobs))
     assert torch.equal(again.layers[name].dequantize(), tuned.layers[name].dequantize())  # ... deterministically
+
+
+def test_end_to_end_finetuning_is_saved_with_its_norms(workspace: tuple[Path, Path], tmp_path: Path) -> None:
+    _, folder = workspace
+    cfg = QuantConfig.for_method("rtn", bits=2, **CALIB, model_finetune_steps=4, model_finetune_lr=1e-3)
+    result = quantize_model(str(folder), cfg, out_dir=tmp_path / "packed", checkpoint_dir=tmp_path / "work")
+    report = result.model_finetune
+    assert report["kept"] and report["kl_after"] < report["kl_before"], report
+    assert (tmp_path / "work" / "model-finetune.pt").is_file()  # resumable
+    loaded, _, _ = load_quantized_model(str(tmp_path / "packed"))
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(loaded.get_parameter(norm).float(), result.model.get_parameter(norm).float())
+    assert not torch.allclose(loaded.get_parameter(norm).float(), torch.ones_like(loaded.get_parameter(norm).float()))
+    name = "model.layers.0.self_attn.q_proj"
+    one_shot = quantize_model(str(folder), QuantConfig.for_method("rtn", bits=2, **CALIB))
+    assert not torch.equal(result.layers[name].dequantize(), one_shot.layers[name].dequantize())

@@ -1,0 +1,182 @@
+"""End-to-end fine-tuning: codes fixed, every quantized layer's continuous parameters (VQ
+codebooks, scalar scales) and the model's normalisation weights trained so that the quantized
+model's next-token distribution matches the float model's: KL(p_float || p_quantized) on the
+calibration windows, as AQLM's global fine-tuning and PV-Tuning's continuous step do.
+
+Adam over micro-batches in a fixed order (step s uses micro-batch s mod n), so a run is
+deterministic for a given input. With ``state_file`` the trained values and the optimizer's state
+are saved every ``save_every`` steps (atomically), and a killed run resumes from its last save:
+the resumed run ends where an uninterrupted one would. The trained values are rounded to their
+stored precision before the final divergence is measured; the result is kept only if it improved.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsavq_core.finetune import TunedLinear, round_tuned, swap_module
+from rsavq_core.formats import QuantizedLayer, format_of
+from rsavq_core.packed_checkpoint import OTHER_TENSORS_DTYPE
+from rsavq_core.progress import Progress
+
+# Divergence before / after is measured on this many micro-batches: a full pass would cost as much
+# as the training itself on a CPU.
+MEASURE_BATCHES = 4
+
+
+def _norm_parameters(model: nn.Module, quantized: set[str]) -> dict[str, nn.Parameter]:
+    """The 1-D float parameters outside the quantized linears: normalisation weights (and biases
+    of layers left in float); they are few and cheap, and stored in float in the checkpoint."""
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if p.dim() == 1 and p.is_floating_point() and name.rpartition(".")[0] not in quantized
+    }
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student); logits [B, T, V] float."""
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+class _Student:
+    """A copy of the float model with each quantized linear replaced by a trainable ``TunedLinear``."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
+        self.module = copy.deepcopy(model)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.linears: dict[str, TunedLinear] = {}
+        for name, layer in layers.items():
+            layer_format = format_of(layer)
+            tunable = layer_format.tunable(layer)
+            if tunable:
+                self.linears[name] = TunedLinear(layer_format, layer, tunable)
+                swap_module(self.module, name, self.linears[name])
+        self.norms = _norm_parameters(self.module, set(layers))
+        for p in self.norms.values():
+            p.requires_grad_(True)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trained tensor, in a fixed order (the optimizer's state follows it)."""
+        return [p for m in self.linears.values() for p in m.parameters()] + list(self.norms.values())
+
+
+def finetune_model(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],  # by full module name
+    tokens: torch.Tensor,  # [S, T] int64 calibration windows
+    *,
+    steps: int,
+    lr: float,
+    micro_batch: int,
+    progress: Progress | None = None,
+    state_file: Path | None = None,
+    save_every: int = 8,
+    stage: str = "fine-tune model",
+) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], dict[str, Any]]:
+    """Tuned layers, tuned normalisation weights (name -> tensor) and a report (KL before / after).
+
+    ``model`` (the float model, not changed) is the teacher. When the divergence did not improve,
+    the input layers and the model's own normalisation weights come back unchanged.
+    """
+    model.eval()
+    student = _Student(model, layers)
+    batches = [tokens[i : i + micro_batch] for i in range(0, tokens.shape[0], micro_batch)]
+    params = student.parameters()
+    optimizer = torch.optim.Adam(params, lr=lr)
+    fingerprint = _fingerprint(tokens, layers, steps, lr, micro_batch)
+    start, before = _resume(state_file, fingerprint, params, optimizer)
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = model(batch).logits
+        return kl_to_teacher(student.module(batch).logits, teacher)
+
+    def divergence() -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(b)) for b in batches[:MEASURE_BATCHES]) / min(len(batches), MEASURE_BATCHES)
+
+    if before is None:
+        before = divergence()
+    with torch.enable_grad():
+        for step in range(start, steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_of(batches[step % len(batches)])
+            loss.backward()
+            optimizer.step()
+            if state_file is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+                _save(state_file, fingerprint, step + 1, before, params, optimizer)
+            if progress:
+                progress(stage, step + 1, steps)
+    tuned = round_tuned(student.linears)
+    with torch.no_grad():  # and the norms as the checkpoint stores them
+        for p in student.norms.values():
+            p.copy_(p.to(OTHER_TENSORS_DTYPE))
+    after = divergence()
+    report = {"kl_before": before, "kl_after": after, "steps": steps, "kept": after < before}
+    if after >= before:
+        return layers, {}, report
+    norms = {name: p.detach().clone() for name, p in student.norms.items()}
+    return {**layers, **tuned}, norms, report
+
+
+def _fingerprint(
+    tokens: torch.Tensor, layers: dict[str, QuantizedLayer], steps: int, lr: float, micro_batch: int
+) -> str:
+    """What a saved state belongs to: the windows, the layers' codes-and-values, the schedule."""
+    digest = hashlib.sha256(f"{steps}:{lr!r}:{micro_batch}".encode())
+    digest.update(tokens.numpy().tobytes())
+    for name in sorted(layers):
+        digest.update(name.encode())
+        for value in format_of(layers[name]).tunable(layers[name]).values():
+            digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _resume(
+    state_file: Path | None, fingerprint: str, params: list[nn.Parameter], optimizer: torch.optim.Optimizer
+) -> tuple[int, float | None]:
+    """(step to start from, divergence before training): (0, None) unless a saved state of this
+    very run exists, whose values and optimizer state are then loaded."""
+    if state_file is None or not state_file.is_file():
+        return 0, None
+    state = torch.load(state_file, weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        return 0, None  # another run's state: start over
+    with torch.no_grad():
+        for parameter, value in zip(params, state["params"], strict=True):
+            parameter.copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), float(state["before"])
+
+
+def _save(
+    state_file: Path,
+    fingerprint: str,
+    step: int,
+    before: float,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    state = {
+        "fingerprint": fingerprint,
+        "step": step,
+        "before": before,
+        "params": [p.detach().clone() for p in params],
+        "optimizer": optimizer.state_dict(),
+    }
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_file.with_suffix(f".tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, state_file)
