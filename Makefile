@@ -20,6 +20,9 @@ $(STAMP): $(BIN)/python pyproject.toml requirements-assets.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test,dev]"
+	@# Hugging Face's `kernels` (pulled in by transformers 5.25+, left behind by a downgrade) owns the
+	@# same top-level module name as this project's kernels/: one environment cannot hold both.
+	$(BIN)/pip uninstall -q -y kernels 2>/dev/null || true
 	$(BIN)/pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 

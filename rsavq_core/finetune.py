@@ -100,10 +100,11 @@ def finetune_block(
     with torch.enable_grad():
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            loss_of(step % len(inputs)).backward()
+            loss = loss_of(step % len(inputs))
+            loss.backward()
             optimizer.step()
             if progress:
-                progress(stage, step + 1, steps)
+                progress(stage, step + 1, steps, {"loss": float(loss)})
     out = {**layers, **round_tuned(modules)}
     after = mean_loss()
     report = {"loss_before": before, "loss_after": after, "steps": steps, "kept": after < before}

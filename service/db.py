@@ -66,6 +66,7 @@ class Job(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     percent: Mapped[float] = mapped_column(Float, default=0.0)
     eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    progress_detail: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)  # e.g. {"loss": ...}
     effective_bpw: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)

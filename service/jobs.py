@@ -14,6 +14,7 @@ re-queues the job like any other.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Update, and_, case, func, or_, select, update
@@ -106,6 +107,7 @@ def finish(session: Session, job_id: str, worker: str, status: str, *, error: st
         "lease_until": None,
         "stage": status,
         "eta_seconds": None,
+        "progress_detail": None,
         **values,
     }
     if status == SUCCEEDED:
@@ -174,15 +176,18 @@ def report_progress(
     percent: float,
     eta_seconds: float | None,
     lease_seconds: float,
+    detail: Mapping[str, float] | None = None,
 ) -> bool:
     """Record progress (and renew the lease). Returns True when the job was asked to cancel."""
-    data = {
+    data: dict[str, Any] = {
         "stage": stage,
         "done": done,
         "total": total,
         "percent": round(percent, 2),
         "eta_seconds": None if eta_seconds is None else round(eta_seconds, 1),
     }
+    if detail:
+        data["detail"] = {k: float(v) for k, v in detail.items()}
     lease = utcnow() + dt.timedelta(seconds=lease_seconds)
     session.execute(
         update(Job)
@@ -193,6 +198,7 @@ def report_progress(
             total=total,
             percent=percent,
             eta_seconds=eta_seconds,
+            progress_detail=data.get("detail"),
             lease_until=lease,
             updated_at=utcnow(),
         )

@@ -11,10 +11,12 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rsavq_core.config import ZERO_SHOT_TASKS
+from rsavq_core.progress import Progress
 from service.db import Job
 from worker.reporter import Reporter
 from worker.runner import WorkerContext
@@ -58,8 +60,11 @@ def evaluate_job(
     return {"fp": fp, "quantized": quantized, "evaluation": kwargs}
 
 
-def _prefixed(reporter: Reporter, prefix: str) -> Any:
-    return lambda stage, done, total: reporter(prefix + stage, done, total)
+def _prefixed(reporter: Reporter, prefix: str) -> Progress:
+    def progress(stage: str, done: int, total: int, detail: Mapping[str, float] | None = None) -> None:
+        reporter(prefix + stage, done, total, detail)
+
+    return progress
 
 
 def _fp_cache_file(ctx: WorkerContext, fingerprint: str, kwargs: dict[str, Any]) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy.orm import sessionmaker
@@ -65,7 +66,7 @@ class Reporter:
         self.stage, self.stage_started, self.last_write = "", 0.0, 0.0
         self.layers_seen, self.first_done = 0, 0
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, detail: Mapping[str, float] | None = None) -> None:
         if self.heartbeat.lost.is_set():
             raise LeaseLost(f"job {self.job_id} was taken over by another worker")
         now = time.monotonic()
@@ -82,7 +83,7 @@ class Reporter:
         percent = 100.0 * done / total if total else 0.0
         with self.sessions() as session:
             cancel = machine.report_progress(
-                session, self.job_id, self.worker, stage, done, total, percent, eta, self.lease
+                session, self.job_id, self.worker, stage, done, total, percent, eta, self.lease, detail
             )
         if cancel:
             raise JobCancelled(f"job {self.job_id} was cancelled")

@@ -42,7 +42,12 @@ def job_out(job: Job, layers: list[JobLayer] | None = None) -> JobOut:
         bits=job.bits,
         options=job.options,
         progress=JobProgress(
-            stage=job.stage, done=job.done, total=job.total, percent=round(job.percent, 2), eta_seconds=job.eta_seconds
+            stage=job.stage,
+            done=job.done,
+            total=job.total,
+            percent=round(job.percent, 2),
+            eta_seconds=job.eta_seconds,
+            detail=job.progress_detail,
         ),
         effective_bpw=job.effective_bpw,
         error=job.error,

@@ -94,6 +94,7 @@ class JobProgress(BaseModel):
     total: int
     percent: float
     eta_seconds: float | None
+    detail: dict[str, float] | None = Field(None, description="what the stage measures as it goes, e.g. loss")
 
 
 class JobOut(BaseModel):

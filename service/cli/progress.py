@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from tqdm import tqdm
@@ -16,7 +17,7 @@ class StageBars:
         self.stage: str | None = None
         self.bar: tqdm[Any] | None = None
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, detail: Mapping[str, float] | None = None) -> None:
         if not self.enabled:
             return
         if stage != self.stage or self.bar is None:
@@ -25,6 +26,8 @@ class StageBars:
             self.bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True)
         if total != self.bar.total:
             self.bar.total = total
+        if detail:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in detail.items()}, refresh=False)
         self.bar.update(done - self.bar.n)
 
     def note(self, text: str) -> None:
@@ -46,7 +49,7 @@ class JobEvents:
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if event == "progress" and data.get("total"):
-            self.bars(str(data.get("stage", "")), int(data.get("done", 0)), int(data["total"]))
+            self.bars(str(data.get("stage", "")), int(data.get("done", 0)), int(data["total"]), data.get("detail"))
         elif event == "status":
             self.bars.close()
             error = f": {data['error']}" if data.get("error") else ""

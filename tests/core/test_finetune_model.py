@@ -51,16 +51,19 @@ def test_finetuning_lowers_the_divergence_and_trains_codebooks_and_norms(quantiz
 def test_a_killed_run_resumes_to_what_an_uninterrupted_one_gives(quantized: Any, tmp_path: Path) -> None:
     whole, whole_norms, _ = _run(quantized, tmp_path / "a.pt")
 
-    def kill_at_six(stage: str, done: int, total: int) -> None:
+    def kill_at_six(stage: str, done: int, total: int, detail: Any = None) -> None:
         if done == 6:
             raise Killed
 
     with pytest.raises(Killed):
         _run(quantized, tmp_path / "b.pt", kill_at_six)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 4  # saved every 4 steps
-    steps_seen: list[int] = []
-    resumed, resumed_norms, report = _run(quantized, tmp_path / "b.pt", lambda s, d, t: steps_seen.append(d))
-    assert steps_seen == [5, 6, 7, 8]  # only what the killed run had not saved
+    steps_seen: list[tuple[int, float]] = []
+    resumed, resumed_norms, report = _run(
+        quantized, tmp_path / "b.pt", lambda s, d, t, detail: steps_seen.append((d, detail["kl"]))
+    )
+    assert [step for step, _ in steps_seen] == [5, 6, 7, 8]  # only what the killed run had not saved
+    assert all(kl > 0 for _, kl in steps_seen)  # each step reports its divergence
     assert all(torch.equal(whole[n].dequantize(), resumed[n].dequantize()) for n in whole)
     assert all(torch.equal(whole_norms[n], resumed_norms[n]) for n in whole_norms)
 

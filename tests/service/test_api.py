@@ -153,6 +153,25 @@ def test_cancel_a_queued_job_and_delete_it(api, keys, sessions) -> None:  # type
         assert session.scalar(select(func.count()).where(JobEvent.job_id == job["id"])) == 0
 
 
+def test_a_stage_s_measured_values_show_in_progress_and_events(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+    job = submit(api, keys["alice"]).json()
+    url = f"/v1/jobs/{job['id']}"
+    with sessions() as s:
+        assert machine.claim(s, job["id"], "w", 30)
+        machine.report_progress(s, job["id"], "w", "fine-tune block 3", 5, 64, 7.8, 12.0, 30, {"loss": 0.0125})
+    progress = api.get(url, headers=auth(keys["alice"])).json()["progress"]
+    assert progress["stage"] == "fine-tune block 3" and progress["done"] == 5 and progress["total"] == 64
+    assert progress["detail"] == {"loss": 0.0125}
+    with sessions() as s:  # a stage without measured values clears the previous stage's
+        machine.report_progress(s, job["id"], "w", "quantize", 1, 210, 0.5, None, 30)
+    assert api.get(url, headers=auth(keys["alice"])).json()["progress"]["detail"] is None
+    with sessions() as s:
+        assert machine.finish(s, job["id"], "w", "cancelled")
+    assert api.get(url, headers=auth(keys["alice"])).json()["progress"]["detail"] is None
+    events = api.get(url + "/events", headers=auth(keys["alice"]))  # the stream ends with the job
+    assert '"detail": {"loss": 0.0125}' in events.text
+
+
 def _succeed_with_artifact(sessions, settings, job_id: str, tmp_path: Path) -> bytes:  # type: ignore[no-untyped-def]
     from service.artifacts import ArtifactStore
 
