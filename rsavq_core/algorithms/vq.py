@@ -16,6 +16,7 @@ import torch
 
 from kernels.packing import WORD_BITS, packed_words
 from rsavq_core.algorithms.allocation import Allocation, allocate
+from rsavq_core.algorithms.codebook_update import least_squares_codebooks
 from rsavq_core.algorithms.compensation import compensate_columns
 from rsavq_core.algorithms.kmeans import assign, weighted_kmeans
 from rsavq_core.algorithms.linalg import hessian_relative_error
@@ -43,6 +44,7 @@ class LayerReport:
     step_ratio: float  # ‖shift‖_F / ‖W‖_F of the EDSG target W − shift (spec §6.5)
     sensitivity: dict[str, float] = field(default_factory=dict)  # min / median / max of I_c
     seconds: float = 0.0
+    refit: dict[str, float] | None = None  # output-error refit: relative error before / after
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -165,12 +167,18 @@ def quantize_vq(
         groups=groups,
         bias=None if bias is None else bias.detach().half(),
     )
-    if o.compensate:
+    refit = None
+    if o.compensate or o.refit == "output":
         if stats is None or stats.hessian is None:
-            raise CalibrationError("compensation needs the activation Hessian")
+            raise CalibrationError("compensation and the output-error refit need the activation Hessian")
         hessian = sink_protected_hessian(stats, o.sink_share)
-        compensate_columns(layer, target, hessian, om_p, o.hessian_damping)
-    return layer, _report(layer, w, shift, omega, stats, sens, started)
+        if o.compensate:
+            compensate_columns(layer, target, hessian, om_p, o.hessian_damping)
+        if o.refit == "output":
+            refit = least_squares_codebooks(layer, target, hessian, damping=o.hessian_damping)
+    report = _report(layer, w, shift, omega, stats, sens, started)
+    report.refit = refit
+    return layer, report
 
 
 def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, int], float], float]:

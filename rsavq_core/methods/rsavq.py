@@ -32,6 +32,7 @@ Allocation = Literal["proportional", "additive", "uniform"]
 Sensitivity = Literal["inverse", "direct"]
 Metric = Literal["fisher_diag", "hessian", "euclidean"]
 Assign = Literal["shifted", "paper"]
+Refit = Literal["mean", "output"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class VQOptions(MethodOptions):
         4096, "Lloyd rounds run on max(this, 8·K) sampled sub-vectors, then one on all (0 = always all)", ge=0
     )
     compensate: bool = knob(False, "VPTQ-style column-wise error compensation (spec §7)")
+    refit: Refit = knob(
+        "mean",
+        "final codebooks: mean of what each entry was assigned (spec §7 step 4; after compensation only), "
+        "or least squares on the output error tr(ΔW H ΔWᵀ) with codes fixed (GPTVQ)",
+    )
     min_group_bits: int | None = knob(None, "lowest bits of a channel group (default: derived from --bits)", ge=1)
     max_group_bits: int | None = knob(None, "highest bits of a channel group (default: derived from --bits)", ge=1)
     damping: float = knob(0.01, "α of the Fisher factors' Tikhonov damping (spec §3.3)", gt=0.0, le=10.0)
@@ -124,7 +130,7 @@ class RSAVQ(QuantMethod):
         o = cfg.options_as(VQOptions)
         return StatsNeeds(
             gradients=o.lam > 0 or o.allocation != "uniform" or o.metric == "fisher_diag",
-            hessian=o.compensate or o.metric == "hessian",
+            hessian=o.compensate or o.metric == "hessian" or o.refit == "output",
         )
 
     def quantize_layer(
