@@ -9,7 +9,7 @@ is a convex quadratic in C, minimised where Sᵀ(S(C) H) = Sᵀ(W H). The closed
 (``compensation``) weighs every coordinate alone and ignores how H couples columns; this solves the
 coupled problem. A [K, K] normal matrix per sub-vector coordinate would cost O(M N²) to build, so
 the system is solved by conjugate gradients instead: each step is one gather (S), one [M, N] x
-[N, N] product and one scatter (Sᵀ, by autograd through the gather). Entries no code uses get a
+[N, N] product and one scatter (Sᵀ), all in the layer's permuted column order. Entries no code uses get a
 zero gradient and keep their values. The result is rounded to fp16, as stored, and kept only if
 its error is below the starting codebooks'.
 """
@@ -23,9 +23,38 @@ from rsavq_core.formats.vq import VQLayer
 CG_TOLERANCE = 1e-6  # stop when the residual's norm falls below this share of the first one
 
 
-def _output_error(layer: VQLayer, books: list[torch.Tensor], target: torch.Tensor, h: torch.Tensor) -> float:
-    delta = layer.dequantize_books(books) - target
-    return float(((delta @ h) * delta).sum())
+class _Selection:
+    """S and Sᵀ of one layer in its permuted, row-padded layout (no argsort, no autograd per step)."""
+
+    def __init__(self, layer: VQLayer) -> None:
+        self.layer = layer
+        self.m_pad = layer.n_vectors * layer.vector_len
+        # Per group: the codes as rows of its n_pq codebooks stacked into one [n_pq * K, d] table,
+        # so that a gather and a scatter are one indexing operation each.
+        self.flat_codes = []
+        for g in layer.groups:
+            k = g.codebooks.shape[1]
+            offsets = torch.arange(layer.n_pq, dtype=g.indices.dtype) * k
+            self.flat_codes.append((g.indices + offsets).reshape(-1))
+
+    def gather(self, books: list[torch.Tensor]) -> torch.Tensor:
+        """S(books), transposed: [N, M_pad] (permuted columns as rows, contiguous); books[g] is [n_pq, K_g, d]."""
+        d = self.layer.sub_dim
+        columns = [
+            book.reshape(-1, d)[codes].reshape(g.stop - g.start, self.m_pad)
+            for g, book, codes in zip(self.layer.groups, books, self.flat_codes, strict=True)
+        ]
+        return torch.cat(columns, 0)
+
+    def scatter(self, grad_t: torch.Tensor) -> list[torch.Tensor]:
+        """Sᵀ(grad): per group [n_pq, K_g, d], the sums of grad_t [N, M_pad] (transposed) over each entry's positions."""
+        out = []
+        d = self.layer.sub_dim
+        for g, codes in zip(self.layer.groups, self.flat_codes, strict=True):
+            sub = grad_t[g.start : g.stop].reshape(-1, d)  # [cols * n_vec * n_pq, d], the codes' order
+            table = grad_t.new_zeros(g.codebooks.shape[0] * g.codebooks.shape[1], d).index_add_(0, codes, sub)
+            out.append(table.view(g.codebooks.shape))
+        return out
 
 
 def least_squares_codebooks(
@@ -33,7 +62,7 @@ def least_squares_codebooks(
     target: torch.Tensor,
     hessian: torch.Tensor,
     *,
-    iters: int = 25,
+    iters: int = 10,
     damping: float = 0.01,
 ) -> dict[str, float]:
     """Replace ``layer``'s codebooks (in place) by the minimiser of tr(ΔW H ΔWᵀ); returns the errors.
@@ -49,26 +78,36 @@ def least_squares_codebooks(
         {"before": relative error, "after": relative error, "kept": 1.0 or 0.0}; relative errors
         are tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with the damped H.
     """
-    w = target.detach().float()
-    h = hessian.detach().float()
+    # Everything below is transposed ([N, M_pad]: one row per permuted input column) so that a
+    # group's columns are contiguous rows, laid out in the codes' order; H is symmetric, so the
+    # transposed gradient (ΔW H)ᵀ is H ΔWᵀ.
+    sel = _Selection(layer)
+    m = layer.out_features
+    perm = layer.perm
+    w = target.detach().float()[:, perm].T
+    w = torch.cat([w, w.new_zeros(w.shape[0], sel.m_pad - m)], 1).contiguous()
+    h = hessian.detach().float()[perm][:, perm]
     scale = float(h.diagonal().mean().clamp_min(1e-30))
     h = (h + damping * scale * torch.eye(h.shape[0], dtype=h.dtype)) / scale
-    energy = float(((w @ h) * w).sum()) or 1.0
-    start = [g.codebooks.float() for g in layer.groups]
-    before = _output_error(layer, start, w, h) / energy
+    rows = torch.zeros(1, sel.m_pad)
+    rows[:, :m] = 1.0  # padded rows are not part of the weight: no error, no gradient
+
+    def error(books: list[torch.Tensor]) -> float:
+        delta = (sel.gather(books) - w) * rows
+        return float(((h @ delta) * delta).sum())
 
     def apply(books: list[torch.Tensor], offset: torch.Tensor | None) -> list[torch.Tensor]:
         """Sᵀ((S(books) − offset) H): the gradient of ½ tr((S(books) − offset) H (…)ᵀ)."""
-        leaves = [b.detach().clone().requires_grad_(True) for b in books]
-        with torch.enable_grad():
-            recon = layer.dequantize_books(leaves)
-            delta = recon - offset if offset is not None else recon
-            (0.5 * ((delta @ h) * delta).sum()).backward()
-        return [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+        recon = sel.gather(books)
+        delta = (recon - offset if offset is not None else recon) * rows
+        return sel.scatter(h @ delta)
 
     def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
 
+    energy = float(((h @ w) * w).sum()) or 1.0
+    start = [g.codebooks.float() for g in layer.groups]
+    before = error(start) / energy
     books = [b.clone() for b in start]
     residual = [-g for g in apply(books, w)]  # b − A c
     direction = [r.clone() for r in residual]
@@ -87,7 +126,7 @@ def least_squares_codebooks(
         direction = [r + (rr_next / rr) * p for r, p in zip(residual, direction, strict=True)]
         rr = rr_next
     stored = [b.half().float() for b in books]
-    after = _output_error(layer, stored, w, h) / energy
+    after = error(stored) / energy
     kept = after < before
     if kept:
         for group, book in zip(layer.groups, stored, strict=True):
