@@ -47,7 +47,7 @@ class _Selection:
         return torch.cat(columns, 0)
 
     def scatter(self, grad_t: torch.Tensor) -> list[torch.Tensor]:
-        """Sᵀ(grad): per group [n_pq, K_g, d], the sums of grad_t [N, M_pad] (transposed) over each entry's positions."""
+        """Sᵀ(grad): per group [n_pq, K_g, d], sums of grad_t [N, M_pad] (transposed) over each entry's positions."""
         out = []
         d = self.layer.sub_dim
         for g, codes in zip(self.layer.groups, self.flat_codes, strict=True):
