@@ -140,7 +140,9 @@ def quantize_model(
         store, cached = calibration_store(model, tokens, folder, cfg, micro_batch=micro_batch, progress=progress)
         timings["statistics"] = time.perf_counter() - t0
     if tokens is not None and todo and (sequential or cfg.block_finetune_steps):
-        walker = BlockInputs(model, tokens, micro_batch=micro_batch, progress=progress)
+        # Block-wise fine-tuning steps take the walker's micro-batches as they are.
+        walk_batch = cfg.finetune_batch if cfg.block_finetune_steps else micro_batch
+        walker = BlockInputs(model, tokens, micro_batch=walk_batch, progress=progress)
 
     t0 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
@@ -171,7 +173,7 @@ def quantize_model(
     model_finetune: dict[str, Any] = {}
     if cfg.model_finetune_steps and tokens is not None:
         t0 = time.perf_counter()
-        layers, model_finetune = _finetune_model(model, layers, tokens, cfg, micro_batch, progress, checkpoint_dir)
+        layers, model_finetune = _finetune_model(model, layers, tokens, cfg, progress, checkpoint_dir)
         timings["model fine-tune"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     result = QuantizeResult(
@@ -231,7 +233,6 @@ def _finetune_model(
     layers: dict[str, QuantizedLayer],
     tokens: torch.Tensor,  # [S, T] int64 calibration windows
     cfg: QuantConfig,
-    micro_batch: int,
     progress: Progress | None,
     checkpoint_dir: Path | None,
 ) -> tuple[dict[str, QuantizedLayer], dict[str, Any]]:
@@ -242,7 +243,7 @@ def _finetune_model(
         tokens,
         steps=cfg.model_finetune_steps,
         lr=cfg.model_finetune_lr,
-        micro_batch=micro_batch,
+        micro_batch=cfg.finetune_batch,
         progress=progress,
         state_file=checkpoint_dir / "model-finetune.pt" if checkpoint_dir else None,
     )
