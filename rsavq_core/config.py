@@ -72,6 +72,7 @@ class QuantConfig:
             raise ConfigError(
                 f"method {self.method} takes {method.options_type.__name__}, got {type(self.options).__name__}"
             )
+        object.__setattr__(self, "options", method.resolve(self.options_as(method.options_type), self.bits))
         method.validate(self)
 
     def options_as(self, cls: type[OptionsT]) -> OptionsT:

@@ -110,7 +110,7 @@ def quantize_vq(
     target = w - shift if shift is not None else w
     omega = _metric(o, w, stats, fisher)
 
-    v, n_pq, d = o.vector_len, o.n_pq, o.sub_dim
+    v, n_pq, d = o.vector_len, o.sub_vectors, o.sub_dim
     n_vec = -(-m // v)
     pad = n_vec * v - m
 
@@ -191,8 +191,8 @@ def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, i
     n_vec, d = -(-m // o.vector_len), o.sub_dim
 
     def cost(cols: int, bits: int) -> float:
-        stream = packed_words(cols * n_vec * o.n_pq, bits * d) * WORD_BITS
-        return stream + o.n_pq * 2 ** (bits * d) * d * 16
+        stream = packed_words(cols * n_vec * o.sub_vectors, bits * d) * WORD_BITS
+        return stream + o.sub_vectors * 2 ** (bits * d) * d * 16
 
     return cost, cfg.bits * m * n - n * perm_dtype_bits(n)
 

@@ -64,6 +64,10 @@ class QuantMethod(ABC):
     def validate(self, cfg: QuantConfig) -> None:  # noqa: B027 - optional hook, no rules by default
         """Rules between knobs (the knobs themselves are already valid); raise ``ConfigError``."""
 
+    def resolve(self, options: MethodOptions, bits: float) -> MethodOptions:
+        """The options with every knob left to be derived (None) set from the others and ``bits``."""
+        return options
+
     @abstractmethod
     def statistics(self, cfg: QuantConfig) -> StatsNeeds:
         """The calibration statistics this run needs."""

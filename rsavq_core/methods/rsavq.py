@@ -8,6 +8,7 @@ discusses it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
 
 # Codebooks of 2^(bits * d) entries: beyond 2^16 a k-means over them is neither fast nor useful.
 MAX_INDEX_BITS = 16
+# The derived sub-vector length keeps codebooks at or below this many entries: a layer stores its
+# codebooks in fp16 per channel group, and on 576-wide layers 512-entry codebooks of 3-dim
+# sub-vectors cost 0.1-0.6 bpw (3-bit RSAVQ spent 3.497 bpw with the paper's 2 x 3 layout, 3.075
+# with 3 x 2), while 64 entries cost under 0.1 bpw there and nothing on large layers.
+AUTO_MAX_ENTRIES = 64
 
 Budget = Literal["index", "effective"]
 LamScale = Literal["relative", "raw"]
@@ -44,7 +50,12 @@ class VQOptions(MethodOptions):
     # every stored bit of a layer counts, so the reported effective bpw is at most ``bits``.
     budget: Budget = knob("index", "what --bits counts: index bits (paper) or every stored bit, codebooks included")
     vector_len: int = knob(6, "vector length v, in output rows [P §5]", ge=1)
-    n_pq: int = knob(2, "product-quantization sub-vectors per vector; d = v / n_pq [I, spec §5.4 / §9.2]", ge=1)
+    n_pq: int | None = knob(
+        None,
+        "product-quantization sub-vectors per vector, d = v / n_pq [I, spec §5.4 / §9.2] "
+        f"(default: the longest sub-vector whose codebook has at most {AUTO_MAX_ENTRIES} entries at --bits)",
+        ge=1,
+    )
     n_groups: int = knob(4, "WCSG channel groups G [P §5]", ge=1)
     lam: float = knob(0.05, "EDSG projection strength λ [P A.10]", ge=0.0, le=10.0)
     # Spec §6.5: λ is not scale-free. With the per-sequence empirical Fisher and a mean loss, raw
@@ -84,7 +95,7 @@ class VQOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.vector_len % self.n_pq:
+        if self.n_pq is not None and self.vector_len % self.n_pq:
             raise ConfigError(
                 f"vector_len {self.vector_len} is not divisible by n_pq {self.n_pq}: "
                 f"each vector must split into {self.n_pq} equal sub-vectors"
@@ -92,8 +103,15 @@ class VQOptions(MethodOptions):
 
     @property
     def sub_dim(self) -> int:
-        """Length d of one product-quantization sub-vector."""
-        return self.vector_len // self.n_pq
+        """Length d of one product-quantization sub-vector (``n_pq`` resolved: see ``RSAVQ.resolve``)."""
+        return self.vector_len // self.sub_vectors
+
+    @property
+    def sub_vectors(self) -> int:
+        """``n_pq``, once resolved (a QuantConfig's options always are)."""
+        if self.n_pq is None:
+            raise ConfigError("n_pq is derived from the bits: read it from a QuantConfig's options")
+        return self.n_pq
 
     def group_bit_range(self, bits: float) -> tuple[int, int]:
         """Clamps [lo, hi] of the per-group bits at a target of ``bits`` (spec §5.3 'budget repair and clamps').
@@ -112,6 +130,16 @@ class RSAVQ(QuantMethod):
     name = "rsavq"
     summary = "RSAVQ: sensitivity-grouped channels (WCSG) and error-direction-shifted codebooks (EDSG)"
     options_type = VQOptions
+
+    def resolve(self, options: MethodOptions, bits: float) -> MethodOptions:
+        """``n_pq`` derived, when not given: the longest sub-vector (a divisor of vector_len) whose
+        codebook at ceil(bits) bits per weight has at most AUTO_MAX_ENTRIES entries (1 at least)."""
+        assert isinstance(options, VQOptions)
+        if options.n_pq is not None:
+            return options
+        v, width = options.vector_len, math.ceil(bits - 1e-9)
+        fits = [d for d in range(1, v + 1) if v % d == 0 and 2 ** (width * d) <= AUTO_MAX_ENTRIES]
+        return dataclasses.replace(options, n_pq=v // max(fits, default=1))
 
     def validate(self, cfg: QuantConfig) -> None:
         o = cfg.options_as(VQOptions)

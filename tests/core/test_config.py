@@ -152,16 +152,27 @@ def test_presets() -> None:
     assert km2.needs_gradients() and km2.needs_hessian()
 
 
-@pytest.mark.parametrize("bits,expected", [(2, (1, 4)), (2.5, (1, 4)), (3, (1, 5)), (1, (1, 3))])
+# At 1 bit the derived sub-vectors are 6 long, so 2 bits per weight is already a 2^12-entry codebook.
+@pytest.mark.parametrize("bits,expected", [(2, (1, 4)), (2.5, (1, 4)), (3, (1, 5)), (1, (1, 2))])
 def test_group_bit_range_defaults(bits: float, expected: tuple[int, int]) -> None:
     assert bit_range(QuantConfig(bits=bits)) == expected
+
+
+@pytest.mark.parametrize("bits,n_pq", [(1, 1), (2, 2), (2.5, 3), (3, 3), (4, 6), (8, 6)])
+def test_sub_vectors_are_derived_from_the_bits_unless_given(bits: float, n_pq: int) -> None:
+    cfg = QuantConfig(bits=bits)
+    assert cfg.options_as(VQOptions).n_pq == n_pq  # codebooks of at most 64 entries at ceil(bits)
+    assert cfg.to_dict()["n_pq"] == n_pq  # recorded as used
+    given = 2 if bits <= 5 else 3  # a valid layout that differs from the derived one
+    assert QuantConfig.for_method("rsavq", bits=bits, n_pq=given).options_as(VQOptions).n_pq == given
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_group_bit_range_at_4_bits() -> None:
     # The spec's example [2, 6] at 4 bits holds when 6-bit groups fit the 2^16 codebook cap (d <= 2) ...
     assert bit_range(vq(bits=4, vector_len=4, n_pq=2)) == (2, 6)
-    # ... and the cap 16 // d wins with the default d = 3 (6 x 3 = 18 index bits would be too many).
-    assert bit_range(QuantConfig(bits=4)) == (2, 5)
+    # ... and the cap 16 // d wins with d = 3 (6 x 3 = 18 index bits would be too many).
+    assert bit_range(vq(bits=4, n_pq=2)) == (2, 5)
 
 
 def test_frozen() -> None:

@@ -261,7 +261,7 @@ def test_effective_budget_counts_codebooks() -> None:
 
     torch.manual_seed(0)
     w = torch.randn(192, 576)
-    base = QuantConfig.for_method("kmeans", bits=3, kmeans_iters=1, kmeans_fit_points=512)
+    base = QuantConfig.for_method("kmeans", bits=3, n_pq=2, kmeans_iters=1, kmeans_fit_points=512)
     index_layer, _ = quantize_vq(w, None, base)
     eff_layer, _ = quantize_vq(w, None, base.replace(budget="effective"))
     assert layer_bits(index_layer).bpw > 3.5

@@ -53,7 +53,7 @@ def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, 
         ({**JOB, "model_id": "/etc/passwd"}, "local paths are not allowed"),
         ({**JOB, "model_id": "a b c"}, "not a model id"),
         ({**JOB, "method": "rtn", "bits": 2.5}, "bits"),  # QuantConfig's own rule: scalar methods take whole bits
-        ({**JOB, "options": {"vector_len": 5}}, "vector_len"),
+        ({**JOB, "options": {"vector_len": 5, "n_pq": 2}}, "vector_len"),
         ({**JOB, "options": {"evaluation": {"zero_shot": ["mmlu"]}}}, "zero_shot"),
         ({**JOB, "options": {"allocation": "greedy"}}, "allocation"),  # an enum in the schema
         ({**JOB, "method": "rtn", "bits": 4, "options": {"kmeans_iters": 3}}, "method rtn has no option kmeans_iters"),
