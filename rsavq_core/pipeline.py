@@ -121,6 +121,8 @@ def quantize_model(
     layout = find_decoder_layout(model)  # fails fast on a model with no linear layers
     timings = {"load": time.perf_counter() - started}
     names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(len(layout.blocks)) for n in layout.linear_names(i)]
+    shapes = {full: _shape(layout.blocks[i].get_submodule(n)) for i, n, full in names}
+    get_method(cfg.method).check_layers(cfg, shapes)  # before any calibration: a config the model cannot take
     ckpt = FinishedLayers(checkpoint_dir, cfg, model_fingerprint(folder)) if checkpoint_dir else None
     resumed: dict[str, tuple[QuantizedLayer, dict[str, Any]]] = {}
     for _, _, full in names:
@@ -191,6 +193,12 @@ def quantize_model(
     if out_dir is not None:
         result.out_dir = save_result(result, Path(out_dir))
     return result
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    if not isinstance(module, nn.Linear):
+        raise UnsupportedModelError(f"a {type(module).__name__} is not an nn.Linear")
+    return module.out_features, module.in_features
 
 
 def _quantize_block(

@@ -64,6 +64,10 @@ class QuantMethod(ABC):
     def validate(self, cfg: QuantConfig) -> None:  # noqa: B027 - optional hook, no rules by default
         """Rules between knobs (the knobs themselves are already valid); raise ``ConfigError``."""
 
+    def check_layers(self, cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> None:  # noqa: B027
+        """Rules between the config and the model's layers ({name: (out, in)}), checked after the
+        model is loaded and before calibration; raise ``ConfigError``. None by default."""
+
     def resolve(self, options: MethodOptions, bits: float) -> MethodOptions:
         """The options with every knob left to be derived (None) set from the others and ``bits``."""
         return options

@@ -49,7 +49,7 @@ class VQOptions(MethodOptions):
     # which adds codebooks, permutation and scales, is reported separately; with "effective"
     # every stored bit of a layer counts, so the reported effective bpw is at most ``bits``.
     budget: Budget = knob("index", "what --bits counts: index bits (paper) or every stored bit, codebooks included")
-    vector_len: int = knob(6, "vector length v, in output rows [P §5]", ge=1)
+    vector_len: int = knob(6, "vector length v, in output rows [P §5]", ge=1, le=64)
     n_pq: int | None = knob(
         None,
         "product-quantization sub-vectors per vector, d = v / n_pq [I, spec §5.4 / §9.2] "
@@ -153,6 +153,26 @@ class RSAVQ(QuantMethod):
             raise ConfigError(f"min_group_bits {lo} exceeds max_group_bits {hi}")
         if not lo <= cfg.bits <= hi:
             raise ConfigError(f"bits {cfg.bits:g} is outside the per-group range [{lo}, {hi}]")
+
+    def check_layers(self, cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> None:
+        """Under ``budget="effective"`` every layer must fit --bits with all its groups at the lowest
+        bits; otherwise its codebooks alone are too large for it, and no allocation can help."""
+        o = cfg.options_as(VQOptions)
+        if o.budget != "effective":
+            return
+        from rsavq_core.algorithms.vq import effective_budget  # torch: only once a model is loaded
+
+        lo, _ = o.group_bit_range(cfg.bits)
+        for name, (m, n) in shapes.items():
+            cost, budget = effective_budget(m, n, cfg)
+            size = math.ceil(n / min(o.n_groups, n))
+            least = sum(cost(min(size, n - start), lo) for start in range(0, n, size))
+            if least > budget:
+                raise ConfigError(
+                    f"{name} ({m} x {n}) cannot meet {cfg.bits:g} stored bits per weight: with every channel "
+                    f"group at {lo} bit(s) it needs {(least + cfg.bits * m * n - budget) / (m * n):.3f} "
+                    "(codebooks and permutation included); raise --bits, or use fewer --n-groups or shorter sub-vectors"
+                )
 
     def statistics(self, cfg: QuantConfig) -> StatsNeeds:
         o = cfg.options_as(VQOptions)

@@ -13,6 +13,7 @@ import torch
 
 from rsavq_core import pipeline
 from rsavq_core.config import QuantConfig
+from rsavq_core.errors import ConfigError
 from rsavq_core.formats import ScalarLayer, VQLayer
 from rsavq_core.models import quantizable_linears
 from rsavq_core.pipeline import QuantizeResult, quantize_model
@@ -166,8 +167,14 @@ def test_cli_quantize_rtn(workspace: tuple[Path, Path], capsys: pytest.CaptureFi
     [
         (["--bits", "9"], "[1, 8]"),
         (["--bits", "0.5"], "[1, 8]"),
-        (["--bits", "2", "--vector-len", "5"], "not divisible"),
+        (["--bits", "2", "--vector-len", "5", "--n-pq", "2"], "not divisible"),
         (["--bits", "2.5", "--method", "gptq"], "integer bits"),
+        (["--bits", "2", "--vector-len", "65"], "vector_len"),
+        (["--bits", "3", "--vector-len", "6", "--n-pq", "1"], "2^16"),  # a 2^18-entry codebook
+        (["--bits", "2", "--block-finetune-steps", "-1"], "block_finetune_steps"),
+        (["--bits", "2", "--model-finetune-lr", "0"], "model_finetune_lr"),
+        (["--bits", "2", "--block-finetune-lr", "2"], "block_finetune_lr"),
+        (["--bits", "2", "--finetune-batch", "0"], "finetune_batch"),
     ],
 )
 def test_cli_config_errors_exit_2(
@@ -256,3 +263,13 @@ def test_end_to_end_finetuning_is_saved_with_its_norms(workspace: tuple[Path, Pa
     name = "model.layers.0.self_attn.q_proj"
     one_shot = quantize_model(str(folder), QuantConfig.for_method("rtn", bits=2, **CALIB))
     assert not torch.equal(result.layers[name].dequantize(), one_shot.layers[name].dequantize())
+
+
+def test_a_layout_that_cannot_meet_an_effective_budget_fails_before_calibration(workspace: tuple[Path, Path]) -> None:
+    _, folder = workspace
+    # The tiny model's layers are 32..64 wide: four groups of 64-entry fp16 codebooks alone exceed 2 bits.
+    cfg = QuantConfig.for_method("rsavq", bits=2, budget="effective", **SMALL)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"cannot meet 2 stored bits per weight.*needs \d"):
+        quantize_model(str(folder), cfg, progress=lambda *a: pytest.fail("calibration started"))
+    assert time.perf_counter() - started < 30
