@@ -93,7 +93,7 @@ def run_ablation(
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = _eval_flags(tasks, limit, windows)
     evaluation = {"ppl": True, "tasks": parse_tasks(tasks), "limit": limit, "perplexity_windows": windows}
-    calib = {"calib_samples": calib_samples} if calib_samples else {}
+    calib: dict[str, Any] = {"calib_samples": calib_samples} if calib_samples else {}
     done = _finished_rows(out_dir / "ablation.json", model, flags)
     t0 = time.perf_counter()
     if not any(r["label"] == "FP" for r in done):

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 from rsavq_core.errors import ConfigError
 from rsavq_core.methods import MethodOptions, get_method, method_names, option_knobs, option_names
 from rsavq_core.options import knob, knobs, validate_knobs
+from rsavq_core.presets import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,22 @@ class QuantConfig:
         return self.options
 
     @classmethod
-    def for_method(cls, method: str, **knobs_: Any) -> QuantConfig:
+    def for_method(cls, method: str, *, preset: str | None = None, **knobs_: Any) -> QuantConfig:
         """A config from flat knobs: shared ones (``bits``, ``calib_samples``...) and the method's options.
 
-        The method's option defaults are its preset (k-means: λ = 0, uniform bits, Euclidean); explicit
-        knobs win. A knob the method does not have is an error that says which methods have it.
+        The method's option defaults are its own (k-means: λ = 0, uniform bits, Euclidean); a
+        ``preset`` (``rsavq_core.presets``) sets the knobs of it that this method has; explicit
+        knobs win over both. A knob the method does not have is an error that says which methods have it.
         """
         chosen = get_method(method)
         shared = {f.name for f in dataclasses.fields(cls)} - {"method", "options"}
         own = set(option_names(chosen))
         if own & shared:  # a method's option may not shadow a shared knob: one flag, one field per name
             raise TypeError(f"method {method} declares shared knob(s) {sorted(own & shared)} as its own options")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+            knobs_ = {**{k: v for k, v in PRESETS[preset].items() if k in shared | own}, **knobs_}
         stray = sorted(set(knobs_) - shared - own)
         if stray:
             raise ConfigError(_stray_message(method, stray))

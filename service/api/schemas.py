@@ -10,6 +10,7 @@ between knobs (bits per method, vector length vs PQ, ...), are QuantConfig's own
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from rsavq_core.config import MAX_BITS, MIN_BITS, ZERO_SHOT_TASKS, QuantConfig, shared_knobs
 from rsavq_core.methods import describe_option, method_names, methods, option_knobs
 from rsavq_core.options import Knob
+from rsavq_core.presets import PRESETS
 
 # A hub id ("org/name", "name") or a built-in alias: letters, digits, "-", "_", "." and one "/".
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -35,6 +37,10 @@ def _quant_fields() -> dict[str, Any]:
     fields = {k.name: _field(k, f"{k.help} [all methods; default {k.default!r}]") for k in shared_knobs()}
     fields.pop("bits")
     fields.update({name: _field(k, describe_option(name)) for name, (k, _) in option_knobs().items()})
+    fields["preset"] = (
+        Literal[tuple(sorted(PRESETS))] | None,
+        Field(None, description="named knob values (the knobs given here win): " + json.dumps(PRESETS)),
+    )
     return fields
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from rsavq_core.config import QuantConfig, shared_knobs
 from rsavq_core.methods import describe_option, method_names, methods, option_knobs
 from rsavq_core.options import Knob
+from rsavq_core.presets import PRESETS
 
 
 def flag_of(name: str) -> str:
@@ -39,6 +40,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """``--method``, ``--bits`` (required) and a flag for every other knob."""
     summaries = "; ".join(f"{m.name}: {m.summary}" for m in methods())
     parser.add_argument("--method", default="rsavq", choices=method_names(), help=f"default rsavq. {summaries}")
+    presets = "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in knobs.items())}" for name, knobs in PRESETS.items())
+    parser.add_argument("--preset", choices=sorted(PRESETS), help=f"named knob values; explicit flags win. {presets}")
     shared = parser.add_argument_group("every method")
     for k in shared_knobs():
         bounds = f" {k.interval()}" if k.ge is not None or k.gt is not None or k.le is not None else ""
@@ -50,8 +53,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def knobs_from_args(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The knobs given on the command line (flags left unset are absent)."""
-    return {n: getattr(args, n) for n in knob_names() if n not in exclude and getattr(args, n, None) is not None}
+    """The knobs given on the command line (flags left unset are absent), and the preset if given."""
+    names = [*knob_names(), "preset"]
+    return {n: getattr(args, n) for n in names if n not in exclude and getattr(args, n, None) is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:

@@ -79,7 +79,7 @@ def test_unknown_choice_lists_the_choices(field: str, value: str) -> None:
 @pytest.mark.parametrize("value", [0, -3, 2.0, True])
 def test_integer_fields_must_be_positive_integers(field: str, value: object) -> None:
     method = "rtn" if field == "group_size" else "rsavq"
-    with pytest.raises(ConfigError, match=f"{field} must be a positive integer"):
+    with pytest.raises(ConfigError, match=rf"{field} must be (a positive integer|an integer in \[1, \d+\])"):
         QuantConfig.for_method(method, **{field: value})
 
 
@@ -205,3 +205,15 @@ def test_from_dict_rejects_unknown_fields() -> None:
 def test_from_dict_validates_values() -> None:
     with pytest.raises(ConfigError, match="bits must lie"):
         QuantConfig.from_dict({"bits": 12})
+
+
+def test_a_preset_sets_its_knobs_under_the_explicit_ones() -> None:
+    from rsavq_core.presets import PRESETS
+
+    fast = QuantConfig.for_method("rsavq", bits=2, preset="fast")
+    assert all(fast.to_dict()[k] == v for k, v in PRESETS["fast"].items())
+    assert QuantConfig.for_method("rsavq", bits=2, preset="fast", calib_samples=8).calib_samples == 8
+    gptq = QuantConfig.for_method("gptq", bits=3, preset="fast")  # only the knobs GPTQ has
+    assert gptq.calib_samples == PRESETS["fast"]["calib_samples"]
+    with pytest.raises(ConfigError, match="unknown preset 'quick'; presets: fast"):
+        QuantConfig.for_method("rsavq", bits=2, preset="quick")

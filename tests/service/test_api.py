@@ -30,6 +30,15 @@ def test_submit_returns_202_location_and_a_queued_job(api, keys) -> None:  # typ
     assert got["id"] == job["id"] and got["progress"]["percent"] == 0
 
 
+def test_a_preset_is_accepted_and_stored_with_the_job(api, keys) -> None:  # type: ignore[no-untyped-def]
+    from service.api.schemas import JobRequest
+
+    job = submit(api, keys["alice"], {**JOB, "options": {"preset": "fast", "calib_samples": 8}}).json()
+    assert job["options"]["preset"] == "fast" and job["options"]["calib_samples"] == 8
+    cfg = JobRequest.model_validate({**JOB, "options": job["options"]}).quant_config()
+    assert cfg.calib_samples == 8 and cfg.block_finetune_steps == 0  # the preset, under the explicit knob
+
+
 def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, keys) -> None:  # type: ignore[no-untyped-def]
     first = submit(api, keys["alice"], **{"Idempotency-Key": "abc"}).json()
     again = submit(api, keys["alice"], **{"Idempotency-Key": "abc"}).json()
@@ -56,6 +65,7 @@ def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, 
         ({**JOB, "options": {"vector_len": 5, "n_pq": 2}}, "vector_len"),
         ({**JOB, "options": {"evaluation": {"zero_shot": ["mmlu"]}}}, "zero_shot"),
         ({**JOB, "options": {"allocation": "greedy"}}, "allocation"),  # an enum in the schema
+        ({**JOB, "options": {"preset": "quick"}}, "preset"),
         ({**JOB, "method": "rtn", "bits": 4, "options": {"kmeans_iters": 3}}, "method rtn has no option kmeans_iters"),
     ],
 )
