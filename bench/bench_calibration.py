@@ -35,6 +35,7 @@ def row_of(knobs: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
         "statistics_seconds": summary["timings"].get("statistics"),
         "stats_cached": summary["stats_cached"],
         "peak_rss_gb": summary["peak_rss_gb"],
+        "finetune": summary.get("finetune"),
         "config": summary["config"],
     }
 
