@@ -52,7 +52,11 @@ class QuantConfig:
     fisher: FisherForm = knob("exact", "Fisher factors: per-sequence gradients [P A.9] or textbook K-FAC (spec §3.3)")
     # Fine-tuning, codes fixed: block-wise after each block's one-shot pass (rsavq_core/finetune.py),
     # then end to end on the float model's logits (rsavq_core/finetune_global.py).
-    block_finetune_steps: int = knob(0, "block-wise fine-tuning: Adam steps per block (0: off)", ge=0, le=100_000)
+    # None: the method's own default (QuantMethod.block_finetune_steps): on for RSAVQ, off for the
+    # baselines, which stay what their papers and public implementations are.
+    block_finetune_steps: int | None = knob(
+        None, "block-wise fine-tuning: Adam steps per block (0: off; default: the method's)", ge=0, le=100_000
+    )
     block_finetune_lr: float = knob(1e-3, "block-wise fine-tuning: learning rate", gt=0.0, le=1.0)
     model_finetune_steps: int = knob(
         0, "end-to-end fine-tuning (KL to the float model's logits): Adam steps (0: off)", ge=0, le=100_000
@@ -74,6 +78,8 @@ class QuantConfig:
                 f"method {self.method} takes {method.options_type.__name__}, got {type(self.options).__name__}"
             )
         object.__setattr__(self, "options", method.resolve(self.options_as(method.options_type), self.bits))
+        if self.block_finetune_steps is None:
+            object.__setattr__(self, "block_finetune_steps", method.block_finetune_steps)
         method.validate(self)
 
     def options_as(self, cls: type[OptionsT]) -> OptionsT:

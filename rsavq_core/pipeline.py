@@ -134,16 +134,17 @@ def quantize_model(
 
     todo = len(resumed) < len(names)
     sequential = cfg.calib_inputs == "quantized" and cfg.needs_hessian()
-    need_tokens = (todo and (cfg.needs_calibration() or cfg.block_finetune_steps)) or cfg.model_finetune_steps
+    block_steps = cfg.block_finetune_steps or 0  # resolved to the method's default on construction
+    need_tokens = (todo and (cfg.needs_calibration() or block_steps)) or cfg.model_finetune_steps
     tokens = calibration_tokens(tokenizer, cfg) if need_tokens else None
     store, cached, walker = None, False, None
     if tokens is not None and todo and (cfg.needs_gradients() or (cfg.needs_hessian() and not sequential)):
         t0 = time.perf_counter()
         store, cached = calibration_store(model, tokens, folder, cfg, micro_batch=micro_batch, progress=progress)
         timings["statistics"] = time.perf_counter() - t0
-    if tokens is not None and todo and (sequential or cfg.block_finetune_steps):
+    if tokens is not None and todo and (sequential or block_steps):
         # Block-wise fine-tuning steps take the walker's micro-batches as they are.
-        walk_batch = cfg.finetune_batch if cfg.block_finetune_steps else micro_batch
+        walk_batch = cfg.finetune_batch if block_steps else micro_batch
         walker = BlockInputs(model, tokens, micro_batch=walk_batch, progress=progress)
 
     t0 = time.perf_counter()
@@ -157,7 +158,7 @@ def quantize_model(
             if sequential and walker is not None:
                 stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
             fresh = _quantize_block(block, [n for n in in_block if n not in done], stats, cfg)
-            if cfg.block_finetune_steps and walker is not None:
+            if block_steps and walker is not None:
                 fresh = _finetune(block, {**done, **fresh}, walker, cfg, progress, f"fine-tune block {index}")
             for name, (layer, report) in fresh.items():
                 if ckpt is not None:
@@ -228,7 +229,7 @@ def _finetune(
         {name: layer for name, (layer, _) in quantized.items()},
         walker.inputs,
         walker.block_kwargs,
-        steps=cfg.block_finetune_steps,
+        steps=cfg.block_finetune_steps or 0,
         lr=cfg.block_finetune_lr,
         progress=progress,
         stage=stage,

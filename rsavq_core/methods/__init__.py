@@ -60,6 +60,7 @@ class QuantMethod(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # one line, for --help and the API's documentation
     options_type: ClassVar[type[MethodOptions]]
+    block_finetune_steps: ClassVar[int] = 0  # QuantConfig.block_finetune_steps when not given
 
     def validate(self, cfg: QuantConfig) -> None:  # noqa: B027 - optional hook, no rules by default
         """Rules between knobs (the knobs themselves are already valid); raise ``ConfigError``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rsavq_core.methods import register_method
-from rsavq_core.methods.rsavq import RSAVQ, Allocation, Metric, VQOptions
+from rsavq_core.methods.rsavq import RSAVQ, Allocation, Metric, Refit, VQOptions
 from rsavq_core.options import knob
 
 
@@ -16,6 +16,8 @@ class KMeansOptions(VQOptions):
     lam: float = knob(0.0, "EDSG projection strength λ (0: no shift, the baseline)", ge=0.0, le=10.0)
     allocation: Allocation = knob("uniform", "WCSG bit rule (uniform: no WCSG, the baseline)")
     metric: Metric = knob("euclidean", "codebook metric (Euclidean: plain k-means, the baseline)")
+    compensate: bool = knob(False, "VPTQ-style column-wise error compensation (off: the baseline)")
+    refit: Refit = knob("mean", "final codebooks: the Lloyd mean (the baseline) or least squares on the output error")
 
 
 @register_method
@@ -23,3 +25,4 @@ class KMeans(RSAVQ):
     name = "kmeans"
     summary = "k-means vector quantization: the paper's baseline, in the same engine as RSAVQ"
     options_type = KMeansOptions
+    block_finetune_steps = 0  # the baseline

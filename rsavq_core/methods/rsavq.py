@@ -78,9 +78,11 @@ class VQOptions(MethodOptions):
     kmeans_fit_points: int = knob(
         4096, "Lloyd rounds run on max(this, 8·K) sampled sub-vectors, then one on all (0 = always all)", ge=0
     )
-    compensate: bool = knob(False, "VPTQ-style column-wise error compensation (spec §7)")
+    # Error feedback and the output-error refit are on by default: measured on SmolLM2-135M at 3
+    # bits (README, "Quality"): 3.075 bpw, perplexity 40.51 with compensation, 37.92 with the refit too.
+    compensate: bool = knob(True, "VPTQ-style column-wise error compensation (spec §7)")
     refit: Refit = knob(
-        "mean",
+        "output",
         "final codebooks: mean of what each entry was assigned (spec §7 step 4; after compensation only), "
         "or least squares on the output error tr(ΔW H ΔWᵀ) with codes fixed (GPTVQ)",
     )
@@ -130,6 +132,8 @@ class RSAVQ(QuantMethod):
     name = "rsavq"
     summary = "RSAVQ: sensitivity-grouped channels (WCSG) and error-direction-shifted codebooks (EDSG)"
     options_type = VQOptions
+    # 3 bits, SmolLM2-135M: perplexity 37.92 -> 32.09 for about 9 minutes on 2 CPU cores (README).
+    block_finetune_steps = 64
 
     def resolve(self, options: MethodOptions, bits: float) -> MethodOptions:
         """``n_pq`` derived, when not given: the longest sub-vector (a divisor of vector_len) whose

@@ -141,9 +141,12 @@ def test_presets() -> None:
     assert rs == QuantConfig()
     o = rs.options_as(VQOptions)
     assert o.lam == 0.05 and o.allocation == "proportional" and o.metric == "fisher_diag"
-    assert rs.needs_gradients() and not rs.needs_hessian()
+    assert o.compensate and o.refit == "output" and rs.block_finetune_steps == 64
+    assert rs.needs_gradients() and rs.needs_hessian()
+    assert km.block_finetune_steps == 0 and km.options_as(VQOptions).refit == "mean"  # the baseline
+    assert QuantConfig.for_method("rsavq", block_finetune_steps=0).block_finetune_steps == 0
     gptq = QuantConfig.for_method("gptq", bits=3)
-    assert not gptq.needs_gradients() and gptq.needs_hessian()
+    assert not gptq.needs_gradients() and gptq.needs_hessian() and gptq.block_finetune_steps == 0
     assert not QuantConfig.for_method("rtn", bits=3).needs_calibration()
     # Explicit overrides win over the preset.
     km2 = QuantConfig.for_method("kmeans", lam=0.1, compensate=True)

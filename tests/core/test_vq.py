@@ -195,7 +195,7 @@ def test_sensitive_channels_get_more_bits() -> None:
     hot = [3, 11, 12, 7]
     g[:, hot] *= 300.0  # four channels with a much larger gradient
     stats = LayerStats(g, stats.fisher_out, stats.fisher_in, stats.tau, stats.hessian, 8, 256)
-    cfg = QuantConfig.for_method("rsavq", bits=2, n_groups=4, kmeans_iters=2)
+    cfg = QuantConfig.for_method("rsavq", bits=2, n_groups=4, kmeans_iters=2, compensate=False, refit="mean")
     layer, report = quantize_vq(w, stats, cfg)
     assert set(layer.perm[:4].tolist()) == set(hot)
     assert layer.groups[0].bits > layer.groups[-1].bits
@@ -212,7 +212,9 @@ def inner_with_gradient(w: torch.Tensor, stats: LayerStats, cfg: QuantConfig) ->
 
 def test_edsg_moves_error_along_negative_natural_gradient() -> None:
     """Spec §6.1: with λ > 0 the first-order loss change ⟨Ḡ, Ŵ − W⟩ is clearly more negative than with λ = 0."""
-    base = QuantConfig.for_method("rsavq", bits=2, allocation="uniform", n_groups=2, kmeans_iters=5)
+    base = QuantConfig.for_method(
+        "rsavq", bits=2, allocation="uniform", n_groups=2, kmeans_iters=5, compensate=False, refit="mean"
+    )
     for seed in range(3):
         w, stats = fabricate(48, 40, seed=10 + seed, hessian=False)
         nat = natural_gradient(stats, damp(stats, base.options.damping))
