@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and pip:
 #   make demo   the main job end to end through the service: `rsavq serve` (SQLite + embedded
-#               broker), submit the bundled model at 2 bits over HTTP, follow, download, verify
+#               broker), submit the bundled model at 3 bits over HTTP, follow, download, verify
 #   make test   the default test suite, including the integration tests against the real Redis
 #               and PostgreSQL on 127.0.0.1 (skipped, saying so, when they are not reachable)
 # `make check` runs what CI runs before the tests: lint, format, types, import contracts.

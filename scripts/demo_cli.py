@@ -1,7 +1,7 @@
-"""The main job end to end on the command-line path: quantize the bundled model at 2 bits, compare
+"""The main job end to end on the command-line path: quantize the bundled model at 3 bits, compare
 FP and quantized perplexity (wiki-holdout-512), report the effective bits per weight, generate text.
 
-Usage: python scripts/demo_cli.py [--model smollm2-135m] [--bits 2] [--out runs/demo-2bit]
+Usage: python scripts/demo_cli.py [--model smollm2-135m] [--bits 3] [--out runs/demo-3bit]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from service.cli.progress import StageBars
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--bits", type=float, default=2.0)
-    parser.add_argument("--out", default="runs/demo-2bit")
+    parser.add_argument("--bits", type=float, default=3.0)
+    parser.add_argument("--out", default="runs/demo-3bit")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--calib-samples", type=int, help="calibration windows (default: QuantConfig's)")
     args = parser.parse_args()

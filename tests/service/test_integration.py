@@ -32,6 +32,7 @@ RSAVQ_FAST = {
     "calib_len": 128,
     "kmeans_iters": 2,
     "kmeans_fit_points": 1024,
+    "block_finetune_steps": 4,
     "evaluation": {"perplexity": True, "windows": 2},
 }
 # RTN needs no calibration: these jobs spend their time in the per-layer loop the fault tests interrupt.
