@@ -72,3 +72,15 @@ def test_kl_to_teacher_is_zero_for_the_teacher_and_positive_otherwise() -> None:
     logits = torch.randn(2, 3, 11)
     assert float(kl_to_teacher(logits, logits)) == pytest.approx(0.0, abs=1e-6)
     assert float(kl_to_teacher(logits.flip(-1), logits)) > 0.1
+
+
+def test_the_keep_decision_is_measured_on_windows_never_trained_on() -> None:
+    from rsavq_core.finetune_global import MEASURE_BATCHES, split_held_out
+
+    many = [torch.full((1, 4), i) for i in range(2 * MEASURE_BATCHES + 1)]
+    train, held_out = split_held_out(many)
+    assert len(held_out) == MEASURE_BATCHES and len(train) + len(held_out) == len(many)
+    assert not {int(b[0, 0]) for b in train} & {int(b[0, 0]) for b in held_out}
+    few = many[: MEASURE_BATCHES + 1]  # too few to spare any: train on all, measure on the first ones
+    train, held_out = split_held_out(few)
+    assert len(train) == len(few) and len(held_out) == MEASURE_BATCHES
