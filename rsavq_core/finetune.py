@@ -111,7 +111,7 @@ def finetune_block(
             loss.backward()
             optimizer.step()
             if progress:
-                progress(stage, step + 1, steps, {"loss": float(loss)})
+                progress(stage, step + 1, steps, {"loss": loss.item()})
     out = {**layers, **round_tuned(modules)}
     after = mean_loss()
     report = {"loss_before": before, "loss_after": after, "steps": steps, "kept": after < before}

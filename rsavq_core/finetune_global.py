@@ -129,7 +129,7 @@ def finetune_model(
             if state_file is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
                 _save(state_file, fingerprint, step + 1, before, params, optimizer)
             if progress:
-                progress(stage, step + 1, steps, {"kl": float(loss)})
+                progress(stage, step + 1, steps, {"kl": loss.item()})
     tuned = round_tuned(student.linears)
     with torch.no_grad():  # and the norms as the checkpoint stores them
         for p in student.norms.values():
