@@ -107,6 +107,12 @@ def repair_budget(
     return list(best[3])
 
 
+def group_bounds(in_features: int, n_groups: int) -> list[tuple[int, int]]:
+    """[start, stop) of each channel group: ⌈C/G⌉ channels per group, the last one smaller [P-Alg1]."""
+    size = math.ceil(in_features / min(n_groups, in_features))
+    return [(s, min(s + size, in_features)) for s in range(0, in_features, size)]
+
+
 def allocate(
     sensitivity: torch.Tensor | None,
     in_features: int,
@@ -126,9 +132,7 @@ def allocate(
     default index-bit budget target·N (see ``vq.effective_budget``).
     """
     n = in_features
-    groups = min(n_groups, n)
-    size = math.ceil(n / groups)  # [P-Alg1]: n = ⌈C/G⌉ channels per group, the last one smaller
-    bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+    bounds = group_bounds(n, n_groups)
     sizes = [stop - start for start, stop in bounds]
     budget = target * n
     if rule == "uniform" or sensitivity is None:

@@ -92,30 +92,28 @@ def least_squares_codebooks(
     rows = torch.zeros(1, sel.m_pad)
     rows[:, :m] = 1.0  # padded rows are not part of the weight: no error, no gradient
 
-    def error(books: list[torch.Tensor]) -> float:
-        delta = (sel.gather(books) - w) * rows
-        return float(((h @ delta) * delta).sum())
-
-    def apply(books: list[torch.Tensor], offset: torch.Tensor | None) -> list[torch.Tensor]:
-        """Sᵀ((S(books) − offset) H): the gradient of ½ tr((S(books) − offset) H (…)ᵀ)."""
+    def apply(books: list[torch.Tensor], offset: torch.Tensor | None) -> tuple[list[torch.Tensor], float]:
+        """(Sᵀ((S(books) − offset) H), tr((S(books) − offset) H (…)ᵀ)): the gradient of half the
+        quadratic and its value, from one product with H."""
         recon = sel.gather(books)
         delta = (recon - offset if offset is not None else recon) * rows
-        return sel.scatter(h @ delta)
+        h_delta = h @ delta
+        return sel.scatter(h_delta), float((h_delta * delta).sum())
 
     def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
 
     energy = float(((h @ w) * w).sum()) or 1.0
-    start = [g.codebooks.float() for g in layer.groups]
-    before = error(start) / energy
-    books = [b.clone() for b in start]
-    residual = [-g for g in apply(books, w)]  # b − A c
+    books = [g.codebooks.float() for g in layer.groups]
+    gradient, start_error = apply(books, w)
+    before = start_error / energy
+    residual = [-g for g in gradient]  # b − A c
     direction = [r.clone() for r in residual]
     rr = first = dot(residual, residual)
     for _ in range(iters):
         if rr <= (CG_TOLERANCE**2) * first or rr == 0.0:
             break
-        a_dir = apply(direction, None)
+        a_dir, _ = apply(direction, None)
         curvature = dot(direction, a_dir)
         if curvature <= 0.0:
             break
@@ -126,7 +124,7 @@ def least_squares_codebooks(
         direction = [r + (rr_next / rr) * p for r, p in zip(residual, direction, strict=True)]
         rr = rr_next
     stored = [b.half().float() for b in books]
-    after = error(stored) / energy
+    after = apply(stored, w)[1] / energy
     kept = after < before
     if kept:
         for group, book in zip(layer.groups, stored, strict=True):

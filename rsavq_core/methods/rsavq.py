@@ -164,13 +164,13 @@ class RSAVQ(QuantMethod):
         o = cfg.options_as(VQOptions)
         if o.budget != "effective":
             return
-        from rsavq_core.algorithms.vq import effective_budget  # torch: only once a model is loaded
+        from rsavq_core.algorithms.allocation import group_bounds  # torch: only once a model is loaded
+        from rsavq_core.algorithms.vq import effective_budget
 
         lo, _ = o.group_bit_range(cfg.bits)
         for name, (m, n) in shapes.items():
             cost, budget = effective_budget(m, n, cfg)
-            size = math.ceil(n / min(o.n_groups, n))
-            least = sum(cost(min(size, n - start), lo) for start in range(0, n, size))
+            least = sum(cost(stop - start, lo) for start, stop in group_bounds(n, o.n_groups))
             if least > budget:
                 raise ConfigError(
                     f"{name} ({m} x {n}) cannot meet {cfg.bits:g} stored bits per weight: with every channel "
