@@ -30,6 +30,7 @@ ZERO_SHOT_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "p
 FisherForm = Literal["exact", "kfac"]
 CalibSampling = Literal["random", "first"]
 CalibInputs = Literal["fp", "quantized"]
+FinetuneTarget = Literal["block", "model"]
 OptionsT = TypeVar("OptionsT", bound=MethodOptions)
 
 
@@ -58,6 +59,12 @@ class QuantConfig:
         None, "block-wise fine-tuning: Adam steps per block (0: off; default: the method's)", ge=0, le=100_000
     )
     block_finetune_lr: float = knob(1e-3, "block-wise fine-tuning: learning rate", gt=0.0, le=1.0)
+    # "block": the float block's outputs on what the quantized block receives (AQLM); "model": the
+    # float model's own outputs at that block (OmniQuant, EfficientQAT), which also asks each block
+    # to undo the error of the quantized blocks before it.
+    finetune_target: FinetuneTarget = knob(
+        "block", "block-wise fine-tuning: match the float block on the quantized inputs, or the float model"
+    )
     model_finetune_steps: int = knob(
         0, "end-to-end fine-tuning (KL to the float model's logits): Adam steps (0: off)", ge=0, le=100_000
     )

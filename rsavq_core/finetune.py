@@ -67,6 +67,7 @@ def finetune_block(
     layers: dict[str, QuantizedLayer],  # by name relative to the block
     inputs: list[torch.Tensor],  # per micro-batch [B, T, D]: what the block receives
     kwargs: list[dict[str, object]],  # the block's keyword arguments per micro-batch
+    targets: list[torch.Tensor] | None = None,  # per micro-batch [B, T, D]; None: the float block on ``inputs``
     *,
     steps: int,
     lr: float,
@@ -74,8 +75,9 @@ def finetune_block(
     stage: str = "fine-tune",
 ) -> tuple[dict[str, QuantizedLayer], dict[str, Any]]:
     """The block's layers after ``steps`` Adam steps, and a report (losses before and after)."""
-    with torch.no_grad():
-        targets = [first_tensor(block(x, **kw)).detach() for x, kw in zip(inputs, kwargs, strict=True)]
+    if targets is None:
+        with torch.no_grad():
+            targets = [first_tensor(block(x, **kw)).detach() for x, kw in zip(inputs, kwargs, strict=True)]
     tuned = copy.deepcopy(block)
     for p in tuned.parameters():
         p.requires_grad_(False)

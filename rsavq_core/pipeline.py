@@ -145,7 +145,8 @@ def quantize_model(
     if tokens is not None and todo and (sequential or block_steps):
         # Block-wise fine-tuning steps take the walker's micro-batches as they are.
         walk_batch = cfg.finetune_batch if block_steps else micro_batch
-        walker = BlockInputs(model, tokens, micro_batch=walk_batch, progress=progress)
+        track_float = bool(block_steps) and cfg.finetune_target == "model"
+        walker = BlockInputs(model, tokens, micro_batch=walk_batch, track_float=track_float, progress=progress)
 
     t0 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
@@ -229,6 +230,7 @@ def _finetune(
         {name: layer for name, (layer, _) in quantized.items()},
         walker.inputs,
         walker.block_kwargs,
+        walker.float_outputs(block) if cfg.finetune_target == "model" else None,
         steps=cfg.block_finetune_steps or 0,
         lr=cfg.block_finetune_lr,
         progress=progress,

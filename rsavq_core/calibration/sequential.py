@@ -22,14 +22,27 @@ from rsavq_core.progress import Progress
 
 
 class BlockInputs:
-    """Walks the blocks in order: the current block's ``inputs``, its ``hessians``, then ``advance``."""
+    """Walks the blocks in order: the current block's ``inputs``, its ``hessians``, then ``advance``.
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, *, micro_batch: int, progress: Progress | None = None):
+    With ``track_float`` it also walks the float model alongside (``float_outputs``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        *,
+        micro_batch: int,
+        track_float: bool = False,
+        progress: Progress | None = None,
+    ):
         """tokens: [S, T] int64 calibration windows."""
         inputs, self.kwargs, _ = record_block_inputs(
             model, tokens, micro_batch=micro_batch, want_grads=False, progress=progress, keep_inputs=(0,)
         )
         self.inputs = inputs[0]  # per micro-batch [B, T, D]: what the current block receives
+        # per micro-batch [B, T, D]: what the current block receives in the float model (tracked or None)
+        self.float_inputs = list(self.inputs) if track_float else None
+        self._float_outputs: list[torch.Tensor] | None = None
         self.seq_len = tokens.shape[1]
         self.index = 0
 
@@ -45,8 +58,23 @@ class BlockInputs:
         )
         return stats
 
+    def float_outputs(self, block: nn.Module) -> list[torch.Tensor]:
+        """Per micro-batch [B, T, D]: the float model's outputs of the current block (``block`` must
+        still be the float block the first time this is asked; the answer is kept until ``advance``)."""
+        if self.float_inputs is None:
+            raise RuntimeError("BlockInputs was built without track_float")
+        if self._float_outputs is None:
+            with torch.no_grad():
+                self._float_outputs = [
+                    first_tensor(block(x, **kw)).detach()
+                    for x, kw in zip(self.float_inputs, self.kwargs[self.index], strict=True)
+                ]
+        return self._float_outputs
+
     def advance(self, block: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
         """Move to the next block: the current one's outputs with ``layers`` (by relative name) in place."""
+        if self.float_inputs is not None:
+            self.float_inputs, self._float_outputs = self.float_outputs(block), None
         quantized = copy.deepcopy(block)
         with torch.no_grad():
             for name, layer in layers.items():

@@ -232,10 +232,17 @@ def test_sequential_hessians_see_the_quantized_blocks(workspace: tuple[Path, Pat
     assert any(not torch.equal(a, b) for a, b in zip(codes(fp, 1).values(), codes(seq, 1).values(), strict=True))
 
 
-@pytest.mark.parametrize("method", ["rtn", "rsavq"])
-def test_blockwise_finetuning_lowers_each_blocks_output_error(workspace: tuple[Path, Path], method: str) -> None:
+@pytest.mark.parametrize(("method", "target"), [("rtn", "block"), ("rsavq", "block"), ("rtn", "model")])
+def test_blockwise_finetuning_lowers_each_blocks_output_error(
+    workspace: tuple[Path, Path], method: str, target: str
+) -> None:
     _, folder = workspace
-    knobs = {**(SMALL if method == "rsavq" else CALIB), "block_finetune_steps": 12, "block_finetune_lr": 1e-3}
+    knobs = {
+        **(SMALL if method == "rsavq" else CALIB),
+        "block_finetune_steps": 12,
+        "block_finetune_lr": 1e-3,
+        "finetune_target": target,
+    }
     bits = 2 if method == "rsavq" else 3
     tuned = quantize_model(str(folder), QuantConfig.for_method(method, bits=bits, **knobs))
     untuned = QuantConfig.for_method(method, bits=bits, **{**knobs, "block_finetune_steps": 0})
