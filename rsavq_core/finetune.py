@@ -20,6 +20,7 @@ from torch import nn
 
 from rsavq_core.calibration.statistics import first_tensor
 from rsavq_core.formats import LayerFormat, QuantizedLayer, format_of
+from rsavq_core.packed_checkpoint import OTHER_TENSORS_DTYPE
 from rsavq_core.progress import Progress
 
 MEASURE_BATCHES = 8
@@ -42,6 +43,23 @@ class TunedLinear(nn.Module):
         weight = self.layer_format.dequantize_with(self.layer, self.values())
         bias = None if self.bias_value is None else self.bias_value.to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)
+
+
+def norm_parameters(module: nn.Module, quantized: set[str]) -> dict[str, nn.Parameter]:
+    """The 1-D float parameters outside the quantized linears (names relative to ``module``):
+    normalisation weights (and biases of layers left in float); few, cheap, stored in float."""
+    return {
+        name: p
+        for name, p in module.named_parameters()
+        if p.dim() == 1 and p.is_floating_point() and name.rpartition(".")[0] not in quantized
+    }
+
+
+def round_norms(norms: Mapping[str, nn.Parameter]) -> None:
+    """Round trained normalisation weights in place to the precision the checkpoint stores them in."""
+    with torch.no_grad():
+        for p in norms.values():
+            p.copy_(p.to(OTHER_TENSORS_DTYPE))
 
 
 def swap_module(module: nn.Module, name: str, new: nn.Module) -> None:
@@ -71,16 +89,22 @@ def finetune_block(
     *,
     steps: int,
     lr: float,
+    tune_norms: bool = False,
     progress: Progress | None = None,
     stage: str = "fine-tune",
-) -> tuple[dict[str, QuantizedLayer], dict[str, Any]]:
-    """The block's layers after ``steps`` Adam steps, and a report (losses before and after)."""
+) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], dict[str, Any]]:
+    """The block's layers after ``steps`` Adam steps, its tuned normalisation weights (relative name
+    -> tensor; empty unless ``tune_norms``) and a report (losses before and after). When the loss
+    did not fall, the input layers and no norms come back."""
     if targets is None:
         with torch.no_grad():
             targets = [first_tensor(block(x, **kw)).detach() for x, kw in zip(inputs, kwargs, strict=True)]
     tuned = copy.deepcopy(block)
     for p in tuned.parameters():
         p.requires_grad_(False)
+    norms = norm_parameters(tuned, set(layers)) if tune_norms else {}
+    for p in norms.values():
+        p.requires_grad_(True)
     modules: dict[str, TunedLinear] = {}
     for name, layer in layers.items():
         layer_format = format_of(layer)
@@ -88,8 +112,8 @@ def finetune_block(
         if tunable:
             modules[name] = TunedLinear(layer_format, layer, tunable)
             swap_module(tuned, name, modules[name])
-    if not modules or steps == 0:
-        return layers, {}
+    if not (modules or norms) or steps == 0:
+        return layers, {}, {}
 
     def loss_of(b: int) -> torch.Tensor:
         out = first_tensor(tuned(inputs[b], **kwargs[b]))
@@ -105,7 +129,8 @@ def finetune_block(
             return sum(float(loss_of(b)) for b in measured) / len(measured)
 
     before = mean_loss()
-    optimizer = torch.optim.Adam([p for m in modules.values() for p in m.parameters()], lr=lr)
+    trained = [p for m in modules.values() for p in m.parameters()] + list(norms.values())
+    optimizer = torch.optim.Adam(trained, lr=lr)
     with torch.enable_grad():
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
@@ -115,6 +140,9 @@ def finetune_block(
             if progress:
                 progress(stage, step + 1, steps, {"loss": loss.item()})
     out = {**layers, **round_tuned(modules)}
+    round_norms(norms)
     after = mean_loss()
     report = {"loss_before": before, "loss_after": after, "steps": steps, "kept": after < before}
-    return (out if after < before else layers), report
+    if after >= before:
+        return layers, {}, report
+    return out, {name: p.detach().clone() for name, p in norms.items()}, report

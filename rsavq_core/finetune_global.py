@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsavq_core.finetune import TunedLinear, round_tuned, swap_module
+from rsavq_core.finetune import TunedLinear, norm_parameters, round_norms, round_tuned, swap_module
 from rsavq_core.formats import QuantizedLayer, format_of
-from rsavq_core.packed_checkpoint import OTHER_TENSORS_DTYPE
 from rsavq_core.progress import Progress
 
 # Divergence before / after is measured on this many micro-batches, held out from training when
 # there are at least twice as many: at lr 1e-4 the KL on trained windows fell while the held-out
 # perplexity rose (README, "Quality"), so the keep-or-discard decision must not see trained windows.
 MEASURE_BATCHES = 4
-
-
-def _norm_parameters(model: nn.Module, quantized: set[str]) -> dict[str, nn.Parameter]:
-    """The 1-D float parameters outside the quantized linears: normalisation weights (and biases
-    of layers left in float); they are few and cheap, and stored in float in the checkpoint."""
-    return {
-        name: p
-        for name, p in model.named_parameters()
-        if p.dim() == 1 and p.is_floating_point() and name.rpartition(".")[0] not in quantized
-    }
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -62,10 +52,13 @@ def split_held_out(batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], lis
 class _Student:
     """A copy of the float model with each quantized linear replaced by a trainable ``TunedLinear``."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
+    def __init__(self, model: nn.Module, layers: dict[str, QuantizedLayer], norms: Mapping[str, torch.Tensor]) -> None:
         self.module = copy.deepcopy(model)
         for p in self.module.parameters():
             p.requires_grad_(False)
+        with torch.no_grad():  # where block-wise fine-tuning left them
+            for name, value in norms.items():
+                self.module.get_parameter(name).copy_(value)
         self.linears: dict[str, TunedLinear] = {}
         for name, layer in layers.items():
             layer_format = format_of(layer)
@@ -73,7 +66,7 @@ class _Student:
             if tunable:
                 self.linears[name] = TunedLinear(layer_format, layer, tunable)
                 swap_module(self.module, name, self.linears[name])
-        self.norms = _norm_parameters(self.module, set(layers))
+        self.norms = norm_parameters(self.module, set(layers))
         for p in self.norms.values():
             p.requires_grad_(True)
 
@@ -86,6 +79,7 @@ def finetune_model(
     model: nn.Module,
     layers: dict[str, QuantizedLayer],  # by full module name
     tokens: torch.Tensor,  # [S, T] int64 calibration windows
+    norms: Mapping[str, torch.Tensor] | None = None,  # full name -> the student's starting norm weights
     *,
     steps: int,
     lr: float,
@@ -97,11 +91,12 @@ def finetune_model(
 ) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], dict[str, Any]]:
     """Tuned layers, tuned normalisation weights (name -> tensor) and a report (KL before / after).
 
-    ``model`` (the float model, not changed) is the teacher. When the divergence did not improve,
-    the input layers and the model's own normalisation weights come back unchanged.
+    ``model`` (the float model, not changed) is the teacher; the student starts from it with
+    ``layers`` and ``norms`` in place. When the divergence did not improve, the input layers and no
+    norms come back.
     """
     model.eval()
-    student = _Student(model, layers)
+    student = _Student(model, layers, norms or {})
     batches = [tokens[i : i + micro_batch] for i in range(0, tokens.shape[0], micro_batch)]
     batches, held_out = split_held_out(batches)
     params = student.parameters()
@@ -131,9 +126,7 @@ def finetune_model(
             if progress:
                 progress(stage, step + 1, steps, {"kl": loss.item()})
     tuned = round_tuned(student.linears)
-    with torch.no_grad():  # and the norms as the checkpoint stores them
-        for p in student.norms.values():
-            p.copy_(p.to(OTHER_TENSORS_DTYPE))
+    round_norms(student.norms)  # and the norms as the checkpoint stores them
     after = divergence()
     report = {"kl_before": before, "kl_after": after, "steps": steps, "kept": after < before}
     if after >= before:

@@ -39,7 +39,7 @@ LayerCallback = Callable[[str, dict], None]  # (full layer name, report)
 
 @dataclass
 class QuantizeResult:
-    model: nn.Module  # the source model: float weights; norms as end-to-end fine-tuning left them
+    model: nn.Module  # the source model: float weights; norms as fine-tuning left them
     tokenizer: object
     layers: dict[str, QuantizedLayer]  # full dotted linear name -> packed layer
     reports: dict[str, dict[str, Any]]  # per-layer bits / errors / seconds
@@ -151,16 +151,22 @@ def quantize_model(
     t0 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
     reports: dict[str, dict[str, Any]] = {}
+    norms: dict[str, torch.Tensor] = {}  # full name -> normalisation weight tuned block-wise
     for index, block in enumerate(layout.blocks):
         in_block = {name: full for i, name, full in names if i == index}
         done = {name: resumed[full] for name, full in in_block.items() if full in resumed}
+        block_norms = ckpt.load_norms(index) if ckpt is not None else {}
         if len(done) < len(in_block):
             stats = store.load_block(index) if store is not None else {}
             if sequential and walker is not None:
                 stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
             fresh = _quantize_block(block, [n for n in in_block if n not in done], stats, cfg)
             if block_steps and walker is not None:
-                fresh = _finetune(block, {**done, **fresh}, walker, cfg, progress, f"fine-tune block {index}")
+                fresh, block_norms = _finetune(
+                    block, {**done, **fresh}, walker, cfg, progress, f"fine-tune block {index}"
+                )
+                if ckpt is not None:
+                    ckpt.save_norms(index, block_norms)
             for name, (layer, report) in fresh.items():
                 if ckpt is not None:
                     ckpt.save(in_block[name], layer, report)
@@ -171,14 +177,21 @@ def quantize_model(
                 on_layer(full, reports[full])
             if progress:
                 progress("quantize", len(layers), len(names))
+        norms.update({f"{layout.blocks_path}.{index}.{name}": value for name, value in block_norms.items()})
         if walker is not None and index + 1 < len(layout.blocks):
-            walker.advance(block, {name: done[name][0] for name in in_block})
+            walker.advance(block, {name: done[name][0] for name in in_block}, block_norms)
     timings["quantize"] = time.perf_counter() - t0
     model_finetune: dict[str, Any] = {}
     if cfg.model_finetune_steps and tokens is not None:
         t0 = time.perf_counter()
-        layers, model_finetune = _finetune_model(model, layers, tokens, cfg, progress, checkpoint_dir)
+        layers, tuned_norms, model_finetune = _finetune_model(
+            model, layers, norms, tokens, cfg, progress, checkpoint_dir
+        )
+        norms.update(tuned_norms)
         timings["model fine-tune"] = time.perf_counter() - t0
+    with torch.no_grad():  # the float model was the teacher until here; now it carries the tuned norms
+        for name, value in norms.items():
+            model.get_parameter(name).copy_(value)
     timings["total"] = time.perf_counter() - started
     result = QuantizeResult(
         model=model,
@@ -223,9 +236,10 @@ def _finetune(
     cfg: QuantConfig,
     progress: Progress | None,
     stage: str,
-) -> dict[str, tuple[QuantizedLayer, dict[str, Any]]]:
-    """Block-wise fine-tuning of every layer of the block; each layer's report gets the block's losses."""
-    tuned, report = finetune_block(
+) -> tuple[dict[str, tuple[QuantizedLayer, dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Block-wise fine-tuning of every layer of the block; each layer's report gets the block's
+    losses. Also returns the block's tuned normalisation weights (relative names; may be empty)."""
+    tuned, norms, report = finetune_block(
         block,
         {name: layer for name, (layer, _) in quantized.items()},
         walker.inputs,
@@ -233,41 +247,41 @@ def _finetune(
         walker.float_outputs(block) if cfg.finetune_target == "model" else None,
         steps=cfg.block_finetune_steps or 0,
         lr=cfg.block_finetune_lr,
+        tune_norms=cfg.block_finetune_norms,
         progress=progress,
         stage=stage,
     )
-    return {name: (tuned[name], {**rep, "finetune": report}) for name, (_, rep) in quantized.items()}
+    return {name: (tuned[name], {**rep, "finetune": report}) for name, (_, rep) in quantized.items()}, norms
 
 
 def _finetune_model(
     model: nn.Module,
     layers: dict[str, QuantizedLayer],
+    norms: dict[str, torch.Tensor],  # full name -> norm weight as block-wise fine-tuning left it
     tokens: torch.Tensor,  # [S, T] int64 calibration windows
     cfg: QuantConfig,
     progress: Progress | None,
     checkpoint_dir: Path | None,
-) -> tuple[dict[str, QuantizedLayer], dict[str, Any]]:
-    """End-to-end fine-tuning; the tuned normalisation weights are written into ``model``."""
-    tuned, norms, report = finetune_model(
+) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], dict[str, Any]]:
+    """End-to-end fine-tuning: tuned layers, tuned normalisation weights (full names) and its report."""
+    tuned, tuned_norms, report = finetune_model(
         model,
         layers,
         tokens,
+        norms,
         steps=cfg.model_finetune_steps,
         lr=cfg.model_finetune_lr,
         micro_batch=cfg.finetune_batch,
         progress=progress,
         state_file=checkpoint_dir / "model-finetune.pt" if checkpoint_dir else None,
     )
-    with torch.no_grad():
-        for name, value in norms.items():
-            model.get_parameter(name).copy_(value)
     log.info(
         "end-to-end fine-tuning: KL %.4g -> %.4g (%s)",
         report["kl_before"],
         report["kl_after"],
         "kept" if report["kept"] else "discarded",
     )
-    return tuned, report
+    return tuned, tuned_norms, report
 
 
 def save_result(result: QuantizeResult, out_dir: Path) -> Path:

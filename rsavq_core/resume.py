@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from rsavq_core.canonical import save_canonical
@@ -77,6 +78,30 @@ class FinishedLayers:
             log.warning("discarding inconsistent layer checkpoint %s: %s", file, exc)
             file.unlink(missing_ok=True)
             return None
+
+    def _norms_file(self, block: int) -> Path:
+        return self.folder / "norms" / f"block_{block:04d}.safetensors"  # not a layer: not in finished()
+
+    def save_norms(self, block: int, norms: dict[str, torch.Tensor]) -> None:
+        """Checkpoint a block's fine-tuned normalisation weights (relative names) atomically; saved
+        before the block's layers, so a block whose layers are all on disk has its norms there too.
+        Empty: the block's fine-tuning kept no norms, and an older file must not be loaded."""
+        file = self._norms_file(block)
+        if not norms:
+            file.unlink(missing_ok=True)
+            return
+        file.parent.mkdir(exist_ok=True)
+        tmp = file.with_name(f".{file.name}.tmp")
+        save_canonical(norms, tmp, {})
+        os.replace(tmp, file)
+
+    def load_norms(self, block: int) -> dict[str, torch.Tensor]:
+        """The block's checkpointed normalisation weights (relative name -> tensor), or none."""
+        file = self._norms_file(block)
+        if not file.exists():
+            return {}
+        with safe_open(str(file), framework="pt") as fh:
+            return {key: fh.get_tensor(key) for key in fh.keys()}
 
     def save(self, name: str, layer: QuantizedLayer, report: dict[str, Any]) -> None:
         """Checkpoint one finished layer atomically."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -71,8 +72,14 @@ class BlockInputs:
                 ]
         return self._float_outputs
 
-    def advance(self, block: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
-        """Move to the next block: the current one's outputs with ``layers`` (by relative name) in place."""
+    def advance(
+        self,
+        block: nn.Module,
+        layers: dict[str, QuantizedLayer],
+        norms: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Move to the next block: the current one's outputs with ``layers`` and tuned ``norms`` (by
+        relative name) in place."""
         if self.float_inputs is not None:
             self.float_inputs, self._float_outputs = self.float_outputs(block), None
         quantized = copy.deepcopy(block)
@@ -81,6 +88,8 @@ class BlockInputs:
                 linear = quantized.get_submodule(name)
                 if isinstance(linear, nn.Linear):
                     linear.weight.copy_(layer.dequantize(linear.weight.dtype))
+            for name, value in (norms or {}).items():
+                quantized.get_parameter(name).copy_(value)
             self.inputs = [
                 first_tensor(quantized(x, **kw)).detach()
                 for x, kw in zip(self.inputs, self.kwargs[self.index], strict=True)
