@@ -29,6 +29,8 @@ FEATURES_OFF: dict[str, Any] = {
     "compensate": False,
     "refit": "mean",
     "block_finetune_steps": 0,
+    "block_finetune_norms": False,
+    "finetune_target": "block",
     "model_finetune_steps": 0,
 }
 # What each feature is set to when its row turns it on (fine-tuning steps: the ablation's own
@@ -39,7 +41,7 @@ FEATURE_STEPS: list[tuple[str, dict[str, Any]]] = [
     ("+EDSG shift", {"lam": 0.05}),
     ("+WCSG", {"allocation": "proportional"}),
     ("+ error feedback", {"compensate": True, "refit": "output"}),
-    ("+ block-wise fine-tuning", {"block_finetune_steps": 64}),
+    ("+ block-wise fine-tuning", {"block_finetune_steps": 64, "block_finetune_norms": True}),
     ("+ end-to-end fine-tuning", {"model_finetune_steps": 64}),
 ]
 

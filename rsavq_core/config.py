@@ -59,7 +59,8 @@ class QuantConfig:
         None, "block-wise fine-tuning: Adam steps per block (0: off; default: the method's)", ge=0, le=100_000
     )
     block_finetune_lr: float = knob(1e-3, "block-wise fine-tuning: learning rate", gt=0.0, le=1.0)
-    block_finetune_norms: bool = knob(False, "block-wise fine-tuning: train the block's normalisation weights too")
+    # On by measurement (README, "Quality"): at 3 bits 31.56 -> 31.21 for no extra time.
+    block_finetune_norms: bool = knob(True, "block-wise fine-tuning: train the block's normalisation weights too")
     # "block": the float block's outputs on what the quantized block receives (AQLM); "model": the
     # float model's own outputs at that block (OmniQuant, EfficientQAT), which also asks each block
     # to undo the error of the quantized blocks before it.
