@@ -22,7 +22,6 @@ from service.errors import ConflictError, NotFoundError
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 Tenant = Annotated[str, Depends(tenant_of)]
 Ctx = Annotated[Context, Depends(get_context)]
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 CHUNK = 1 << 20
 
 
@@ -46,17 +45,37 @@ def _read(path: Path, start: int, stop: int) -> Iterator[bytes]:
             yield chunk
 
 
+# One range, ASCII digits only; several ranges (a comma) are served whole, which RFC 9110 allows.
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+# An offset with more digits than this lies past the end of any file we store (and int() of
+# thousands of digits would raise): it is read as "beyond the end".
+_MAX_DIGITS = 18
+UNSATISFIABLE = (-1, -1)
+
+
+def _offset(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
 def _byte_range(header: str, size: int) -> tuple[int, int] | None:
-    """[start, stop) of a single-range header; None for a malformed or multi-range one (serve all)."""
-    match = _RANGE.match(header.strip())
+    """[start, stop) of a single-range header (RFC 9110 §14.1.2); None to serve the whole
+    representation (malformed, several ranges, or last < first, which makes the range invalid);
+    ``UNSATISFIABLE`` for a valid range that selects no byte (answered 416)."""
+    match = _RANGE.fullmatch(header.strip())
     if not match or not (match.group(1) or match.group(2)):
         return None
-    if match.group(1):
-        start = int(match.group(1))
-        stop = min(size, int(match.group(2)) + 1) if match.group(2) else size
-    else:  # "bytes=-N": the last N bytes
-        start, stop = max(0, size - int(match.group(2))), size
-    return start, stop
+    first, last = match.group(1), match.group(2)
+    if first:
+        start = _offset(first)
+        if last and _offset(last) < start:
+            return None
+        if start >= size:
+            return UNSATISFIABLE
+        return start, min(size, _offset(last) + 1) if last else size
+    suffix = _offset(last)  # "bytes=-N": the last N bytes
+    if suffix == 0 or size == 0:
+        return UNSATISFIABLE
+    return max(0, size - suffix), size
 
 
 @router.head("/{job_id}/artifact", operation_id="artifact_headers", include_in_schema=True)
@@ -90,7 +109,7 @@ def download(
         return Response(status_code=304, headers=headers)
     size = artifact.size
     wanted = _byte_range(range, size) if range and (not if_range or if_range.strip() == etag) else None
-    if wanted is not None and wanted[0] >= size:
+    if wanted == UNSATISFIABLE:
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
     start, stop = wanted or (0, size)
     headers["Content-Length"] = str(stop - start)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -214,6 +215,14 @@ def delete_job(job_id: str, tenant: Tenant, ctx: Ctx, session: DbSession) -> Res
     return Response(status_code=204)
 
 
+def _event_id(header: str | None) -> int:
+    """The event id a client resumes after; anything but a plain ASCII number an event id can
+    have (a signed 64-bit integer) is ignored: the stream starts from the beginning."""
+    if header and re.fullmatch(r"[0-9]{1,18}", header.strip()):
+        return int(header.strip())
+    return 0
+
+
 @router.get(
     "/{job_id}/events", response_class=EventSourceResponse, responses={200: {"content": {"text/event-stream": {}}}}
 )
@@ -230,7 +239,7 @@ def events(
     "progress") as the event name and its data as JSON with an ``at`` timestamp.
     """
     load_job(session, tenant, job_id)
-    start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    start = _event_id(last_event_id)
 
     def fetch(after: int) -> tuple[list[JobEvent], str]:
         with ctx.sessions() as session:

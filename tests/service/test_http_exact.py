@@ -1,0 +1,61 @@
+"""Range and Last-Event-ID as RFC 9110 and the SSE spec read them: never a broken response, never a 500."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.api.routes_artifacts import UNSATISFIABLE, _byte_range
+from service.api.routes_jobs import _event_id
+from tests.service.conftest import auth
+from tests.service.test_api import _succeed_with_artifact, submit
+
+HUGE = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("bytes=0-99", (0, 100)),
+        ("bytes=10-", (10, 1000)),
+        ("bytes=990-5000", (990, 1000)),  # last past the end: up to the end
+        ("bytes=-10", (990, 1000)),
+        ("bytes=-5000", (0, 1000)),  # suffix longer than the file: all of it
+        ("bytes=10-5", None),  # last < first: invalid, the header is ignored
+        ("bytes=0-1,5-9", None),  # several ranges: served whole
+        ("bytes=x-1", None),
+        ("bytes=²-", None),  # a non-ASCII digit is not a digit here
+        ("items=0-1", None),
+        ("bytes=-", None),
+        ("bytes=1000-", UNSATISFIABLE),  # starts at the end
+        (f"bytes={HUGE}-", UNSATISFIABLE),
+        ("bytes=-0", UNSATISFIABLE),  # a zero-length suffix selects nothing
+        (f"bytes=0-{HUGE}", (0, 1000)),
+        (f"bytes=-{HUGE}", (0, 1000)),
+    ],
+)
+def test_byte_range(header: str, expected: object) -> None:
+    assert _byte_range(header, 1000) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [(None, 0), ("", 0), ("42", 42), (" 7 ", 7), ("²", 0), ("-3", 0), ("18446744073709551616", 0), (HUGE, 0)],
+)
+def test_last_event_id_outside_an_event_id_s_range_is_ignored(header: str | None, expected: int) -> None:
+    assert _event_id(header) == expected
+
+
+def test_odd_ranges_and_event_ids_over_http(api, keys, sessions, settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job = submit(api, keys["alice"]).json()
+    url, h = f"/v1/jobs/{job['id']}", auth(keys["alice"])
+    data = _succeed_with_artifact(sessions, settings, job["id"], tmp_path)
+    reversed_range = api.get(url + "/artifact", headers={**h, "Range": "bytes=10-5"})
+    assert reversed_range.status_code == 200 and reversed_range.content == data
+    assert int(reversed_range.headers["Content-Length"]) == len(data)
+    huge = api.get(url + "/artifact", headers={**h, "Range": f"bytes={HUGE}-"})
+    assert huge.status_code == 416 and huge.headers["Content-Range"] == f"bytes */{len(data)}"
+    for last_event_id in ("²", HUGE, "18446744073709551616"):
+        events = api.get(url + "/events", headers={**h, "Last-Event-ID": last_event_id.encode()})  # type: ignore[dict-item]
+        assert events.status_code == 200 and '"status": "succeeded"' in events.text  # from the beginning
