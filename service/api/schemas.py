@@ -1,4 +1,5 @@
-"""Request and response bodies. Unknown fields are rejected (422) everywhere.
+"""Request and response bodies. Unknown fields are rejected (422) everywhere, and request types
+are strict: ``true`` or ``"2"`` is not a number, ``3.0`` is not a count (422, not coerced).
 
 The algorithm knobs are generated from the knobs of ``QuantConfig`` and of every registered
 method's options, so the API offers exactly the knobs the library has, each documented in the
@@ -44,8 +45,11 @@ def _quant_fields() -> dict[str, Any]:
     return fields
 
 
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class EvalOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     perplexity: bool = Field(True, description="FP and quantized perplexity on wiki-holdout-512")
     # A Literal of a tuple constant: valid at run time, not a literal type to mypy.
     zero_shot: list[Literal[ZERO_SHOT_TASKS]] | Literal["all"] | None = Field(  # type: ignore[valid-type]
@@ -55,7 +59,7 @@ class EvalOptions(BaseModel):
     windows: int | None = Field(None, ge=1, description="first N perplexity windows (default: all)")
 
 
-QuantOptions = create_model("QuantOptions", __config__=ConfigDict(extra="forbid"), **_quant_fields())
+QuantOptions = create_model("QuantOptions", __config__=STRICT, **_quant_fields())
 
 
 class JobOptions(QuantOptions):
@@ -63,7 +67,7 @@ class JobOptions(QuantOptions):
 
 
 class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model_id: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
     bits: float = Field(..., ge=MIN_BITS, le=MAX_BITS, description="target average bits per weight")
     # The registry's names at import time: a run-time Literal, not a literal type to mypy.

@@ -1,4 +1,5 @@
-"""Range and Last-Event-ID as RFC 9110 and the SSE spec read them: never a broken response, never a 500."""
+"""Requests read exactly: Range and Last-Event-ID as RFC 9110 and the SSE spec read them (never a
+broken response, never a 500), and job bodies with strict types (nothing coerced)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,19 @@ def test_odd_ranges_and_event_ids_over_http(api, keys, sessions, settings, tmp_p
     for last_event_id in ("²", HUGE, "18446744073709551616"):
         events = api.get(url + "/events", headers={**h, "Last-Event-ID": last_event_id.encode()})  # type: ignore[dict-item]
         assert events.status_code == 200 and '"status": "succeeded"' in events.text  # from the beginning
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model_id": "smollm2-135m", "bits": True},
+        {"model_id": "smollm2-135m", "bits": "2"},
+        {"model_id": "smollm2-135m", "bits": 2, "options": {"kmeans_iters": 3.0}},
+        {"model_id": "smollm2-135m", "bits": 2, "options": {"compensate": 1}},
+        {"model_id": "smollm2-135m", "bits": 2, "options": {"evaluation": {"limit": "5"}}},
+    ],
+)
+def test_job_fields_are_not_coerced(api, keys, body: dict) -> None:  # type: ignore[no-untyped-def]
+    response = submit(api, keys["alice"], body)
+    assert response.status_code == 422, response.text
+    assert submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 2}).status_code == 202  # an int is a number
