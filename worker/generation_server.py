@@ -57,7 +57,7 @@ class Params(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list, max_length=4)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
 
 
 class Message(BaseModel):

@@ -24,13 +24,15 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="the range torch's generators take")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: must be 0")
     logit_bias: dict[str, float] | None = Field(None, description="not supported")
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} is supported')
+    top_logprobs: int | None = Field(None, description="not supported")
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -49,6 +51,10 @@ class _Sampling(BaseModel):
     def _unsupported(self) -> _Sampling:
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError('response_format is not supported beyond {"type": "text"}')
+        if self.top_logprobs is not None:
+            raise ValueError("top_logprobs is not supported")
         return self
 
     def include_usage(self) -> bool:
@@ -118,11 +124,17 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = Field(False, description="not supported")
     tools: list[Any] | None = Field(None, description="not supported")
+    tool_choice: Any = Field(None, description='not supported (only "none")')
+    functions: list[Any] | None = Field(None, description="not supported")
+    function_call: Any = Field(None, description='not supported (only "none")')
 
     @model_validator(mode="after")
     def _unsupported_chat(self) -> ChatCompletionRequest:
         if self.logprobs:
             raise ValueError("logprobs is not supported")
-        if self.tools:
+        if self.tools or self.functions:
             raise ValueError("tools are not supported")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ValueError(f"{name} is not supported")
         return self

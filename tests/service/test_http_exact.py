@@ -76,3 +76,26 @@ def test_job_fields_are_not_coerced(api, keys, body: dict) -> None:  # type: ign
     response = submit(api, keys["alice"], body)
     assert response.status_code == 422, response.text
     assert submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 2}).status_code == 202  # an int is a number
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "tools"),
+    ],
+)
+def test_openai_fields_we_cannot_honour_are_refused(extra: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    from service.api.schemas_openai import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ValidationError, match=message):
+        ChatCompletionRequest.model_validate({**body, **extra})
+    plain = ChatCompletionRequest.model_validate({**body, "seed": 2**64 - 1, "response_format": {"type": "text"}})
+    assert plain.seed == 2**64 - 1
