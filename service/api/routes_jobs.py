@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import hashlib
 import json
 import re
@@ -165,7 +166,8 @@ def list_jobs(
         query = query.where(Job.model_id == model_id)
     if cursor:  # keyset pagination on (created_at, id), newest first: stable under inserts
         try:
-            created, last_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+            created_text, last_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+            created = dt.datetime.fromisoformat(created_text)  # a cursor we did not write fails here
             query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < last_id)))
         except ValueError as exc:
             raise ConfigError("malformed cursor") from exc

@@ -99,3 +99,10 @@ def test_openai_fields_we_cannot_honour_are_refused(extra: dict, message: str) -
         ChatCompletionRequest.model_validate({**body, **extra})
     plain = ChatCompletionRequest.model_validate({**body, "seed": 2**64 - 1, "response_format": {"type": "text"}})
     assert plain.seed == 2**64 - 1
+
+
+@pytest.mark.parametrize("cursor", ["abc", "eHx5", "bm90IGEgZGF0ZXwxMjM="])  # not base64; "x|y"; "not a date|123"
+def test_a_cursor_we_did_not_write_is_a_422(api, keys, cursor: str) -> None:  # type: ignore[no-untyped-def]
+    submit(api, keys["alice"])
+    response = api.get("/v1/jobs", params={"cursor": cursor}, headers=auth(keys["alice"]))
+    assert response.status_code == 422 and "cursor" in response.json()["error"]["message"]
