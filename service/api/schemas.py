@@ -127,6 +127,12 @@ class JobOut(BaseModel):
     layers: list[dict[str, Any]] | None = Field(None, description="per-layer bits and proxy error")
     links: dict[str, str]
 
+    @field_validator("created_at", "started_at", "finished_at", "updated_at")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        """The database keeps UTC without an offset; the API says so (RFC 3339 date-time)."""
+        return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+
 
 class JobList(BaseModel):
     items: list[JobOut]

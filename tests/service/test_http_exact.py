@@ -106,3 +106,13 @@ def test_a_cursor_we_did_not_write_is_a_422(api, keys, cursor: str) -> None:  # 
     submit(api, keys["alice"])
     response = api.get("/v1/jobs", params={"cursor": cursor}, headers=auth(keys["alice"]))
     assert response.status_code == 422 and "cursor" in response.json()["error"]["message"]
+
+
+def test_timestamps_carry_their_offset(api, keys) -> None:  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    job = submit(api, keys["alice"]).json()
+    for field in ("created_at", "updated_at"):
+        stamp = dt.datetime.fromisoformat(job[field])
+        assert stamp.utcoffset() == dt.timedelta(0), job[field]
+    assert job["started_at"] is None
