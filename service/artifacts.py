@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from rsavq_core.errors import ArtifactError
+from service.errors import ArtifactDigestError
 
 ARCHIVE_ROOT = "rsavq-checkpoint"
 
@@ -40,7 +41,7 @@ class ArtifactStore:
     def path(self, relative: str) -> Path:
         full = (self.root / relative).resolve()
         if self.root.resolve() not in full.parents:
-            raise ArtifactError(f"artifact path {relative!r} escapes the store")
+            raise ArtifactDigestError(f"artifact path {relative!r} escapes the store")
         return full
 
     def publish(self, job_id: str, folder: Path) -> tuple[str, int, str]:
@@ -61,6 +62,20 @@ class ArtifactStore:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
         return relative, writer.size, writer.digest.hexdigest()
+
+    def verified_path(self, relative: str, sha256: str) -> Path:
+        """The artifact at ``relative`` if its bytes have digest ``sha256``; ``ArtifactDigestError``
+        otherwise (a wrong or made-up digest, no such file, or a file that changed)."""
+        path = self.path(relative)
+        if not path.is_file():
+            raise ArtifactDigestError(f"no artifact at {relative!r}")
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            raise ArtifactDigestError(f"the artifact at {relative!r} does not have sha256 {sha256}")
+        return path
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)

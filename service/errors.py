@@ -7,6 +7,7 @@ The library's hierarchy (``rsavq_core.errors``) is extended here by what only a 
           + AuthenticationError     missing, unknown or revoked API key          (401)
           + NotFoundError           no such job for this tenant                  (404)
           + ConflictError           wrong state for the request, key reuse, ... (409)
+              + ArtifactDigestError     no artifact at that path with that sha256 (409)
           + PayloadTooLargeError    request body over the configured limit       (413)
           + UnavailableError        database, broker or generation server down  (503)
 """
@@ -40,6 +41,10 @@ class NotFoundError(ServiceError):
 
 class ConflictError(ServiceError):
     """The request conflicts with the resource's state (artifact of an unfinished job, reused key)."""
+
+
+class ArtifactDigestError(ConflictError):
+    """No artifact at the path asked for (or one outside the store), or not with the sha256 asked for."""
 
 
 class PayloadTooLargeError(ServiceError):

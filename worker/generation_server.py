@@ -6,7 +6,8 @@ starts one. Internal API, not for clients (the public, OpenAI-shaped one is
 ``service/api/routes_generation.py``):
 
 * ``POST /generate`` {artifact, sha256, prompt | prompt_ids | messages, params, stream}: the
-  artifact is a path relative to the shared artifact store; the answer is JSON
+  artifact is a path relative to the shared artifact store, loaded only if its bytes have that
+  sha256 (else 409, as is a path outside the store); the answer is JSON
   {text, finish_reason, prompt_tokens, completion_tokens}, or with ``stream`` server-sent events
   ``{"text": delta}`` ... then that JSON as the last event.
 * ``GET /health``, ``GET /loaded``.
@@ -120,10 +121,12 @@ class ModelPool:
     def _load(self, relative: str, sha256: str) -> Loaded:
         folder = self.cache_dir / sha256
         if not folder.is_dir():
+            # Verified before anything is unpacked or loaded: the request names the digest.
+            source = self.store.verified_path(relative, sha256)
             tmp = self.cache_dir / f".{sha256}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            extract(self.store.path(relative), tmp)
+            extract(source, tmp)
             os.replace(tmp, folder)  # atomic: a crash never leaves a half-extracted model behind
         checkpoint = next(p.parent for p in folder.rglob("rsavq.safetensors"))
         model, tokenizer, _ = load_quantized_model(checkpoint, dtype=self.dtype, device=self.device)

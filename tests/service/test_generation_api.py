@@ -8,6 +8,7 @@ succeeded job. Answers are checked against the library generating from the same 
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import socket
 import threading
 import time
@@ -243,18 +244,43 @@ def test_model_pool_evicts_least_recently_used(tmp_path: Path, checkpoint: Path)
     from worker.generation_server import ModelPool
 
     store = ArtifactStore(tmp_path / "artifacts")
-    relative, _, _ = store.publish("job", checkpoint)
-    a, b, c = "a" * 64, "b" * 64, "c" * 64  # three cache keys for the same bytes
+    published = {}
+    for name in "abc":  # three artifacts of one model: a note makes their bytes (and digests) differ
+        folder = tmp_path / name
+        shutil.copytree(checkpoint, folder)
+        (folder / "note.txt").write_text(name)
+        relative, _, sha = store.publish(name, folder)
+        published[name] = (relative, sha)
+    a, b, c = (published[n] for n in "abc")
     probe = ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=float("inf"))
-    one = probe.get(relative, a).nbytes
+    one = probe.get(*a).nbytes
     pool = ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=2.5 * one)
-    pool.get(relative, a)
-    pool.get(relative, b)
-    pool.get(relative, a)  # a is now the most recently used
-    pool.get(relative, c)
-    assert list(pool.models) == [a, c], "b, the least recently used, is evicted"
+    pool.get(*a)
+    pool.get(*b)
+    pool.get(*a)  # a is now the most recently used
+    pool.get(*c)
+    assert list(pool.models) == [a[1], c[1]], "b, the least recently used, is evicted"
     with pytest.raises(InsufficientMemoryError, match="cap"):
-        ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=one / 2).get(relative, a)
+        ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=one / 2).get(*a)
+
+
+def test_the_pool_loads_only_an_artifact_with_the_digest_asked_for(tmp_path: Path, checkpoint: Path) -> None:
+    import torch
+
+    from service.errors import ArtifactDigestError
+    from worker.generation_server import ModelPool
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    relative, _, sha = store.publish("job", checkpoint)
+    pool = ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=float("inf"))
+    with pytest.raises(ArtifactDigestError, match="does not have sha256"):
+        pool.get(relative, "0" * 64)  # made up
+    with pytest.raises(ArtifactDigestError, match="escapes the store"):
+        pool.get("../../etc/passwd", sha)
+    with pytest.raises(ArtifactDigestError, match="no artifact"):
+        pool.get("other/other.tar", sha)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing unpacked
+    assert pool.get(relative, sha).nbytes > 0
 
 
 def test_a_client_that_hangs_up_does_not_block_the_next(stack: dict[str, Any]) -> None:
