@@ -42,6 +42,9 @@ class Settings(CoreSettings):
         3, ge=1, description="deliveries of one job before it is failed (a job that kills workers)"
     )
     generation_url: str | None = Field(None, description="the generation server behind /v1/completions")
+    generation_token: SecretStr | None = Field(
+        None, description="shared secret the API shows the generation server (required by it; serve makes one)"
+    )
     generation_memory_gb: float | None = Field(None, gt=0, description="cap on the generation server's loaded models")
     generation_host: str = Field("127.0.0.1", description="where the generation server listens")
     generation_port: int = Field(8001, ge=1, le=65535, description="its port")

@@ -20,6 +20,7 @@ process's global RNG.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from typing import Any, Literal
 
 import psutil
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -186,6 +187,9 @@ def _result(done: Completion) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None, device: str | None = None, memory_gb: float | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if settings.generation_token is None:
+        raise ConfigError("the generation server needs RSAVQ_GENERATION_TOKEN, the secret the API shows it")
+    secret = settings.generation_token.get_secret_value().encode()
     device = device or settings.generation_device
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     memory_gb = memory_gb if memory_gb is not None else settings.generation_memory_gb
@@ -200,6 +204,18 @@ def create_app(settings: Settings | None = None, device: str | None = None, memo
     app = FastAPI(title="rsavq generation server (internal)")
     app.state.pool = pool
     errors.install(app)
+
+    @app.middleware("http")
+    async def require_the_secret(request: Request, call_next: Any) -> Any:
+        """Everything but /health needs the shared secret: this server loads artifacts on request."""
+        if request.url.path != "/health":
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), secret):
+                body = errors.error_body(
+                    401, "the generation server takes requests from the API only", "AuthenticationError"
+                )
+                return JSONResponse(body, status_code=401)
+        return await call_next(request)
 
     def start(loaded: Loaded, req: GenerateRequest) -> tuple[queue.Queue[Any], threading.Event]:
         """Validate, then generate in a thread of its own that feeds a queue.

@@ -62,7 +62,11 @@ def _client(ctx: Context) -> httpx.AsyncClient:
     client = ctx.generation_client
     if client is None:
         # No read timeout: a long generation is not an error; connecting is bounded.
-        client = httpx.AsyncClient(base_url=ctx.settings.generation_url, timeout=httpx.Timeout(None, connect=10.0))
+        token = ctx.settings.generation_token
+        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+        client = httpx.AsyncClient(
+            base_url=ctx.settings.generation_url, timeout=httpx.Timeout(None, connect=10.0), headers=headers
+        )
         ctx.generation_client = client
     return client
 

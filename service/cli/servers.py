@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import subprocess
 import sys
 from typing import Any
 
+from pydantic import SecretStr
+
+from rsavq_core.errors import ConfigError
 from service.settings import Settings
 
 LOGGING_COMMANDS = ("serve", "worker", "generation-server")
@@ -73,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not args.no_worker:
         children.append(_child(worker_command(), settings, "worker.log"))
     if not args.no_generation and settings.generation_url is None:
+        if settings.generation_token is None:  # this API and its own generation server: a fresh secret
+            settings = settings.model_copy(update={"generation_token": SecretStr(secrets.token_urlsafe(32))})
         port = args.generation_port or args.port + 1
         generation = settings.model_copy(update={"generation_host": "127.0.0.1", "generation_port": port})
         children.append(_child(generation_command(), generation, "generation.log"))
@@ -97,6 +103,8 @@ def cmd_generation_server(args: argparse.Namespace) -> None:
     given = {"generation_host": args.host, "generation_port": args.port, "generation_device": args.device,
              "generation_memory_gb": args.memory_gb}  # fmt: skip
     settings = _settings(args, **{k: v for k, v in given.items() if v is not None})
+    if settings.generation_token is None:  # said here, not as the child's traceback
+        raise ConfigError("set RSAVQ_GENERATION_TOKEN: the secret the API shows the generation server")
     os.execvpe(sys.executable, generation_command(), {**os.environ, **settings.to_env()})
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 import uvicorn
+from pydantic import SecretStr
 
 from rsavq_core.config import QuantConfig
 from rsavq_core.runtime.generation import SamplingParams, complete
@@ -91,6 +92,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
             database_url=f"sqlite:///{root / 'rsavq.db'}",
             broker_url=f"sqla+sqlite:///{root / 'broker.db'}",
             artifact_dir=root / "artifacts",
+            generation_token=SecretStr("test-secret"),
         )
     )
     settings.ensure_dirs()
@@ -129,6 +131,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
                 "done": done_id,
                 "running": running_id,
                 "unconfigured": create_app(settings),
+                "generation_url": gen_url,
             }
 
 
@@ -306,3 +309,23 @@ def test_several_prompts_and_token_id_prompts(stack: dict[str, Any], reference) 
     assert out.usage.prompt_tokens == len(ids) + len(tokenizer("Water boils at")["input_ids"])
     with pytest.raises(openai.UnprocessableEntityError, match="token ids"):
         client.completions.create(model=stack["done"], prompt=[10**9], max_tokens=2)
+
+
+def test_the_generation_server_answers_only_the_api(stack: dict[str, Any], tmp_path: Path) -> None:
+    import httpx
+
+    from rsavq_core.errors import ConfigError
+    from service.settings import Settings
+    from worker.generation_server import create_app as create_generation_app
+
+    url = stack["generation_url"]
+    assert httpx.get(url + "/health").status_code == 200
+    body = {"artifact": "x/x.tar", "sha256": "0" * 64, "prompt": "hi"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic test-secret"}):
+        refused = httpx.post(url + "/generate", json=body, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "AuthenticationError"
+    assert httpx.get(url + "/loaded").status_code == 401
+    made_up = httpx.post(url + "/generate", json=body, headers={"Authorization": "Bearer test-secret"})
+    assert made_up.status_code == 409  # past the secret: the digest check
+    with pytest.raises(ConfigError, match="RSAVQ_GENERATION_TOKEN"):
+        create_generation_app(Settings.from_env(tmp_path), device="cpu", memory_gb=1)
