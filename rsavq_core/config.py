@@ -42,8 +42,9 @@ class QuantConfig:
     bits: float = knob(2.0, "target average bits per weight (indices or codes)", ge=MIN_BITS, le=MAX_BITS)
     # 32 windows of 512 tokens: the eval protocol lets a job choose N; 128 windows would cost
     # about 10 minutes of backward passes alone on 2 CPU cores (measured in the README).
-    calib_samples: int = knob(32, "calibration windows", ge=1)
-    calib_len: int = knob(512, "tokens per calibration window", ge=2)
+    # Upper bounds keep a request from tying up a worker for days (a job runs hours at most).
+    calib_samples: int = knob(32, "calibration windows", ge=1, le=4096)
+    calib_len: int = knob(512, "tokens per calibration window", ge=2, le=32768)
     calib_sampling: CalibSampling = knob(
         "random", "calibration windows: drawn across the whole calibration split (seeded), or the first in file order"
     )
@@ -73,8 +74,8 @@ class QuantConfig:
     model_finetune_lr: float = knob(1e-4, "end-to-end fine-tuning: learning rate", gt=0.0, le=1.0)
     # One window per step: on 2 CPU cores a step on 4 windows of 512 tokens took about 0.5 s per
     # block and 20 s end to end; more, cheaper steps cover the same windows sooner.
-    finetune_batch: int = knob(1, "calibration windows per fine-tuning step (block-wise and end to end)", ge=1)
-    seed: int = knob(0, "seed of every random choice (k-means initialisation, subsampling)")
+    finetune_batch: int = knob(1, "calibration windows per fine-tuning step (block-wise and end to end)", ge=1, le=4096)
+    seed: int = knob(0, "seed of every random choice (k-means initialisation, subsampling)", ge=0, le=2**32 - 1)
     options: MethodOptions | None = None  # the method's options; None = its defaults
 
     def __post_init__(self) -> None:

@@ -38,8 +38,11 @@ class Knob:
     le: float | None = None
 
     def interval(self) -> str:
-        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else "(-inf"
-        high = f"{self.le:g}]" if self.le is not None else "inf)"
+        def show(bound: float) -> str:  # an integer bound exactly (1048576, not 1.04858e+06)
+            return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+        low = f"[{show(self.ge)}" if self.ge is not None else f"({show(self.gt)}" if self.gt is not None else "(-inf"
+        high = f"{show(self.le)}]" if self.le is not None else "inf)"
         return f"{low}, {high}"
 
     def check(self, value: Any) -> None:

@@ -55,8 +55,9 @@ class VQOptions(MethodOptions):
         "product-quantization sub-vectors per vector, d = v / n_pq [I, spec §5.4 / §9.2] "
         f"(default: the longest sub-vector whose codebook has at most {AUTO_MAX_ENTRIES} entries at --bits)",
         ge=1,
+        le=64,
     )
-    n_groups: int = knob(4, "WCSG channel groups G [P §5]", ge=1)
+    n_groups: int = knob(4, "WCSG channel groups G [P §5]", ge=1, le=256)
     lam: float = knob(0.05, "EDSG projection strength λ [P A.10]", ge=0.0, le=10.0)
     # Spec §6.5: λ is not scale-free. With the per-sequence empirical Fisher and a mean loss, raw
     # ‖ñ‖ measured 10^4-10^5 × ‖W‖ on SmolLM2, which makes every paper-grid λ destroy the layer.
@@ -73,10 +74,13 @@ class VQOptions(MethodOptions):
     assign: Assign = knob(
         "shifted", "assignment target: the Lloyd step on W − λñ (spec §6.3) or Alg. 1 line 25 literally"
     )
-    kmeans_iters: int = knob(10, "codebook updates T (closed form, spec §6.4); the paper gives no T [I]", ge=1)
+    kmeans_iters: int = knob(10, "codebook updates T (closed form, spec §6.4); the paper gives no T [I]", ge=1, le=1000)
     # Measured in the README: the full-data rounds dominated CPU time.
     kmeans_fit_points: int = knob(
-        4096, "Lloyd rounds run on max(this, 8·K) sampled sub-vectors, then one on all (0 = always all)", ge=0
+        4096,
+        "Lloyd rounds run on max(this, 8·K) sampled sub-vectors, then one on all (0 = always all)",
+        ge=0,
+        le=10**8,
     )
     # Error feedback and the output-error refit are on by default: measured on SmolLM2-135M at 3
     # bits (README, "Quality"): 3.075 bpw, perplexity 40.51 with compensation, 37.92 with the refit too.
@@ -86,8 +90,12 @@ class VQOptions(MethodOptions):
         "final codebooks: mean of what each entry was assigned (spec §7 step 4; after compensation only), "
         "or least squares on the output error tr(ΔW H ΔWᵀ) with codes fixed (GPTVQ)",
     )
-    min_group_bits: int | None = knob(None, "lowest bits of a channel group (default: derived from --bits)", ge=1)
-    max_group_bits: int | None = knob(None, "highest bits of a channel group (default: derived from --bits)", ge=1)
+    min_group_bits: int | None = knob(
+        None, "lowest bits of a channel group (default: derived from --bits)", ge=1, le=16
+    )
+    max_group_bits: int | None = knob(
+        None, "highest bits of a channel group (default: derived from --bits)", ge=1, le=16
+    )
     damping: float = knob(0.01, "α of the Fisher factors' Tikhonov damping (spec §3.3)", gt=0.0, le=10.0)
     hessian_damping: float = knob(0.01, "percent damping of the activation Hessian (GPTQ / VPTQ)", gt=0.0, le=10.0)
     # The compensation feeds error forward over H like GPTQ, and so has GPTQ's attention-sink problem.

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RTNOptions(MethodOptions):
-    group_size: int = knob(64, "input channels sharing one fp16 scale and zero point", ge=1)
+    group_size: int = knob(64, "input channels sharing one fp16 scale and zero point", ge=1, le=2**20)
 
 
 @register_method

@@ -55,8 +55,8 @@ class EvalOptions(BaseModel):
     zero_shot: list[Literal[ZERO_SHOT_TASKS]] | Literal["all"] | None = Field(  # type: ignore[valid-type]
         None, description="zero-shot tasks to score (slow: minutes per task on a CPU)"
     )
-    limit: int | None = Field(None, ge=1, description="first N items of each zero-shot task")
-    windows: int | None = Field(None, ge=1, description="first N perplexity windows (default: all)")
+    limit: int | None = Field(None, ge=1, le=100_000, description="first N items of each zero-shot task")
+    windows: int | None = Field(None, ge=1, le=100_000, description="first N perplexity windows (default: all)")
 
 
 QuantOptions = create_model("QuantOptions", __config__=STRICT, **_quant_fields())

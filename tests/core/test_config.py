@@ -220,3 +220,14 @@ def test_a_preset_sets_its_knobs_under_the_explicit_ones() -> None:
     assert gptq.calib_samples == PRESETS["fast"]["calib_samples"]
     with pytest.raises(ConfigError, match="unknown preset 'quick'; presets: fast"):
         QuantConfig.for_method("rsavq", bits=2, preset="quick")
+
+
+def test_every_numeric_knob_has_both_bounds() -> None:
+    """A request must not be able to ask for unbounded work (10**12 k-means rounds, a million windows)."""
+    from rsavq_core.config import shared_knobs
+    from rsavq_core.methods import option_knobs
+
+    every = [*shared_knobs(), *(k for k, _ in option_knobs().values())]
+    numeric = [k for k in every if k.base in (int, float) and k.choices is None]
+    unbounded = [k.name for k in numeric if k.le is None or (k.ge is None and k.gt is None)]
+    assert numeric and not unbounded, unbounded

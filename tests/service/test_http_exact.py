@@ -116,3 +116,22 @@ def test_timestamps_carry_their_offset(api, keys) -> None:  # type: ignore[no-un
         stamp = dt.datetime.fromisoformat(job[field])
         assert stamp.utcoffset() == dt.timedelta(0), job[field]
     assert job["started_at"] is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kmeans_iters": 10**12},
+        {"kmeans_iters": 1e30},
+        {"calib_samples": 10**6},
+        {"seed": -1},
+        {"evaluation": {"windows": 10**9}},
+        {"evaluation": {"limit": 10**30}},
+    ],
+)
+def test_every_knob_is_bounded(api, keys, options: dict) -> None:  # type: ignore[no-untyped-def]
+    response = submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 2, "options": options})
+    assert response.status_code == 422, response.text
+    schema = api.get("/openapi.json").json()["components"]["schemas"]
+    iters = schema["JobOptions"]["properties"]["kmeans_iters"]["anyOf"][0]
+    assert iters["maximum"] == 1000  # the bound is in the OpenAPI, where clients read it
