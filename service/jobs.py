@@ -96,6 +96,11 @@ def renew_lease(session: Session, job_id: str, worker: str, lease_seconds: float
     return renewed == 1
 
 
+def cancel_requested(session: Session, job_id: str) -> bool:
+    """Has a cancel been asked for this (running) job?"""
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
 def finish(session: Session, job_id: str, worker: str, status: str, *, error: str | None = None, **values: Any) -> bool:
     """running -> succeeded | failed | cancelled, only by the worker that holds the job."""
     assert status in TERMINAL, status
@@ -205,7 +210,7 @@ def report_progress(
     )
     add_event(session, job_id, "progress", data)
     session.commit()
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+    return cancel_requested(session, job_id)
 
 
 def record_layer(session: Session, job_id: str, name: str, position: int, report: dict[str, Any]) -> None:

@@ -22,11 +22,13 @@ class LeaseLost(Exception):
 
 
 class Heartbeat:
-    """Renews the job's lease every lease/3 seconds from a thread, independent of layer duration."""
+    """Renews the job's lease every lease/3 seconds from a thread, independent of layer duration,
+    and notes a cancel request as it goes (the quantization's inner loops look at ``cancelled``)."""
 
     def __init__(self, sessions: sessionmaker, job_id: str, worker: str, lease_seconds: float) -> None:
         self.sessions, self.job_id, self.worker, self.lease = sessions, job_id, worker, lease_seconds
         self.lost = threading.Event()
+        self.cancelled = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id[:8]}", daemon=True)
 
@@ -43,8 +45,10 @@ class Heartbeat:
             try:
                 with self.sessions() as session:
                     if not machine.renew_lease(session, self.job_id, self.worker, self.lease):
-                        self.lost.set()
+                        self.lost.set()  # taken over, or the job is gone (cancelled and deleted)
                         return
+                    if machine.cancel_requested(session, self.job_id):
+                        self.cancelled.set()
             except Exception as exc:  # a database blip: keep trying; the lease outlives a few misses
                 log.warning("lease renewal of job %s failed: %s", self.job_id, exc)
 
@@ -86,6 +90,14 @@ class Reporter:
                 session, self.job_id, self.worker, stage, done, total, percent, eta, self.lease, detail
             )
         if cancel:
+            raise JobCancelled(f"job {self.job_id} was cancelled")
+
+    def check(self) -> None:
+        """The stop check of the quantization's inner loops (``rsavq_core.progress.stop_check``):
+        no database access, only what the heartbeat saw."""
+        if self.heartbeat.lost.is_set():
+            raise LeaseLost(f"job {self.job_id} was taken over by another worker")
+        if self.heartbeat.cancelled.is_set():
             raise JobCancelled(f"job {self.job_id} was cancelled")
 
     def layer(self, name: str, report: dict[str, Any]) -> None:

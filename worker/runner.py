@@ -22,6 +22,7 @@ from sqlalchemy.orm import sessionmaker
 
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import JobCancelled, RSAVQError
+from rsavq_core.progress import stop_check
 from service import jobs as machine
 from service.artifacts import ArtifactStore
 from service.db import Artifact, Job, JobMetrics, Worker, utcnow
@@ -82,7 +83,8 @@ def run_job(ctx: WorkerContext, job_id: str, step: str = "quantize") -> str:
     with Heartbeat(ctx.sessions, job_id, ctx.name, ctx.settings.lease_seconds) as heartbeat:
         reporter = Reporter(ctx.sessions, job_id, ctx.name, ctx.settings.lease_seconds, heartbeat)
         try:
-            outcome = _run_stages(ctx, job, reporter, step)
+            with stop_check(reporter.check):
+                outcome = _run_stages(ctx, job, reporter, step)
         except WrongWorker as exc:
             log.info("job %s: %s; releasing it for a larger worker", job_id, exc)
             with ctx.sessions() as session:

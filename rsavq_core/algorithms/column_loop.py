@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from rsavq_core.progress import check_stop
+
 
 class Block:
     """The block being quantized: its columns as error feedback left them, and its scaled errors."""
@@ -49,6 +51,7 @@ def quantize_columns(
     """Run the loop over every column; ``quantize`` records what it chose for each."""
     n = w.shape[1]
     for b1 in range(0, n, block_size):
+        check_stop()  # a cancelled job stops between column blocks, not after the layer
         b2 = min(b1 + block_size, n)
         block = Block(w, hinv, b1, b2)
         hinv1 = hinv[b1:b2, b1:b2]

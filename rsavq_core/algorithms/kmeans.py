@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from rsavq_core.progress import check_stop
+
 _CHUNK_ELEMENTS = 1 << 23  # bound the [chunk, K] distance matrix to ~32 MB of float32
 
 
@@ -135,6 +137,7 @@ def weighted_kmeans(
         fit = (points, weights, a_pts, a_w)
     centroids = init.clone() if init is not None else init_plusplus(fit[0], fit[1], k, generator)
     for _ in range(iters):
+        check_stop()  # a cancelled job stops between rounds, not after the layer
         centroids = _lloyd_step(*fit, centroids)
     if fit[0] is not points:
         centroids = _lloyd_step(points, weights, a_pts, a_w, centroids)

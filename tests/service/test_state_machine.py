@@ -153,3 +153,37 @@ def test_reporter_raises_cancel_between_layers_and_lease_loss(sessions) -> None:
     heartbeat.lost.set()
     with pytest.raises(LeaseLost):
         reporter("quantize", 3, 10)
+
+
+def test_a_cancel_stops_the_work_inside_a_layer(sessions) -> None:  # type: ignore[no-untyped-def]
+    """The heartbeat notes the cancel request; the inner loops' stop check raises at the next round,
+    so a long k-means (one layer, no progress call) stops within a heartbeat, not at its end."""
+    import time
+
+    import torch
+
+    from rsavq_core.algorithms.kmeans import weighted_kmeans
+    from rsavq_core.errors import JobCancelled
+    from rsavq_core.progress import stop_check
+    from worker.reporter import Heartbeat, Reporter
+
+    job_id = new_job(sessions)
+    with sessions() as s:
+        machine.claim(s, job_id, "w", 30)
+    rounds = []
+
+    with Heartbeat(sessions, job_id, "w", lease_seconds=0.3) as heartbeat:  # renews every 0.1 s
+        reporter = Reporter(sessions, job_id, "w", 0.3, heartbeat)
+
+        def check() -> None:
+            rounds.append(time.monotonic())
+            if len(rounds) == 3:
+                with sessions() as s:
+                    machine.request_cancel(s, job_id)
+            time.sleep(0.05)  # a round of real work
+            reporter.check()
+
+        points = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+        with stop_check(check), pytest.raises(JobCancelled):
+            weighted_kmeans(points, None, 4, 10**6, torch.Generator().manual_seed(0))
+    assert 3 < len(rounds) < 3 + 40, len(rounds)  # stopped within about a heartbeat of the request
