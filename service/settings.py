@@ -46,6 +46,11 @@ class Settings(CoreSettings):
         None, description="shared secret the API shows the generation server (required by it; serve makes one)"
     )
     generation_memory_gb: float | None = Field(None, gt=0, description="cap on the generation server's loaded models")
+    generation_max_tokens: int = Field(4096, ge=1, description="most new tokens one completion may ask for")
+    generation_default_max_tokens: int = Field(
+        256, ge=1, description="new tokens of a chat completion that names no max_tokens"
+    )
+    generation_deadline_s: float = Field(600.0, gt=0, description="a completion still running after this is stopped")
     generation_host: str = Field("127.0.0.1", description="where the generation server listens")
     generation_port: int = Field(8001, ge=1, le=65535, description="its port")
     generation_device: str | None = Field(

@@ -5,10 +5,16 @@ forwards to the generation server (``RSAVQ_GENERATION_URL``, ``worker/generation
 then shapes its answer as OpenAI's objects. Streams are server-sent events ending with
 ``data: [DONE]``. Errors use the service's one error body, which has OpenAI's ``error.message`` /
 ``error.type`` / ``error.code`` / ``error.param`` fields.
+
+Every completion is bounded: at most ``generation_max_tokens`` new tokens (a chat that names none
+gets ``generation_default_max_tokens``), stopped after ``generation_deadline_s`` (504), and
+stopped when its client goes away, streamed or not: the upstream stream is closed, which cancels
+the generation on the server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import time
@@ -17,13 +23,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from httpx_sse import aconnect_sse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from rsavq_core.errors import ConfigError
 from service import errors
 from service.api.deps import Context, DbSession, get_context, tenant_of
 from service.api.schemas_openai import ChatCompletionRequest, CompletionRequest
@@ -100,7 +107,41 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _bounded(ctx: Context, asked: int | None) -> int:
+    """The new-token budget of a request: what it asked for, else the chat default; never above the cap."""
+    limit = ctx.settings.generation_max_tokens
+    if asked is not None and asked > limit:
+        raise ConfigError(f"max_tokens must be at most {limit} (RSAVQ_GENERATION_MAX_TOKENS), got {asked}")
+    return asked if asked is not None else min(ctx.settings.generation_default_max_tokens, limit)
+
+
+def _timed_out(ctx: Context) -> dict[str, Any]:
+    message = f"the completion ran past its deadline of {ctx.settings.generation_deadline_s:g} s and was stopped"
+    return errors.error_body(504, message, "DeadlineExceeded")
+
+
+async def _unless_gone(request: Request, work: Any, deadline: float) -> Any:
+    """``work``'s result; None when the client hung up first; ``TimeoutError`` past ``deadline``
+    (monotonic). Either way the work is cancelled, which closes the upstream stream."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, min(0.5, left)))
+            if done:
+                return task.result()
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 async def _serve(
+    request: Request,
     ctx: Context,
     session: Session,
     tenant: str,
@@ -112,6 +153,7 @@ async def _serve(
 ) -> Any:
     _, artifact = _resolve(session, tenant, model)
     session.rollback()  # hold no pooled connection while generating
+    deadline = time.monotonic() + ctx.settings.generation_deadline_s
     client = _client(ctx)
     base = {"artifact": artifact.path, "sha256": artifact.sha256}
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -140,7 +182,7 @@ async def _serve(
         message = {"role": "assistant", "content": text} if (text is not None or not delta) else {}
         return {"index": index, key: message, "logprobs": None, "finish_reason": finish}
 
-    if not stream:
+    async def collect() -> Any:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         try:
             async for index, event in per_prompt():
@@ -152,7 +194,7 @@ async def _serve(
                     completion_tokens += event["completion_tokens"]
         except _Upstream as exc:  # a later prompt of a batch was refused
             return _upstream_error(exc.status, exc.raw)
-        finally:
+        finally:  # also when cancelled (client gone, deadline): closing upstream cancels the generation
             await first.aclose()
         return {
             "id": ident,
@@ -162,6 +204,13 @@ async def _serve(
             "choices": choices,
             "usage": _usage(prompt_tokens, completion_tokens),
         }
+
+    if not stream:
+        try:
+            answer = await _unless_gone(request, collect(), deadline)
+        except TimeoutError:
+            return JSONResponse(_timed_out(ctx), status_code=504)
+        return Response(status_code=499) if answer is None else answer  # 499: nobody is listening
 
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -181,6 +230,9 @@ async def _serve(
         totals = [0, 0]
         try:
             async for index, event in per_prompt():
+                if time.monotonic() > deadline:  # the deadline: the error is the last event
+                    yield ServerSentEvent(json.dumps(_timed_out(ctx)))
+                    return
                 if "error" in event:  # the generation server failed mid-stream: its error is the last event
                     yield ServerSentEvent(json.dumps(event))
                     return
@@ -204,16 +256,20 @@ async def _serve(
 
 
 @router.post("/completions", summary="Complete a prompt with a quantized model (OpenAI-compatible)")
-async def completions(body: CompletionRequest, tenant: Tenant, ctx: Ctx, session: DbSession) -> Any:
-    payloads = [{**p, "params": body.params(body.max_tokens)} for p in body.prompts()]
-    return await _serve(ctx, session, tenant, body.model, False, payloads, body.stream, body.include_usage())
+async def completions(body: CompletionRequest, request: Request, tenant: Tenant, ctx: Ctx, session: DbSession) -> Any:
+    params = body.params(_bounded(ctx, body.max_tokens))
+    payloads = [{**p, "params": params} for p in body.prompts()]
+    return await _serve(request, ctx, session, tenant, body.model, False, payloads, body.stream, body.include_usage())
 
 
 @router.post("/chat/completions", summary="Chat with a quantized model (OpenAI-compatible)")
-async def chat_completions(body: ChatCompletionRequest, tenant: Tenant, ctx: Ctx, session: DbSession) -> Any:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, tenant: Tenant, ctx: Ctx, session: DbSession
+) -> Any:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    payload = {"messages": messages, "params": body.params(body.max_completion_tokens or body.max_tokens)}
-    return await _serve(ctx, session, tenant, body.model, True, [payload], body.stream, body.include_usage())
+    params = body.params(_bounded(ctx, body.max_completion_tokens or body.max_tokens))
+    return await _serve(request, ctx, session, tenant, body.model, True, [{"messages": messages, "params": params}],
+                        body.stream, body.include_usage())  # fmt: skip
 
 
 @router.get("/models", summary="The models this key may generate with (its succeeded jobs)")

@@ -123,7 +123,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
         session.add(Artifact(job_id=done_id, path=relative, size=size, sha256=sha))
         session.commit()
     with _Server(create_generation_app(settings, device="cpu", memory_gb=4)) as gen_url:
-        api_settings = settings.model_copy(update=dict(generation_url=gen_url))
+        api_settings = settings.model_copy(update=dict(generation_url=gen_url, generation_default_max_tokens=5))
         with _Server(create_app(api_settings)) as api_url:
             yield {
                 "url": api_url,
@@ -132,6 +132,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
                 "running": running_id,
                 "unconfigured": create_app(settings),
                 "generation_url": gen_url,
+                "settings": api_settings,
             }
 
 
@@ -222,8 +223,8 @@ def test_clear_errors_in_openai_shape(stack: dict[str, Any]) -> None:
         client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, temperature=5)
     with pytest.raises(openai.UnprocessableEntityError, match="logprobs is not supported"):
         client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, logprobs=2)
-    with pytest.raises(openai.UnprocessableEntityError, match="context"):
-        client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=100_000)
+    with pytest.raises(openai.UnprocessableEntityError, match="context"):  # within the cap, past the context
+        client.completions.create(model=stack["done"], prompt=" ".join([PROMPT] * 1500), max_tokens=4000)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=stack["url"] + "/v1", api_key="wrong", max_retries=0).models.list()
 
@@ -329,3 +330,29 @@ def test_the_generation_server_answers_only_the_api(stack: dict[str, Any], tmp_p
     assert made_up.status_code == 409  # past the secret: the digest check
     with pytest.raises(ConfigError, match="RSAVQ_GENERATION_TOKEN"):
         create_generation_app(Settings.from_env(tmp_path), device="cpu", memory_gb=1)
+
+
+def test_generation_is_bounded_in_tokens_time_and_listeners(stack: dict[str, Any]) -> None:
+    """A default and a cap for new tokens, a deadline, and a non-streamed request whose client
+    leaves stops generating (the next request does not wait for it)."""
+    import httpx
+
+    from service.api.app import create_app
+
+    client = _client(stack)
+    chat = client.chat.completions.create(model=stack["done"], messages=[{"role": "user", "content": "Count"}])
+    assert chat.usage.completion_tokens <= 5  # the configured default, not up to the context
+    with pytest.raises(openai.UnprocessableEntityError, match="at most 4096"):
+        client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=5000)
+    headers = {"Authorization": f"Bearer {stack['keys']['alice']}"}
+    body = {"model": stack["done"], "prompt": PROMPT, "max_tokens": 4000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up on a long non-streamed completion
+        httpx.post(stack["url"] + "/v1/completions", json=body, headers=headers, timeout=3)
+    started = time.monotonic()
+    out = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, temperature=0)
+    assert out.usage.completion_tokens == 2
+    assert time.monotonic() - started < 30, "the abandoned non-streamed generation was not cancelled"
+    hurried = stack["settings"].model_copy(update={"generation_deadline_s": 1.0})
+    with _Server(create_app(hurried)) as url:
+        late = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
+    assert late.status_code == 504 and "deadline" in late.json()["error"]["message"]
