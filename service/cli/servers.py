@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 from pydantic import SecretStr
@@ -84,19 +85,50 @@ def cmd_serve(args: argparse.Namespace) -> None:
         children.append(_child(generation_command(), generation, "generation.log"))
         settings = settings.model_copy(update={"generation_url": f"http://127.0.0.1:{port}"})
     sys.stderr.write(f"rsavq: API on http://{args.host}:{args.port} (docs at /docs), data in {settings.data_dir}\n")
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default action that
+    # would end this process before ``finally`` stops the children.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         # A bounded graceful shutdown: open event streams or generations must not keep it alive.
         uvicorn.run(
             create_app(settings), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10
         )
     finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_children(children)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(child.pid, sig)  # each child leads its own session, so its group holds its children
+    except ProcessLookupError:
+        pass  # the whole group is gone already
+
+
+def stop_children(children: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+    """SIGTERM to each child, then SIGKILL to whatever is left of its process group after ``grace_s``.
+
+    The first signal goes to the child alone: Celery's pool process, interrupted by a SIGTERM of
+    its own, would record its job as crashed (measured: a half-done import failed it). The group
+    afterwards: Celery's warm shutdown waits for the running job, which would outlive ``rsavq
+    serve``. A job killed there is not lost: its lease runs out, the reaper re-queues it, and it
+    resumes from its layer checkpoints.
+    """
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for child in children:
+        _signal_group(child, signal.SIGKILL)
+        child.wait()
 
 
 def cmd_generation_server(args: argparse.Namespace) -> None:
