@@ -13,7 +13,7 @@ kernel policy), so one object serves both: ``get_settings`` installs it for the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -56,6 +56,10 @@ class Settings(CoreSettings):
     generation_device: str | None = Field(
         None, description="its device: cuda, cuda:1, cpu (default: cuda when present)"
     )
+    metrics: Literal["open", "token", "off"] = Field(
+        "token", description="/metrics: open to anyone, only with RSAVQ_METRICS_TOKEN, or not served"
+    )
+    metrics_token: SecretStr | None = Field(None, description="bearer token of /metrics when metrics=token")
     sse_poll_seconds: float = Field(0.5, gt=0, description="how often an event stream looks for new events")
     auth_cache_s: float = Field(0.0, ge=0, description=">0: verified keys are cached this long (revocation lags by it)")
     # The command line's HTTP client (rsavq submit / status / wait / download / cancel).

@@ -7,14 +7,18 @@ never creates tables itself.
 
 from __future__ import annotations
 
+import hmac
+from typing import Annotated
+
 import httpx
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
 from service import errors
+from service import jobs as machine
 from service.api.auth import KeyCache
 from service.api.deps import Context
 from service.api.middleware import BodyLimit, Observe
@@ -24,6 +28,7 @@ from service.api.routes_generation import router as generation_router
 from service.api.routes_jobs import router as jobs_router
 from service.artifacts import ArtifactStore
 from service.db import Job, session_factory
+from service.errors import AuthenticationError, NotFoundError
 from service.queue import broker_ok, make_celery
 from service.settings import Settings, get_settings
 
@@ -42,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sessions=sessions,
         celery=make_celery(settings),
         store=ArtifactStore(settings.artifact_dir),
-        metrics=Metrics(count_jobs),
+        metrics=Metrics(count_jobs, machine.STATUSES),
         keys=KeyCache(settings.auth_cache_s),
     )
     app = FastAPI(
@@ -77,7 +82,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
-    def metrics() -> Response:
+    def metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
+        """Operators' numbers, no tenant in them; who may read them is ``settings.metrics``."""
+        if settings.metrics == "off":
+            raise NotFoundError("metrics are off (RSAVQ_METRICS)")
+        if settings.metrics == "token":
+            token = settings.metrics_token
+            scheme, _, given = (authorization or "").partition(" ")
+            if (
+                token is None
+                or scheme.lower() != "bearer"
+                or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())
+            ):
+                raise AuthenticationError("metrics need the operators' token (RSAVQ_METRICS_TOKEN)")
         return Response(generate_latest(context.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from service.settings import Settings
 
@@ -26,6 +27,7 @@ def settings(tmp_path: Path) -> Settings:
             "artifact_dir": tmp_path / "data" / "artifacts",
             "sse_poll_seconds": 0.05,
             "auth_cache_s": 0.0,
+            "metrics_token": SecretStr("ops-token"),
         }
     )
     s.ensure_dirs()

@@ -246,8 +246,12 @@ def test_health_and_prometheus_metrics(api, keys) -> None:  # type: ignore[no-un
         "broker": True,
         "generation": "not configured",
     }
-    text = api.get("/metrics").text
+    assert api.get("/metrics").status_code == 401  # operators only by default
+    assert api.get("/metrics", headers=auth(keys["alice"])).status_code == 401  # a tenant's key is not enough
+    text = api.get("/metrics", headers={"Authorization": "Bearer ops-token"}).text
     assert 'rsavq_jobs{status="queued"} 1.0' in text
+    assert 'rsavq_jobs{status="failed"} 0.0' in text  # zero-count statuses stay as series
+    assert "alice" not in text
     assert 'rsavq_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
 
 
@@ -271,7 +275,7 @@ def test_openapi_shows_choices_as_enums_and_bounds(api) -> None:  # type: ignore
     assert variant(knobs["allocation"], "enum")["enum"] == ["proportional", "additive", "uniform"]
     assert variant(knobs["fisher"], "enum")["enum"] == ["exact", "kfac"]
     assert variant(schemas["JobRequest"]["properties"]["method"], "enum")["enum"] == list(method_names())
-    assert variant(knobs["kmeans_iters"], "type") == {"type": "integer", "minimum": 1}
+    assert variant(knobs["kmeans_iters"], "type") == {"type": "integer", "minimum": 1, "maximum": 1000}
     assert variant(knobs["lam"], "type") == {"type": "number", "minimum": 0.0, "maximum": 10.0}
     # Every knob of every method, and every shared one but bits (top level), is a documented option.
     expected = {k.name for k in shared_knobs()} - {"bits"} | set(option_knobs())

@@ -135,3 +135,13 @@ def test_every_knob_is_bounded(api, keys, options: dict) -> None:  # type: ignor
     schema = api.get("/openapi.json").json()["components"]["schemas"]
     iters = schema["JobOptions"]["properties"]["kmeans_iters"]["anyOf"][0]
     assert iters["maximum"] == 1000  # the bound is in the OpenAPI, where clients read it
+
+
+@pytest.mark.parametrize(("mode", "status"), [("open", 200), ("off", 404)])
+def test_metrics_can_be_open_or_off(settings, mode: str, status: int) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    with TestClient(create_app(settings.model_copy(update={"metrics": mode}))) as client:
+        assert client.get("/metrics").status_code == status
