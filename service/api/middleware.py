@@ -16,7 +16,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class BodyLimit:
-    """413 for a body over the limit, whether it declares its length or streams it (chunked)."""
+    """413 for a body over the limit, whether it declares its length or streams it (chunked).
+
+    The body is read here, up to the limit, before the app sees it: an error raised from inside
+    the app's own body reading would reach the client as the framework's 400, not as our 413.
+    """
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -27,20 +31,27 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(send)
-        seen = 0
-
-        async def counting_receive() -> dict[str, Any]:
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.limit:
-                raise _TooLarge
-            return message
+                return await self._reject(send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._reject(send)
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later messages (a disconnect) come from the client as they happen
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
         body = JSONResponse(
@@ -48,10 +59,6 @@ class BodyLimit:
         )
         await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
         await send({"type": "http.response.body", "body": body.body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Observe:

@@ -145,3 +145,18 @@ def test_metrics_can_be_open_or_off(settings, mode: str, status: int) -> None:  
 
     with TestClient(create_app(settings.model_copy(update={"metrics": mode}))) as client:
         assert client.get("/metrics").status_code == status
+
+
+def test_odd_bodies_get_our_error_shape(api, keys) -> None:  # type: ignore[no-untyped-def]
+    headers = {**auth(keys["alice"]), "Content-Type": "application/json"}
+    chunked = api.post("/v1/jobs", content=iter([b"{" + b" " * 40_000] * 2 + [b"}"]), headers=headers)
+    assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "PayloadTooLargeError"
+    for body in (b'{"model_id": "\xff\xfe", "bits": 2}', b"[" * 20_000 + b"]" * 20_000):
+        r = api.post("/v1/jobs", content=body, headers=headers)
+        assert 400 <= r.status_code < 500 and "message" in r.json()["error"], (r.status_code, r.text[:200])
+    missing = api.get("/v1/nothing-here", headers=headers)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "NotFound"
+    small_chunked = api.post(
+        "/v1/jobs", content=iter([b'{"model_id": "smollm2-135m",', b' "bits": 2}']), headers=headers
+    )
+    assert small_chunked.status_code == 202  # a chunked body under the limit reaches the app whole
