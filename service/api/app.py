@@ -14,12 +14,14 @@ import httpx
 from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
 from service import jobs as machine
+from service.api import openapi
 from service.api.auth import KeyCache
 from service.api.deps import Context
 from service.api.middleware import BodyLimit, Observe
@@ -51,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=Metrics(count_jobs, machine.STATUSES),
         keys=KeyCache(settings.auth_cache_s),
     )
-    app = FastAPI(
+    app = FastAPIOffline(  # Swagger UI's assets from the package: /docs works without internet
         title="rsavq",
         version="0.1.0",
         description="Quantization as a service: RSAVQ and baselines for decoder-only LLMs. "
@@ -105,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise AuthenticationError("metrics need the operators' token (RSAVQ_METRICS_TOKEN)")
         return Response(generate_latest(context.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    openapi.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(Observe, metrics=context.metrics)
     return app

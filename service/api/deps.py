@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.auth import KeyCache
@@ -50,7 +51,17 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def tenant_of(request: Request, session: DbSession, authorization: Annotated[str | None, Header()] = None) -> str:
+# In the OpenAPI as an HTTP bearer security scheme, so clients and generators know how to log in;
+# a missing or malformed header is our 401 (auto_error=False), not the framework's 403.
+BEARER = HTTPBearer(auto_error=False, description="an API key (`rsavq keys create NAME`)")
+
+
+def tenant_of(
+    request: Request,
+    session: DbSession,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None,
+) -> str:
+    authorization = f"Bearer {credentials.credentials}" if credentials is not None else None
     try:
         return request.app.state.context.keys.tenant(session, authorization)
     finally:

@@ -15,6 +15,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,7 +23,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from rsavq_core.errors import ConfigError
 from service import jobs as machine
-from service.api.deps import Context, DbSession, get_context, tenant_of
+from service.api.deps import BEARER, Context, DbSession, get_context, tenant_of
 from service.api.schemas import HUB_ID, JobList, JobOut, JobProgress, JobRequest
 from service.db import Job, JobEvent, JobLayer
 from service.errors import ConflictError, NotFoundError
@@ -181,9 +182,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-async def get_job(job_id: str, ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> Response:
+async def get_job(
+    job_id: str, ctx: Ctx, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None
+) -> Response:
     # The hot path (clients poll it): authentication and both queries in one thread-pool hop and one
-    # short connection checkout, instead of a hop per dependency.
+    # short connection checkout, instead of a hop per dependency (BEARER is async: no hop).
+    authorization = f"Bearer {credentials.credentials}" if credentials is not None else None
+
     def read() -> Response:
         with ctx.sessions() as session:
             job = load_job(session, ctx.keys.tenant(session, authorization), job_id)

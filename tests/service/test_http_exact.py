@@ -160,3 +160,22 @@ def test_odd_bodies_get_our_error_shape(api, keys) -> None:  # type: ignore[no-u
         "/v1/jobs", content=iter([b'{"model_id": "smollm2-135m",', b' "bits": 2}']), headers=headers
     )
     assert small_chunked.status_code == 202  # a chunked body under the limit reaches the app whole
+
+
+def test_openapi_documents_auth_errors_and_docs_work_offline(api) -> None:  # type: ignore[no-untyped-def]
+    schema = api.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key (`rsavq keys create NAME`)",
+    }
+    get_job = schema["paths"]["/v1/jobs/{job_id}"]["get"]
+    assert get_job["security"] == [{"HTTPBearer": []}]
+    for code in ("401", "404", "422"):
+        ref = get_job["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == "#/components/schemas/ErrorBody"
+    assert {"206", "304", "416"} <= set(schema["paths"]["/v1/jobs/{job_id}/artifact"]["get"]["responses"])
+    docs = api.get("/docs").text
+    assert "cdn" not in docs.lower() and "https://" not in docs  # no asset from the internet
+    script = next(part.split('"')[1] for part in docs.split("<script src=")[1:])
+    assert api.get(script).status_code == 200
