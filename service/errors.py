@@ -9,6 +9,7 @@ The library's hierarchy (``rsavq_core.errors``) is extended here by what only a 
           + ConflictError           wrong state for the request, key reuse, ... (409)
               + ArtifactDigestError     no artifact at that path with that sha256 (409)
           + PayloadTooLargeError    request body over the configured limit       (413)
+          + TooManyRequestsError    over a per-tenant limit; says when to retry  (429)
           + UnavailableError        database, broker or generation server down  (503)
 """
 
@@ -51,6 +52,14 @@ class PayloadTooLargeError(ServiceError):
     """The request body is larger than the configured limit."""
 
 
+class TooManyRequestsError(ServiceError):
+    """Over a per-tenant limit (active jobs, concurrent generations); ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UnavailableError(ServiceError):
     """A backing service (database, broker, generation server) is unreachable."""
 
@@ -61,6 +70,7 @@ STATUS: list[tuple[type[RSAVQError], int]] = [
     (NotFoundError, 404),
     (ConflictError, 409),
     (PayloadTooLargeError, 413),
+    (TooManyRequestsError, 429),
     (ConfigError, 422),
     (ModelResolutionError, 422),
     (UnsupportedModelError, 422),
@@ -86,6 +96,8 @@ def install(app: FastAPI) -> None:
             raise exc
         status = status_of(exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, TooManyRequestsError):
+            headers = {"Retry-After": str(exc.retry_after)}
         return JSONResponse(error_body(status, str(exc), type(exc).__name__), status_code=status, headers=headers)
 
     app.add_exception_handler(RSAVQError, handle)

@@ -60,6 +60,11 @@ class Settings(CoreSettings):
         "token", description="/metrics: open to anyone, only with RSAVQ_METRICS_TOKEN, or not served"
     )
     metrics_token: SecretStr | None = Field(None, description="bearer token of /metrics when metrics=token")
+    # Fair sharing: one tenant's flood must not hold every worker slot or the generation server.
+    tenant_max_active_jobs: int = Field(8, ge=1, description="queued + running jobs of one tenant; more is a 429")
+    tenant_max_generations: int = Field(
+        2, ge=1, description="concurrent completions of one tenant per API process; more is a 429"
+    )
     sse_poll_seconds: float = Field(0.5, gt=0, description="how often an event stream looks for new events")
     auth_cache_s: float = Field(0.0, ge=0, description=">0: verified keys are cached this long (revocation lags by it)")
     # The command line's HTTP client (rsavq submit / status / wait / download / cancel).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from celery import Celery
@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.auth import KeyCache
+from service.api.generation_limits import TenantSlots
 from service.api.observability import Metrics
 from service.artifacts import ArtifactStore
 from service.settings import Settings
@@ -26,6 +27,7 @@ class Context:
     metrics: Metrics
     keys: KeyCache
     generation_client: Any = None  # httpx.AsyncClient to the generation server, made on first use
+    generation_slots: TenantSlots = field(default_factory=TenantSlots)
 
 
 # async: FastAPI runs a sync dependency in the thread pool, and each hop costs more than these do.

@@ -55,6 +55,8 @@ def _statuses(path: str, method: str, op: dict[str, Any]) -> set[int]:
         codes.add(404)
     if method == "delete" or path.endswith(_CONFLICTS) or (path == "/v1/jobs" and method == "post"):
         codes.add(409)  # POST /v1/jobs: an Idempotency-Key reused with another body
+    if (path == "/v1/jobs" and method == "post") or path.endswith("/completions"):
+        codes.add(429)  # the tenant's active jobs / concurrent completions
     if path.endswith("/completions"):
         codes |= {404, 502, 503, 504}
     if path == "/health":

@@ -6,20 +6,17 @@ then shapes its answer as OpenAI's objects. Streams are server-sent events endin
 ``data: [DONE]``. Errors use the service's one error body, which has OpenAI's ``error.message`` /
 ``error.type`` / ``error.code`` / ``error.param`` fields.
 
-Every completion is bounded: at most ``generation_max_tokens`` new tokens (a chat that names none
-gets ``generation_default_max_tokens``), stopped after ``generation_deadline_s`` (504), and
-stopped when its client goes away, streamed or not: the upstream stream is closed, which cancels
-the generation on the server.
+Every completion is bounded (``generation_limits``): new tokens, time, one tenant's concurrent
+completions, and it stops when its client goes away, streamed or not.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any
 
 import httpx
@@ -30,9 +27,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from rsavq_core.errors import ConfigError
 from service import errors
 from service.api.deps import Context, DbSession, get_context, tenant_of
+from service.api.generation_limits import bounded_tokens, timed_out, unless_gone
 from service.api.schemas_openai import ChatCompletionRequest, CompletionRequest
 from service.db import Artifact, Job
 from service.errors import ConflictError, NotFoundError, UnavailableError
@@ -107,39 +104,6 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _bounded(ctx: Context, asked: int | None) -> int:
-    """The new-token budget of a request: what it asked for, else the chat default; never above the cap."""
-    limit = ctx.settings.generation_max_tokens
-    if asked is not None and asked > limit:
-        raise ConfigError(f"max_tokens must be at most {limit} (RSAVQ_GENERATION_MAX_TOKENS), got {asked}")
-    return asked if asked is not None else min(ctx.settings.generation_default_max_tokens, limit)
-
-
-def _timed_out(ctx: Context) -> dict[str, Any]:
-    message = f"the completion ran past its deadline of {ctx.settings.generation_deadline_s:g} s and was stopped"
-    return errors.error_body(504, message, "DeadlineExceeded")
-
-
-async def _unless_gone(request: Request, work: Any, deadline: float) -> Any:
-    """``work``'s result; None when the client hung up first; ``TimeoutError`` past ``deadline``
-    (monotonic). Either way the work is cancelled, which closes the upstream stream."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            done, _ = await asyncio.wait({task}, timeout=max(0.0, min(0.5, left)))
-            if done:
-                return task.result()
-            if time.monotonic() >= deadline:
-                raise TimeoutError
-            if await request.is_disconnected():
-                return None
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
 async def _serve(
     request: Request,
     ctx: Context,
@@ -153,6 +117,26 @@ async def _serve(
 ) -> Any:
     _, artifact = _resolve(session, tenant, model)
     session.rollback()  # hold no pooled connection while generating
+    release = ctx.generation_slots.hold(tenant, ctx.settings.tenant_max_generations)
+    try:
+        return await _generate(request, ctx, model, chat, artifact, payloads, stream, include_usage, release)
+    except BaseException:
+        release()
+        raise
+
+
+async def _generate(
+    request: Request,
+    ctx: Context,
+    model: str,
+    chat: bool,
+    artifact: Artifact,
+    payloads: list[dict[str, Any]],
+    stream: bool,
+    include_usage: bool,
+    release: Callable[[], None],
+) -> Any:
+    """One held slot's completion; ``release`` runs when it ends (the stream's end, for a stream)."""
     deadline = time.monotonic() + ctx.settings.generation_deadline_s
     client = _client(ctx)
     base = {"artifact": artifact.path, "sha256": artifact.sha256}
@@ -163,6 +147,7 @@ async def _serve(
         first = _events(client, payloads[0])
         head = await anext(first)  # errors (bad prompt, model too big) surface before the 200
     except _Upstream as exc:
+        release()
         return _upstream_error(exc.status, exc.raw)
     except httpx.TransportError as exc:
         raise UnavailableError(f"generation server at {ctx.settings.generation_url} unreachable: {exc}") from exc
@@ -207,9 +192,11 @@ async def _serve(
 
     if not stream:
         try:
-            answer = await _unless_gone(request, collect(), deadline)
+            answer = await unless_gone(request, collect(), deadline)
         except TimeoutError:
-            return JSONResponse(_timed_out(ctx), status_code=504)
+            return JSONResponse(timed_out(ctx), status_code=504)
+        finally:
+            release()
         return Response(status_code=499) if answer is None else answer  # 499: nobody is listening
 
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -231,7 +218,7 @@ async def _serve(
         try:
             async for index, event in per_prompt():
                 if time.monotonic() > deadline:  # the deadline: the error is the last event
-                    yield ServerSentEvent(json.dumps(_timed_out(ctx)))
+                    yield ServerSentEvent(json.dumps(timed_out(ctx)))
                     return
                 if "error" in event:  # the generation server failed mid-stream: its error is the last event
                     yield ServerSentEvent(json.dumps(event))
@@ -248,6 +235,7 @@ async def _serve(
             return
         finally:  # also when the client hangs up: close the upstream stream, which cancels the generation
             await first.aclose()
+            release()
         if include_usage:
             yield chunk([], _usage(*totals))
         yield ServerSentEvent("[DONE]")
@@ -257,7 +245,7 @@ async def _serve(
 
 @router.post("/completions", summary="Complete a prompt with a quantized model (OpenAI-compatible)")
 async def completions(body: CompletionRequest, request: Request, tenant: Tenant, ctx: Ctx, session: DbSession) -> Any:
-    params = body.params(_bounded(ctx, body.max_tokens))
+    params = body.params(bounded_tokens(ctx, body.max_tokens))
     payloads = [{**p, "params": params} for p in body.prompts()]
     return await _serve(request, ctx, session, tenant, body.model, False, payloads, body.stream, body.include_usage())
 
@@ -267,7 +255,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, tenant: Tenant, ctx: Ctx, session: DbSession
 ) -> Any:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    params = body.params(_bounded(ctx, body.max_completion_tokens or body.max_tokens))
+    params = body.params(bounded_tokens(ctx, body.max_completion_tokens or body.max_tokens))
     return await _serve(request, ctx, session, tenant, body.model, True, [{"messages": messages, "params": params}],
                         body.stream, body.include_usage())  # fmt: skip
 

@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -26,7 +26,7 @@ from service import jobs as machine
 from service.api.deps import BEARER, Context, DbSession, get_context, tenant_of
 from service.api.schemas import HUB_ID, JobList, JobOut, JobProgress, JobRequest
 from service.db import Job, JobEvent, JobLayer
-from service.errors import ConflictError, NotFoundError
+from service.errors import ConflictError, NotFoundError, TooManyRequestsError
 from service.queue import QUANTIZE_TASK, enqueue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -86,6 +86,21 @@ def _check_model_id(model_id: str, allow_local: bool) -> None:
     raise ConfigError(f"model_id {model_id!r} is not a model id: use 'org/name', 'name' or a built-in alias")
 
 
+def _within_tenant_limit(session: Session, tenant: str, limit: int) -> None:
+    """429 when the tenant already has ``limit`` jobs queued or running (a retry of an existing job,
+    by its Idempotency-Key, is answered before this). Two submissions racing may both pass: the
+    limit bounds a flood, it is not a quota."""
+    active = session.scalar(
+        select(func.count()).where(Job.tenant == tenant, Job.status.in_((machine.QUEUED, machine.RUNNING)))
+    )
+    if (active or 0) >= limit:
+        raise TooManyRequestsError(
+            f"this key's tenant has {active} jobs queued or running, the most allowed "
+            f"(RSAVQ_TENANT_MAX_ACTIVE_JOBS={limit}); retry when one has finished",
+            retry_after=60,
+        )
+
+
 @router.post("", status_code=202, response_model=JobOut)
 def submit(
     body: JobRequest,
@@ -102,6 +117,7 @@ def submit(
         existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
         if existing is not None:
             return _accepted(response, existing)
+    _within_tenant_limit(session, tenant, ctx.settings.tenant_max_active_jobs)
     job = Job(
         id=uuid.uuid4().hex,
         tenant=tenant,

@@ -356,3 +356,23 @@ def test_generation_is_bounded_in_tokens_time_and_listeners(stack: dict[str, Any
     with _Server(create_app(hurried)) as url:
         late = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
     assert late.status_code == 504 and "deadline" in late.json()["error"]["message"]
+
+
+def test_one_tenant_s_concurrent_completions_are_bounded(stack: dict[str, Any]) -> None:
+    import httpx
+
+    from service.api.app import create_app
+
+    headers = {"Authorization": f"Bearer {stack['keys']['alice']}"}
+    counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy decoding keeps counting: no early end of text
+    long = {"model": stack["done"], "prompt": counting, "max_tokens": 400, "temperature": 0, "stream": True}
+    short = {"model": stack["done"], "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+    app = create_app(stack["settings"].model_copy(update={"tenant_max_generations": 1}))
+    with _Server(app) as url:
+        with httpx.stream("POST", url + "/v1/completions", json=long, headers=headers, timeout=60) as held:
+            lines = held.iter_lines()  # kept: a dropped iterator would close the stream
+            next(lines)  # the first completion is running
+            refused = httpx.post(url + "/v1/completions", json=short, headers=headers, timeout=60)
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "5"
+        time.sleep(1.0)  # the closed stream gives its slot back
+        assert httpx.post(url + "/v1/completions", json=short, headers=headers, timeout=60).status_code == 200

@@ -179,3 +179,20 @@ def test_openapi_documents_auth_errors_and_docs_work_offline(api) -> None:  # ty
     assert "cdn" not in docs.lower() and "https://" not in docs  # no asset from the internet
     script = next(part.split('"')[1] for part in docs.split("<script src=")[1:])
     assert api.get(script).status_code == 200
+
+
+def test_a_tenant_s_flood_is_a_429_and_other_tenants_still_submit(settings, keys) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    with TestClient(create_app(settings.model_copy(update={"tenant_max_active_jobs": 2}))) as api:
+        first = submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 2}, **{"Idempotency-Key": "k1"})
+        assert first.status_code == 202
+        assert submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 3}).status_code == 202
+        flood = submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 4})
+        assert flood.status_code == 429 and flood.headers["Retry-After"] == "60"
+        assert flood.json()["error"]["type"] == "TooManyRequestsError"
+        again = submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 2}, **{"Idempotency-Key": "k1"})
+        assert again.status_code == 202 and again.json()["id"] == first.json()["id"]  # a retry is not a new job
+        assert submit(api, keys["bob"], {"model_id": "smollm2-135m", "bits": 2}).status_code == 202
