@@ -64,8 +64,11 @@ class VQOptions(MethodOptions):
     lam_scale: LamScale = knob(
         "relative", "relative: the EDSG shift is rescaled so that ‖shift‖ = λ‖W‖; raw: W − λñ literally"
     )
+    # Uniform by measurement (README, "Quality"): under the full default at 3 bits, WCSG's
+    # proportional rule gave 31.21 at 3.0753 bpw and uniform bits 29.28 at 3.0712; in the one-shot
+    # ablation rows too WCSG made it worse (48.69 -> 55.07). ``--allocation proportional`` is the paper's.
     allocation: Allocation = knob(
-        "proportional", "WCSG bit rule: the paper's proportional rule, reverse water-filling (spec §5.2), or none"
+        "uniform", "WCSG bit rule: the paper's proportional rule, reverse water-filling (spec §5.2), or none"
     )
     sensitivity: Sensitivity = knob("inverse", "I_c = ½ gᵀF⁻¹g (paper Alg. 1 / A.7) or ½ gᵀF g (spec §5.1)")
     metric: Metric = knob(
@@ -138,7 +141,10 @@ class VQOptions(MethodOptions):
 @register_method
 class RSAVQ(QuantMethod):
     name = "rsavq"
-    summary = "RSAVQ: sensitivity-grouped channels (WCSG) and error-direction-shifted codebooks (EDSG)"
+    summary = (
+        "RSAVQ: error-direction-shifted codebooks (EDSG) in the Fisher metric; sensitivity-grouped "
+        "channels (WCSG) with --allocation proportional (off by default: it measured worse)"
+    )
     options_type = VQOptions
     # 3 bits, SmolLM2-135M: perplexity 37.92 -> 32.09 for about 9 minutes on 2 CPU cores (README).
     block_finetune_steps = 64

@@ -140,7 +140,7 @@ def test_presets() -> None:
     rs = QuantConfig.for_method("rsavq")
     assert rs == QuantConfig()
     o = rs.options_as(VQOptions)
-    assert o.lam == 0.05 and o.allocation == "proportional" and o.metric == "fisher_diag"
+    assert o.lam == 0.05 and o.allocation == "uniform" and o.metric == "fisher_diag"
     assert o.compensate and o.refit == "output" and rs.block_finetune_steps == 64
     assert rs.needs_gradients() and rs.needs_hessian()
     assert km.block_finetune_steps == 0 and km.options_as(VQOptions).refit == "mean"  # the baseline

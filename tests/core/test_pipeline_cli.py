@@ -240,7 +240,7 @@ def test_blockwise_finetuning_lowers_each_blocks_output_error(
     knobs = {
         **(SMALL if method == "rsavq" else CALIB),
         "block_finetune_steps": 12,
-        "block_finetune_lr": 1e-3,
+        "block_finetune_lr": 3e-4,
         "finetune_target": target,
     }
     bits = 2 if method == "rsavq" else 3

@@ -55,7 +55,7 @@ SMALL = dict(bits=2, vector_len=6, n_pq=2, n_groups=2, kmeans_iters=3)
 CONFIGS = {
     "kmeans": QuantConfig.for_method("kmeans", **SMALL),
     "rsavq_uniform": QuantConfig.for_method("rsavq", allocation="uniform", **SMALL),
-    "rsavq_proportional": QuantConfig.for_method("rsavq", **SMALL),
+    "rsavq_proportional": QuantConfig.for_method("rsavq", allocation="proportional", **SMALL),
     "rsavq_additive_direct": QuantConfig.for_method("rsavq", allocation="additive", sensitivity="direct", **SMALL),
     "rsavq_compensate": QuantConfig.for_method("rsavq", compensate=True, **SMALL),
     "rsavq_paper_assign": QuantConfig.for_method("rsavq", assign="paper", **SMALL),
@@ -195,7 +195,8 @@ def test_sensitive_channels_get_more_bits() -> None:
     hot = [3, 11, 12, 7]
     g[:, hot] *= 300.0  # four channels with a much larger gradient
     stats = LayerStats(g, stats.fisher_out, stats.fisher_in, stats.tau, stats.hessian, 8, 256)
-    cfg = QuantConfig.for_method("rsavq", bits=2, n_groups=4, kmeans_iters=2, compensate=False, refit="mean")
+    knobs = dict(bits=2, n_groups=4, kmeans_iters=2, compensate=False, refit="mean", allocation="proportional")
+    cfg = QuantConfig.for_method("rsavq", **knobs)
     layer, report = quantize_vq(w, stats, cfg)
     assert set(layer.perm[:4].tolist()) == set(hot)
     assert layer.groups[0].bits > layer.groups[-1].bits
