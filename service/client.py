@@ -79,6 +79,8 @@ class Client:
                     source.response.read()
                     _raise_for(source.response)
                 for event in source.iter_sse():
+                    if not event.data:  # a keep-alive comment that httpx-sse dispatches as an empty event
+                        continue
                     yield event.id, event.event, json.loads(event.data)
         except (httpx.TransportError, SSEError) as exc:
             raise UnavailableError(f"event stream of job {job_id} from {self.server} broke: {exc}") from exc

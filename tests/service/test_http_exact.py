@@ -196,3 +196,27 @@ def test_a_tenant_s_flood_is_a_429_and_other_tenants_still_submit(settings, keys
         again = submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 2}, **{"Idempotency-Key": "k1"})
         assert again.status_code == 202 and again.json()["id"] == first.json()["id"]  # a retry is not a new job
         assert submit(api, keys["bob"], {"model_id": "smollm2-135m", "bits": 2}).status_code == 202
+
+
+def test_the_client_skips_keep_alive_comments_between_events() -> None:
+    """The API's 15 s ping is an SSE comment; after an event with an id, httpx-sse hands the blank line
+    after it on as an empty event, which the client must not parse as JSON (it broke `make demo`)."""
+    import httpx
+
+    from service.client import Client
+
+    stream = (
+        b'id: 1\r\nevent: status\r\ndata: {"status": "running"}\r\n\r\n'
+        b": ping - 2026-12-05 04:27:54\n\n"
+        b'id: 2\r\nevent: progress\r\ndata: {"stage": "quantize"}\r\n\r\n'
+    )
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=stream, headers={"content-type": "text/event-stream"})
+
+    client = Client("http://testserver", "key")
+    client.http = httpx.Client(base_url="http://testserver", transport=httpx.MockTransport(answer))
+    assert list(client.events("job")) == [
+        ("1", "status", {"status": "running"}),
+        ("2", "progress", {"stage": "quantize"}),
+    ]
