@@ -337,7 +337,8 @@ def test_fifty_concurrent_submissions_none_lost_or_duplicated(dist_settings, tmp
     with sessions() as session:
         key = create_key(session, "load")
     port = 18000 + os.getpid() % 1000
-    env = {**os.environ, **dist_settings.to_env()}
+    # One tenant submits all 50: this test is about concurrency, not the per-tenant limit (429).
+    env = {**os.environ, **dist_settings.to_env(), "RSAVQ_TENANT_MAX_ACTIVE_JOBS": "1000"}
     server = subprocess.Popen(
         [
             sys.executable,
