@@ -20,7 +20,6 @@ process's global RNG.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from rsavq_core.runtime.generation import Completion, SamplingParams, stream_com
 from service import errors
 from service.artifacts import ArtifactStore, extract
 from service.settings import Settings, get_settings
+from service.shared_secret import bearer_matches
 
 log = logging.getLogger("rsavq.generation")
 DEFAULT_MAX_TOKENS = 256  # when neither the request nor the model's config bounds a chat answer
@@ -189,7 +189,7 @@ def create_app(settings: Settings | None = None, device: str | None = None, memo
     settings = settings or get_settings()
     if settings.generation_token is None:
         raise ConfigError("the generation server needs RSAVQ_GENERATION_TOKEN, the secret the API shows it")
-    secret = settings.generation_token.get_secret_value().encode()
+    secret = settings.generation_token.get_secret_value()
     device = device or settings.generation_device
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     memory_gb = memory_gb if memory_gb is not None else settings.generation_memory_gb
@@ -209,8 +209,7 @@ def create_app(settings: Settings | None = None, device: str | None = None, memo
     async def require_the_secret(request: Request, call_next: Any) -> Any:
         """Everything but /health needs the shared secret: this server loads artifacts on request."""
         if request.url.path != "/health":
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), secret):
+            if not bearer_matches(request.headers.get("authorization"), secret):
                 body = errors.error_body(
                     401, "the generation server takes requests from the API only", "AuthenticationError"
                 )

@@ -7,7 +7,6 @@ never creates tables itself.
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 import httpx
@@ -34,6 +33,7 @@ from service.db import Job, session_factory
 from service.errors import AuthenticationError, NotFoundError
 from service.queue import broker_ok, make_celery
 from service.settings import Settings, get_settings
+from service.shared_secret import bearer_matches
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -98,12 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise NotFoundError("metrics are off (RSAVQ_METRICS)")
         if settings.metrics == "token":
             token = settings.metrics_token
-            scheme, _, given = (authorization or "").partition(" ")
-            if (
-                token is None
-                or scheme.lower() != "bearer"
-                or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())
-            ):
+            if token is None or not bearer_matches(authorization, token.get_secret_value()):
                 raise AuthenticationError("metrics need the operators' token (RSAVQ_METRICS_TOKEN)")
         return Response(generate_latest(context.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
