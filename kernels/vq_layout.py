@@ -39,6 +39,8 @@ class PackedVQ:
         tiles: [T, 6] int64; per column tile (col_start, col_stop, group_start, code_bits,
             word_offset, codebook_offset), tiles never straddle a group boundary.
         bias: [M] float16 or None.
+        row_scale: [M] float16 or None; W[m, :] is multiplied by row_scale[m] (the kernels apply it
+            to their fp32 output rows, which is exact for a GEMV and one pass for the dequantizer).
     """
 
     out_features: int
@@ -52,6 +54,7 @@ class PackedVQ:
     tiles: torch.Tensor
     bias: torch.Tensor | None
     max_code_bits: int
+    row_scale: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -69,6 +72,7 @@ def build_packed_vq(
     codebooks: list[torch.Tensor],
     words: list[torch.Tensor],
     bias: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
     tile_cols: int = 128,
 ) -> PackedVQ:
     """Concatenate a layer's groups and cut its columns into tiles of at most ``tile_cols``.
@@ -78,7 +82,7 @@ def build_packed_vq(
         perm: [N] integer tensor. codebooks: per group [n_pq, 2**(bits*d), d] float16.
         words: per group the int32 word stream of its indices (``pack_codes`` of
             [cols, n_vectors, n_pq], bits*d bits per code).
-        bias: [M] floating or None.
+        bias: [M] floating or None. row_scale: [M] floating or None, the rows' scales.
     """
     if vector_len % n_pq:
         raise ValueError(f"vector length {vector_len} is not a multiple of n_pq {n_pq}")
@@ -110,4 +114,5 @@ def build_packed_vq(
         tiles=torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, TILE_FIELDS),
         bias=None if bias is None else bias.to(device=device, dtype=torch.float16),
         max_code_bits=max_bits,
+        row_scale=None if row_scale is None else row_scale.to(device=device, dtype=torch.float16),
     )

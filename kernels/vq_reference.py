@@ -38,6 +38,8 @@ def dequantize_reference(packed: PackedVQ, dtype: torch.dtype = torch.float16) -
         book = packed.codebooks[cb_off : cb_off + packed.n_pq * k * d].view(packed.n_pq, k, d).to(dtype)
         cols = book[sub[None, :], codes]  # [cols, Q, d]
         weight[:, packed.perm[start:stop].long()] = cols.reshape(stop - start, q * d)[:, :m].T
+    if packed.row_scale is not None:
+        weight *= packed.row_scale.to(dtype)[:, None]
     return weight
 
 

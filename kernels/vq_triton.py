@@ -137,7 +137,7 @@ def _block_b(batch: int) -> int:
 def vq_gemv(x: torch.Tensor, packed: PackedVQ, block_m: int = 64, block_k: int = 32) -> torch.Tensor:
     """x: [B, N] fp16/bf16/fp32, B small (decode) -> [B, M] of x's dtype; fp32 accumulation.
 
-    The bias is added here. ``x`` must be on ``packed.device``.
+    The row scales and the bias are applied here. ``x`` must be on ``packed.device``.
     """
     batch = x.shape[0]
     x = x.contiguous()
@@ -162,6 +162,8 @@ def vq_gemv(x: torch.Tensor, packed: PackedVQ, block_m: int = 64, block_k: int =
         BLOCK_M=block_m,
         BLOCK_K=block_k,
     )
+    if packed.row_scale is not None:
+        out *= packed.row_scale.float()  # split-K partial sums are complete here, so scaling is exact
     if packed.bias is not None:
         out += packed.bias.float()
     return out.to(x.dtype)
@@ -186,4 +188,6 @@ def vq_dequantize(packed: PackedVQ, dtype: torch.dtype, block_m: int = 64, block
         BLOCK_M=block_m,
         BLOCK_K=block_k,
     )
+    if packed.row_scale is not None:
+        weight *= packed.row_scale.to(dtype)[:, None]
     return weight

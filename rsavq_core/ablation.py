@@ -28,6 +28,7 @@ FEATURES_OFF: dict[str, Any] = {
     "allocation": "uniform",
     "compensate": False,
     "refit": "mean",
+    "row_scales": False,
     "block_finetune_steps": 0,
     "block_finetune_norms": False,
     "finetune_target": "block",

@@ -64,6 +64,7 @@ def least_squares_codebooks(
     *,
     iters: int = 10,
     damping: float = 0.01,
+    row_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Replace ``layer``'s codebooks (in place) by the minimiser of tr(ΔW H ΔWᵀ); returns the errors.
 
@@ -74,6 +75,8 @@ def least_squares_codebooks(
         iters: conjugate-gradient steps (each one GEMM of the layer's size with H).
         damping: share of mean(diag H) added to its diagonal (as in GPTQ), which keeps the
             system well-posed for columns the calibration inputs barely excite.
+        row_weights: [M] float or None; row m's error counts row_weights[m]² times (the layer's
+            row scales, when the codebooks quantize W / s: the error in the weight is s times theirs).
     Returns:
         {"before": relative error, "after": relative error, "kept": 1.0 or 0.0}; relative errors
         are tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with the damped H.
@@ -90,7 +93,7 @@ def least_squares_codebooks(
     scale = float(h.diagonal().mean().clamp_min(1e-30))
     h = (h + damping * scale * torch.eye(h.shape[0], dtype=h.dtype)) / scale
     rows = torch.zeros(1, sel.m_pad)
-    rows[:, :m] = 1.0  # padded rows are not part of the weight: no error, no gradient
+    rows[:, :m] = 1.0 if row_weights is None else row_weights.float()  # padded rows: no error, no gradient
 
     def apply(books: list[torch.Tensor], offset: torch.Tensor | None) -> tuple[list[torch.Tensor], float]:
         """(Sᵀ((S(books) − offset) H), tr((S(books) − offset) H (…)ᵀ)): the gradient of half the
@@ -98,12 +101,12 @@ def least_squares_codebooks(
         recon = sel.gather(books)
         delta = (recon - offset if offset is not None else recon) * rows
         h_delta = h @ delta
-        return sel.scatter(h_delta), float((h_delta * delta).sum())
+        return sel.scatter(h_delta * rows), float((h_delta * delta).sum())
 
     def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
 
-    energy = float(((h @ w) * w).sum()) or 1.0
+    energy = float(((h @ (w * rows)) * (w * rows)).sum()) or 1.0
     books = [g.codebooks.float() for g in layer.groups]
     gradient, start_error = apply(books, w)
     before = start_error / energy

@@ -33,6 +33,8 @@ from rsavq_core.errors import CalibrationError, UnsupportedShapeError
 from rsavq_core.formats.vq import VQGroup, VQLayer, perm_dtype_bits, to_subvectors
 from rsavq_core.methods.rsavq import VQOptions
 
+FP16_SMALLEST_NORMAL, FP16_MAX = 2.0**-14, 65504.0
+
 
 @dataclass
 class LayerReport:
@@ -109,6 +111,13 @@ def quantize_vq(
     shift = _edsg_shift(w, nat, o)
     target = w - shift if shift is not None else w
     omega = _metric(o, w, stats, fisher)
+    # With row scales the codebooks see W' / s; an error e in those units is s·e in the weight, so
+    # every error measure (metric, output-error refit) weighs row m by s_m².
+    row_scale = _row_scales(target) if o.row_scales else None
+    scaled_target, scaled_omega = target, omega
+    if row_scale is not None:
+        scaled_target = target / row_scale[:, None]
+        scaled_omega = (torch.ones_like(w) if omega is None else omega) * row_scale[:, None] ** 2
 
     v, n_pq, d = o.vector_len, o.sub_vectors, o.sub_dim
     n_vec = -(-m // v)
@@ -119,8 +128,8 @@ def quantize_vq(
         x = x[:, alloc.perm]
         return torch.cat([x, x.new_zeros((pad, n))]) if pad else x
 
-    t_p, w_p = prep(target), prep(w)
-    om_p = prep(omega) if omega is not None else None
+    t_p, w_p = prep(scaled_target), prep(w if row_scale is None else w / row_scale[:, None])
+    om_p = prep(scaled_omega) if scaled_omega is not None else None
     if om_p is None and pad:
         # Padded rows must not pull centroids: give them zero weight even in the Euclidean metric.
         om_p = torch.ones_like(t_p)
@@ -172,13 +181,30 @@ def quantize_vq(
         if stats is None or stats.hessian is None:
             raise CalibrationError("compensation and the output-error refit need the activation Hessian")
         hessian = sink_protected_hessian(stats, o.sink_share)
-        if o.compensate:
-            compensate_columns(layer, target, hessian, om_p, o.hessian_damping)
+        if o.compensate:  # the column loop's feedback is row by row: the same in scaled units
+            compensate_columns(layer, scaled_target, hessian, om_p, o.hessian_damping)
         if o.refit == "output":
-            refit = least_squares_codebooks(layer, target, hessian, damping=o.hessian_damping)
+            refit = least_squares_codebooks(
+                layer, scaled_target, hessian, damping=o.hessian_damping, row_weights=row_scale
+            )
+    if row_scale is not None:
+        layer.row_scale = row_scale.half()
     report = _report(layer, w, shift, omega, stats, sens, started)
     report.refit = refit
     return layer, report
+
+
+def _row_scales(target: torch.Tensor) -> torch.Tensor:
+    """[M, N] float32 -> [M] float32: each row's RMS over the rows' mean RMS, as stored (fp16).
+
+    Relative scales (mean 1) leave W / s at the weights' own magnitude, so fine-tuning's learning
+    rate means for the codebooks what it means without scales, and moves the scales by a share of
+    themselves. Kept within fp16's normal range, so never zero (an all-zero row then has codes
+    that quantize zeros)."""
+    rms = target.pow(2).mean(1).sqrt()
+    mean = float(rms.mean())
+    relative = rms / mean if mean > 0 else torch.ones_like(rms)
+    return relative.clamp(FP16_SMALLEST_NORMAL, FP16_MAX).half().float()
 
 
 def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, int], float], float]:
@@ -194,7 +220,8 @@ def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, i
         stream = packed_words(cols * n_vec * o.sub_vectors, bits * d) * WORD_BITS
         return stream + o.sub_vectors * 2 ** (bits * d) * d * 16
 
-    return cost, cfg.bits * m * n - n * perm_dtype_bits(n)
+    scales = 16 * m if o.row_scales else 0
+    return cost, cfg.bits * m * n - n * perm_dtype_bits(n) - scales
 
 
 def _edsg_shift(w: torch.Tensor, nat: torch.Tensor | None, o: VQOptions) -> torch.Tensor | None:

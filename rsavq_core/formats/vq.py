@@ -7,10 +7,15 @@ layout, spec §11.1): rows are padded to a multiple of vector_len, cut into vect
 rows, and each vector into n_pq sub-vectors of d consecutive rows; sub-vector p of every vector
 uses sub-codebook p.
 
+Optionally every output row m has an fp16 scale s_m (AQLM's per-output-channel scales): the codebooks
+then quantize W / s (rows of one magnitude share codebook entries better) and W = s * dequantized.
+
 Stored tensors of a layer ``<name>``: ``<name>.perm`` int16 (N <= 32767) / int32 [N];
 ``<name>.g<i>.codebooks`` fp16 [n_pq, 2**(b_i*d), d]; ``<name>.g<i>.indices`` int32 words
-(``pack_codes`` of the [cols, n_vectors, n_pq] indices, row-major, b_i*d bits per code).
-Manifest fields: ``vector_len``, ``n_pq``, ``groups`` [{bits, start, stop}].
+(``pack_codes`` of the [cols, n_vectors, n_pq] indices, row-major, b_i*d bits per code);
+``<name>.row_scale`` fp16 [M] when the layer has row scales.
+Manifest fields: ``vector_len``, ``n_pq``, ``groups`` [{bits, start, stop}], ``row_scales`` (bool,
+absent = false).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class VQLayer:
     perm: torch.Tensor  # [N] int64: permuted column j is original column perm[j]
     groups: list[VQGroup]
     bias: torch.Tensor | None = None  # [M] float16, copied from the original layer
+    row_scale: torch.Tensor | None = None  # [M] float16 per-output-row scale, or None (scale 1)
     kind: str = field(default="vq", init=False)
 
     @property
@@ -75,10 +81,12 @@ class VQLayer:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight [M, N] in the original column order (reference path)."""
-        return self.dequantize_books([g.codebooks.to(dtype) for g in self.groups])
+        scale = None if self.row_scale is None else self.row_scale.to(dtype)
+        return self.dequantize_books([g.codebooks.to(dtype) for g in self.groups], scale)
 
-    def dequantize_books(self, books: list[torch.Tensor]) -> torch.Tensor:
-        """The dense weight [M, N] with ``books[g]`` [n_pq, K_g, d] as group g's codebooks (differentiable)."""
+    def dequantize_books(self, books: list[torch.Tensor], row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight [M, N] with ``books[g]`` [n_pq, K_g, d] as group g's codebooks and
+        ``row_scale`` [M] (or None: unscaled) as the rows' scales (differentiable in both)."""
         m_pad = self.n_vectors * self.vector_len
         columns = []
         for g, book in zip(self.groups, books, strict=True):
@@ -86,7 +94,8 @@ class VQLayer:
             sub = torch.stack([book[p][g.indices[:, :, p]] for p in range(self.n_pq)], 2)
             columns.append(sub.reshape(g.stop - g.start, m_pad).T)
         permuted = torch.cat(columns, 1)  # [M_pad, N] in permuted column order
-        return permuted[:, torch.argsort(self.perm)][: self.out_features]
+        dense = permuted[:, torch.argsort(self.perm)][: self.out_features]
+        return dense if row_scale is None else dense * row_scale[:, None]
 
 
 def ideal_vq_bpw(
@@ -119,6 +128,7 @@ def packed_from_layer(layer: VQLayer, device: torch.device | str | None = None, 
         codebooks=[g.codebooks.to(device) for g in layer.groups],
         words=[pack_codes(g.indices, g.bits * layer.sub_dim).to(device) for g in layer.groups],
         bias=layer.bias,
+        row_scale=None if layer.row_scale is None else layer.row_scale.to(device),
         tile_cols=tile_cols,
     )
 
@@ -129,7 +139,10 @@ class VQFormat(LayerFormat):
 
     def manifest(self, layer: VQLayer) -> dict[str, Any]:
         groups = [{"bits": g.bits, "start": g.start, "stop": g.stop} for g in layer.groups]
-        return {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups}
+        out: dict[str, Any] = {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups}
+        if layer.row_scale is not None:
+            out["row_scales"] = True
+        return out
 
     def tensors(self, layer: VQLayer) -> dict[str, torch.Tensor]:
         perm_dtype = torch.int16 if layer.in_features <= PERM_INT16_MAX_N else torch.int32
@@ -140,6 +153,8 @@ class VQFormat(LayerFormat):
                 raise UnsupportedShapeError(f"group {i}: indices have shape {tuple(g.indices.shape)}, expected {want}")
             out[f"g{i}.codebooks"] = g.codebooks.detach().to("cpu", torch.float16).contiguous()
             out[f"g{i}.indices"] = pack_codes(g.indices.detach().cpu(), g.bits * layer.sub_dim)
+        if layer.row_scale is not None:
+            out["row_scale"] = layer.row_scale.detach().to("cpu", torch.float16).contiguous()
         return out
 
     def read(self, reader: LayerReader, out_features: int, in_features: int, bias: torch.Tensor | None) -> VQLayer:
@@ -173,7 +188,11 @@ class VQFormat(LayerFormat):
             groups.append(VQGroup(bits, start, stop, cb, idx))
         if groups[-1].stop != n:
             raise reader.fail("groups", f"cover columns [0, {groups[-1].stop}), expected [0, {n})")
-        return VQLayer(m, n, v, n_pq, perm, groups, bias)
+        row_scales = e.get("row_scales", False)
+        if not isinstance(row_scales, bool):
+            raise reader.fail("row_scales", "must be true or false")
+        scale = reader.take("row_scale", (m,), (torch.float16,)) if row_scales else None
+        return VQLayer(m, n, v, n_pq, perm, groups, bias, scale)
 
     def stored_bits(self, layer: VQLayer) -> BitCount:
         m, n, d = layer.out_features, layer.in_features, layer.sub_dim
@@ -192,31 +211,40 @@ class VQFormat(LayerFormat):
             index_bits=index,
             codebook_bits=codebooks,
             perm_bits=n * perm_dtype_bits(n),
+            scale_bits=m * FP16_BITS if layer.row_scale is not None else 0,
             bias_bits=bias_bits,
             padding_bits=padding,
         )
 
     def tunable(self, layer: VQLayer) -> dict[str, torch.Tensor]:
-        return {f"g{i}.codebooks": g.codebooks.float().clone() for i, g in enumerate(layer.groups)}
+        out = {f"g{i}.codebooks": g.codebooks.float().clone() for i, g in enumerate(layer.groups)}
+        if layer.row_scale is not None:
+            out["row_scale"] = layer.row_scale.float().clone()
+        return out
 
     def dequantize_with(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return layer.dequantize_books([tunable[f"g{i}.codebooks"] for i in range(len(layer.groups))])
+        books = [tunable[f"g{i}.codebooks"] for i in range(len(layer.groups))]
+        return layer.dequantize_books(books, tunable.get("row_scale"))
 
     def with_tuned(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> VQLayer:
         groups = [
             VQGroup(g.bits, g.start, g.stop, tunable[f"g{i}.codebooks"].detach().half(), g.indices)
             for i, g in enumerate(layer.groups)
         ]
+        scale = tunable["row_scale"].detach().half() if layer.row_scale is not None else None
         return VQLayer(
-            layer.out_features, layer.in_features, layer.vector_len, layer.n_pq, layer.perm, groups, layer.bias
+            layer.out_features, layer.in_features, layer.vector_len, layer.n_pq, layer.perm, groups, layer.bias, scale
         )
 
     def spec(self, layer: VQLayer) -> dict[str, Any]:
         groups = [(g.bits, g.start, g.stop) for g in layer.groups]
-        return {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups}
+        row_scales = layer.row_scale is not None
+        return {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups, "row_scales": row_scales}
 
     def buffers(self, layer: VQLayer, packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {"perm": layer.perm.detach().to(torch.int64)}
+        if layer.row_scale is not None:
+            out["row_scale"] = layer.row_scale.detach().to(torch.float16)
         for i, g in enumerate(layer.groups):
             out[f"g{i}_codebooks"] = g.codebooks.detach().to(torch.float16)
             out[f"g{i}_indices"] = packed_stream(packed, f"g{i}_indices", g.indices, g.bits * layer.sub_dim)
@@ -237,7 +265,8 @@ class VQFormat(LayerFormat):
             count = (stop - start) * n_vectors * n_pq
             idx = unpack_codes(buffers[f"g{i}_indices"], bits * d, count).reshape(stop - start, n_vectors, n_pq)
             groups.append(VQGroup(bits, start, stop, buffers[f"g{i}_codebooks"], idx))
-        return VQLayer(out_features, in_features, v, n_pq, buffers["perm"], groups, bias)
+        scale = buffers["row_scale"] if spec.get("row_scales") else None
+        return VQLayer(out_features, in_features, v, n_pq, buffers["perm"], groups, bias, scale)
 
     def kernel_ready(self, spec: dict[str, Any]) -> bool:
         d = spec["vector_len"] // spec["n_pq"]
@@ -259,6 +288,7 @@ class VQFormat(LayerFormat):
             codebooks=books,
             words=streams,
             bias=module.bias,
+            row_scale=getattr(module, "row_scale", None) if spec.get("row_scales") else None,
         )
         word_off = book_off = 0
         for i, (book, stream) in enumerate(zip(books, streams, strict=True)):

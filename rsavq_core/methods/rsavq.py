@@ -93,6 +93,10 @@ class VQOptions(MethodOptions):
         "final codebooks: mean of what each entry was assigned (spec §7 step 4; after compensation only), "
         "or least squares on the output error tr(ΔW H ΔWᵀ) with codes fixed (GPTVQ)",
     )
+    # Off until measured (README, "Quality"): costs 16 bits per output row (0.028 bpw on 576-wide layers).
+    row_scales: bool = knob(
+        False, "one fp16 scale per output row (AQLM): codebooks quantize W / s, trained with them when fine-tuning"
+    )
     min_group_bits: int | None = knob(
         None, "lowest bits of a channel group (default: derived from --bits)", ge=1, le=16
     )

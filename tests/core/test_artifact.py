@@ -19,9 +19,18 @@ from rsavq_core.packed_checkpoint import WEIGHTS_FILE, read_checkpoint, save_che
 
 
 def make_vq_layer(
-    m: int, n: int, vector_len: int, n_pq: int, group_bits: list[int], *, bias: bool = False, seed: int = 0
+    m: int,
+    n: int,
+    vector_len: int,
+    n_pq: int,
+    group_bits: list[int],
+    *,
+    bias: bool = False,
+    seed: int = 0,
+    row_scales: bool = False,
 ) -> VQLayer:
-    """A VQ layer with random perm, codebooks and indices; groups split the columns evenly."""
+    """A VQ layer with random perm, codebooks and indices (and row scales, if asked); groups split
+    the columns evenly."""
     gen = torch.Generator().manual_seed(seed)
     d, n_vectors = vector_len // n_pq, -(-m // vector_len)
     bounds = [round(i * n / len(group_bits)) for i in range(len(group_bits) + 1)]
@@ -33,7 +42,8 @@ def make_vq_layer(
         groups.append(VQGroup(bits, start, stop, codebooks, indices))
     perm = torch.randperm(n, generator=gen)
     b = (torch.randn(m, generator=gen) * 0.1).to(torch.float16) if bias else None
-    return VQLayer(m, n, vector_len, n_pq, perm, groups, b)
+    scale = (torch.rand(m, generator=gen) * 3 + 0.05).to(torch.float16) if row_scales else None
+    return VQLayer(m, n, vector_len, n_pq, perm, groups, b, scale)
 
 
 def make_scalar_layer(m: int, n: int, bits: int, group_size: int, *, bias: bool = False, seed: int = 0) -> ScalarLayer:
@@ -50,7 +60,7 @@ def tiny_layers(model: torch.nn.Module) -> dict[str, QuantizedLayer]:
     """VQ and scalar layers for some linears of the tiny LLaMA (k_proj: 24 rows, not a multiple of 5)."""
     return {
         "model.layers.0.self_attn.q_proj": make_vq_layer(48, 48, 4, 2, [2, 1, 3], bias=True, seed=1),
-        "model.layers.0.self_attn.k_proj": make_vq_layer(24, 48, 5, 1, [1, 2], seed=2),
+        "model.layers.0.self_attn.k_proj": make_vq_layer(24, 48, 5, 1, [1, 2], seed=2, row_scales=True),
         "model.layers.1.mlp.down_proj": make_scalar_layer(48, 96, 3, 40, bias=True, seed=3),
         "model.layers.1.mlp.up_proj": make_scalar_layer(96, 48, 4, 16, seed=4),
     }
@@ -70,6 +80,9 @@ def assert_same_layer(a: QuantizedLayer, b: QuantizedLayer) -> None:
             assert (ga.bits, ga.start, ga.stop) == (gb.bits, gb.start, gb.stop)
             assert torch.equal(ga.codebooks, gb.codebooks) and gb.codebooks.dtype == torch.float16
             assert torch.equal(ga.indices, gb.indices)
+        assert (a.row_scale is None) == (b.row_scale is None)
+        if a.row_scale is not None:
+            assert torch.equal(a.row_scale, b.row_scale) and b.row_scale.dtype == torch.float16
     else:
         assert (a.bits, a.group_size) == (b.bits, b.group_size)
         for field in ("codes", "scales", "zeros"):
@@ -149,6 +162,10 @@ def test_tensor_names_and_dtypes(saved: tuple[Path, dict[str, QuantizedLayer]]) 
     with safe_open(str(out / WEIGHTS_FILE), framework="pt") as fh:
         manifest = json.loads(fh.metadata()["layers"])
     assert manifest[q]["groups"][1] == {"bits": 1, "start": 16, "stop": 32}
+    k = "model.layers.0.self_attn.k_proj"  # the layer with row scales
+    assert manifest[k]["row_scales"] is True and "row_scales" not in manifest[q]
+    assert data[f"{k}.row_scale"].dtype == torch.float16 and data[f"{k}.row_scale"].shape == (24,)
+    assert f"{q}.row_scale" not in data
     assert manifest[s] == {
         "kind": "scalar",
         "out_features": 48,
@@ -252,6 +269,17 @@ def test_inconsistent_manifest(saved: tuple[Path, dict[str, QuantizedLayer]]) ->
     manifest[Q]["groups"][1]["start"] = 17  # leaves a hole between groups 0 and 1
     rewrite(file, metadata={"layers": json.dumps(manifest)})
     with pytest.raises(ArtifactError, match=r"groups\[1\]: columns \[17, 32\)"):
+        read_checkpoint(saved[0])
+
+
+def test_row_scales_declared_but_missing(saved: tuple[Path, dict[str, QuantizedLayer]]) -> None:
+    file = saved[0] / WEIGHTS_FILE
+    with safe_open(str(file), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    data = load_file(str(file))
+    del data["model.layers.0.self_attn.k_proj.row_scale"]
+    save_file(data, str(file), metadata=meta)
+    with pytest.raises(ArtifactError, match="k_proj: row_scale: tensor .* is missing"):
         read_checkpoint(saved[0])
 
 

@@ -109,3 +109,23 @@ def test_block_tuned_norms_are_saved_and_resumed(tiny_folder: Path, tmp_path: Pa
 
         again = quantize_model(str(tiny_folder), cfg, checkpoint_dir=tmp_path / "work", progress=no_finetuning)
     assert torch.equal(again.model.get_parameter(norm), tuned)
+
+
+def test_row_scales_are_trained_with_the_codebooks(tiny_llama: Any, one_thread: None):
+    from rsavq_core.formats import VQLayer
+
+    model, _ = tiny_llama
+    tokens = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(3))
+    layout = find_decoder_layout(model)
+    walker = BlockInputs(model, tokens, micro_batch=1)
+    block, names = layout.blocks[0], layout.linear_names(0)
+    cfg = QuantConfig.for_method("kmeans", bits=2, kmeans_iters=2, row_scales=True)
+    one_shot = {n: quantize_layer(block.get_submodule(n).weight.detach(), None, None, cfg)[0] for n in names}
+    tuned, _, report = finetune_block(block, one_shot, walker.inputs, walker.block_kwargs, steps=16, lr=1e-4)
+    assert report["kept"] and report["loss_after"] < report["loss_before"], report
+    layer, before = tuned[names[0]], one_shot[names[0]]
+    assert isinstance(layer, VQLayer) and isinstance(before, VQLayer)
+    assert layer.row_scale is not None and before.row_scale is not None
+    assert layer.row_scale.dtype == torch.float16
+    assert not torch.equal(layer.row_scale, before.row_scale)  # trained, as the codebooks are
+    assert torch.equal(layer.groups[0].indices, before.groups[0].indices)  # codes fixed

@@ -61,6 +61,7 @@ CONFIGS = {
     "rsavq_paper_assign": QuantConfig.for_method("rsavq", assign="paper", **SMALL),
     "rsavq_hessian_metric": QuantConfig.for_method("rsavq", metric="hessian", **SMALL),
     "rsavq_raw_lambda": QuantConfig.for_method("rsavq", lam_scale="raw", lam=1e-7, **SMALL),
+    "rsavq_row_scales": QuantConfig.for_method("rsavq", row_scales=True, compensate=True, **SMALL),
 }
 
 
@@ -281,3 +282,50 @@ def test_effective_budget_unreachable_falls_back_to_lowest_bits() -> None:
     layer, _ = quantize_vq(w, None, cfg)
     lo, _ = cfg.options.group_bit_range(cfg.bits)
     assert [g.bits for g in layer.groups] == [lo, lo]
+
+
+def test_row_scales_fit_rows_of_different_magnitude() -> None:
+    """Rows whose magnitudes differ by orders (as LLM output channels do) share one codebook badly;
+    with a scale per row the codebooks quantize W / s, and the error in the weight falls."""
+    from rsavq_core.bitcount import layer_bits
+
+    gen = torch.Generator().manual_seed(30)
+    m, n = 96, 48
+    magnitudes = torch.exp(torch.randn(m, 1, generator=gen) * 1.5)
+    w = torch.randn(m, n, generator=gen) * 0.05 * magnitudes
+    x = correlated_inputs(512, n, gen, rho=0.5)
+    stats = LayerStats(None, None, None, 0.0, x.T @ x / 512, 8, 512, hessian_first=x[::64].T @ x[::64] / 8)
+    cfg = QuantConfig.for_method("kmeans", bits=2, n_groups=1, kmeans_iters=8, compensate=True, refit="output")
+    errors, layers = {}, {}
+    for scaled in (False, True):
+        layer, report = quantize_vq(w, stats, cfg.replace(row_scales=scaled))
+        layers[scaled] = layer
+        errors[scaled] = report.hessian_error
+        assert report.refit is not None and report.refit["after"] <= report.refit["before"]
+    assert layers[False].row_scale is None
+    scale = layers[True].row_scale
+    assert scale is not None and scale.dtype == torch.float16 and scale.shape == (m,)
+    rms = w.pow(2).mean(1).sqrt()
+    torch.testing.assert_close(scale.float(), rms / rms.mean(), rtol=1e-3, atol=0)  # relative: mean 1
+    assert errors[True] < 0.7 * errors[False], errors
+    # The scales are stored: 16 bits per output row, counted in the layer's bits.
+    extra = layer_bits(layers[True]).total_bits - layer_bits(layers[False]).total_bits
+    assert layer_bits(layers[True]).scale_bits == 16 * m and extra == 16 * m
+
+
+def test_an_effective_budget_pays_for_row_scales() -> None:
+    from rsavq_core.algorithms.vq import effective_budget
+
+    cfg = QuantConfig.for_method("kmeans", bits=2, n_pq=2)
+    _, plain = effective_budget(192, 576, cfg)
+    _, scaled = effective_budget(192, 576, cfg.replace(row_scales=True))
+    assert plain - scaled == 16 * 192
+
+
+def test_row_scales_of_zero_rows_stay_finite() -> None:
+    w = torch.randn(12, 10)
+    w[3] = 0.0
+    layer, _ = quantize_vq(w, None, QuantConfig.for_method("kmeans", bits=2, kmeans_iters=2, row_scales=True))
+    assert layer.row_scale is not None and bool((layer.row_scale > 0).all())
+    deq = layer.dequantize()
+    assert torch.isfinite(deq).all() and float(deq[3].abs().max()) < 1e-3

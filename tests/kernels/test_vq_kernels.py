@@ -26,11 +26,12 @@ LAYOUTS = {
     "d4-5bit": (13, 50, 8, 2, [5, 6]),  # 20- and 24-bit codes (the widest the kernels take)
     "d8-1bit": (70, 33, 8, 1, [1, 2]),
 }
+ROW_SCALED = {"d3-mixed", "d2-8bit"}  # these also carry per-row scales
 
 
 def _layer(name: str, seed: int = 0) -> VQLayer:
     m, n, v, n_pq, bits = LAYOUTS[name]
-    return make_vq_layer(m, n, v, n_pq, bits, bias=True, seed=seed)
+    return make_vq_layer(m, n, v, n_pq, bits, bias=True, seed=seed, row_scales=name in ROW_SCALED)
 
 
 def _check(device: str, name: str, dtype: torch.dtype, batch: int) -> None:
