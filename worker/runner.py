@@ -26,6 +26,7 @@ from rsavq_core.progress import stop_check
 from service import jobs as machine
 from service.artifacts import ArtifactStore
 from service.db import Artifact, Job, JobMetrics, Worker, utcnow
+from service.scheduling import claim_turn
 from service.settings import Settings
 from worker.reporter import Heartbeat, LeaseLost, Reporter
 
@@ -62,18 +63,31 @@ def job_config(job: Job) -> QuantConfig:
     return QuantConfig.for_method(job.method, bits=job.bits, **knobs)
 
 
+def claim_job(ctx: WorkerContext, delivered: str, step: str = "quantize") -> str | None:
+    """Claim a job for one delivery: the id of the job this worker now holds, or None.
+
+    The quantize step's delivery is a turn for the fairest queued job (``service.scheduling``), which
+    need not be the delivered one; the evaluation step continues the delivered job itself.
+    """
+    with ctx.sessions() as session:
+        if step == "quantize":
+            claimed = claim_turn(session, delivered, ctx.name, ctx.settings.lease_seconds)
+        else:
+            claimed = delivered if machine.claim(session, delivered, ctx.name, ctx.settings.lease_seconds) else None
+        if claimed is None:
+            job = session.get(Job, delivered)
+            log.info("job %s not claimable (%s); dropping this delivery", delivered, job.status if job else "deleted")
+    return claimed
+
+
 def run_job(ctx: WorkerContext, job_id: str, step: str = "quantize") -> str:
-    """Claim and run one step of a job ("quantize", then "evaluate").
+    """Run one step of a job this worker has claimed (``claim_job``): "quantize", then "evaluate".
 
     Returns the job's final status; "evaluate" when the quantization step handed the job to the
-    evaluation step (the caller sends that task); "skipped" when another worker holds the job;
+    evaluation step (the caller sends that task); "skipped" when another worker took the job over;
     "released" when a larger worker should take it.
     """
     with ctx.sessions() as session:
-        if not machine.claim(session, job_id, ctx.name, ctx.settings.lease_seconds):
-            job = session.get(Job, job_id)
-            log.info("job %s not claimable (%s); dropping this delivery", job_id, job.status if job else "deleted")
-            return "skipped"
         job = session.get(Job, job_id, populate_existing=True)
         assert job is not None
         if job.attempts > ctx.settings.max_attempts:

@@ -9,7 +9,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from service.queue import EVALUATE_TASK, QUANTIZE_TASK, enqueue
 from worker.celery_app import app, settings
-from worker.runner import WorkerContext, fail_job, run_job
+from worker.runner import WorkerContext, claim_job, fail_job, run_job
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,11 @@ def evaluate_job(job_id: str) -> str:
     return _step(job_id, "evaluate")
 
 
-def _step(job_id: str, step: str) -> str:
+def _step(delivered: str, step: str) -> str:
     ctx = _context()
+    job_id = claim_job(ctx, delivered, step)  # a quantize delivery runs whichever tenant's turn it is
+    if job_id is None:
+        return "skipped"
     try:
         status = run_job(ctx, job_id, step)
     except SoftTimeLimitExceeded:

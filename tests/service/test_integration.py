@@ -6,7 +6,9 @@ windows; two perplexity windows). Fault tests kill workers with SIGKILL and rest
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -26,6 +28,7 @@ from service.settings import Settings
 from tests.service.conftest import auth
 
 pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
 # Every knob a real RSAVQ job has, scaled down: 4 calibration windows of 128 tokens.
 RSAVQ_FAST = {
     "calib_samples": 4,
@@ -325,6 +328,37 @@ def test_two_workers_racing_for_one_job_run_it_once(client, workers, dist_settin
             if e.kind == "status" and e.data.get("status") == "running"
         ]
     assert len(runs) == 1
+
+
+def test_a_tenants_flood_does_not_starve_another_tenant(client, workers, dist_settings) -> None:  # type: ignore[no-untyped-def]
+    """One worker; tenant A submits 4 jobs, then tenant B one: B's job runs second, not fifth."""
+    from service.api.auth import create_key
+    from service.db import session_factory
+
+    with session_factory(dist_settings.database_url)() as session:
+        bob = auth(create_key(session, "tenant-b"))
+    quick = {**RTN_JOB, "options": {"evaluation": {"perplexity": False}}}
+    flood = [client.post("/v1/jobs", json=quick).json()["id"] for _ in range(4)]
+    late = client.post("/v1/jobs", json=quick, headers=bob).json()["id"]
+    workers.start()
+    jobs = {job_id: finished(client, job_id, workers) for job_id in flood}
+    jobs[late] = wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{late}", headers=bob).json())["status"] == "succeeded" and j,
+        600,
+        "tenant B's job",
+        workers.logs,
+    )
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs.values())
+    order = sorted(jobs, key=lambda job_id: jobs[job_id]["started_at"])
+    assert order.index(late) <= 1, order  # at most one of A's jobs ran before it
+    assert order[-1] == flood[-1]
+    waits = {
+        job_id: (
+            dt.datetime.fromisoformat(j["started_at"]) - dt.datetime.fromisoformat(j["created_at"])
+        ).total_seconds()
+        for job_id, j in jobs.items()
+    }
+    log.info("tenant B waited %.1f s; tenant A's jobs %s s", waits[late], sorted(round(waits[j], 1) for j in flood))
 
 
 def test_fifty_concurrent_submissions_none_lost_or_duplicated(dist_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
