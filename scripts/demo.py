@@ -27,6 +27,27 @@ from service.cli.progress import JobEvents
 from service.client import Client
 
 
+def fail_leftover_jobs(data_dir: Path) -> list[str]:
+    """Jobs an interrupted earlier demo left queued or running in this data dir: failed now, so the
+    reaper does not hand them to the worker ahead of (or beside) this run's job."""
+    from sqlalchemy import select
+
+    from service import jobs as machine
+    from service.db import Job, session_factory
+    from service.migrate import upgrade
+    from service.settings import Settings
+
+    settings = Settings.from_env(data_dir)
+    if not settings.database_url.startswith("sqlite:///") or not Path(settings.database_url[10:]).is_file():
+        return []
+    upgrade(settings.database_url)  # an older demo's database: the schema this code reads
+    with session_factory(settings.database_url)() as session:
+        left = list(session.scalars(select(Job.id).where(Job.status.in_((machine.QUEUED, machine.RUNNING)))))
+        for job_id in left:
+            machine.fail_unclaimed(session, job_id, "abandoned by an interrupted earlier demo")
+    return left
+
+
 def start_server(data_dir: Path, port: int) -> subprocess.Popen:  # type: ignore[type-arg]
     log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen(
@@ -91,6 +112,8 @@ def main() -> int:
     say = sys.stdout.write
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    for job_id in fail_leftover_jobs(data_dir):
+        say(f"job {job_id}, left running by an interrupted earlier demo: marked failed\n")
 
     say(f"$ rsavq serve --port {args.port} --data-dir {data_dir}\n")
     server = start_server(data_dir, args.port)
