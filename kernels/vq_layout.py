@@ -41,6 +41,8 @@ class PackedVQ:
         bias: [M] float16 or None.
         row_scale: [M] float16 or None; W[m, :] is multiplied by row_scale[m] (the kernels apply it
             to their fp32 output rows, which is exact for a GEMV and one pass for the dequantizer).
+        outlier_rows, outlier_cols: [K] int64 or None; outlier_value: [K] float16 or None: sparse
+            residuals added to W (after the row scales) at (row, original column).
     """
 
     out_features: int
@@ -55,6 +57,9 @@ class PackedVQ:
     bias: torch.Tensor | None
     max_code_bits: int
     row_scale: torch.Tensor | None = None
+    outlier_rows: torch.Tensor | None = None
+    outlier_cols: torch.Tensor | None = None
+    outlier_value: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -73,6 +78,7 @@ def build_packed_vq(
     words: list[torch.Tensor],
     bias: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
+    outliers: tuple[torch.Tensor, torch.Tensor] | None = None,
     tile_cols: int = 128,
 ) -> PackedVQ:
     """Concatenate a layer's groups and cut its columns into tiles of at most ``tile_cols``.
@@ -83,6 +89,7 @@ def build_packed_vq(
         words: per group the int32 word stream of its indices (``pack_codes`` of
             [cols, n_vectors, n_pq], bits*d bits per code).
         bias: [M] floating or None. row_scale: [M] floating or None, the rows' scales.
+        outliers: (flat positions m * N + n [K] integer, residuals [K] floating) or None.
     """
     if vector_len % n_pq:
         raise ValueError(f"vector length {vector_len} is not a multiple of n_pq {n_pq}")
@@ -115,4 +122,26 @@ def build_packed_vq(
         bias=None if bias is None else bias.to(device=device, dtype=torch.float16),
         max_code_bits=max_bits,
         row_scale=None if row_scale is None else row_scale.to(device=device, dtype=torch.float16),
+        outlier_rows=None if outliers is None else (outliers[0].to(device, torch.int64) // in_features),
+        outlier_cols=None if outliers is None else (outliers[0].to(device, torch.int64) % in_features),
+        outlier_value=None if outliers is None else outliers[1].to(device=device, dtype=torch.float16),
     )
+
+
+def add_outliers_to_weight(weight: torch.Tensor, packed: PackedVQ) -> torch.Tensor:
+    """weight [M, N] (in place) + the layer's sparse residuals; returns it."""
+    if packed.outlier_value is not None:
+        assert packed.outlier_rows is not None and packed.outlier_cols is not None
+        weight.index_put_(
+            (packed.outlier_rows, packed.outlier_cols), packed.outlier_value.to(weight.dtype), accumulate=True
+        )
+    return weight
+
+
+def add_outliers_to_output(out: torch.Tensor, x: torch.Tensor, packed: PackedVQ) -> torch.Tensor:
+    """out [B, M] (in place) + x [B, N] times the sparse residuals: the outliers' part of x @ W.T."""
+    if packed.outlier_value is not None:
+        assert packed.outlier_rows is not None and packed.outlier_cols is not None
+        contributions = x[:, packed.outlier_cols].to(out.dtype) * packed.outlier_value.to(out.dtype)
+        out.index_add_(1, packed.outlier_rows, contributions)
+    return out

@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from kernels.packing import packed_words, unpack_codes
-from kernels.vq_layout import CODE_BITS, CODEBOOK_OFFSET, COL_START, COL_STOP, GROUP_START, WORD_OFFSET, PackedVQ
+from kernels.vq_layout import (
+    CODE_BITS,
+    CODEBOOK_OFFSET,
+    COL_START,
+    COL_STOP,
+    GROUP_START,
+    WORD_OFFSET,
+    PackedVQ,
+    add_outliers_to_weight,
+)
 
 
 def group_extents(packed: PackedVQ) -> list[tuple[int, int, int, int, int]]:
@@ -40,7 +49,7 @@ def dequantize_reference(packed: PackedVQ, dtype: torch.dtype = torch.float16) -
         weight[:, packed.perm[start:stop].long()] = cols.reshape(stop - start, q * d)[:, :m].T
     if packed.row_scale is not None:
         weight *= packed.row_scale.to(dtype)[:, None]
-    return weight
+    return add_outliers_to_weight(weight, packed)
 
 
 def vq_linear_reference(x: torch.Tensor, packed: PackedVQ) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.vq_layout import TILE_FIELDS, PackedVQ
+from kernels.vq_layout import TILE_FIELDS, PackedVQ, add_outliers_to_output, add_outliers_to_weight
 
 
 @triton.jit
@@ -164,6 +164,7 @@ def vq_gemv(x: torch.Tensor, packed: PackedVQ, block_m: int = 64, block_k: int =
     )
     if packed.row_scale is not None:
         out *= packed.row_scale.float()  # split-K partial sums are complete here, so scaling is exact
+    add_outliers_to_output(out, x, packed)  # a sparse product: K is a small share of M * N
     if packed.bias is not None:
         out += packed.bias.float()
     return out.to(x.dtype)
@@ -190,4 +191,4 @@ def vq_dequantize(packed: PackedVQ, dtype: torch.dtype, block_m: int = 64, block
     )
     if packed.row_scale is not None:
         weight *= packed.row_scale.to(dtype)[:, None]
-    return weight
+    return add_outliers_to_weight(weight, packed)

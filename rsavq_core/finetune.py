@@ -73,10 +73,10 @@ def round_tuned(modules: Mapping[str, TunedLinear]) -> dict[str, QuantizedLayer]
     out = {}
     for name, module in modules.items():
         out[name] = module.layer_format.with_tuned(module.layer, {k: v.detach() for k, v in module.values().items()})
-        stored = module.layer_format.tunable(out[name]).values()
+        stored = module.layer_format.tunable(out[name])
         with torch.no_grad():
-            for parameter, value in zip(module.tunable.values(), stored, strict=True):
-                parameter.copy_(value)
+            for key, parameter in module.tunable.items():  # by name: a ParameterDict need not keep order
+                parameter.copy_(stored[module.names[key]])
     return out
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from rsavq_core.formats.vq import VQLayer
+from rsavq_core.formats.vq_layer import VQLayer
 
 CG_TOLERANCE = 1e-6  # stop when the residual's norm falls below this share of the first one
 
@@ -65,6 +65,7 @@ def least_squares_codebooks(
     iters: int = 10,
     damping: float = 0.01,
     row_weights: torch.Tensor | None = None,
+    exact: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Replace ``layer``'s codebooks (in place) by the minimiser of tr(ΔW H ΔWᵀ); returns the errors.
 
@@ -77,6 +78,8 @@ def least_squares_codebooks(
             system well-posed for columns the calibration inputs barely excite.
         row_weights: [M] float or None; row m's error counts row_weights[m]² times (the layer's
             row scales, when the codebooks quantize W / s: the error in the weight is s times theirs).
+        exact: [M_pad, N] bool in permuted order, or None: weights stored exactly (outliers), whose
+            error is zero whatever the codebooks.
     Returns:
         {"before": relative error, "after": relative error, "kept": 1.0 or 0.0}; relative errors
         are tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with the damped H.
@@ -94,6 +97,8 @@ def least_squares_codebooks(
     h = (h + damping * scale * torch.eye(h.shape[0], dtype=h.dtype)) / scale
     rows = torch.zeros(1, sel.m_pad)
     rows[:, :m] = 1.0 if row_weights is None else row_weights.float()  # padded rows: no error, no gradient
+    if exact is not None:  # [N, M_pad] weights of every position
+        rows = rows * (~exact).T.float()
 
     def apply(books: list[torch.Tensor], offset: torch.Tensor | None) -> tuple[list[torch.Tensor], float]:
         """(Sᵀ((S(books) − offset) H), tr((S(books) − offset) H (…)ᵀ)): the gradient of half the

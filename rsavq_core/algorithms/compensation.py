@@ -14,15 +14,22 @@ import torch
 from rsavq_core.algorithms.column_loop import Block, quantize_columns
 from rsavq_core.algorithms.kmeans import assign, update
 from rsavq_core.algorithms.linalg import inverse_hessian_factor, prepare_hessian
-from rsavq_core.formats.vq import VQLayer, to_subvectors
+from rsavq_core.formats.vq_layer import VQLayer, to_subvectors
 
 BLOCK = 128
 
 
 def compensate_columns(
-    layer: VQLayer, target: torch.Tensor, hessian: torch.Tensor, metric: torch.Tensor | None, damping: float
-) -> None:
-    """Re-derive ``layer``'s indices (and refit its codebooks) in place.
+    layer: VQLayer,
+    target: torch.Tensor,
+    hessian: torch.Tensor,
+    metric: torch.Tensor | None,
+    damping: float,
+    exact: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Re-derive ``layer``'s indices (and refit its codebooks) in place; returns the column values at
+    the moment each column was quantized, [M_pad, N] float32 in permuted order (what the weights
+    marked ``exact`` must be stored as for the fed-forward errors to cancel).
 
     Args:
         layer: a VQLayer whose codebooks were learned on ``target``; its perm and groups are kept.
@@ -30,6 +37,8 @@ def compensate_columns(
         hessian: [N, N] float32 activation Hessian E[x xᵀ], original column order.
         metric: [M_pad, N] float32 elementwise weights in permuted order, or None (Euclidean).
         damping: relative diagonal damping of H (GPTQ percdamp).
+        exact: [M_pad, N] bool in permuted order, or None: weights that will be stored exactly
+            (outliers): they carry no error forward.
     """
     m, n, v, n_pq, d = layer.out_features, layer.in_features, layer.vector_len, layer.n_pq, layer.sub_dim
     n_vec = layer.n_vectors
@@ -58,7 +67,11 @@ def compensate_columns(
             codes, _ = assign(sub[:, p], None if w_sub is None else w_sub[:, p], books[gi][p])
             group.indices[col - group.start, :, p] = codes
             quant[:, p] = books[gi][p][codes]
-        return quant.reshape(-1).double()
+        out = quant.reshape(-1).double()
+        if exact is not None:
+            keep = exact[:, col]
+            out[keep] = values[keep]
+        return out
 
     quantize_columns(work, upper, quantize, BLOCK)
 
@@ -73,3 +86,4 @@ def compensate_columns(
             cents, _ = update(pts, wts, codes, books[gi][p])
             refit.append(cents.half())
         group.codebooks = torch.stack(refit)
+    return seen.float()

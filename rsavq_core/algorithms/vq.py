@@ -30,7 +30,14 @@ from rsavq_core.algorithms.sensitivity import (
 from rsavq_core.calibration.statistics import LayerStats, sink_protected_hessian
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
-from rsavq_core.formats.vq import VQGroup, VQLayer, perm_dtype_bits, to_subvectors
+from rsavq_core.formats.outliers import (
+    OUTLIER_ENTRY_BITS,
+    Outliers,
+    outlier_count,
+    positions_mask,
+    select_outliers,
+)
+from rsavq_core.formats.vq_layer import VQGroup, VQLayer, perm_dtype_bits, to_subvectors
 from rsavq_core.methods.rsavq import VQOptions
 
 FP16_SMALLEST_NORMAL, FP16_MAX = 2.0**-14, 65504.0
@@ -130,10 +137,17 @@ def quantize_vq(
 
     t_p, w_p = prep(scaled_target), prep(w if row_scale is None else w / row_scale[:, None])
     om_p = prep(scaled_omega) if scaled_omega is not None else None
-    if om_p is None and pad:
+    outlier_index = select_outliers(_saliency(w, stats, omega), outlier_count(o.outliers, m, n))
+    exact = prep(positions_mask(outlier_index, m, n).float()).bool() if outlier_index.numel() else None
+    if om_p is None and (pad or exact is not None):
         # Padded rows must not pull centroids: give them zero weight even in the Euclidean metric.
         om_p = torch.ones_like(t_p)
         om_p[m:] = 0.0
+    if exact is not None:
+        assert om_p is not None
+        om_p[exact] = 0.0  # outliers are stored exactly: the codebooks need not serve them,
+        # and zeroed so that their size does not steer the unweighted k-means++ seeding either
+        t_p, w_p = t_p.masked_fill(exact, 0.0), w_p.masked_fill(exact, 0.0)
     groups: list[VQGroup] = []
     for (start, stop), bits in zip(alloc.bounds, alloc.bits, strict=True):
         k = 2 ** (bits * d)
@@ -177,21 +191,35 @@ def quantize_vq(
         bias=None if bias is None else bias.detach().half(),
     )
     refit = None
+    wanted = w  # what the outliers are stored as: the weights, or the column loop's updated values
     if o.compensate or o.refit == "output":
         if stats is None or stats.hessian is None:
             raise CalibrationError("compensation and the output-error refit need the activation Hessian")
         hessian = sink_protected_hessian(stats, o.sink_share)
         if o.compensate:  # the column loop's feedback is row by row: the same in scaled units
-            compensate_columns(layer, scaled_target, hessian, om_p, o.hessian_damping)
+            seen = compensate_columns(layer, scaled_target, hessian, om_p, o.hessian_damping, exact=exact)
+            wanted = seen[:m][:, torch.argsort(alloc.perm)]
+            wanted = wanted if row_scale is None else wanted * row_scale[:, None]
         if o.refit == "output":
             refit = least_squares_codebooks(
-                layer, scaled_target, hessian, damping=o.hessian_damping, row_weights=row_scale
+                layer, scaled_target, hessian, damping=o.hessian_damping, row_weights=row_scale, exact=exact
             )
     if row_scale is not None:
         layer.row_scale = row_scale.half()
+    if outlier_index.numel():
+        codebook_part = layer.dequantize().reshape(-1)[outlier_index]
+        layer.outliers = Outliers(outlier_index, (wanted.reshape(-1)[outlier_index] - codebook_part).half())
     report = _report(layer, w, shift, omega, stats, sens, started)
     report.refit = refit
     return layer, report
+
+
+def _saliency(w: torch.Tensor, stats: LayerStats | None, omega: torch.Tensor | None) -> torch.Tensor:
+    """[M, N] float32: how much each weight's exactness is worth. w² times the input channel's
+    Hessian diagonal (its share of the output error) when H is known, else times the run's metric."""
+    if stats is not None and stats.hessian is not None:
+        return w.pow(2) * stats.hessian.diagonal().float().clamp_min(0)[None, :]
+    return w.pow(2) if omega is None else w.pow(2) * omega
 
 
 def _row_scales(target: torch.Tensor) -> torch.Tensor:
@@ -220,8 +248,8 @@ def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, i
         stream = packed_words(cols * n_vec * o.sub_vectors, bits * d) * WORD_BITS
         return stream + o.sub_vectors * 2 ** (bits * d) * d * 16
 
-    scales = 16 * m if o.row_scales else 0
-    return cost, cfg.bits * m * n - n * perm_dtype_bits(n) - scales
+    side = (16 * m if o.row_scales else 0) + outlier_count(o.outliers, m, n) * OUTLIER_ENTRY_BITS
+    return cost, cfg.bits * m * n - n * perm_dtype_bits(n) - side
 
 
 def _edsg_shift(w: torch.Tensor, nat: torch.Tensor | None, o: VQOptions) -> torch.Tensor | None:

@@ -47,7 +47,8 @@ def format_kinds() -> tuple[str, ...]:
 
 # The built-in formats register themselves on import.
 from rsavq_core.formats.scalar import ScalarLayer  # noqa: E402
-from rsavq_core.formats.vq import VQGroup, VQLayer, to_subvectors  # noqa: E402
+from rsavq_core.formats.vq import VQFormat  # noqa: E402, F401  (registers the format)
+from rsavq_core.formats.vq_layer import VQGroup, VQLayer, to_subvectors  # noqa: E402
 
 __all__ = [
     "BitCount",

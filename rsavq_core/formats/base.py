@@ -47,11 +47,13 @@ class BitCount:
     scale_bits: int = 0
     bias_bits: int = 0  # reported, excluded from total_bits
     padding_bits: int = 0
+    outlier_bits: int = 0  # sparse fp16 outliers: positions and values
 
     @property
     def total_bits(self) -> int:
         """Every stored bit that represents the weights (bias excluded)."""
-        return self.index_bits + self.codebook_bits + self.perm_bits + self.scale_bits + self.padding_bits
+        side = self.codebook_bits + self.perm_bits + self.scale_bits + self.outlier_bits
+        return self.index_bits + side + self.padding_bits
 
     @property
     def bpw(self) -> float:

@@ -13,106 +13,26 @@ then quantize W / s (rows of one magnitude share codebook entries better) and W 
 Stored tensors of a layer ``<name>``: ``<name>.perm`` int16 (N <= 32767) / int32 [N];
 ``<name>.g<i>.codebooks`` fp16 [n_pq, 2**(b_i*d), d]; ``<name>.g<i>.indices`` int32 words
 (``pack_codes`` of the [cols, n_vectors, n_pq] indices, row-major, b_i*d bits per code);
-``<name>.row_scale`` fp16 [M] when the layer has row scales.
+``<name>.row_scale`` fp16 [M] when the layer has row scales; ``<name>.outlier_index`` and
+``<name>.outlier_value`` when it has outliers (``rsavq_core.formats.outliers``).
 Manifest fields: ``vector_len``, ``n_pq``, ``groups`` [{bits, start, stop}], ``row_scales`` (bool,
-absent = false).
+absent = false), ``outliers`` (their count, absent = 0).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kernels.packing import pack_codes, unpack_codes
 from kernels.vq_layout import MAX_CODE_BITS, PackedVQ, build_packed_vq
-from rsavq_core.errors import ConfigError, UnsupportedShapeError
+from rsavq_core.errors import UnsupportedShapeError
 from rsavq_core.formats import register_format
 from rsavq_core.formats.base import FP16_BITS, BitCount, LayerFormat, LayerReader, packed_stream, stream_bits
-
-# The perm is stored as int16 while N <= 32767 (the rule of the format, spec §11.4), else int32.
-PERM_INT16_MAX_N = 32767
-
-
-def perm_dtype_bits(in_features: int) -> int:
-    """Bits per stored permutation entry (see ``PERM_INT16_MAX_N``)."""
-    return 16 if in_features <= PERM_INT16_MAX_N else 32
-
-
-def to_subvectors(matrix: torch.Tensor, vector_len: int, n_pq: int) -> torch.Tensor:
-    """[M_pad, C] (M_pad a multiple of v) -> [C, n_vectors, n_pq, d]: the column-vector layout above."""
-    m_pad, cols = matrix.shape
-    return matrix.T.reshape(cols, m_pad // vector_len, n_pq, vector_len // n_pq)
-
-
-@dataclass
-class VQGroup:
-    """One WCSG channel group of a VQ layer."""
-
-    bits: int  # b_g: index bits per weight; each sub-vector index has bits * d bits
-    start: int  # first column of the group, in permuted column order
-    stop: int  # one past its last column
-    codebooks: torch.Tensor  # [n_pq, 2**(bits*d), d] float16
-    indices: torch.Tensor  # [stop - start, n_vectors, n_pq] int64 (unpacked, in memory)
-
-
-@dataclass
-class VQLayer:
-    out_features: int  # M
-    in_features: int  # N
-    vector_len: int  # v
-    n_pq: int
-    perm: torch.Tensor  # [N] int64: permuted column j is original column perm[j]
-    groups: list[VQGroup]
-    bias: torch.Tensor | None = None  # [M] float16, copied from the original layer
-    row_scale: torch.Tensor | None = None  # [M] float16 per-output-row scale, or None (scale 1)
-    kind: str = field(default="vq", init=False)
-
-    @property
-    def sub_dim(self) -> int:
-        return self.vector_len // self.n_pq
-
-    @property
-    def n_vectors(self) -> int:
-        """Vectors per column: ceil(M / v) (rows padded with zeros)."""
-        return -(-self.out_features // self.vector_len)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense weight [M, N] in the original column order (reference path)."""
-        scale = None if self.row_scale is None else self.row_scale.to(dtype)
-        return self.dequantize_books([g.codebooks.to(dtype) for g in self.groups], scale)
-
-    def dequantize_books(self, books: list[torch.Tensor], row_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """The dense weight [M, N] with ``books[g]`` [n_pq, K_g, d] as group g's codebooks and
-        ``row_scale`` [M] (or None: unscaled) as the rows' scales (differentiable in both)."""
-        m_pad = self.n_vectors * self.vector_len
-        columns = []
-        for g, book in zip(self.groups, books, strict=True):
-            # book[p][indices[c, r, p]] -> [cols, n_vectors, n_pq, d]
-            sub = torch.stack([book[p][g.indices[:, :, p]] for p in range(self.n_pq)], 2)
-            columns.append(sub.reshape(g.stop - g.start, m_pad).T)
-        permuted = torch.cat(columns, 1)  # [M_pad, N] in permuted column order
-        dense = permuted[:, torch.argsort(self.perm)][: self.out_features]
-        return dense if row_scale is None else dense * row_scale[:, None]
-
-
-def ideal_vq_bpw(
-    out_features: int, in_features: int, group_bits: list[int], group_cols: list[int], sub_dim: int, n_pq: int
-) -> float:
-    """Spec §9.1 without perm or scales: (indices + fp16 codebooks) / (M * N).
-
-    ``group_bits[g]`` is b_g, ``group_cols[g]`` is |G_g|; each group has ``n_pq`` codebooks of
-    ``2**(b_g * sub_dim)`` entries of ``sub_dim`` fp16 values.
-    """
-    if len(group_bits) != len(group_cols):
-        raise ConfigError(f"{len(group_bits)} group bit widths for {len(group_cols)} groups")
-    if sum(group_cols) != in_features:
-        raise ConfigError(f"group columns sum to {sum(group_cols)}, expected in_features={in_features}")
-    index = sum(out_features * cols * b for b, cols in zip(group_bits, group_cols, strict=True))
-    codebooks = sum(n_pq * 2 ** (b * sub_dim) * sub_dim * FP16_BITS for b in group_bits)
-    return (index + codebooks) / (out_features * in_features)
+from rsavq_core.formats.outliers import OUTLIER_ENTRY_BITS, Outliers
+from rsavq_core.formats.vq_layer import PERM_INT16_MAX_N, VQGroup, VQLayer, perm_dtype_bits
 
 
 def packed_from_layer(layer: VQLayer, device: torch.device | str | None = None, tile_cols: int = 128) -> PackedVQ:
@@ -129,6 +49,7 @@ def packed_from_layer(layer: VQLayer, device: torch.device | str | None = None, 
         words=[pack_codes(g.indices, g.bits * layer.sub_dim).to(device) for g in layer.groups],
         bias=layer.bias,
         row_scale=None if layer.row_scale is None else layer.row_scale.to(device),
+        outliers=None if layer.outliers is None else (layer.outliers.index.to(device), layer.outliers.value.to(device)),
         tile_cols=tile_cols,
     )
 
@@ -142,6 +63,8 @@ class VQFormat(LayerFormat):
         out: dict[str, Any] = {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups}
         if layer.row_scale is not None:
             out["row_scales"] = True
+        if layer.outliers is not None:
+            out["outliers"] = layer.outliers.count
         return out
 
     def tensors(self, layer: VQLayer) -> dict[str, torch.Tensor]:
@@ -155,6 +78,9 @@ class VQFormat(LayerFormat):
             out[f"g{i}.indices"] = pack_codes(g.indices.detach().cpu(), g.bits * layer.sub_dim)
         if layer.row_scale is not None:
             out["row_scale"] = layer.row_scale.detach().to("cpu", torch.float16).contiguous()
+        if layer.outliers is not None:
+            out["outlier_index"] = layer.outliers.index.detach().to("cpu", torch.int32).contiguous()
+            out["outlier_value"] = layer.outliers.value.detach().to("cpu", torch.float16).contiguous()
         return out
 
     def read(self, reader: LayerReader, out_features: int, in_features: int, bias: torch.Tensor | None) -> VQLayer:
@@ -192,7 +118,7 @@ class VQFormat(LayerFormat):
         if not isinstance(row_scales, bool):
             raise reader.fail("row_scales", "must be true or false")
         scale = reader.take("row_scale", (m,), (torch.float16,)) if row_scales else None
-        return VQLayer(m, n, v, n_pq, perm, groups, bias, scale)
+        return VQLayer(m, n, v, n_pq, perm, groups, bias, scale, _read_outliers(reader, m, n))
 
     def stored_bits(self, layer: VQLayer) -> BitCount:
         m, n, d = layer.out_features, layer.in_features, layer.sub_dim
@@ -212,6 +138,7 @@ class VQFormat(LayerFormat):
             codebook_bits=codebooks,
             perm_bits=n * perm_dtype_bits(n),
             scale_bits=m * FP16_BITS if layer.row_scale is not None else 0,
+            outlier_bits=layer.outliers.count * OUTLIER_ENTRY_BITS if layer.outliers is not None else 0,
             bias_bits=bias_bits,
             padding_bits=padding,
         )
@@ -220,11 +147,13 @@ class VQFormat(LayerFormat):
         out = {f"g{i}.codebooks": g.codebooks.float().clone() for i, g in enumerate(layer.groups)}
         if layer.row_scale is not None:
             out["row_scale"] = layer.row_scale.float().clone()
+        if layer.outliers is not None:
+            out["outlier_value"] = layer.outliers.value.float().clone()
         return out
 
     def dequantize_with(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> torch.Tensor:
         books = [tunable[f"g{i}.codebooks"] for i in range(len(layer.groups))]
-        return layer.dequantize_books(books, tunable.get("row_scale"))
+        return layer.dequantize_books(books, tunable.get("row_scale"), tunable.get("outlier_value"))
 
     def with_tuned(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> VQLayer:
         groups = [
@@ -232,19 +161,38 @@ class VQFormat(LayerFormat):
             for i, g in enumerate(layer.groups)
         ]
         scale = tunable["row_scale"].detach().half() if layer.row_scale is not None else None
+        outliers = layer.outliers
+        if outliers is not None:
+            outliers = Outliers(outliers.index, tunable["outlier_value"].detach().half())
         return VQLayer(
-            layer.out_features, layer.in_features, layer.vector_len, layer.n_pq, layer.perm, groups, layer.bias, scale
+            layer.out_features,
+            layer.in_features,
+            layer.vector_len,
+            layer.n_pq,
+            layer.perm,
+            groups,
+            layer.bias,
+            scale,
+            outliers,
         )
 
     def spec(self, layer: VQLayer) -> dict[str, Any]:
         groups = [(g.bits, g.start, g.stop) for g in layer.groups]
-        row_scales = layer.row_scale is not None
-        return {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups, "row_scales": row_scales}
+        return {
+            "vector_len": layer.vector_len,
+            "n_pq": layer.n_pq,
+            "groups": groups,
+            "row_scales": layer.row_scale is not None,
+            "outliers": 0 if layer.outliers is None else layer.outliers.count,
+        }
 
     def buffers(self, layer: VQLayer, packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {"perm": layer.perm.detach().to(torch.int64)}
         if layer.row_scale is not None:
             out["row_scale"] = layer.row_scale.detach().to(torch.float16)
+        if layer.outliers is not None:
+            out["outlier_index"] = layer.outliers.index.detach().to(torch.int64)
+            out["outlier_value"] = layer.outliers.value.detach().to(torch.float16)
         for i, g in enumerate(layer.groups):
             out[f"g{i}_codebooks"] = g.codebooks.detach().to(torch.float16)
             out[f"g{i}_indices"] = packed_stream(packed, f"g{i}_indices", g.indices, g.bits * layer.sub_dim)
@@ -266,7 +214,8 @@ class VQFormat(LayerFormat):
             idx = unpack_codes(buffers[f"g{i}_indices"], bits * d, count).reshape(stop - start, n_vectors, n_pq)
             groups.append(VQGroup(bits, start, stop, buffers[f"g{i}_codebooks"], idx))
         scale = buffers["row_scale"] if spec.get("row_scales") else None
-        return VQLayer(out_features, in_features, v, n_pq, buffers["perm"], groups, bias, scale)
+        outliers = Outliers(buffers["outlier_index"], buffers["outlier_value"]) if spec.get("outliers") else None
+        return VQLayer(out_features, in_features, v, n_pq, buffers["perm"], groups, bias, scale, outliers)
 
     def kernel_ready(self, spec: dict[str, Any]) -> bool:
         d = spec["vector_len"] // spec["n_pq"]
@@ -289,6 +238,7 @@ class VQFormat(LayerFormat):
             words=streams,
             bias=module.bias,
             row_scale=getattr(module, "row_scale", None) if spec.get("row_scales") else None,
+            outliers=(module.outlier_index, module.outlier_value) if spec.get("outliers") else None,
         )
         word_off = book_off = 0
         for i, (book, stream) in enumerate(zip(books, streams, strict=True)):
@@ -307,3 +257,15 @@ class VQFormat(LayerFormat):
         from kernels.vq_triton import vq_dequantize
 
         return vq_dequantize(layout, dtype)
+
+
+def _read_outliers(reader: LayerReader, m: int, n: int) -> Outliers | None:
+    count = reader.entry.get("outliers", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= m * n:
+        raise reader.fail("outliers", f"manifest value {count!r} is not a count in [0, {m * n}]")
+    if count == 0:
+        return None
+    index = reader.take("outlier_index", (count,), (torch.int32,)).to(torch.int64)
+    if int(index.min()) < 0 or int(index.max()) >= m * n or not bool((index[1:] > index[:-1]).all()):
+        raise reader.fail("outlier_index", f"positions must increase strictly within [0, {m * n})")
+    return Outliers(index, reader.take("outlier_value", (count,), (torch.float16,)))

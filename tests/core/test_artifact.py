@@ -15,6 +15,7 @@ from kernels.packing import pack_codes
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError
 from rsavq_core.formats import QuantizedLayer, ScalarLayer, VQGroup, VQLayer
+from rsavq_core.formats.outliers import Outliers
 from rsavq_core.packed_checkpoint import WEIGHTS_FILE, read_checkpoint, save_checkpoint
 
 
@@ -28,9 +29,10 @@ def make_vq_layer(
     bias: bool = False,
     seed: int = 0,
     row_scales: bool = False,
+    outliers: int = 0,
 ) -> VQLayer:
-    """A VQ layer with random perm, codebooks and indices (and row scales, if asked); groups split
-    the columns evenly."""
+    """A VQ layer with random perm, codebooks and indices (and row scales and ``outliers`` sparse
+    residuals, if asked); groups split the columns evenly."""
     gen = torch.Generator().manual_seed(seed)
     d, n_vectors = vector_len // n_pq, -(-m // vector_len)
     bounds = [round(i * n / len(group_bits)) for i in range(len(group_bits) + 1)]
@@ -43,7 +45,11 @@ def make_vq_layer(
     perm = torch.randperm(n, generator=gen)
     b = (torch.randn(m, generator=gen) * 0.1).to(torch.float16) if bias else None
     scale = (torch.rand(m, generator=gen) * 3 + 0.05).to(torch.float16) if row_scales else None
-    return VQLayer(m, n, vector_len, n_pq, perm, groups, b, scale)
+    sparse = None
+    if outliers:
+        index = torch.randperm(m * n, generator=gen)[:outliers].sort().values
+        sparse = Outliers(index, (torch.randn(outliers, generator=gen) * 0.5).to(torch.float16))
+    return VQLayer(m, n, vector_len, n_pq, perm, groups, b, scale, sparse)
 
 
 def make_scalar_layer(m: int, n: int, bits: int, group_size: int, *, bias: bool = False, seed: int = 0) -> ScalarLayer:
@@ -59,7 +65,7 @@ def make_scalar_layer(m: int, n: int, bits: int, group_size: int, *, bias: bool 
 def tiny_layers(model: torch.nn.Module) -> dict[str, QuantizedLayer]:
     """VQ and scalar layers for some linears of the tiny LLaMA (k_proj: 24 rows, not a multiple of 5)."""
     return {
-        "model.layers.0.self_attn.q_proj": make_vq_layer(48, 48, 4, 2, [2, 1, 3], bias=True, seed=1),
+        "model.layers.0.self_attn.q_proj": make_vq_layer(48, 48, 4, 2, [2, 1, 3], bias=True, seed=1, outliers=7),
         "model.layers.0.self_attn.k_proj": make_vq_layer(24, 48, 5, 1, [1, 2], seed=2, row_scales=True),
         "model.layers.1.mlp.down_proj": make_scalar_layer(48, 96, 3, 40, bias=True, seed=3),
         "model.layers.1.mlp.up_proj": make_scalar_layer(96, 48, 4, 16, seed=4),
@@ -83,6 +89,10 @@ def assert_same_layer(a: QuantizedLayer, b: QuantizedLayer) -> None:
         assert (a.row_scale is None) == (b.row_scale is None)
         if a.row_scale is not None:
             assert torch.equal(a.row_scale, b.row_scale) and b.row_scale.dtype == torch.float16
+        assert (a.outliers is None) == (b.outliers is None)
+        if a.outliers is not None and b.outliers is not None:
+            assert torch.equal(a.outliers.index, b.outliers.index) and torch.equal(a.outliers.value, b.outliers.value)
+            assert b.outliers.value.dtype == torch.float16
     else:
         assert (a.bits, a.group_size) == (b.bits, b.group_size)
         for field in ("codes", "scales", "zeros"):
@@ -166,6 +176,8 @@ def test_tensor_names_and_dtypes(saved: tuple[Path, dict[str, QuantizedLayer]]) 
     assert manifest[k]["row_scales"] is True and "row_scales" not in manifest[q]
     assert data[f"{k}.row_scale"].dtype == torch.float16 and data[f"{k}.row_scale"].shape == (24,)
     assert f"{q}.row_scale" not in data
+    assert manifest[q]["outliers"] == 7 and "outliers" not in manifest[k]
+    assert data[f"{q}.outlier_index"].dtype == torch.int32 and data[f"{q}.outlier_value"].shape == (7,)
     assert manifest[s] == {
         "kind": "scalar",
         "out_features": 48,
@@ -269,6 +281,13 @@ def test_inconsistent_manifest(saved: tuple[Path, dict[str, QuantizedLayer]]) ->
     manifest[Q]["groups"][1]["start"] = 17  # leaves a hole between groups 0 and 1
     rewrite(file, metadata={"layers": json.dumps(manifest)})
     with pytest.raises(ArtifactError, match=r"groups\[1\]: columns \[17, 32\)"):
+        read_checkpoint(saved[0])
+
+
+def test_outlier_positions_must_increase(saved: tuple[Path, dict[str, QuantizedLayer]]) -> None:
+    unordered = torch.tensor([5, 3, 9, 10, 11, 12, 13], dtype=torch.int32)
+    rewrite(saved[0] / WEIGHTS_FILE, tensors={f"{Q}.outlier_index": unordered})
+    with pytest.raises(ArtifactError, match="outlier_index: positions must increase strictly"):
         read_checkpoint(saved[0])
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from rsavq_core.bitcount import BitCount, layer_bits, model_bits
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ConfigError
-from rsavq_core.formats.vq import ideal_vq_bpw
+from rsavq_core.formats.vq_layer import ideal_vq_bpw
 from rsavq_core.packed_checkpoint import WEIGHTS_FILE, save_checkpoint
 from tests.core.test_artifact import make_scalar_layer, make_vq_layer, tiny_layers
 

@@ -111,7 +111,7 @@ def test_block_tuned_norms_are_saved_and_resumed(tiny_folder: Path, tmp_path: Pa
     assert torch.equal(again.model.get_parameter(norm), tuned)
 
 
-def test_row_scales_are_trained_with_the_codebooks(tiny_llama: Any, one_thread: None):
+def test_row_scales_and_outliers_are_trained_with_the_codebooks(tiny_llama: Any, one_thread: None):
     from rsavq_core.formats import VQLayer
 
     model, _ = tiny_llama
@@ -119,7 +119,7 @@ def test_row_scales_are_trained_with_the_codebooks(tiny_llama: Any, one_thread: 
     layout = find_decoder_layout(model)
     walker = BlockInputs(model, tokens, micro_batch=1)
     block, names = layout.blocks[0], layout.linear_names(0)
-    cfg = QuantConfig.for_method("kmeans", bits=2, kmeans_iters=2, row_scales=True)
+    cfg = QuantConfig.for_method("kmeans", bits=2, kmeans_iters=2, row_scales=True, outliers=0.01)
     one_shot = {n: quantize_layer(block.get_submodule(n).weight.detach(), None, None, cfg)[0] for n in names}
     tuned, _, report = finetune_block(block, one_shot, walker.inputs, walker.block_kwargs, steps=16, lr=1e-4)
     assert report["kept"] and report["loss_after"] < report["loss_before"], report
@@ -129,3 +129,6 @@ def test_row_scales_are_trained_with_the_codebooks(tiny_llama: Any, one_thread: 
     assert layer.row_scale.dtype == torch.float16
     assert not torch.equal(layer.row_scale, before.row_scale)  # trained, as the codebooks are
     assert torch.equal(layer.groups[0].indices, before.groups[0].indices)  # codes fixed
+    assert layer.outliers is not None and before.outliers is not None
+    assert torch.equal(layer.outliers.index, before.outliers.index)  # positions fixed, values trained
+    assert layer.outliers.value.dtype == torch.float16 and not torch.equal(layer.outliers.value, before.outliers.value)

@@ -23,6 +23,7 @@ LAYERS = {
     "vq": lambda: make_vq_layer(10, 7, 4, 2, [2, 1], bias=True, seed=5),
     "vq_mixed": lambda: make_vq_layer(24, 48, 6, 2, [3, 2, 2, 1], seed=6),
     "vq_row_scales": lambda: make_vq_layer(13, 20, 6, 3, [2, 1], bias=True, seed=8, row_scales=True),
+    "vq_outliers": lambda: make_vq_layer(13, 20, 6, 2, [2, 1], seed=9, row_scales=True, outliers=11),
     "scalar": lambda: make_scalar_layer(9, 20, 4, 8, bias=True, seed=7),
 }
 

@@ -13,7 +13,7 @@ from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
 from rsavq_core.formats import VQLayer
-from rsavq_core.formats.vq import to_subvectors
+from rsavq_core.formats.vq_layer import to_subvectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -329,3 +329,48 @@ def test_row_scales_of_zero_rows_stay_finite() -> None:
     assert layer.row_scale is not None and bool((layer.row_scale > 0).all())
     deq = layer.dequantize()
     assert torch.isfinite(deq).all() and float(deq[3].abs().max()) < 1e-3
+
+
+def test_outliers_are_kept_exact_and_cut_the_error() -> None:
+    """A few weights far outside the rest (as LLM layers have) ruin a shared codebook; stored as
+    sparse fp16 residuals they come back exactly, and the codebooks serve the rest."""
+    from rsavq_core.bitcount import layer_bits
+
+    gen = torch.Generator().manual_seed(31)
+    m, n = 96, 48
+    w = torch.randn(m, n, generator=gen) * 0.05
+    clean = w.clone()
+    planted = torch.randperm(m * n, generator=gen)[:60]
+    w.view(-1)[planted] = torch.sign(torch.randn(60, generator=gen)) * (0.5 + torch.rand(60, generator=gen))
+    x = correlated_inputs(512, n, gen, rho=0.5)
+    stats = LayerStats(None, None, None, 0.0, x.T @ x / 512, 8, 512, hessian_first=x[::64].T @ x[::64] / 8)
+    share = 70 / (m * n)
+    cfg = QuantConfig.for_method("kmeans", bits=2, n_groups=1, kmeans_iters=8, compensate=True, refit="output")
+    plain, _ = quantize_vq(w, stats, cfg)
+    sparse, report = quantize_vq(w, stats, cfg.replace(outliers=share))
+    assert plain.outliers is None and sparse.outliers is not None
+    assert sparse.outliers.count == 70 and set(planted.tolist()) <= set(sparse.outliers.index.tolist())
+    # One-shot, they are the weights (fp16); under error feedback, the column loop's updated values.
+    one_shot, _ = quantize_vq(w, stats, cfg.replace(outliers=share, compensate=False, refit="mean"))
+    torch.testing.assert_close(one_shot.dequantize().view(-1)[planted], w.view(-1)[planted], rtol=1e-3, atol=1e-3)
+    h = stats.hessian
+
+    def out_err(layer: VQLayer, reference: torch.Tensor = w) -> float:
+        delta = layer.dequantize() - reference
+        return float(((delta @ h) * delta).sum())
+
+    # With the outliers stored, the layer costs what it would without them; without, more.
+    baseline = out_err(quantize_vq(clean, stats, cfg)[0], clean)
+    assert out_err(sparse) < 1.02 * baseline and baseline < 0.8 * out_err(plain)
+    assert report.hessian_error == pytest.approx(out_err(sparse) / float(((w @ h) * w).sum()), rel=1e-4)
+    bits = layer_bits(sparse)
+    assert bits.outlier_bits == 70 * 48 and bits.total_bits - layer_bits(plain).total_bits == 70 * 48
+
+
+def test_an_effective_budget_pays_for_outliers() -> None:
+    from rsavq_core.algorithms.vq import effective_budget
+
+    cfg = QuantConfig.for_method("kmeans", bits=2, n_pq=2)
+    _, plain = effective_budget(192, 576, cfg)
+    _, sparse = effective_budget(192, 576, cfg.replace(outliers=0.001))
+    assert plain - sparse == int(0.001 * 192 * 576) * 48
