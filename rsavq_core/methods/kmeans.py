@@ -18,6 +18,7 @@ class KMeansOptions(VQOptions):
     metric: Metric = knob("euclidean", "codebook metric (Euclidean: plain k-means, the baseline)")
     compensate: bool = knob(False, "VPTQ-style column-wise error compensation (off: the baseline)")
     refit: Refit = knob("mean", "final codebooks: the Lloyd mean (the baseline) or least squares on the output error")
+    row_scales: bool = knob(False, "one fp16 scale per output row (off: the baseline)")
 
 
 @register_method
