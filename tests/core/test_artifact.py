@@ -291,23 +291,19 @@ def test_outlier_positions_must_increase(saved: tuple[Path, dict[str, QuantizedL
         read_checkpoint(saved[0])
 
 
-def test_row_scales_declared_but_missing(saved: tuple[Path, dict[str, QuantizedLayer]]) -> None:
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        ("model.layers.1.mlp.up_proj.scales", "layer model.layers.1.mlp.up_proj: scales: tensor .* is missing"),
+        ("model.layers.0.self_attn.k_proj.row_scale", "k_proj: row_scale: tensor .* is missing"),  # declared
+    ],
+)
+def test_missing_layer_tensor(saved: tuple[Path, dict[str, QuantizedLayer]], tensor: str, message: str) -> None:
     file = saved[0] / WEIGHTS_FILE
     with safe_open(str(file), framework="pt") as fh:
         meta = dict(fh.metadata())
     data = load_file(str(file))
-    del data["model.layers.0.self_attn.k_proj.row_scale"]
+    del data[tensor]
     save_file(data, str(file), metadata=meta)
-    with pytest.raises(ArtifactError, match="k_proj: row_scale: tensor .* is missing"):
-        read_checkpoint(saved[0])
-
-
-def test_missing_layer_tensor(saved: tuple[Path, dict[str, QuantizedLayer]]) -> None:
-    file = saved[0] / WEIGHTS_FILE
-    with safe_open(str(file), framework="pt") as fh:
-        meta = dict(fh.metadata())
-    data = load_file(str(file))
-    del data["model.layers.1.mlp.up_proj.scales"]
-    save_file(data, str(file), metadata=meta)
-    with pytest.raises(ArtifactError, match="layer model.layers.1.mlp.up_proj: scales: tensor .* is missing"):
+    with pytest.raises(ArtifactError, match=message):
         read_checkpoint(saved[0])
