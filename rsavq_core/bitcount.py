@@ -37,16 +37,21 @@ def model_bits(layers: dict[str, QuantizedLayer], model: nn.Module) -> dict[str,
         non-quantized parameters at 16 bits (fp16, as the packed checkpoint stores them) and the
         quantized layers' biases at 16 bits too;
       * ``n_params``: the parameter count behind ``all_bpw``;
-      * ``layers``: {name: bpw} per quantized layer.
+      * ``layers``: {name: bpw} per quantized layer (without the codebooks it shares with other
+        layers, which ``quantized`` counts once).
     Parameters of ``model`` under a quantized layer's name are replaced by that layer's count,
     so the model may be the FP original or one with QuantLinear modules swapped in.
     """
     total = BitCount(weights=0)
     per_layer: dict[str, float] = {}
+    shared: dict[str, int] = {}  # tensors several layers share: stored, and so counted, once
     for name, layer in layers.items():
         count = layer_bits(layer)
         total = total + count
         per_layer[name] = count.bpw
+        for key, tensor in format_of(layer).shared_tensors(layer).items():
+            shared[key] = tensor.numel() * tensor.element_size() * 8
+    total = total + BitCount(weights=0, codebook_bits=sum(shared.values()))
     prefixes = tuple(f"{name}." for name in layers)
     # named_parameters() yields tied parameters once, which matches the deduplicated storage.
     other_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(prefixes))

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsavq_core.calibration.sequential import BlockInputs
 from rsavq_core.calibration.statistics import first_tensor
+from rsavq_core.config import QuantConfig
 from rsavq_core.formats import LayerFormat, QuantizedLayer, format_of
 from rsavq_core.packed_checkpoint import OTHER_TENSORS_DTYPE
 from rsavq_core.progress import Progress
@@ -146,3 +148,28 @@ def finetune_block(
     if after >= before:
         return layers, {}, report
     return out, {name: p.detach().clone() for name, p in norms.items()}, report
+
+
+def finetune_quantized_block(
+    block: nn.Module,
+    quantized: dict[str, tuple[QuantizedLayer, dict[str, Any]]],
+    walker: BlockInputs,
+    cfg: QuantConfig,
+    progress: Progress | None,
+    stage: str,
+) -> tuple[dict[str, tuple[QuantizedLayer, dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Block-wise fine-tuning of every layer of the block; each layer's report gets the block's
+    losses. Also returns the block's tuned normalisation weights (relative names; may be empty)."""
+    tuned, norms, report = finetune_block(
+        block,
+        {name: layer for name, (layer, _) in quantized.items()},
+        walker.inputs,
+        walker.block_kwargs,
+        walker.float_outputs(block) if cfg.finetune_target == "model" else None,
+        steps=cfg.block_finetune_steps or 0,
+        lr=cfg.block_finetune_lr,
+        tune_norms=cfg.block_finetune_norms,
+        progress=progress,
+        stage=stage,
+    )
+    return {name: (tuned[name], {**rep, "finetune": report}) for name, (_, rep) in quantized.items()}, norms

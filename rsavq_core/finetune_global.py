@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsavq_core.config import QuantConfig
 from rsavq_core.finetune import TunedLinear, norm_parameters, round_norms, round_tuned, swap_module
 from rsavq_core.formats import QuantizedLayer, format_of
 from rsavq_core.progress import Progress
+
+log = logging.getLogger(__name__)
 
 # Divergence before / after is measured on this many micro-batches, held out from training when
 # there are at least twice as many: at lr 1e-4 the KL on trained windows fell while the held-out
@@ -184,3 +188,33 @@ def _save(
     tmp = state_file.with_suffix(f".tmp-{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, state_file)
+
+
+def finetune_quantized_model(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    norms: dict[str, torch.Tensor],  # full name -> norm weight as block-wise fine-tuning left it
+    tokens: torch.Tensor,  # [S, T] int64 calibration windows
+    cfg: QuantConfig,
+    progress: Progress | None,
+    checkpoint_dir: Path | None,
+) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], dict[str, Any]]:
+    """End-to-end fine-tuning: tuned layers, tuned normalisation weights (full names) and its report."""
+    tuned, tuned_norms, report = finetune_model(
+        model,
+        layers,
+        tokens,
+        norms,
+        steps=cfg.model_finetune_steps,
+        lr=cfg.model_finetune_lr,
+        micro_batch=cfg.finetune_batch,
+        progress=progress,
+        state_file=checkpoint_dir / "model-finetune.pt" if checkpoint_dir else None,
+    )
+    log.info(
+        "end-to-end fine-tuning: KL %.4g -> %.4g (%s)",
+        report["kl_before"],
+        report["kl_after"],
+        "kept" if report["kept"] else "discarded",
+    )
+    return tuned, tuned_norms, report

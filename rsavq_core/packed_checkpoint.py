@@ -10,7 +10,8 @@ metadata only, never on a file name (style convention 2).
 A quantized layer ``<name>`` stores ``<name>.<field>`` for each tensor its format writes (see
 ``rsavq_core.formats.vq`` and ``.scalar``), and ``<name>.bias`` fp16 [M] when it has a bias; its
 manifest entry is ``{"kind", "out_features", "in_features", "has_bias"}`` plus the format's fields.
-Every other state_dict entry is stored under its own name: floating tensors as fp16, integer
+Tensors several layers share (``rsavq_shared.<key>...``, e.g. codebooks shared across blocks) are
+stored once. Every other state_dict entry is stored under its own name: floating tensors as fp16, integer
 ones unchanged; tensors tied to an earlier entry are stored once.
 """
 
@@ -34,6 +35,7 @@ from rsavq_core.canonical import save_canonical
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
 from rsavq_core.formats import LayerReader, QuantizedLayer, format_of, get_format
+from rsavq_core.formats.base import SHARED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,14 @@ def manifest_entry(layer: QuantizedLayer) -> dict[str, Any]:
 
 
 def layer_tensors(name: str, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
-    """The packed tensors of one layer, keyed by their names in the file."""
+    """The packed tensors of one layer, keyed by their names in the file; with the shared tensors it
+    uses (``SHARED_PREFIX``), which a checkpoint of several layers stores once."""
     try:
         fields = format_of(layer).tensors(layer)
     except UnsupportedShapeError as exc:
         raise UnsupportedShapeError(f"layer {name}: {exc}") from exc
     out = {f"{name}.{field}": tensor for field, tensor in fields.items()}
+    out.update(format_of(layer).shared_tensors(layer))
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().to("cpu", torch.float16).contiguous()
     return out
@@ -136,7 +140,10 @@ def save_checkpoint(
         raise ConfigError(f"{out} exists and is not a directory")
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        tensors.update(layer_tensors(name, layer))
+        for key, tensor in layer_tensors(name, layer).items():
+            if key in tensors and not torch.equal(tensors[key], tensor):
+                raise ConfigError(f"layer {name} holds other values for the shared tensor {key} than an earlier layer")
+            tensors[key] = tensor
     other, tied = _other_tensors(model, tuple(f"{name}." for name in layers))
     clash = sorted(set(other) & set(tensors))
     if clash:
@@ -201,7 +208,9 @@ def read_checkpoint(path: str | Path) -> PackedCheckpoint:
         raise ArtifactError(f"{file}: invalid config in metadata: {exc}") from exc
     readers = {name: LayerReader(file, name, entry, tensors) for name, entry in manifest.items()}
     layers = {name: read_layer(reader) for name, reader in readers.items()}
-    prefixes = tuple(f"{name}." for name in manifest)
+    for key in set().union(*(reader.shared_used for reader in readers.values())):
+        tensors.pop(key)  # a shared tensor belongs to the layers that use it, not to the model's state
+    prefixes = (SHARED_PREFIX, *(f"{name}." for name in manifest))
     stray = sorted(key for key in tensors if key.startswith(prefixes))
     if stray:
         raise ArtifactError(f"{file}: tensors not described by the layer manifest: {stray[:5]}")

@@ -25,8 +25,8 @@ from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config import QuantConfig
 from rsavq_core.data import calibration_windows, tokens_hash
 from rsavq_core.errors import UnsupportedModelError
-from rsavq_core.finetune import finetune_block
-from rsavq_core.finetune_global import finetune_model
+from rsavq_core.finetune import finetune_quantized_block
+from rsavq_core.finetune_global import finetune_quantized_model
 from rsavq_core.formats import QuantizedLayer
 from rsavq_core.methods import get_method
 from rsavq_core.models import find_decoder_layout, load_model, model_fingerprint, resolve_model
@@ -91,9 +91,13 @@ def quantize_layer(
     bias: torch.Tensor | None,  # [M] floating
     stats: LayerStats | None,
     cfg: QuantConfig,
+    shared: Any = None,  # what the method's shared fit gave this layer's type, or None
 ) -> tuple[QuantizedLayer, dict[str, Any]]:
     """One linear layer by the config's method (``rsavq_core.methods``): the packed layer and its report."""
-    return get_method(cfg.method).quantize_layer(weight, bias, stats, cfg)
+    method = get_method(cfg.method)
+    if shared is None:  # methods written before shared fits take four arguments
+        return method.quantize_layer(weight, bias, stats, cfg)
+    return method.quantize_layer(weight, bias, stats, cfg, shared)
 
 
 def quantize_model(
@@ -149,6 +153,9 @@ def quantize_model(
         walker = BlockInputs(model, tokens, micro_batch=walk_batch, track_float=track_float, progress=progress)
 
     t0 = time.perf_counter()
+    shared = _fit_shared(layout.blocks, names, store, cfg, progress) if todo else {}
+    if shared:
+        timings["shared codebooks"] = time.perf_counter() - t0
     layers: dict[str, QuantizedLayer] = {}
     reports: dict[str, dict[str, Any]] = {}
     norms: dict[str, torch.Tensor] = {}  # full name -> normalisation weight tuned block-wise
@@ -160,9 +167,9 @@ def quantize_model(
             stats = store.load_block(index) if store is not None else {}
             if sequential and walker is not None:
                 stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
-            fresh = _quantize_block(block, [n for n in in_block if n not in done], stats, cfg)
+            fresh = _quantize_block(block, [n for n in in_block if n not in done], stats, cfg, shared)
             if block_steps and walker is not None:
-                fresh, block_norms = _finetune(
+                fresh, block_norms = finetune_quantized_block(
                     block, {**done, **fresh}, walker, cfg, progress, f"fine-tune block {index}"
                 )
                 if ckpt is not None:
@@ -184,7 +191,7 @@ def quantize_model(
     model_finetune: dict[str, Any] = {}
     if cfg.model_finetune_steps and tokens is not None:
         t0 = time.perf_counter()
-        layers, tuned_norms, model_finetune = _finetune_model(
+        layers, tuned_norms, model_finetune = finetune_quantized_model(
             model, layers, norms, tokens, cfg, progress, checkpoint_dir
         )
         norms.update(tuned_norms)
@@ -216,72 +223,43 @@ def _shape(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
+def _linear(block: nn.Module, name: str) -> nn.Linear:
+    module = block.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise UnsupportedModelError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+    return module
+
+
 def _quantize_block(
-    block: nn.Module, names: list[str], stats: dict[str, LayerStats], cfg: QuantConfig
+    block: nn.Module, names: list[str], stats: dict[str, LayerStats], cfg: QuantConfig, shared: dict[str, Any]
 ) -> dict[str, tuple[QuantizedLayer, dict[str, Any]]]:
     """The named linears of one block (names relative to it), each quantized by the config's method."""
     out = {}
     for name in names:
-        module = block.get_submodule(name)
-        if not isinstance(module, nn.Linear):
-            raise UnsupportedModelError(f"{name} is a {type(module).__name__}, not an nn.Linear")
-        out[name] = quantize_layer(module.weight.detach(), module.bias, stats.get(name), cfg)
+        module = _linear(block, name)
+        out[name] = quantize_layer(module.weight.detach(), module.bias, stats.get(name), cfg, shared.get(name))
     return out
 
 
-def _finetune(
-    block: nn.Module,
-    quantized: dict[str, tuple[QuantizedLayer, dict[str, Any]]],
-    walker: BlockInputs,
+def _fit_shared(
+    blocks: Any,  # the decoder blocks (an nn.ModuleList)
+    names: list[tuple[int, str, str]],  # (block index, name in the block, full name) of every linear
+    store: StatsStore | None,
     cfg: QuantConfig,
     progress: Progress | None,
-    stage: str,
-) -> tuple[dict[str, tuple[QuantizedLayer, dict[str, Any]]], dict[str, torch.Tensor]]:
-    """Block-wise fine-tuning of every layer of the block; each layer's report gets the block's
-    losses. Also returns the block's tuned normalisation weights (relative names; may be empty)."""
-    tuned, norms, report = finetune_block(
-        block,
-        {name: layer for name, (layer, _) in quantized.items()},
-        walker.inputs,
-        walker.block_kwargs,
-        walker.float_outputs(block) if cfg.finetune_target == "model" else None,
-        steps=cfg.block_finetune_steps or 0,
-        lr=cfg.block_finetune_lr,
-        tune_norms=cfg.block_finetune_norms,
-        progress=progress,
-        stage=stage,
-    )
-    return {name: (tuned[name], {**rep, "finetune": report}) for name, (_, rep) in quantized.items()}, norms
-
-
-def _finetune_model(
-    model: nn.Module,
-    layers: dict[str, QuantizedLayer],
-    norms: dict[str, torch.Tensor],  # full name -> norm weight as block-wise fine-tuning left it
-    tokens: torch.Tensor,  # [S, T] int64 calibration windows
-    cfg: QuantConfig,
-    progress: Progress | None,
-    checkpoint_dir: Path | None,
-) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], dict[str, Any]]:
-    """End-to-end fine-tuning: tuned layers, tuned normalisation weights (full names) and its report."""
-    tuned, tuned_norms, report = finetune_model(
-        model,
-        layers,
-        tokens,
-        norms,
-        steps=cfg.model_finetune_steps,
-        lr=cfg.model_finetune_lr,
-        micro_batch=cfg.finetune_batch,
-        progress=progress,
-        state_file=checkpoint_dir / "model-finetune.pt" if checkpoint_dir else None,
-    )
-    log.info(
-        "end-to-end fine-tuning: KL %.4g -> %.4g (%s)",
-        report["kl_before"],
-        report["kl_after"],
-        "kept" if report["kept"] else "discarded",
-    )
-    return tuned, tuned_norms, report
+) -> dict[str, Any]:
+    """What the method shares between the blocks' layers of one type (name in the block -> it), fitted
+    on every block's layer and its float statistics before the per-block pass; {} when nothing."""
+    fit = get_method(cfg.method).shared_fit(cfg, len(blocks))
+    if fit is None:
+        return {}
+    for index, block in enumerate(blocks):
+        stats = store.load_block(index) if store is not None else {}
+        for _, name, _ in (entry for entry in names if entry[0] == index):
+            fit.add(name, _linear(block, name).weight.detach(), stats.get(name))
+        if progress:
+            progress("shared codebooks: sample", index + 1, len(blocks))
+    return fit.fit()
 
 
 def save_result(result: QuantizeResult, out_dir: Path) -> Path:

@@ -26,6 +26,7 @@ def compensate_columns(
     metric: torch.Tensor | None,
     damping: float,
     exact: torch.Tensor | None = None,
+    refit: bool = True,
 ) -> torch.Tensor:
     """Re-derive ``layer``'s indices (and refit its codebooks) in place; returns the column values at
     the moment each column was quantized, [M_pad, N] float32 in permuted order (what the weights
@@ -39,6 +40,8 @@ def compensate_columns(
         damping: relative diagonal damping of H (GPTQ percdamp).
         exact: [M_pad, N] bool in permuted order, or None: weights that will be stored exactly
             (outliers): they carry no error forward.
+        refit: refit each codebook to the values assigned to it (False: the codebooks are fixed,
+            e.g. shared with other layers).
     """
     m, n, v, n_pq, d = layer.out_features, layer.in_features, layer.vector_len, layer.n_pq, layer.sub_dim
     n_vec = layer.n_vectors
@@ -74,16 +77,17 @@ def compensate_columns(
         return out
 
     quantize_columns(work, upper, quantize, BLOCK)
-
+    if not refit:
+        return seen.float()
     for gi, group in enumerate(layer.groups):
         sub = to_subvectors(seen[:, group.start : group.stop].float(), v, n_pq)
         w_sub = to_subvectors(metric[:, group.start : group.stop], v, n_pq) if metric is not None else None
-        refit = []
+        books_refit = []
         for p in range(n_pq):
             pts = sub[:, :, p].reshape(-1, d)
             wts = w_sub[:, :, p].reshape(-1, d) if w_sub is not None else None
             codes = group.indices[:, :, p].reshape(-1)
             cents, _ = update(pts, wts, codes, books[gi][p])
-            refit.append(cents.half())
-        group.codebooks = torch.stack(refit)
+            books_refit.append(cents.half())
+        group.codebooks = torch.stack(books_refit)
     return seen.float()

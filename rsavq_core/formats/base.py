@@ -21,6 +21,9 @@ from kernels.packing import WORD_BITS, pack_codes, packed_words, unpack_codes
 from rsavq_core.errors import ArtifactError, UnsupportedShapeError
 
 FP16_BITS = 16
+# Tensors several layers share (e.g. codebooks shared across blocks) are stored once, under names
+# that start with this prefix, never under one layer's name.
+SHARED_PREFIX = "rsavq_shared."
 
 
 class QuantizedLayer(Protocol):
@@ -95,6 +98,7 @@ class LayerReader:
             raise ArtifactError(f"{self.where}: manifest entry must be an object")
         self.entry: dict[str, Any] = entry
         self.packed: dict[str, torch.Tensor] = {}  # QuantLinear buffer name -> int32 words as stored
+        self.shared_used: set[str] = set()  # names of the shared tensors this layer uses
 
     def fail(self, field: str, message: str) -> ArtifactError:
         return ArtifactError(f"{self.where}: {field}: {message}")
@@ -114,6 +118,18 @@ class LayerReader:
             raise self.fail(field, f"dtype {t.dtype}, expected {' or '.join(map(str, dtypes))}")
         if shape is not None and tuple(t.shape) != shape:
             raise self.fail(field, f"shape {tuple(t.shape)}, expected {shape}")
+        return t
+
+    def shared(
+        self, field: str, key: str, shape: tuple[int, ...] | None, dtypes: tuple[torch.dtype, ...]
+    ) -> torch.Tensor:
+        """The shared tensor named ``key`` (left in ``tensors``: other layers use it too), checked."""
+        if not key.startswith(SHARED_PREFIX) or key not in self.tensors:
+            raise self.fail(field, f"shared tensor {key} is missing")
+        t = self.tensors[key]
+        if t.dtype not in dtypes or (shape is not None and tuple(t.shape) != shape):
+            raise self.fail(field, f"shared tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtypes[0]} {shape}")
+        self.shared_used.add(key)
         return t
 
     def codes(self, field: str, count: int, bits: int) -> torch.Tensor:
@@ -150,10 +166,16 @@ class LayerFormat(ABC):
     def read(self, reader: LayerReader, out_features: int, in_features: int, bias: torch.Tensor | None) -> Any:
         """The layer back from its manifest entry and tensors; ``reader.fail`` for every inconsistency."""
 
+    def shared_tensors(self, layer: Any) -> dict[str, torch.Tensor]:
+        """Tensors the layer shares with others, by their full names in the file (``SHARED_PREFIX``),
+        on the CPU; stored once however many layers use them (default: none)."""
+        return {}
+
     # --- accounting ------------------------------------------------------------------------------
     @abstractmethod
     def stored_bits(self, layer: Any) -> BitCount:
-        """Exactly the bits ``tensors`` stores for the weight (bias in ``bias_bits``)."""
+        """Exactly the bits ``tensors`` stores for the weight (bias in ``bias_bits``); the shared
+        tensors are counted once per model, by ``bitcount.model_bits``, not here."""
 
     # --- fine-tuning (codes fixed, continuous parameters trained) ----------------------------------
     def tunable(self, layer: Any) -> dict[str, torch.Tensor]:

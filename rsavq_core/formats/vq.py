@@ -15,8 +15,10 @@ Stored tensors of a layer ``<name>``: ``<name>.perm`` int16 (N <= 32767) / int32
 (``pack_codes`` of the [cols, n_vectors, n_pq] indices, row-major, b_i*d bits per code);
 ``<name>.row_scale`` fp16 [M] when the layer has row scales; ``<name>.outlier_index`` and
 ``<name>.outlier_value`` when it has outliers (``rsavq_core.formats.outliers``).
-Manifest fields: ``vector_len``, ``n_pq``, ``groups`` [{bits, start, stop}], ``row_scales`` (bool,
-absent = false), ``outliers`` (their count, absent = 0).
+Manifest fields: ``vector_len``, ``n_pq``, ``groups`` [{bits, start, stop, shared?}], ``row_scales``
+(bool, absent = false), ``outliers`` (their count, absent = 0). A group with ``shared`` = key uses
+codebooks other layers use too (``share_codebooks``), stored once as
+``rsavq_shared.<key>.codebooks`` fp16 [n_pq, 2**(b*d), d] instead of ``<name>.g<i>.codebooks``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from rsavq_core.errors import UnsupportedShapeError
 from rsavq_core.formats import register_format
 from rsavq_core.formats.base import FP16_BITS, BitCount, LayerFormat, LayerReader, packed_stream, stream_bits
 from rsavq_core.formats.outliers import OUTLIER_ENTRY_BITS, Outliers
-from rsavq_core.formats.vq_layer import PERM_INT16_MAX_N, VQGroup, VQLayer, perm_dtype_bits
+from rsavq_core.formats.vq_layer import PERM_INT16_MAX_N, VQGroup, VQLayer, perm_dtype_bits, shared_codebook_name
 
 
 def packed_from_layer(layer: VQLayer, device: torch.device | str | None = None, tile_cols: int = 128) -> PackedVQ:
@@ -59,7 +61,10 @@ class VQFormat(LayerFormat):
     kind = "vq"
 
     def manifest(self, layer: VQLayer) -> dict[str, Any]:
-        groups = [{"bits": g.bits, "start": g.start, "stop": g.stop} for g in layer.groups]
+        groups = [
+            {"bits": g.bits, "start": g.start, "stop": g.stop, **({"shared": g.shared} if g.shared else {})}
+            for g in layer.groups
+        ]
         out: dict[str, Any] = {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups}
         if layer.row_scale is not None:
             out["row_scales"] = True
@@ -74,7 +79,8 @@ class VQFormat(LayerFormat):
             want = (g.stop - g.start, layer.n_vectors, layer.n_pq)
             if tuple(g.indices.shape) != want:
                 raise UnsupportedShapeError(f"group {i}: indices have shape {tuple(g.indices.shape)}, expected {want}")
-            out[f"g{i}.codebooks"] = g.codebooks.detach().to("cpu", torch.float16).contiguous()
+            if g.shared is None:
+                out[f"g{i}.codebooks"] = g.codebooks.detach().to("cpu", torch.float16).contiguous()
             out[f"g{i}.indices"] = pack_codes(g.indices.detach().cpu(), g.bits * layer.sub_dim)
         if layer.row_scale is not None:
             out["row_scale"] = layer.row_scale.detach().to("cpu", torch.float16).contiguous()
@@ -108,10 +114,17 @@ class VQFormat(LayerFormat):
                 )
             if not 1 <= bits * d <= 32:
                 raise reader.fail(f"g{i}.indices", f"{bits} bits x d={d} is outside [1, 32] bits per code")
-            cb = reader.take(f"g{i}.codebooks", (n_pq, 2 ** (bits * d), d), (torch.float16,))
+            shared = spec.get("shared")
+            if shared is not None and not (isinstance(shared, str) and shared):
+                raise reader.fail(f"groups[{i}].shared", f"{shared!r} is not a name")
+            book_shape = (n_pq, 2 ** (bits * d), d)
+            if shared is None:
+                cb = reader.take(f"g{i}.codebooks", book_shape, (torch.float16,))
+            else:
+                cb = reader.shared(f"g{i}.codebooks", shared_codebook_name(shared), book_shape, (torch.float16,))
             count = (stop - start) * n_vectors * n_pq
             idx = reader.codes(f"g{i}.indices", count, bits * d).reshape(stop - start, n_vectors, n_pq)
-            groups.append(VQGroup(bits, start, stop, cb, idx))
+            groups.append(VQGroup(bits, start, stop, cb, idx, shared))
         if groups[-1].stop != n:
             raise reader.fail("groups", f"cover columns [0, {groups[-1].stop}), expected [0, {n})")
         row_scales = e.get("row_scales", False)
@@ -130,7 +143,7 @@ class VQFormat(LayerFormat):
             real = m * (g.stop - g.start) * g.bits
             index += real
             padding += code_bits - real + word_pad
-            codebooks += g.codebooks.numel() * FP16_BITS
+            codebooks += g.codebooks.numel() * FP16_BITS if g.shared is None else 0  # shared: once per model
         bias_bits = layer.bias.numel() * FP16_BITS if layer.bias is not None else 0
         return BitCount(
             weights=m * n,
@@ -143,8 +156,16 @@ class VQFormat(LayerFormat):
             padding_bits=padding,
         )
 
+    def shared_tensors(self, layer: VQLayer) -> dict[str, torch.Tensor]:
+        return {
+            shared_codebook_name(g.shared): g.codebooks.detach().to("cpu", torch.float16).contiguous()
+            for g in layer.groups
+            if g.shared is not None
+        }
+
     def tunable(self, layer: VQLayer) -> dict[str, torch.Tensor]:
-        out = {f"g{i}.codebooks": g.codebooks.float().clone() for i, g in enumerate(layer.groups)}
+        # Shared codebooks are other layers' too: fine-tuning one layer must not change them.
+        out = {f"g{i}.codebooks": g.codebooks.float().clone() for i, g in enumerate(layer.groups) if g.shared is None}
         if layer.row_scale is not None:
             out["row_scale"] = layer.row_scale.float().clone()
         if layer.outliers is not None:
@@ -152,12 +173,14 @@ class VQFormat(LayerFormat):
         return out
 
     def dequantize_with(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        books = [tunable[f"g{i}.codebooks"] for i in range(len(layer.groups))]
+        books = [tunable.get(f"g{i}.codebooks", g.codebooks.float()) for i, g in enumerate(layer.groups)]
         return layer.dequantize_books(books, tunable.get("row_scale"), tunable.get("outlier_value"))
 
     def with_tuned(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> VQLayer:
         groups = [
-            VQGroup(g.bits, g.start, g.stop, tunable[f"g{i}.codebooks"].detach().half(), g.indices)
+            g
+            if g.shared is not None
+            else VQGroup(g.bits, g.start, g.stop, tunable[f"g{i}.codebooks"].detach().half(), g.indices)
             for i, g in enumerate(layer.groups)
         ]
         scale = tunable["row_scale"].detach().half() if layer.row_scale is not None else None

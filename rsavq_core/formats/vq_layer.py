@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rsavq_core.errors import ConfigError
-from rsavq_core.formats.base import FP16_BITS
+from rsavq_core.formats.base import FP16_BITS, SHARED_PREFIX
 from rsavq_core.formats.outliers import Outliers
 
 # The perm is stored as int16 while N <= 32767 (the rule of the format, spec §11.4), else int32.
@@ -28,6 +28,11 @@ def to_subvectors(matrix: torch.Tensor, vector_len: int, n_pq: int) -> torch.Ten
     return matrix.T.reshape(cols, m_pad // vector_len, n_pq, vector_len // n_pq)
 
 
+def shared_codebook_name(key: str) -> str:
+    """The file's tensor name of the shared codebooks ``key`` (outside every layer's prefix)."""
+    return f"{SHARED_PREFIX}{key}.codebooks"
+
+
 @dataclass
 class VQGroup:
     """One WCSG channel group of a VQ layer."""
@@ -37,6 +42,9 @@ class VQGroup:
     stop: int  # one past its last column
     codebooks: torch.Tensor  # [n_pq, 2**(bits*d), d] float16
     indices: torch.Tensor  # [stop - start, n_vectors, n_pq] int64 (unpacked, in memory)
+    # The name of the codebooks when other layers share them (stored once, under
+    # ``shared_codebook_name(shared)``), else None: the group's own.
+    shared: str | None = None
 
 
 @dataclass

@@ -6,7 +6,10 @@ A method (in the style of vLLM's quantization configs) declares
   the API's request schema and the validation all come from it;
 * ``statistics(cfg)``: the calibration statistics it needs (``StatsNeeds``);
 * ``quantize_layer(weight, bias, stats, cfg)``: one linear layer -> a packed layer of one of the
-  registered formats (``rsavq_core.formats``), and a report of plain numbers.
+  registered formats (``rsavq_core.formats``), and a report of plain numbers;
+* optionally ``shared_fit(cfg, layers_per_type)``: what the layers of one type (the same name in
+  every block) share, fitted on all of them before the per-block pass and handed to
+  ``quantize_layer`` as ``shared``.
 
 The pipeline, the command line and the service only ask this registry; none of them branches on a
 method's name. Adding a method is one new module that calls ``register_method`` (built-ins are
@@ -21,7 +24,7 @@ import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from rsavq_core.errors import ConfigError
 from rsavq_core.options import Knob, knobs, validate_knobs
@@ -44,6 +47,16 @@ class StatsNeeds:
     @property
     def any(self) -> bool:
         return self.gradients or self.hessian
+
+
+class SharedFit(Protocol):
+    """Collects every layer of each type (``add``), then fits what they share (``fit``)."""
+
+    def add(self, name: str, weight: torch.Tensor, stats: LayerStats | None) -> None:
+        """One layer of type ``name`` (its name inside its block); weight [M, N] floating."""
+
+    def fit(self) -> dict[str, Any]:
+        """Type name -> what its layers share, for ``quantize_layer``'s ``shared``."""
 
 
 @dataclass(frozen=True)
@@ -84,8 +97,13 @@ class QuantMethod(ABC):
         bias: torch.Tensor | None,  # [M] floating, copied into the packed layer
         stats: LayerStats | None,  # this layer's statistics, None when statistics() needs none
         cfg: QuantConfig,
+        shared: Any = None,  # what ``shared_fit`` fitted for this layer's type, or None
     ) -> tuple[QuantizedLayer, dict[str, Any]]:
         """The packed layer and its report (``bits``, errors, ``seconds``: plain JSON values)."""
+
+    def shared_fit(self, cfg: QuantConfig, layers_per_type: int) -> SharedFit | None:
+        """What the run's layers of one type share (None: nothing, the default)."""
+        return None
 
 
 _METHODS: dict[str, QuantMethod] = {}

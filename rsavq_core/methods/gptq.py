@@ -41,7 +41,12 @@ class GPTQ(RTN):
         return StatsNeeds(hessian=True)
 
     def quantize_layer(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, cfg: QuantConfig
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stats: LayerStats | None,
+        cfg: QuantConfig,
+        shared: Any = None,
     ) -> tuple[QuantizedLayer, dict[str, Any]]:
         from rsavq_core.algorithms.linalg import hessian_relative_error
         from rsavq_core.algorithms.scalar import gptq_quantize

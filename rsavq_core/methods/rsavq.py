@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from rsavq_core.errors import ConfigError
-from rsavq_core.methods import MethodOptions, QuantMethod, StatsNeeds, register_method
+from rsavq_core.methods import MethodOptions, QuantMethod, SharedFit, StatsNeeds, register_method
 from rsavq_core.options import knob
 
 if TYPE_CHECKING:
@@ -106,6 +106,14 @@ class VQOptions(MethodOptions):
         ge=0.0,
         le=0.05,
     )
+    # Off until measured (README, "Layouts"): the per-layer 2 x 3-dim layout is the default.
+    share_codebooks: bool = knob(
+        False,
+        "one set of codebooks per layer type (every block's q_proj, ...), fitted on all of them before "
+        "the per-block pass, so that large codebooks (e.g. --n-pq 1: 2^12 entries of 6 dims at 2 bits) "
+        "cost little; codes, row scales and outliers stay per layer; needs uniform allocation, whole bits "
+        "and --budget index",
+    )
     min_group_bits: int | None = knob(
         None, "lowest bits of a channel group (default: derived from --bits)", ge=1, le=16
     )
@@ -179,6 +187,13 @@ class RSAVQ(QuantMethod):
                 f"{cfg.bits:g} bits with sub-vectors of {o.sub_dim} needs codebooks of 2^{cfg.bits * o.sub_dim:g} "
                 f"entries; at most 2^{MAX_INDEX_BITS} are supported: lower bits or use a shorter vector_len / more n_pq"
             )
+        if o.share_codebooks:
+            if o.allocation != "uniform" or o.budget != "index" or not float(cfg.bits).is_integer():
+                raise ConfigError(
+                    "share_codebooks needs --allocation uniform, --budget index and whole --bits "
+                    f"(got {o.allocation}, {o.budget}, {cfg.bits:g}): every layer of a type must use "
+                    "codebooks of one size"
+                )
         lo, hi = o.group_bit_range(cfg.bits)
         if lo > hi:
             raise ConfigError(f"min_group_bits {lo} exceeds max_group_bits {hi}")
@@ -192,7 +207,7 @@ class RSAVQ(QuantMethod):
         if o.budget != "effective":
             return
         from rsavq_core.algorithms.allocation import group_bounds  # torch: only once a model is loaded
-        from rsavq_core.algorithms.vq import effective_budget
+        from rsavq_core.algorithms.vq_targets import effective_budget
 
         lo, _ = o.group_bit_range(cfg.bits)
         for name, (m, n) in shapes.items():
@@ -213,9 +228,21 @@ class RSAVQ(QuantMethod):
         )
 
     def quantize_layer(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, cfg: QuantConfig
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stats: LayerStats | None,
+        cfg: QuantConfig,
+        shared: Any = None,
     ) -> tuple[QuantizedLayer, dict[str, Any]]:
         from rsavq_core.algorithms.vq import quantize_vq
 
-        layer, report = quantize_vq(weight, stats, cfg, bias)
+        layer, report = quantize_vq(weight, stats, cfg, bias, shared)
         return layer, report.as_dict()
+
+    def shared_fit(self, cfg: QuantConfig, layers_per_type: int) -> SharedFit | None:
+        if not cfg.options_as(VQOptions).share_codebooks:
+            return None
+        from rsavq_core.algorithms.shared_codebooks import SharedCodebookFit
+
+        return SharedCodebookFit(cfg, layers_per_type)

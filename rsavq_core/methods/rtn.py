@@ -37,7 +37,12 @@ class RTN(QuantMethod):
         return StatsNeeds()
 
     def quantize_layer(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, cfg: QuantConfig
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stats: LayerStats | None,
+        cfg: QuantConfig,
+        shared: Any = None,
     ) -> tuple[QuantizedLayer, dict[str, Any]]:
         from rsavq_core.algorithms.scalar import rtn_quantize
 

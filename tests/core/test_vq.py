@@ -314,7 +314,7 @@ def test_row_scales_fit_rows_of_different_magnitude() -> None:
 
 
 def test_an_effective_budget_pays_for_row_scales() -> None:
-    from rsavq_core.algorithms.vq import effective_budget
+    from rsavq_core.algorithms.vq_targets import effective_budget
 
     cfg = QuantConfig.for_method("kmeans", bits=2, n_pq=2)
     _, plain = effective_budget(192, 576, cfg)
@@ -368,7 +368,7 @@ def test_outliers_are_kept_exact_and_cut_the_error() -> None:
 
 
 def test_an_effective_budget_pays_for_outliers() -> None:
-    from rsavq_core.algorithms.vq import effective_budget
+    from rsavq_core.algorithms.vq_targets import effective_budget
 
     cfg = QuantConfig.for_method("kmeans", bits=2, n_pq=2)
     _, plain = effective_budget(192, 576, cfg)

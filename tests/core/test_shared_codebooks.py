@@ -1,0 +1,104 @@
+"""Codebooks shared across the blocks of one layer type: fitted once, stored once, counted once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from rsavq_core.bitcount import model_bits
+from rsavq_core.config import QuantConfig
+from rsavq_core.errors import ArtifactError, ConfigError
+from rsavq_core.formats import VQLayer
+from rsavq_core.packed_checkpoint import WEIGHTS_FILE, read_checkpoint
+from rsavq_core.pipeline import QuantizeResult, quantize_model
+from rsavq_core.resume import FinishedLayers
+from tests.core.test_pipeline_cli import CALIB, check_artifact, workspace  # noqa: F401 - a fixture
+
+# 4-dim vectors, one codebook of 2^8 entries at 2 bits: larger than any per-layer codebook here.
+SHARED = dict(**CALIB, kmeans_iters=2, vector_len=4, n_pq=1, n_groups=1, share_codebooks=True)
+ENTRIES, DIM = 256, 4
+
+
+@pytest.fixture(scope="module")
+def shared_run(workspace: tuple[Path, Path]) -> QuantizeResult:  # noqa: F811 - the imported fixture
+    root, folder = workspace
+    cfg = QuantConfig.for_method("rsavq", bits=2, block_finetune_steps=2, **SHARED)
+    return quantize_model(str(folder), cfg, out_dir=root / "q_shared")
+
+
+def _types(result: QuantizeResult) -> dict[str, list[VQLayer]]:
+    by_type: dict[str, list[VQLayer]] = {}
+    for name, layer in result.layers.items():
+        assert isinstance(layer, VQLayer)
+        by_type.setdefault(name.split(".", 3)[3], []).append(layer)
+    return by_type
+
+
+def test_every_block_uses_its_types_codebooks_even_after_fine_tuning(shared_run: QuantizeResult) -> None:
+    by_type = _types(shared_run)
+    assert len(by_type) == 7 and all(len(layers) == 2 for layers in by_type.values())
+    for kind, layers in by_type.items():
+        first = layers[0].groups[0]
+        assert first.shared == f"{kind}.g0"
+        assert tuple(first.codebooks.shape) == (1, ENTRIES, DIM)
+        for layer in layers[1:]:
+            assert layer.groups[0].shared == first.shared
+            assert torch.equal(layer.groups[0].codebooks, first.codebooks), kind
+        # each layer has its own codes and scales
+        assert not torch.equal(layers[0].groups[0].indices, layers[1].groups[0].indices)
+    assert "shared codebooks" in shared_run.timings
+    finetuned = shared_run.reports["model.layers.0.mlp.up_proj"]["finetune"]
+    assert finetuned["steps"] == 2  # block-wise fine-tuning ran (on row scales and norms only)
+
+
+def test_shared_codebooks_are_stored_and_counted_once(shared_run: QuantizeResult, tiny_llama: Any) -> None:
+    assert shared_run.out_dir is not None
+    with safe_open(str(shared_run.out_dir / WEIGHTS_FILE), framework="pt") as fh:
+        keys = list(fh.keys())
+    shared = sorted(k for k in keys if k.startswith("rsavq_shared."))
+    assert len(shared) == 7 and "rsavq_shared.self_attn.q_proj.g0.codebooks" in shared
+    assert not [k for k in keys if k.endswith(".g0.codebooks") and not k.startswith("rsavq_shared.")]
+    bits = model_bits(shared_run.layers, shared_run.model)["quantized"]
+    assert bits["codebook_bits"] == 7 * ENTRIES * DIM * 16
+    loaded = read_checkpoint(shared_run.out_dir)
+    assert not [k for k in loaded.other_state if k.startswith("rsavq_shared.")]
+    assert model_bits(loaded.layers, shared_run.model)["quantized"] == bits
+    check_artifact(shared_run, tiny_llama[1])  # logits of the loaded artifact equal the reference
+
+
+def test_a_missing_shared_tensor_is_a_clear_error(shared_run: QuantizeResult, tmp_path: Path) -> None:
+    assert shared_run.out_dir is not None
+    file = shared_run.out_dir / WEIGHTS_FILE
+    with safe_open(str(file), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    data = load_file(str(file))
+    del data["rsavq_shared.mlp.down_proj.g0.codebooks"]
+    save_file(data, str(tmp_path / WEIGHTS_FILE), metadata=meta)
+    with pytest.raises(ArtifactError, match=r"down_proj: g0\.codebooks: shared tensor .* is missing"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_shared_layer_resumes_from_its_checkpoint(shared_run: QuantizeResult, tmp_path: Path) -> None:
+    name = "model.layers.1.self_attn.v_proj"
+    ckpt = FinishedLayers(tmp_path, shared_run.config, "fp")
+    ckpt.save(name, shared_run.layers[name], shared_run.reports[name])
+    loaded = ckpt.load(name)
+    assert loaded is not None and isinstance(loaded[0], VQLayer)
+    group = loaded[0].groups[0]
+    assert group.shared == "self_attn.v_proj.g0"
+    assert torch.equal(loaded[0].dequantize(), shared_run.layers[name].dequantize())
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(allocation="proportional"), dict(budget="effective"), dict(bits=2.5)],
+)
+def test_shared_codebooks_need_one_codebook_size_per_type(knobs: dict[str, Any]) -> None:
+    settings = {**SHARED, "bits": 2, **knobs}
+    with pytest.raises(ConfigError, match="share_codebooks needs"):
+        QuantConfig.for_method("rsavq", **settings)
