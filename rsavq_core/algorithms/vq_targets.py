@@ -181,7 +181,8 @@ def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, i
     """(cost of a group of ``cols`` columns at b bits, bit budget of the layer) in stored bits.
 
     Counts what ``bitcount.layer_bits`` counts: the packed index stream (padded rows and word
-    padding included) and the fp16 codebooks per group, and the permutation once per layer.
+    padding included) and the fp16 codebooks per group, and the permutation once per layer (none
+    under uniform bits, whose column order is the identity).
     """
     o = cfg.options_as(VQOptions)
     n_vec, d = -(-m // o.vector_len), o.sub_dim
@@ -191,4 +192,5 @@ def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, i
         return stream + o.sub_vectors * 2 ** (bits * d) * d * 16
 
     side = (16 * m if o.row_scales else 0) + outlier_count(o.outliers, m, n) * OUTLIER_ENTRY_BITS
-    return cost, cfg.bits * m * n - n * perm_dtype_bits(n) - side
+    perm = 0 if o.allocation == "uniform" else n * perm_dtype_bits(n)  # uniform bits keep the column order
+    return cost, cfg.bits * m * n - perm - side

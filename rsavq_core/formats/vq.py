@@ -10,13 +10,15 @@ uses sub-codebook p.
 Optionally every output row m has an fp16 scale s_m (AQLM's per-output-channel scales): the codebooks
 then quantize W / s (rows of one magnitude share codebook entries better) and W = s * dequantized.
 
-Stored tensors of a layer ``<name>``: ``<name>.perm`` int16 (N <= 32767) / int32 [N];
+Stored tensors of a layer ``<name>``: ``<name>.perm`` int16 (N <= 32767) / int32 [N], unless the
+permutation is the identity (uniform bits: no WCSG order), which is not stored;
 ``<name>.g<i>.codebooks`` fp16 [n_pq, 2**(b_i*d), d]; ``<name>.g<i>.indices`` int32 words
 (``pack_codes`` of the [cols, n_vectors, n_pq] indices, row-major, b_i*d bits per code);
 ``<name>.row_scale`` fp16 [M] when the layer has row scales; ``<name>.outlier_index`` and
 ``<name>.outlier_value`` when it has outliers (``rsavq_core.formats.outliers``).
 Manifest fields: ``vector_len``, ``n_pq``, ``groups`` [{bits, start, stop, shared?}], ``row_scales``
-(bool, absent = false), ``outliers`` (their count, absent = 0). A group with ``shared`` = key uses
+(bool, absent = false), ``outliers`` (their count, absent = 0), ``identity_perm`` (bool, absent =
+false: the ``perm`` tensor is stored). A group with ``shared`` = key uses
 codebooks other layers use too (``share_codebooks``), stored once as
 ``rsavq_shared.<key>.codebooks`` fp16 [n_pq, 2**(b*d), d] instead of ``<name>.g<i>.codebooks``.
 """
@@ -70,11 +72,15 @@ class VQFormat(LayerFormat):
             out["row_scales"] = True
         if layer.outliers is not None:
             out["outliers"] = layer.outliers.count
+        if layer.identity_perm:
+            out["identity_perm"] = True
         return out
 
     def tensors(self, layer: VQLayer) -> dict[str, torch.Tensor]:
-        perm_dtype = torch.int16 if layer.in_features <= PERM_INT16_MAX_N else torch.int32
-        out = {"perm": layer.perm.detach().to("cpu", perm_dtype).contiguous()}
+        out: dict[str, torch.Tensor] = {}
+        if not layer.identity_perm:
+            perm_dtype = torch.int16 if layer.in_features <= PERM_INT16_MAX_N else torch.int32
+            out["perm"] = layer.perm.detach().to("cpu", perm_dtype).contiguous()
         for i, g in enumerate(layer.groups):
             want = (g.stop - g.start, layer.n_vectors, layer.n_pq)
             if tuple(g.indices.shape) != want:
@@ -95,9 +101,15 @@ class VQFormat(LayerFormat):
         if v % n_pq:
             raise reader.fail("vector_len", f"{v} is not divisible by n_pq={n_pq}")
         d, n_vectors = v // n_pq, -(-m // v)
-        perm = reader.take("perm", (n,), (torch.int16, torch.int32)).to(torch.int64)
-        if not torch.equal(perm.sort().values, torch.arange(n)):
-            raise reader.fail("perm", f"is not a permutation of 0..{n - 1}")
+        identity = e.get("identity_perm", False)
+        if not isinstance(identity, bool):
+            raise reader.fail("identity_perm", "must be true or false")
+        if identity:
+            perm = torch.arange(n)
+        else:
+            perm = reader.take("perm", (n,), (torch.int16, torch.int32)).to(torch.int64)
+            if not torch.equal(perm.sort().values, torch.arange(n)):
+                raise reader.fail("perm", f"is not a permutation of 0..{n - 1}")
         specs = e.get("groups")
         if not isinstance(specs, list) or not specs:
             raise reader.fail("groups", "manifest needs a non-empty list of groups")
@@ -149,7 +161,7 @@ class VQFormat(LayerFormat):
             weights=m * n,
             index_bits=index,
             codebook_bits=codebooks,
-            perm_bits=n * perm_dtype_bits(n),
+            perm_bits=0 if layer.identity_perm else n * perm_dtype_bits(n),
             scale_bits=m * FP16_BITS if layer.row_scale is not None else 0,
             outlier_bits=layer.outliers.count * OUTLIER_ENTRY_BITS if layer.outliers is not None else 0,
             bias_bits=bias_bits,

@@ -65,6 +65,11 @@ class VQLayer:
         return self.vector_len // self.n_pq
 
     @property
+    def identity_perm(self) -> bool:
+        """Whether the columns keep their order (then the format stores no permutation)."""
+        return bool(torch.equal(self.perm.cpu(), torch.arange(self.in_features)))
+
+    @property
     def n_vectors(self) -> int:
         """Vectors per column: ceil(M / v) (rows padded with zeros)."""
         return -(-self.out_features // self.vector_len)

@@ -25,6 +25,7 @@ LAYOUTS = {
     "d1-widths": (19, 90, 3, 3, [1, 2, 3, 4, 5, 6, 7, 8, 3]),  # scalar-like: code = bits
     "d4-5bit": (13, 50, 8, 2, [5, 6]),  # 20- and 24-bit codes (the widest the kernels take)
     "d8-1bit": (70, 33, 8, 1, [1, 2]),
+    "d6-2bit": (30, 20, 6, 1, [2]),  # share_codebooks' layout: one 6-dim codebook, 4096 entries
 }
 ROW_SCALED = {"d3-mixed", "d2-8bit"}  # these also carry per-row scales
 WITH_OUTLIERS = {"d3-2bit": 40, "d2-8bit": 9}  # and these sparse fp16 residuals
