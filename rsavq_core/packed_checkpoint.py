@@ -40,8 +40,10 @@ from rsavq_core.formats.base import SHARED_PREFIX
 log = logging.getLogger(__name__)
 
 FORMAT = "rsavq"
-FORMAT_VERSION = "1"
-SUPPORTED_VERSIONS: tuple[str, ...] = ("1",)
+# 2: a layer may omit what version 1 always stored (an identity ``perm``; codebooks shared across
+# layers, stored once under ``rsavq_shared.``), so a version-1 reader must refuse it clearly.
+FORMAT_VERSION = "2"
+SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2")
 WEIGHTS_FILE = "rsavq.safetensors"
 _RESERVED = ("format", "format_version", "method", "config", "layers", "source_model", "tied")
 

@@ -153,9 +153,10 @@ def quantize_model(
         walker = BlockInputs(model, tokens, micro_batch=walk_batch, track_float=track_float, progress=progress)
 
     t0 = time.perf_counter()
-    shared = _fit_shared(layout.blocks, names, store, cfg, progress) if todo else {}
+    shared = _fit_shared(layout.blocks, names, store, cfg, progress, resumed) if todo else {}
     if shared:
         timings["shared codebooks"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
     layers: dict[str, QuantizedLayer] = {}
     reports: dict[str, dict[str, Any]] = {}
     norms: dict[str, torch.Tensor] = {}  # full name -> normalisation weight tuned block-wise
@@ -247,6 +248,7 @@ def _fit_shared(
     store: StatsStore | None,
     cfg: QuantConfig,
     progress: Progress | None,
+    resumed: dict[str, tuple[QuantizedLayer, dict[str, Any]]],  # full name -> layer an earlier run finished
 ) -> dict[str, Any]:
     """What the method shares between the blocks' layers of one type (name in the block -> it), fitted
     on every block's layer and its float statistics before the per-block pass; {} when nothing."""
@@ -259,7 +261,8 @@ def _fit_shared(
             fit.add(name, _linear(block, name).weight.detach(), stats.get(name))
         if progress:
             progress("shared codebooks: sample", index + 1, len(blocks))
-    return fit.fit()
+    finished = {name: resumed[full][0] for _, name, full in names if full in resumed}
+    return fit.fit(finished)
 
 
 def save_result(result: QuantizeResult, out_dir: Path) -> Path:

@@ -12,7 +12,9 @@ layer, since the other layers use them too.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -81,17 +83,30 @@ class SharedCodebookFit:
                 wts = sub_o[:, :, p].reshape(-1, d)[pick] if sub_o is not None else None
                 by_group[gi][p].append((pts[pick], wts))
 
-    def fit(self) -> dict[str, SharedCodebooks]:
-        """One weighted k-means per (type, group, sub-vector) on the samples; fp16 as stored."""
+    def fit(self, finished: dict[str, Any]) -> dict[str, SharedCodebooks]:
+        """One weighted k-means per (type, group, sub-vector) on the samples; fp16 as stored.
+
+        ``finished``: type -> a layer of it that an interrupted run already finished (a VQLayer):
+        its codebooks are the type's, so a resumed run goes on with the codebooks it started with.
+        """
         out = {}
-        for name in sorted(self.samples):  # a fixed order: the generator's draws do not depend on dicts
+        for name, parts in self.samples.items():
+            layer = finished.get(name)
+            if layer is not None:
+                out[name] = SharedCodebooks(name, [g.codebooks for g in layer.groups])
+                continue
+            # Each type draws from its own generator: its codebooks do not depend on which other
+            # types were fitted (or resumed) before it.
+            gen = torch.Generator().manual_seed(self.cfg.seed ^ zlib.crc32(name.encode()))
             books = []
-            for parts in self.samples[name]:
+            for per_p in parts:
                 fitted = []
-                for sampled in parts:
+                for sampled in per_p:
                     pts = torch.cat([p for p, _ in sampled])
-                    wts = None if sampled[0][1] is None else torch.cat([w for _, w in sampled if w is not None])
-                    fitted.append(weighted_kmeans(pts, wts, self.entries, self.options.kmeans_iters, self.gen))
+                    wts = None
+                    if any(w is not None for _, w in sampled):  # layers without a metric weigh 1
+                        wts = torch.cat([torch.ones_like(p) if w is None else w for p, w in sampled])
+                    fitted.append(weighted_kmeans(pts, wts, self.entries, self.options.kmeans_iters, gen))
                 books.append(torch.stack(fitted).half())
             out[name] = SharedCodebooks(name, books)
         return out

@@ -182,7 +182,8 @@ def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, i
 
     Counts what ``bitcount.layer_bits`` counts: the packed index stream (padded rows and word
     padding included) and the fp16 codebooks per group, and the permutation once per layer (none
-    under uniform bits, whose column order is the identity).
+    under uniform bits, whose column order is the identity; a WCSG order that happens to be the
+    identity is charged here but not stored: the layer then comes in under its budget).
     """
     o = cfg.options_as(VQOptions)
     n_vec, d = -(-m // o.vector_len), o.sub_dim

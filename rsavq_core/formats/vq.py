@@ -64,7 +64,7 @@ class VQFormat(LayerFormat):
 
     def manifest(self, layer: VQLayer) -> dict[str, Any]:
         groups = [
-            {"bits": g.bits, "start": g.start, "stop": g.stop, **({"shared": g.shared} if g.shared else {})}
+            {"bits": g.bits, "start": g.start, "stop": g.stop, **({"shared": g.shared} if g.shared is not None else {})}
             for g in layer.groups
         ]
         out: dict[str, Any] = {"vector_len": layer.vector_len, "n_pq": layer.n_pq, "groups": groups}

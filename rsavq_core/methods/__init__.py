@@ -55,8 +55,9 @@ class SharedFit(Protocol):
     def add(self, name: str, weight: torch.Tensor, stats: LayerStats | None) -> None:
         """One layer of type ``name`` (its name inside its block); weight [M, N] floating."""
 
-    def fit(self) -> dict[str, Any]:
-        """Type name -> what its layers share, for ``quantize_layer``'s ``shared``."""
+    def fit(self, finished: dict[str, Any]) -> dict[str, Any]:
+        """Type name -> what its layers share, for ``quantize_layer``'s ``shared``. ``finished``: type
+        -> a layer of it an interrupted run finished (what it shares must be what that layer used)."""
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class VQOptions(MethodOptions):
         "one set of codebooks per layer type (every block's q_proj, ...), fitted on all of them before "
         "the per-block pass, so that large codebooks (e.g. --n-pq 1: 2^12 entries of 6 dims at 2 bits) "
         "cost little; codes, row scales and outliers stay per layer; needs uniform allocation, whole bits "
-        "and --budget index",
+        "and --budget index; with --n-groups 1 (else one set per channel group)",
     )
     min_group_bits: int | None = knob(
         None, "lowest bits of a channel group (default: derived from --bits)", ge=1, le=16
@@ -194,6 +194,8 @@ class RSAVQ(QuantMethod):
                     f"(got {o.allocation}, {o.budget}, {cfg.bits:g}): every layer of a type must use "
                     "codebooks of one size"
                 )
+            if cfg.calib_inputs == "quantized":
+                raise ConfigError("share_codebooks fits on the float model's statistics: use --calib-inputs fp")
         lo, hi = o.group_bit_range(cfg.bits)
         if lo > hi:
             raise ConfigError(f"min_group_bits {lo} exceeds max_group_bits {hi}")

@@ -134,7 +134,7 @@ def test_round_trip(saved: tuple[Path, dict[str, QuantizedLayer]], tiny_llama: A
     assert (out / "tokenizer_config.json").is_file() or (out / "tokenizer.json").is_file()
     art = read_checkpoint(out)
     assert art.config == QuantConfig.for_method("rsavq")
-    assert art.metadata["format"] == "rsavq" and art.metadata["format_version"] == "1"
+    assert art.metadata["format"] == "rsavq" and art.metadata["format_version"] == "2"
     assert art.metadata["method"] == "rsavq" and art.metadata["source_model"] == "tiny-llama"
     assert art.metadata["quantize_seconds"] == "1.5"
     assert set(art.layers) == set(layers)
@@ -238,7 +238,7 @@ def test_truncated_file(saved: tuple[Path, dict[str, QuantizedLayer]], keep: flo
 
 def test_wrong_format_version(saved: tuple[Path, dict[str, QuantizedLayer]]) -> None:
     rewrite(saved[0] / WEIGHTS_FILE, metadata={"format_version": "7"})
-    with pytest.raises(ArtifactError, match=r"unsupported format_version '7'.*reads format_version 1"):
+    with pytest.raises(ArtifactError, match=r"unsupported format_version '7'.*reads format_version 1, 2"):
         read_checkpoint(saved[0])
 
 

@@ -96,9 +96,32 @@ def test_a_shared_layer_resumes_from_its_checkpoint(shared_run: QuantizeResult, 
 
 @pytest.mark.parametrize(
     "knobs",
-    [dict(allocation="proportional"), dict(budget="effective"), dict(bits=2.5)],
+    [dict(allocation="proportional"), dict(budget="effective"), dict(bits=2.5), dict(calib_inputs="quantized")],
 )
 def test_shared_codebooks_need_one_codebook_size_per_type(knobs: dict[str, Any]) -> None:
     settings = {**SHARED, "bits": 2, **knobs}
-    with pytest.raises(ConfigError, match="share_codebooks needs"):
+    with pytest.raises(ConfigError, match="share_codebooks (needs|fits on the float)"):
         QuantConfig.for_method("rsavq", **settings)
+
+
+def test_a_resumed_run_goes_on_with_the_codebooks_it_started_with(
+    workspace: tuple[Path, Path],  # noqa: F811 - the imported fixture
+    tmp_path: Path,
+) -> None:
+    _, folder = workspace
+    cfg = QuantConfig.for_method("rsavq", bits=2, block_finetune_steps=0, **SHARED)
+    quantize_model(str(folder), cfg, checkpoint_dir=tmp_path)
+    # As if block 1's q_proj had not finished, and block 0's had been fitted to other codebooks
+    # (statistics recomputed elsewhere differ in their last bits): the resumed run must use those.
+    done, todo = tmp_path / "model.layers.0.self_attn.q_proj.safetensors", "model.layers.1.self_attn.q_proj"
+    (tmp_path / f"{todo}.safetensors").unlink()
+    with safe_open(str(done), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    data = load_file(str(done))
+    key = "rsavq_shared.self_attn.q_proj.g0.codebooks"
+    data[key] = (data[key].float() + 0.5).half()
+    save_file(data, str(done), metadata=meta)
+    resumed = quantize_model(str(folder), cfg, checkpoint_dir=tmp_path)
+    layer = resumed.layers[todo]
+    assert isinstance(layer, VQLayer)
+    assert torch.equal(layer.groups[0].codebooks, data[key])
