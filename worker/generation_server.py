@@ -9,7 +9,10 @@ starts one. Internal API, not for clients (the public, OpenAI-shaped one is
   artifact is a path relative to the shared artifact store, loaded only if its bytes have that
   sha256 (else 409, as is a path outside the store); the answer is JSON
   {text, finish_reason, prompt_tokens, completion_tokens}, or with ``stream`` server-sent events
-  ``{"text": delta}`` ... then that JSON as the last event.
+  ``{"text": delta}`` ... then that JSON as the last event. With ``params.logprobs`` (the number
+  of alternatives per token) or ``params.echo`` it also has ``logprobs`` {tokens, token_logprobs,
+  top_logprobs, text_offset} and ``echo`` (the prompt's text, which then leads ``text_offset``);
+  ``max_tokens`` 0 scores the prompt without generating.
 * ``GET /health``, ``GET /loaded``.
 
 Models are loaded from the published tar (extracted once per sha256 into a cache folder) and
@@ -20,16 +23,12 @@ process's global RNG.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import queue
-import shutil
 import threading
-from collections import OrderedDict
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 import psutil
@@ -40,13 +39,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from rsavq_core.errors import ConfigError, InsufficientMemoryError, RSAVQError
-from rsavq_core.runtime import load_quantized_model
+from rsavq_core.errors import ConfigError, RSAVQError
 from rsavq_core.runtime.generation import Completion, SamplingParams, stream_completion
+from rsavq_core.runtime.scoring import MAX_TOP_LOGPROBS, score_completion
 from service import errors
-from service.artifacts import ArtifactStore, extract
+from service.artifacts import ArtifactStore
 from service.settings import Settings, get_settings
 from service.shared_secret import bearer_matches
+from worker.model_pool import Loaded, ModelPool
 
 log = logging.getLogger("rsavq.generation")
 DEFAULT_MAX_TOKENS = 256  # when neither the request nor the model's config bounds a chat answer
@@ -55,11 +55,13 @@ _END = object()  # the end of one generation's event queue
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_tokens: int | None = Field(16, ge=1, description="None: up to the model's context")
+    max_tokens: int | None = Field(16, ge=0, description="None: up to the model's context; 0: score the prompt only")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list, max_length=4)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per scored token")
+    echo: bool = False  # return (and score) the prompt before the completion
 
 
 class Message(BaseModel):
@@ -76,67 +78,6 @@ class GenerateRequest(BaseModel):
     messages: list[Message] | None = None
     params: Params = Field(default_factory=Params)
     stream: bool = False
-
-
-@dataclass
-class Loaded:
-    model: Any
-    tokenizer: Any
-    nbytes: int
-    context: int | None  # the model's maximum positions, when its config says
-
-
-def _model_bytes(model: torch.nn.Module) -> int:
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # tied tensors once
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-class ModelPool:
-    """Loaded models by artifact sha256, least recently used evicted first to stay under a cap."""
-
-    def __init__(self, store: ArtifactStore, cache_dir: Path, device: torch.device, cap_bytes: float) -> None:
-        self.store, self.cache_dir, self.device, self.cap = store, cache_dir, device, cap_bytes
-        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self.models: OrderedDict[str, Loaded] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, relative: str, sha256: str) -> Loaded:
-        with self.lock:
-            if sha256 in self.models:
-                self.models.move_to_end(sha256)
-                return self.models[sha256]
-            loaded = self._load(relative, sha256)
-            if loaded.nbytes > self.cap:
-                raise InsufficientMemoryError(
-                    f"the model needs {loaded.nbytes / 2**30:.2f} GiB, over the "
-                    f"generation server's cap of {self.cap / 2**30:.2f} GiB"
-                )
-            while self.models and sum(m.nbytes for m in self.models.values()) + loaded.nbytes > self.cap:
-                evicted, _ = self.models.popitem(last=False)
-                log.info("evicted %s to stay under %.2f GiB", evicted[:12], self.cap / 2**30)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.models[sha256] = loaded
-            return loaded
-
-    def _load(self, relative: str, sha256: str) -> Loaded:
-        folder = self.cache_dir / sha256
-        if not folder.is_dir():
-            # Verified before anything is unpacked or loaded: the request names the digest.
-            source = self.store.verified_path(relative, sha256)
-            tmp = self.cache_dir / f".{sha256}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            extract(source, tmp)
-            os.replace(tmp, folder)  # atomic: a crash never leaves a half-extracted model behind
-        checkpoint = next(p.parent for p in folder.rglob("rsavq.safetensors"))
-        model, tokenizer, _ = load_quantized_model(checkpoint, dtype=self.dtype, device=self.device)
-        if tokenizer is None:
-            raise ConfigError("this checkpoint has no tokenizer, so it cannot generate text")
-        context = getattr(model.config, "max_position_embeddings", None)
-        nbytes = _model_bytes(model)
-        log.info("loaded %s (%.2f GiB) on %s", sha256[:12], nbytes / 2**30, self.device)
-        return Loaded(model, tokenizer, nbytes, context)
 
 
 def _prompt_ids(loaded: Loaded, req: GenerateRequest) -> list[int]:
@@ -162,9 +103,10 @@ def _prompt_ids(loaded: Loaded, req: GenerateRequest) -> list[int]:
     if not ids:
         raise ConfigError("the prompt is empty")
     budget = req.params.max_tokens
-    if loaded.context is not None and len(ids) + (budget or 1) > loaded.context:
+    budget = 1 if budget is None else budget
+    if loaded.context is not None and len(ids) + budget > loaded.context:
         raise ConfigError(
-            f"the prompt ({len(ids)} tokens) plus max_tokens ({budget or 1}) exceeds "
+            f"the prompt ({len(ids)} tokens) plus max_tokens ({budget}) exceeds "
             f"the model's context of {loaded.context} tokens"
         )
     return ids
@@ -177,12 +119,48 @@ def _max_tokens(loaded: Loaded, prompt_len: int, asked: int | None) -> int:
 
 
 def _result(done: Completion) -> dict[str, Any]:
-    return {
+    out = {
         "text": done.text,
         "finish_reason": done.finish_reason,
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
     }
+    if done.scores is not None:
+        scores = dataclasses.asdict(done.scores)
+        out["echo"] = scores.pop("echo")
+        out["logprobs"] = scores
+    return out
+
+
+def _sampling(loaded: Loaded, req: GenerateRequest, prompt_len: int) -> SamplingParams | None:
+    """The request's sampling, validated; None when there is nothing to generate (max_tokens 0)."""
+    p = req.params
+    if p.max_tokens == 0:
+        return None
+    return SamplingParams(
+        max_tokens=_max_tokens(loaded, prompt_len, p.max_tokens),
+        temperature=p.temperature,
+        top_p=p.top_p,
+        stop=tuple(p.stop),
+        seed=p.seed,
+    )
+
+
+def _completions(
+    loaded: Loaded, req: GenerateRequest, ids: list[int], params: SamplingParams | None, cancel: threading.Event
+) -> Iterator[Any]:
+    """The generation's events (text deltas, then the Completion, scored when asked)."""
+    p = req.params
+    if params is None:  # nothing to generate: the prompt alone is scored and returned (echo)
+        items: Iterator[str | Completion] = iter([Completion(prompt_tokens=len(ids))])
+    else:
+        items = stream_completion(loaded.model, loaded.tokenizer, ids, params, cancel=cancel)
+    for item in items:
+        if isinstance(item, Completion) and (p.logprobs is not None or p.echo):
+            item.scores = score_completion(
+                loaded.model, loaded.tokenizer, ids, item.token_ids, item.text, top=p.logprobs or 0, echo=p.echo
+            )
+        yield item
 
 
 def create_app(settings: Settings | None = None, device: str | None = None, memory_gb: float | None = None) -> FastAPI:
@@ -223,21 +201,14 @@ def create_app(settings: Settings | None = None, device: str | None = None, memo
         never leave it held (it sets ``cancel`` instead, which stops generation at the next token).
         """
         ids = _prompt_ids(loaded, req)  # bad input raises here, before any answer is sent
-        p = req.params
-        params = SamplingParams(
-            max_tokens=_max_tokens(loaded, len(ids), p.max_tokens),
-            temperature=p.temperature,
-            top_p=p.top_p,
-            stop=tuple(p.stop),
-            seed=p.seed,
-        )
+        params = _sampling(loaded, req, len(ids))
         events: queue.Queue[Any] = queue.Queue()
         cancel = threading.Event()
 
         def work() -> None:
             try:
                 with generating:
-                    for item in stream_completion(loaded.model, loaded.tokenizer, ids, params, cancel=cancel):
+                    for item in _completions(loaded, req, ids, params, cancel):
                         events.put(item)
             except Exception as exc:  # handed to the request, which reports it
                 events.put(exc)

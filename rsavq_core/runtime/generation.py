@@ -20,6 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from rsavq_core.errors import ConfigError
+from rsavq_core.runtime.scoring import TokenScores
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    scores: TokenScores | None = None  # per-token log-probabilities, when asked for (``runtime.scoring``)
 
 
 class _TextStops(StoppingCriteria, BaseStreamer):

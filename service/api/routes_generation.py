@@ -160,9 +160,13 @@ async def _generate(
             async for event in _events(client, payload):
                 yield index, event
 
-    def choice(index: int, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
-        if not chat:
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+    def choice(
+        index: int, text: str | None, finish: str | None, delta: bool, event: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        if not chat:  # with echo / logprobs the generation server's event carries both
+            scored = event or {}
+            text = scored.get("echo", "") + (text or "")
+            return {"index": index, "text": text, "logprobs": scored.get("logprobs"), "finish_reason": finish}
         key = "delta" if delta else "message"
         message = {"role": "assistant", "content": text} if (text is not None or not delta) else {}
         return {"index": index, key: message, "logprobs": None, "finish_reason": finish}
@@ -174,7 +178,7 @@ async def _generate(
                 if "error" in event:  # failed after it started
                     return JSONResponse(event, status_code=int(event["error"].get("status") or 500))
                 if "finish_reason" in event:
-                    choices.append(choice(index, event["text"], event["finish_reason"], delta=False))
+                    choices.append(choice(index, event["text"], event["finish_reason"], delta=False, event=event))
                     prompt_tokens += event["prompt_tokens"]
                     completion_tokens += event["completion_tokens"]
         except _Upstream as exc:  # a later prompt of a batch was refused

@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI-compatible endpoints (``/v1/completions``, ``/v1/chat/completions``).
 
 Unknown fields are ignored, as OpenAI's own clients send ones a server may not know
-(``user``, ``metadata``...); fields we know but do not implement (``logprobs``, ``echo``,
-``n`` > 1, ...) are refused with a 422 that names them, never silently ignored.
+(``user``, ``metadata``...); fields we know but do not implement (``suffix``, ``n`` > 1, chat
+``logprobs``, ...) are refused with a 422 that names them, never silently ignored. Completions take
+``echo`` and ``logprobs`` (log-probabilities of the model's own distribution; what
+lm-evaluation-harness's ``local-completions`` sends for log-likelihood tasks), not streamed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOPS = 4
+MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
 
 
 class StreamOptions(BaseModel):
@@ -76,20 +79,31 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="text, texts, or token ids")
-    max_tokens: int = Field(16, ge=1)
-    echo: bool = Field(False, description="not supported")
-    logprobs: int | None = Field(None, description="not supported")
+    max_tokens: int = Field(16, ge=0, description="0 (with echo): score the prompt, generate nothing")
+    echo: bool = Field(False, description="return the prompt before the completion (with logprobs: scored too)")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="log-probabilities of each returned token and of this many likeliest alternatives",
+    )
     suffix: str | None = Field(None, description="not supported")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
 
     @model_validator(mode="after")
     def _unsupported_completion(self) -> CompletionRequest:
-        for name in ("echo", "logprobs", "suffix"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 returns nothing: set echo to score the prompt")
+        if self.stream and (self.echo or self.logprobs is not None):
+            raise ValueError("echo and logprobs are not supported with stream")
         return self
+
+    def params(self, max_tokens: int | None) -> dict[str, Any]:
+        return {**super().params(max_tokens), "logprobs": self.logprobs, "echo": self.echo}
 
     def prompts(self) -> list[dict[str, Any]]:
         """One generation request fragment per prompt: {"prompt": text} or {"prompt_ids": ids}."""

@@ -221,8 +221,12 @@ def test_clear_errors_in_openai_shape(stack: dict[str, Any]) -> None:
         client.completions.create(model=stack["running"], prompt=PROMPT, max_tokens=2)
     with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
         client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, temperature=5)
-    with pytest.raises(openai.UnprocessableEntityError, match="logprobs is not supported"):
-        client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, logprobs=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="echo and logprobs are not supported with stream"):
+        client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, logprobs=2, stream=True)
+    with pytest.raises(openai.UnprocessableEntityError, match="max_tokens 0 returns nothing"):
+        client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=0)
+    with pytest.raises(openai.UnprocessableEntityError, match="logprobs"):
+        client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=1, logprobs=6)
     with pytest.raises(openai.UnprocessableEntityError, match="context"):  # within the cap, past the context
         client.completions.create(model=stack["done"], prompt=" ".join([PROMPT] * 1500), max_tokens=4000)
     with pytest.raises(openai.AuthenticationError):
@@ -245,7 +249,7 @@ def test_model_pool_evicts_least_recently_used(tmp_path: Path, checkpoint: Path)
     import torch
 
     from rsavq_core.errors import InsufficientMemoryError
-    from worker.generation_server import ModelPool
+    from worker.model_pool import ModelPool
 
     store = ArtifactStore(tmp_path / "artifacts")
     published = {}
@@ -272,7 +276,7 @@ def test_the_pool_loads_only_an_artifact_with_the_digest_asked_for(tmp_path: Pat
     import torch
 
     from service.errors import ArtifactDigestError
-    from worker.generation_server import ModelPool
+    from worker.model_pool import ModelPool
 
     store = ArtifactStore(tmp_path / "artifacts")
     relative, _, sha = store.publish("job", checkpoint)
