@@ -60,6 +60,23 @@ class Client:
         body = {"model_id": model_id, "bits": bits, "method": method, "options": options or {}}
         return self._call("POST", "/v1/jobs", json=body, headers=headers).json()
 
+    def sweep(
+        self,
+        model_id: str,
+        bits: list[float],
+        method: str = "rsavq",
+        options: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        """Submit one job per budget (``POST /v1/sweeps``)."""
+        body = {"model_id": model_id, "bits": bits, "method": method, "options": options or {}}
+        if name is not None:
+            body["name"] = name
+        return self._call("POST", "/v1/sweeps", json=body).json()
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/sweeps/{sweep_id}").json()
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}").json()
 

@@ -80,6 +80,22 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sweep_id: Mapped[str | None] = mapped_column(
+        ForeignKey("sweeps.id", ondelete="SET NULL"), nullable=True, index=True
+    )  # the sweep that created this job, if any
+
+
+class Sweep(Base):
+    """One request with several bit budgets: one job per budget (``Job.sweep_id``)."""
+
+    __tablename__ = "sweeps"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[str] = mapped_column(String(512))
+    method: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    bits: Mapped[list[float]] = mapped_column(JSON)  # the budgets, in the order asked
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
 class JobEvent(Base):

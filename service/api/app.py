@@ -28,6 +28,7 @@ from service.api.observability import Metrics
 from service.api.routes_artifacts import router as artifacts_router
 from service.api.routes_generation import router as generation_router
 from service.api.routes_jobs import router as jobs_router
+from service.api.routes_sweeps import router as sweeps_router
 from service.artifacts import ArtifactStore
 from service.db import Job, session_factory
 from service.errors import AuthenticationError, NotFoundError
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.context = context
     errors.install(app)
     app.include_router(jobs_router)
+    app.include_router(sweeps_router)
     app.include_router(artifacts_router)
     app.include_router(generation_router)
 

@@ -8,15 +8,13 @@ import datetime as dt
 import hashlib
 import json
 import re
-import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -24,10 +22,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from rsavq_core.errors import ConfigError
 from service import jobs as machine
 from service.api.deps import BEARER, Context, DbSession, get_context, tenant_of
-from service.api.schemas import HUB_ID, JobList, JobOut, JobProgress, JobRequest
+from service.api.schemas import JobList, JobOut, JobProgress, JobRequest
+from service.api.submission import check_model_id, enqueue_or_forget, new_job, within_tenant_limit
 from service.db import Job, JobEvent, JobLayer
-from service.errors import ConflictError, NotFoundError, TooManyRequestsError
-from service.queue import QUANTIZE_TASK, enqueue
+from service.errors import ConflictError, NotFoundError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 Tenant = Annotated[str, Depends(tenant_of)]
@@ -73,34 +71,6 @@ def load_job(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-def _check_model_id(model_id: str, allow_local: bool) -> None:
-    if HUB_ID.match(model_id):
-        return
-    if Path(model_id).is_absolute() and allow_local:
-        return
-    if Path(model_id).is_absolute() or model_id.startswith((".", "~")):
-        raise ConfigError(
-            f"model_id {model_id!r}: local paths are not allowed on this server "
-            "(set RSAVQ_ALLOW_LOCAL_MODELS=true on a private deployment)"
-        )
-    raise ConfigError(f"model_id {model_id!r} is not a model id: use 'org/name', 'name' or a built-in alias")
-
-
-def _within_tenant_limit(session: Session, tenant: str, limit: int) -> None:
-    """429 when the tenant already has ``limit`` jobs queued or running (a retry of an existing job,
-    by its Idempotency-Key, is answered before this). Two submissions racing may both pass: the
-    limit bounds a flood, it is not a quota."""
-    active = session.scalar(
-        select(func.count()).where(Job.tenant == tenant, Job.status.in_((machine.QUEUED, machine.RUNNING)))
-    )
-    if (active or 0) >= limit:
-        raise TooManyRequestsError(
-            f"this key's tenant has {active} jobs queued or running, the most allowed "
-            f"(RSAVQ_TENANT_MAX_ACTIVE_JOBS={limit}); retry when one has finished",
-            retry_after=60,
-        )
-
-
 @router.post("", status_code=202, response_model=JobOut)
 def submit(
     body: JobRequest,
@@ -110,28 +80,15 @@ def submit(
     session: DbSession,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    _check_model_id(body.model_id, ctx.settings.allow_local_models)
+    check_model_id(body.model_id, ctx.settings.allow_local_models)
     body.quant_config()  # every cross-field rule, before anything is stored
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
         if existing is not None:
             return _accepted(response, existing)
-    _within_tenant_limit(session, tenant, ctx.settings.tenant_max_active_jobs)
-    job = Job(
-        id=uuid.uuid4().hex,
-        tenant=tenant,
-        model_id=body.model_id,
-        name=body.name,
-        method=body.method,
-        bits=body.bits,
-        options=body.options.model_dump(mode="json", exclude_none=True),
-        status=machine.QUEUED,
-        stage="queued",
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-    )
-    session.add(job)
+    within_tenant_limit(session, tenant, ctx.settings.tenant_max_active_jobs)
+    job = new_job(session, tenant, body, request_hash, idempotency_key=idempotency_key)
     try:
         session.flush()
     except IntegrityError:  # a concurrent retry with the same key won the insert
@@ -142,13 +99,7 @@ def submit(
         return _accepted(response, existing)
     machine.add_event(session, job.id, "status", {"status": machine.QUEUED})
     session.commit()
-    try:
-        enqueue(ctx.celery, QUANTIZE_TASK, job.id)
-    except Exception:
-        # Not accepted: forget the job, so that the client's retry (same Idempotency-Key) submits anew.
-        session.execute(delete(Job).where(Job.id == job.id))  # its event goes with it (ON DELETE CASCADE)
-        session.commit()
-        raise
+    enqueue_or_forget(ctx, session, [job.id])
     ctx.metrics.jobs_submitted.labels(method=body.method).inc()
     return _accepted(response, job)
 

@@ -137,3 +137,80 @@ class JobOut(BaseModel):
 class JobList(BaseModel):
     items: list[JobOut]
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page")
+
+
+MAX_SWEEP_BUDGETS = 8
+
+
+class SweepRequest(BaseModel):
+    model_config = STRICT
+    model_id: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
+    bits: list[float] = Field(
+        ...,
+        min_length=2,
+        max_length=MAX_SWEEP_BUDGETS,
+        description=f"the budgets: one job each, {MIN_BITS}-{MAX_BITS} bits per weight, no repeats",
+        examples=[[2, 3, 4]],
+    )
+    method: Literal[method_names()] = Field("rsavq", description="quantization method, as for a job")  # type: ignore[valid-type]
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        description="names the jobs <name>-<bits>bit (/v1/completions accepts them as `model`)",
+    )
+    options: JobOptions = Field(default_factory=JobOptions)
+
+    @field_validator("bits")
+    @classmethod
+    def _distinct_budgets(cls, value: list[float]) -> list[float]:
+        for b in value:
+            if not MIN_BITS <= b <= MAX_BITS:
+                raise ValueError(f"every budget must lie in [{MIN_BITS:g}, {MAX_BITS:g}] bits per weight, got {b:g}")
+        if len(set(value)) != len(value):
+            raise ValueError("budgets must not repeat")
+        return value
+
+    def jobs(self) -> list[JobRequest]:
+        """One job request per budget, in the order given (each validated as a job's own would be)."""
+        return [
+            JobRequest(
+                model_id=self.model_id,
+                bits=float(b),
+                method=self.method,
+                name=None if self.name is None else f"{self.name}-{b:g}bit",
+                options=self.options,
+            )
+            for b in self.bits
+        ]
+
+
+class SweepRow(BaseModel):
+    bits: float
+    job_id: str | None = Field(None, description="None once the job was deleted")
+    status: str
+    effective_bpw: float | None = Field(None, description="all-in bits per weight of the quantized layers")
+    artifact_bytes: int | None = Field(None, description="all-in size of the published artifact")
+    perplexity: float | None = None
+    zero_shot: float | None = Field(None, description="average zero-shot accuracy, when evaluated")
+
+
+class SweepOut(BaseModel):
+    id: str
+    name: str | None
+    model_id: str
+    method: str
+    status: str = Field(description="queued / running while any job is; then succeeded, failed or mixed")
+    created_at: dt.datetime
+    rows: list[SweepRow]
+    links: dict[str, str]
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: dt.datetime) -> dt.datetime:
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+class SweepList(BaseModel):
+    items: list[SweepOut]

@@ -24,8 +24,10 @@ def knob_names() -> list[str]:
     return [k.name for k in shared_knobs()] + list(option_knobs())
 
 
-def _add(group: argparse._ArgumentGroup, k: Knob, help: str, *, required: bool = False) -> None:
+def _add(group: argparse._ArgumentGroup, k: Knob, help: str, *, required: bool = False, many: bool = False) -> None:
     kwargs: dict[str, Any] = {"dest": k.name, "default": None, "help": help, "required": required}
+    if many:
+        kwargs["nargs"] = "+"
     if k.base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif k.choices is not None:
@@ -36,8 +38,8 @@ def _add(group: argparse._ArgumentGroup, k: Knob, help: str, *, required: bool =
     group.add_argument(flag_of(k.name), **kwargs)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """``--method``, ``--bits`` (required) and a flag for every other knob."""
+def add_config_flags(parser: argparse.ArgumentParser, *, several_bits: bool = False) -> None:
+    """``--method``, ``--bits`` (required; with ``several_bits`` one or more) and a flag for every other knob."""
     summaries = "; ".join(f"{m.name}: {m.summary}" for m in methods())
     parser.add_argument("--method", default="rsavq", choices=method_names(), help=f"default rsavq. {summaries}")
     presets = "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in knobs.items())}" for name, knobs in PRESETS.items())
@@ -46,7 +48,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for k in shared_knobs():
         bounds = f" {k.interval()}" if k.ge is not None or k.gt is not None or k.le is not None else ""
         default = "" if k.name == "bits" else f" (default {k.default!r})"
-        _add(shared, k, f"{k.help}{bounds}{default}", required=k.name == "bits")
+        many = several_bits and k.name == "bits"
+        text = f"{k.help}{bounds}{default}" + (": several budgets, one job each" if many else "")
+        _add(shared, k, text, required=k.name == "bits", many=many)
     own = parser.add_argument_group("method options", "[the methods that have an option; their defaults]")
     for name, (k, _) in option_knobs().items():
         _add(own, k, describe_option(name))

@@ -19,15 +19,50 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
+    options = {**_options(args), **knobs_from_args(args, exclude=("bits",))}
+    result: dict[str, Any] = _client(args).submit(args.model, args.bits, args.method, options, args.idempotency_key)
+    return result
+
+
+def cmd_sweep(args: argparse.Namespace) -> str:
+    """Submit one job per budget; with --wait follow them to the end. Prints the sweep's table."""
+    options = {**_options(args), **knobs_from_args(args, exclude=("bits",))}
+    client = _client(args)
+    sweep = client.sweep(args.model, args.bits, args.method, options, args.name)
+    if args.wait:
+        for row in sweep["rows"]:
+            client.wait(row["job_id"], poll=args.poll)
+        sweep = client.get_sweep(sweep["id"])
+    return sweep_table(sweep)
+
+
+def sweep_table(sweep: dict[str, Any]) -> str:
+    """The sweep's budgets side by side, as text."""
+
+    def cell(value: Any, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    lines = [
+        f"sweep {sweep['id']}  {sweep['model_id']}  {sweep['method']}  {sweep['status']}",
+        f"{'bits':>5}  {'status':<10}  {'bpw':>7}  {'size MB':>8}  {'perplexity':>10}  {'zero-shot':>9}  job",
+    ]
+    for r in sweep["rows"]:
+        size = None if r["artifact_bytes"] is None else r["artifact_bytes"] / 1e6
+        lines.append(
+            f"{r['bits']:>5g}  {r['status']:<10}  {cell(r['effective_bpw'], '7.4f')}  {cell(size, '8.1f')}  "
+            f"{cell(r['perplexity'], '10.2f')}  {cell(r['zero_shot'], '9.3f')}  {r['job_id'] or '-'}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
     try:
         options = json.loads(args.options) if args.options else {}
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--options is not valid JSON: {exc}") from exc
     if not isinstance(options, dict):
         raise ConfigError("--options must be a JSON object")
-    options = {**options, **knobs_from_args(args, exclude=("bits",))}
-    result: dict[str, Any] = _client(args).submit(args.model, args.bits, args.method, options, args.idempotency_key)
-    return result
+    return options
 
 
 def cmd_wait(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,6 +99,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_flags(s)
     _remote_flags(s)
     s.set_defaults(func=cmd_submit)
+    w = sub.add_parser("sweep", help="quantize one model at several bit budgets on a running service; prints a table")
+    w.add_argument("model")
+    w.add_argument("--name", help="names the jobs <name>-<bits>bit")
+    w.add_argument("--options", help="more options as JSON, as for submit (flags win)")
+    w.add_argument("--wait", action="store_true", help="follow every job to its end, then print the table")
+    w.add_argument("--poll", type=float, default=1.0, help="seconds before reconnecting a broken event stream")
+    add_config_flags(w, several_bits=True)
+    _remote_flags(w)
+    w.set_defaults(func=cmd_sweep)
+    t = sub.add_parser("sweep-status", help="a sweep's budgets side by side: bpw, size, perplexity, zero-shot")
+    t.add_argument("sweep_id")
+    _remote_flags(t)
+    t.set_defaults(func=lambda a: sweep_table(_client(a).get_sweep(a.sweep_id)))
     for name, func, text in (
         ("status", lambda a: _client(a).job(a.job_id), "a job's state, progress and per-layer reports"),
         ("wait", cmd_wait, "follow a job's progress until it ends"),
