@@ -45,6 +45,7 @@ FORMAT = "rsavq"
 FORMAT_VERSION = "2"
 SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2")
 WEIGHTS_FILE = "rsavq.safetensors"
+QUANT_METHOD = "rsavq"  # config.json's quantization_config.quant_method (``rsavq_core.hf_integration``)
 _RESERVED = ("format", "format_version", "method", "config", "layers", "source_model", "tied")
 
 
@@ -166,6 +167,7 @@ def save_checkpoint(
     hf: Any = model  # a transformers model: its config is not an nn.Module attribute to a type checker
     try:
         hf.config.save_pretrained(tmp)
+        _declare_quantization(tmp / "config.json")
         if getattr(hf, "generation_config", None) is not None:
             hf.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -188,6 +190,18 @@ def save_checkpoint(
     return out
 
 
+def hf_quantization_config() -> dict[str, str]:
+    """The ``quantization_config`` of an artifact's config.json: transformers' ``from_pretrained``
+    then loads it through our registered quantizer (``rsavq_core.hf_integration``)."""
+    return {"quant_method": QUANT_METHOD, "format": FORMAT, "format_version": FORMAT_VERSION}
+
+
+def _declare_quantization(config_file: Path) -> None:
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = hf_quantization_config()
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def read_checkpoint(path: str | Path) -> PackedCheckpoint:
     """Read and validate a checkpoint directory (or its ``rsavq.safetensors`` file directly)."""
     file = Path(path)
@@ -198,7 +212,7 @@ def read_checkpoint(path: str | Path) -> PackedCheckpoint:
     try:
         with safe_open(str(file), framework="pt") as fh:
             metadata = dict(fh.metadata() or {})
-            _check_header(metadata, file)
+            check_header(metadata, file)
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{file}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
@@ -230,7 +244,7 @@ def read_checkpoint(path: str | Path) -> PackedCheckpoint:
     )
 
 
-def _check_header(metadata: dict[str, str], file: Path) -> None:
+def check_header(metadata: dict[str, str], file: Path) -> None:
     if metadata.get("format") != FORMAT:
         raise ArtifactError(f"{file}: not an rsavq checkpoint (metadata format={metadata.get('format')!r})")
     version = metadata.get("format_version")
