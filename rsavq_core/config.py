@@ -76,6 +76,9 @@ class QuantConfig:
     # block and 20 s end to end; more, cheaper steps cover the same windows sooner.
     finetune_batch: int = knob(1, "calibration windows per fine-tuning step (block-wise and end to end)", ge=1, le=4096)
     seed: int = knob(0, "seed of every random choice (k-means initialisation, subsampling)", ge=0, le=2**32 - 1)
+    # Not a knob: the sha256 of the user's own calibration text (None: the bundled Wikipedia split),
+    # set by quantize_model from the text it is given, so an artifact says what it was calibrated on.
+    calib_data: str | None = None
     options: MethodOptions | None = None  # the method's options; None = its defaults
 
     def __post_init__(self) -> None:

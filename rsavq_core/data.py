@@ -2,7 +2,8 @@
 
 The text is ``wiki.utf8`` from the ``exllamav2`` package (never imported: it compiles CUDA code on
 import; its files are located through package metadata). Documents are numbered in file order;
-every fifth (``i % 5 == 4``) is for evaluation, all others for calibration.
+every fifth (``i % 5 == 4``) is for evaluation, all others for calibration. A user's own text
+(``rsavq_core.text_files.TextSource``) replaces either split where given.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from rsavq_core.errors import AssetError, CalibrationError
+from rsavq_core.text_files import TextSource
 
 EVAL_PROTOCOL = "wiki-holdout-512"
 EVAL_WINDOWS, EVAL_LEN = 64, 512
@@ -70,7 +72,7 @@ def _tokenized(tokenizer: Any, split: str, docs: list[str]) -> list[int]:
     return _TOKEN_CACHE[key]
 
 
-def token_windows(ids: list[int], n_windows: int, length: int) -> torch.Tensor:
+def token_windows(ids: list[int], n_windows: int, length: int, what: str = "the text") -> torch.Tensor:
     """The first ``n_windows`` non-overlapping windows of ``length`` tokens, [n, length] int64.
 
     Raises ``CalibrationError`` if the text is too short.
@@ -79,45 +81,65 @@ def token_windows(ids: list[int], n_windows: int, length: int) -> torch.Tensor:
         raise CalibrationError(f"need at least one window of at least 2 tokens, got {n_windows} x {length}")
     available = len(ids) // length
     if available < n_windows:
-        raise CalibrationError(f"the text holds {available} windows of {length} tokens; {n_windows} requested")
+        raise CalibrationError(
+            f"{what} holds {available} windows of {length} tokens ({len(ids)} tokens); {n_windows} requested"
+        )
     return torch.tensor(ids[: n_windows * length], dtype=torch.long).view(n_windows, length)
 
 
-def sampled_windows(ids: list[int], n_windows: int, length: int, seed: int) -> torch.Tensor:
+def sampled_windows(ids: list[int], n_windows: int, length: int, seed: int, what: str = "the text") -> torch.Tensor:
     """``n_windows`` of the text's non-overlapping windows of ``length`` tokens, drawn uniformly
     without replacement (seeded) and kept in text order, [n, length] int64."""
     available = len(ids) // max(length, 1)
     if not 1 <= n_windows <= available or length < 2:
-        return token_windows(ids, n_windows, length)  # raises CalibrationError saying what fits
+        return token_windows(ids, n_windows, length, what)  # raises CalibrationError saying what fits
     every = token_windows(ids, available, length)
     chosen = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_windows]
     return every[chosen.sort().values]
 
 
+def _source_ids(tokenizer: object, source: TextSource | None, split: str) -> tuple[list[int], str]:
+    """(token ids, what they are) of the bundled split, or of the user's text."""
+    if source is None:
+        calib, evaluation = split_documents(wiki_documents())
+        return _tokenized(tokenizer, split, calib if split == "calibration" else evaluation), f"the {split} text"
+    return _tokenized(tokenizer, f"{source.sha256}:{split}", list(source.documents)), source.name
+
+
 def calibration_windows(
-    tokenizer: object, n_windows: int, length: int, *, sampling: str = "random", seed: int = 0
+    tokenizer: object,
+    n_windows: int,
+    length: int,
+    *,
+    sampling: str = "random",
+    seed: int = 0,
+    source: TextSource | None = None,
 ) -> torch.Tensor:
-    """[n_windows, length] int64 calibration tokens (calibration documents only).
+    """[n_windows, length] int64 calibration tokens (calibration documents only, or ``source``'s).
 
     ``sampling="random"`` draws the windows across the whole calibration split (seeded): the first
     windows in file order are a handful of articles, and GPTQ fits them rather than the text
     (``shared/docs/quality_notes.md`` §2). ``"first"`` takes the first windows in file order.
     """
-    calib, _ = split_documents(wiki_documents())
-    ids = _tokenized(tokenizer, "calibration", calib)
+    ids, what = _source_ids(tokenizer, source, "calibration")
     bos = bos_token(tokenizer)
     text = length - 1 if bos is not None else length
     if sampling == "first":
-        return _with_bos(token_windows(ids, n_windows, text), bos)
-    return _with_bos(sampled_windows(ids, n_windows, text, seed), bos)
+        return _with_bos(token_windows(ids, n_windows, text, what), bos)
+    return _with_bos(sampled_windows(ids, n_windows, text, seed, what), bos)
 
 
-def evaluation_windows(tokenizer: object, n_windows: int = EVAL_WINDOWS, length: int = EVAL_LEN) -> torch.Tensor:
-    """[n_windows, length] int64 evaluation tokens (held-out documents only; BOS first when the tokenizer uses one)."""
-    _, evaluation = split_documents(wiki_documents())
+def evaluation_windows(
+    tokenizer: object, n_windows: int = EVAL_WINDOWS, length: int = EVAL_LEN, source: TextSource | None = None
+) -> torch.Tensor:
+    """[n, length] int64 evaluation tokens (held-out documents only; BOS first when the tokenizer
+    uses one). With ``source``, its first windows: ``n_windows`` at most, fewer when it is shorter."""
+    ids, what = _source_ids(tokenizer, source, "evaluation")
     bos = bos_token(tokenizer)
     text = length - 1 if bos is not None else length
-    return _with_bos(token_windows(_tokenized(tokenizer, "evaluation", evaluation), n_windows, text), bos)
+    if source is not None:
+        n_windows = max(1, min(n_windows, len(ids) // text))  # raises below when not even one fits
+    return _with_bos(token_windows(ids, n_windows, text, what), bos)
 
 
 def bos_token(tokenizer: Any) -> int | None:

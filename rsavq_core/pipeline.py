@@ -24,7 +24,7 @@ from rsavq_core.calibration.sequential import BlockInputs, with_hessians
 from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config import QuantConfig
 from rsavq_core.data import calibration_windows, tokens_hash
-from rsavq_core.errors import UnsupportedModelError
+from rsavq_core.errors import ConfigError, UnsupportedModelError
 from rsavq_core.finetune import finetune_quantized_block
 from rsavq_core.finetune_global import finetune_quantized_model
 from rsavq_core.formats import QuantizedLayer
@@ -32,6 +32,7 @@ from rsavq_core.methods import get_method
 from rsavq_core.models import find_decoder_layout, load_model, model_fingerprint, resolve_model
 from rsavq_core.progress import Progress
 from rsavq_core.resume import FinishedLayers
+from rsavq_core.text_files import TextSource
 
 log = logging.getLogger(__name__)
 LayerCallback = Callable[[str, dict], None]  # (full layer name, report)
@@ -57,9 +58,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def calibration_tokens(tokenizer: object, cfg: QuantConfig) -> torch.Tensor:
-    """[calib_samples, calib_len] int64: the run's calibration windows."""
-    return calibration_windows(tokenizer, cfg.calib_samples, cfg.calib_len, sampling=cfg.calib_sampling, seed=cfg.seed)
+def calibration_tokens(tokenizer: object, cfg: QuantConfig, source: TextSource | None = None) -> torch.Tensor:
+    """[calib_samples, calib_len] int64: the run's calibration windows (from ``source`` when given)."""
+    return calibration_windows(
+        tokenizer, cfg.calib_samples, cfg.calib_len, sampling=cfg.calib_sampling, seed=cfg.seed, source=source
+    )
 
 
 def calibration_store(
@@ -109,6 +112,7 @@ def quantize_model(
     micro_batch: int = 4,
     checkpoint_dir: Path | None = None,
     on_layer: LayerCallback | None = None,
+    calibration_text: TextSource | None = None,
 ) -> QuantizeResult:
     """Quantize every nn.Linear of the decoder blocks of ``model_id`` with ``cfg``.
 
@@ -118,8 +122,11 @@ def quantize_model(
     With ``checkpoint_dir`` every finished layer is saved there and layers found there are not quantized again, so a
     killed run resumes from its last finished layer. ``progress`` may raise (``JobCancelled``) to
     stop the run between layers; ``on_layer(name, report)`` sees each layer's report.
+    ``calibration_text``: the user's own calibration text instead of the bundled split; the
+    result's config records its sha256 (``calib_data``).
     """
     started = time.perf_counter()
+    cfg = _with_calibration_text(cfg, calibration_text)
     folder = resolve_model(model_id)  # fails fast, before the model is loaded
     model, tokenizer, _ = load_model(str(folder))
     layout = find_decoder_layout(model)  # fails fast on a model with no linear layers
@@ -140,7 +147,7 @@ def quantize_model(
     sequential = cfg.calib_inputs == "quantized" and cfg.needs_hessian()
     block_steps = cfg.block_finetune_steps or 0  # resolved to the method's default on construction
     need_tokens = (todo and (cfg.needs_calibration() or block_steps)) or cfg.model_finetune_steps
-    tokens = calibration_tokens(tokenizer, cfg) if need_tokens else None
+    tokens = calibration_tokens(tokenizer, cfg, calibration_text) if need_tokens else None
     store, cached, walker = None, False, None
     if tokens is not None and todo and (cfg.needs_gradients() or (cfg.needs_hessian() and not sequential)):
         t0 = time.perf_counter()
@@ -216,6 +223,16 @@ def quantize_model(
     if out_dir is not None:
         result.out_dir = save_result(result, Path(out_dir))
     return result
+
+
+def _with_calibration_text(cfg: QuantConfig, text: TextSource | None) -> QuantConfig:
+    if text is None:
+        if cfg.calib_data is not None:
+            raise ConfigError(f"this config was calibrated on a text with sha256 {cfg.calib_data}: pass that text")
+        return cfg
+    if cfg.calib_data not in (None, text.sha256):
+        raise ConfigError(f"this config names calibration text {cfg.calib_data}, not {text.label}")
+    return cfg.replace(calib_data=text.sha256)
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from rsavq_core.config import ZERO_SHOT_TASKS, QuantConfig
 from rsavq_core.errors import RSAVQError
 from rsavq_core.progress import Progress
 from rsavq_core.settings import configure, get_settings
+from rsavq_core.text_files import TextSource, check_overlap
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +38,31 @@ def quantize_summary(
     evaluation: dict[str, Any] | None = None,
     per_layer: bool = False,
     progress: Progress | None = None,
+    calibration_text: TextSource | None = None,
+    allow_overlap: bool = False,
 ) -> dict[str, Any]:
     """Quantize ``model_id``; optionally save the packed checkpoint to ``out`` and evaluate.
 
     ``evaluation`` holds ``evaluate_model``'s keyword arguments (``ppl``, ``tasks``, ``limit``,
-    ``perplexity_windows``); the model is evaluated with its quantized layers swapped in.
+    ``perplexity_windows``, ``texts``); the model is evaluated with its quantized layers swapped
+    in. ``calibration_text``: the user's calibration text; evaluation texts sharing documents with
+    it are refused before anything runs unless ``allow_overlap``.
     """
     from rsavq_core.bitcount import model_bits
     from rsavq_core.pipeline import peak_rss_gb, quantize_model, save_result
 
-    result = quantize_model(model_id, cfg, progress=progress)
+    texts = list((evaluation or {}).get("texts") or [])
+    overlap = check_overlap(calibration_text, texts, allow_overlap)
+    result = quantize_model(model_id, cfg, progress=progress, calibration_text=calibration_text)
     summary: dict[str, Any] = {
         "model": model_id,
         "method": cfg.method,
-        "config": cfg.to_dict(),
+        "config": result.config.to_dict(),
+        "texts": {
+            "calibration": None if calibration_text is None else _describe(calibration_text),
+            "evaluation": [_describe(t) for t in texts],
+            "shared_documents": overlap,
+        },
         "timings": result.timings,
         "stats_cached": result.stats_cached,
         "peak_rss_gb": result.peak_rss_gb,
@@ -59,7 +71,7 @@ def quantize_summary(
     }
     if out:
         summary["out"] = str(save_result(result, Path(out)))
-    if evaluation and (evaluation.get("ppl") or evaluation.get("tasks")):
+    if evaluation and (evaluation.get("ppl") or evaluation.get("tasks") or texts):
         from rsavq_core.evaluation import evaluate_model
         from rsavq_core.runtime import quantize_in_place
 
@@ -71,6 +83,10 @@ def quantize_summary(
     else:
         summary["bits"].pop("layers", None)
     return summary
+
+
+def _describe(text: TextSource) -> dict[str, Any]:
+    return {"name": text.name, "sha256": text.sha256, "format": text.format, "documents": len(text.documents)}
 
 
 def evaluate_summary(target: str, evaluation: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from torch import nn
 from rsavq_core.data import EVAL_LEN, EVAL_PROTOCOL, EVAL_WINDOWS, bos_token, evaluation_windows
 from rsavq_core.errors import ConfigError
 from rsavq_core.progress import Progress
+from rsavq_core.text_files import TextSource
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ def output_logits(output: Any) -> torch.Tensor:
             "[batch, seq, vocab] '.logits'; only causal language models can be evaluated"
         )
     return logits
+
+
+def _protocol(source: TextSource | None, n_windows: int, length: int, bos: bool) -> str:
+    if source is None:
+        return protocol_name(n_windows, length, bos)
+    return f"{source.label}-{length}" + ("+bos" if bos else "")
 
 
 def protocol_name(n_windows: int, length: int, bos: bool = False) -> str:
@@ -85,8 +92,11 @@ def perplexity(
     length: int = EVAL_LEN,
     batch_size: int = 4,
     progress: Progress | None = None,
+    source: TextSource | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of a causal LM on the held-out Wikipedia windows (``wiki-holdout-512``).
+    """Perplexity of a causal LM on the held-out Wikipedia windows (``wiki-holdout-512``), or on
+    the first windows of ``source`` (protocol ``<name>@<sha256 prefix>-<length>``, up to
+    ``n_windows`` windows: fewer when the text is shorter, reported in ``windows``).
 
     Args:
         model: any module whose ``forward(input_ids)`` returns ``.logits`` [B, T, vocab] (a
@@ -107,7 +117,8 @@ def perplexity(
             f"perplexity needs n_windows >= 1, length >= 2 and batch_size >= 1; got "
             f"n_windows={n_windows}, length={length}, batch_size={batch_size}"
         )
-    windows = evaluation_windows(tokenizer, n_windows, length)  # [n_windows, length] int64
+    windows = evaluation_windows(tokenizer, n_windows, length, source)  # [n, length] int64
+    n_windows = windows.shape[0]
     device = model_device(model)
     total, dtype = 0.0, torch.float32
     was_training = model.training
@@ -127,7 +138,7 @@ def perplexity(
     tokens = n_windows * (length - 1)
     mean_nll = total / tokens
     result = {
-        "protocol": protocol_name(n_windows, length, bos=bos_token(tokenizer) is not None),
+        "protocol": _protocol(source, n_windows, length, bos=bos_token(tokenizer) is not None),
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
         "windows": n_windows,

@@ -13,8 +13,16 @@ from service.cli.progress import StageBars
 
 def _evaluation(args: argparse.Namespace, *, ppl: bool) -> dict[str, Any]:
     from rsavq_core.runs import parse_tasks
+    from rsavq_core.text_files import read_text_file
 
-    return {"ppl": ppl, "tasks": parse_tasks(args.tasks), "limit": args.limit, "perplexity_windows": args.windows}
+    texts = [read_text_file(f) for f in args.eval_file or []]
+    return {
+        "ppl": ppl,
+        "tasks": parse_tasks(args.tasks),
+        "limit": args.limit,
+        "perplexity_windows": args.windows,
+        "texts": texts,
+    }
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
@@ -23,6 +31,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     cfg = config_from_args(args)  # validated before anything heavy
     bars = StageBars(not args.quiet)
     try:
+        from rsavq_core.text_files import read_text_file
+
         return quantize_summary(
             args.model,
             cfg,
@@ -30,6 +40,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
             evaluation=_evaluation(args, ppl=args.ppl),
             per_layer=args.per_layer,
             progress=bars,
+            calibration_text=read_text_file(args.calib_file) if args.calib_file else None,
+            allow_overlap=args.allow_overlap,
         )
     finally:
         bars.close()
@@ -81,6 +93,12 @@ def _evaluation_flags(p: argparse.ArgumentParser, *, limit: int | None = None) -
     p.add_argument("--tasks", help=f"comma-separated zero-shot tasks, or 'all' ({','.join(ZERO_SHOT_TASKS)})")
     p.add_argument("--limit", type=int, default=limit, help="first N items per zero-shot task (labelled in the output)")
     p.add_argument("--windows", type=int, help="perplexity windows (default 64; others are labelled)")
+    p.add_argument(
+        "--eval-file",
+        action="append",
+        metavar="FILE",
+        help="also the perplexity on your own text (plain text, or JSONL with a 'text' field); repeatable",
+    )
 
 
 def _output_flags(p: argparse.ArgumentParser) -> None:
@@ -93,6 +111,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q.add_argument("model", help="local folder, Hugging Face id already cached, or alias (smollm2-135m)")
     q.add_argument("--out", help="write the packed checkpoint to this folder")
     q.add_argument("--per-layer", action="store_true", help="include per-layer reports in the JSON")
+    q.add_argument("--calib-file", metavar="FILE", help="calibrate on your own text (plain text, or JSONL with 'text')")
+    q.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="evaluate on text that shares documents with the calibration text (refused otherwise)",
+    )
     add_config_flags(q)
     _evaluation_flags(q)
     _output_flags(q)
