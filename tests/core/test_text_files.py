@@ -79,7 +79,7 @@ def test_a_run_records_its_calibration_text_and_scores_the_evaluation_text(
     summary = json.loads(capsys.readouterr().out)
     sha = read_text_file(calib).sha256
     assert summary["config"]["calib_data"] == sha and summary["texts"]["calibration"]["documents"] == 30
-    (label, scored), = summary["eval"]["perplexity_on"].items()
+    ((label, scored),) = summary["eval"]["perplexity_on"].items()
     assert label == read_text_file(evaluation).label and scored["protocol"] == f"{label}-512"
     assert scored["windows"] == 3 and scored["ppl"] > 1
     cfg = QuantConfig.from_dict(summary["config"])
