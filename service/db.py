@@ -98,6 +98,21 @@ class Sweep(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
+class Dataset(Base):
+    """A tenant's own text for calibration or evaluation, stored in the artifact store."""
+
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    format: Mapped[str] = mapped_column(String(8))  # text | jsonl
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    documents: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(1024))  # relative to the artifact store's root
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
 class JobEvent(Base):
     """Every status change and progress step, in order; the SSE stream replays these."""
 

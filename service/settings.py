@@ -31,6 +31,9 @@ class Settings(CoreSettings):
     artifact_dir: Path = Field(description="published artifacts (default: <data dir>/artifacts)")
     allow_local_models: bool = Field(False, description="may a job name a server-side path? never on a shared service")
     max_body_bytes: int = Field(64 * 1024, ge=1, description="largest request body")
+    max_dataset_bytes: int = Field(
+        64 * 2**20, ge=1, description="largest dataset upload (POST /v1/datasets), the one body over max_body_bytes"
+    )
     lease_seconds: float = Field(30.0, gt=0, description="a running job's lease; its worker renews it every lease/3 s")
     requeue_after_s: float = Field(600.0, gt=0, description="re-send a queued job's message after this long")
     task_soft_limit_s: float = Field(6 * 3600.0, gt=0, description="raises inside the task: the job fails, saying so")

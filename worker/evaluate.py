@@ -40,14 +40,16 @@ def evaluate_job(
     from rsavq_core.evaluation import evaluate_model
     from rsavq_core.models import load_model, model_fingerprint
     from rsavq_core.runtime import load_quantized_model
+    from worker.runner import job_texts
 
     kwargs = _settings(evaluation)
-    fp_file = _fp_cache_file(ctx, model_fingerprint(folder), kwargs)
+    texts = job_texts(ctx, job)["evaluation"]
+    fp_file = _fp_cache_file(ctx, model_fingerprint(folder), {**kwargs, "texts": [t.label for t in texts]})
     if fp_file.exists():
         fp = json.loads(fp_file.read_text())
     else:
         model, tokenizer, _ = load_model(str(folder))
-        fp = evaluate_model(model, tokenizer, progress=_prefixed(reporter, "fp "), **kwargs)
+        fp = evaluate_model(model, tokenizer, progress=_prefixed(reporter, "fp "), texts=texts, **kwargs)
         del model
         tmp = fp_file.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(fp, default=float))
@@ -56,8 +58,9 @@ def evaluate_job(
     if not (packed / "rsavq.safetensors").exists():  # redelivered after publishing: unpack the artifact
         packed = _unpack(ctx, job.id)
     model, tokenizer, _ = load_quantized_model(str(packed))
-    quantized = evaluate_model(model, tokenizer, progress=reporter, **kwargs)
-    return {"fp": fp, "quantized": quantized, "evaluation": kwargs}
+    quantized = evaluate_model(model, tokenizer, progress=reporter, texts=texts, **kwargs)
+    described = [{"name": t.name, "sha256": t.sha256, "documents": len(t.documents)} for t in texts]
+    return {"fp": fp, "quantized": quantized, "evaluation": {**kwargs, "texts": described}}
 
 
 def _prefixed(reporter: Reporter, prefix: str) -> Progress:

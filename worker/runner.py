@@ -21,11 +21,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
 from rsavq_core.config import QuantConfig
-from rsavq_core.errors import JobCancelled, RSAVQError
+from rsavq_core.errors import ConfigError, JobCancelled, RSAVQError
 from rsavq_core.progress import stop_check
 from service import jobs as machine
 from service.artifacts import ArtifactStore
-from service.db import Artifact, Job, JobMetrics, Worker, utcnow
+from service.db import Artifact, Dataset, Job, JobMetrics, Worker, utcnow
 from service.scheduling import claim_turn
 from service.settings import Settings
 from worker.reporter import Heartbeat, LeaseLost, Reporter
@@ -58,8 +58,27 @@ class WorkerContext:
         )
 
 
+def job_texts(ctx: WorkerContext, job: Job) -> dict[str, Any]:
+    """The job's own texts: {"calibration": TextSource or None, "evaluation": [TextSource]}, read from
+    the store (checked against their recorded sha256; a deleted dataset fails the job saying so)."""
+    from service.datasets import read_dataset
+
+    options = job.options or {}
+    calibration_id = (options.get("calibration") or {}).get("dataset")
+    eval_ids = (options.get("evaluation") or {}).get("datasets") or []
+
+    def read(dataset_id: str) -> Any:
+        with ctx.sessions() as session:
+            row = session.get(Dataset, dataset_id)
+        if row is None or row.tenant != job.tenant:
+            raise ConfigError(f"dataset {dataset_id} no longer exists")
+        return read_dataset(ctx.store, row)
+
+    return {"calibration": read(calibration_id) if calibration_id else None, "evaluation": [read(i) for i in eval_ids]}
+
+
 def job_config(job: Job) -> QuantConfig:
-    knobs = {k: v for k, v in (job.options or {}).items() if k != "evaluation"}
+    knobs = {k: v for k, v in (job.options or {}).items() if k not in ("evaluation", "calibration")}
     return QuantConfig.for_method(job.method, bits=job.bits, **knobs)
 
 
@@ -149,7 +168,7 @@ def _run_stages(ctx: WorkerContext, job: Job, reporter: Reporter, step: str) -> 
     with ctx.sessions() as session:
         published = session.get(Artifact, job.id) is not None
     evaluation = (job.options or {}).get("evaluation") or {"perplexity": True}
-    wants_eval = bool(evaluation.get("perplexity", True) or evaluation.get("zero_shot"))
+    wants_eval = bool(evaluation.get("perplexity", True) or evaluation.get("zero_shot") or evaluation.get("datasets"))
     if not published:
         _preflight(ctx, folder, cfg)
         _quantize_and_publish(ctx, job, cfg, reporter)
@@ -192,8 +211,14 @@ def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, report
 
     work = ctx.store.work_dir(job.id)
     started = time.perf_counter()
+    calibration = job_texts(ctx, job)["calibration"]
     result = quantize_model(
-        job.model_id, cfg, progress=reporter, checkpoint_dir=work / "layers", on_layer=reporter.layer
+        job.model_id,
+        cfg,
+        progress=reporter,
+        checkpoint_dir=work / "layers",
+        on_layer=reporter.layer,
+        calibration_text=calibration,
     )
     reporter("package", 0, 1)
     packed = save_result(result, work / "packed")
@@ -206,6 +231,7 @@ def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, report
         "stats_cached": result.stats_cached,
         "peak_rss_gb": result.peak_rss_gb,
         "artifact_bytes": size,
+        "calibration_text": None if calibration is None else {"name": calibration.name, "sha256": calibration.sha256},
     }
     with ctx.sessions() as session:
         session.merge(Artifact(job_id=job.id, path=relative, size=size, sha256=sha256))

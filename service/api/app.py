@@ -26,6 +26,7 @@ from service.api.deps import Context
 from service.api.middleware import BodyLimit, Observe
 from service.api.observability import Metrics
 from service.api.routes_artifacts import router as artifacts_router
+from service.api.routes_datasets import router as datasets_router
 from service.api.routes_generation import router as generation_router
 from service.api.routes_jobs import router as jobs_router
 from service.api.routes_sweeps import router as sweeps_router
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(jobs_router)
     app.include_router(sweeps_router)
+    app.include_router(datasets_router)
     app.include_router(artifacts_router)
     app.include_router(generation_router)
 
@@ -105,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(context.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     openapi.install(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, larger={"/v1/datasets": settings.max_dataset_bytes})
     app.add_middleware(Observe, metrics=context.metrics)
     return app
 

@@ -22,15 +22,17 @@ class BodyLimit:
     the app's own body reading would reach the client as the framework's 400, not as our 413.
     """
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, larger: dict[str, int] | None = None) -> None:
+        """``larger``: path -> the limit of that path's uploads (dataset uploads), instead of ``limit``."""
+        self.app, self.default, self.larger = app, limit, larger or {}
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.larger.get(scope.get("path", ""), self.default)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._reject(send, limit)
         chunks, seen = [], 0
         while True:
             message = await receive()
@@ -38,8 +40,8 @@ class BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
-            if seen > self.limit:
-                return await self._reject(send)
+            if seen > limit:
+                return await self._reject(send, limit)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -53,9 +55,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, limit: int) -> None:
         body = JSONResponse(
-            errors.error_body(413, f"request body over {self.limit} bytes", "PayloadTooLargeError"), status_code=413
+            errors.error_body(413, f"request body over {limit} bytes", "PayloadTooLargeError"), status_code=413
         )
         await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
         await send({"type": "http.response.body", "body": body.body})

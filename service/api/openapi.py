@@ -31,7 +31,7 @@ class ErrorBody(BaseModel):
 
 WHY = {
     401: "missing, unknown or revoked API key",
-    404: "no such job (or sweep) for this key",
+    404: "no such job, sweep or dataset for this key (or a dataset a job names)",
     409: "the job is not in a state that allows this",
     413: "request body over the limit",
     422: "invalid request (fields, bounds, knob rules)",
@@ -51,7 +51,7 @@ def _statuses(path: str, method: str, op: dict[str, Any]) -> set[int]:
         codes.add(401)
     if "requestBody" in op:
         codes.add(413)
-    if "{job_id}" in path or "{sweep_id}" in path:
+    if "{job_id}" in path or "{sweep_id}" in path or "{dataset_id}" in path or path in ("/v1/jobs", "/v1/sweeps"):
         codes.add(404)
     if method == "delete" or path.endswith(_CONFLICTS) or (path == "/v1/jobs" and method == "post"):
         codes.add(409)  # POST /v1/jobs: an Idempotency-Key reused with another body

@@ -22,8 +22,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from rsavq_core.errors import ConfigError
 from service import jobs as machine
 from service.api.deps import BEARER, Context, DbSession, get_context, tenant_of
+from service.api.routes_datasets import check_job_datasets
 from service.api.schemas import JobList, JobOut, JobProgress, JobRequest
 from service.api.submission import check_model_id, enqueue_or_forget, new_job, within_tenant_limit
+from service.artifacts import ArtifactStore
 from service.db import Job, JobEvent, JobLayer
 from service.errors import ConflictError, NotFoundError
 
@@ -82,6 +84,7 @@ def submit(
 ) -> JobOut:
     check_model_id(body.model_id, ctx.settings.allow_local_models)
     body.quant_config()  # every cross-field rule, before anything is stored
+    check_job_datasets(session, tenant, ArtifactStore(ctx.settings.artifact_dir), body)
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)

@@ -19,8 +19,10 @@ from sqlalchemy.orm import Session
 
 from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
+from service.api.routes_datasets import check_job_datasets
 from service.api.schemas import SweepList, SweepOut, SweepRequest, SweepRow
 from service.api.submission import check_model_id, enqueue_or_forget, new_job, within_tenant_limit
+from service.artifacts import ArtifactStore
 from service.db import Artifact, Job, JobMetrics, Sweep
 from service.errors import NotFoundError
 
@@ -87,6 +89,7 @@ def submit_sweep(body: SweepRequest, response: Response, tenant: Tenant, ctx: Ct
     requests = body.jobs()
     for request in requests:
         request.quant_config()  # every budget's rules, before anything is stored
+    check_job_datasets(session, tenant, ArtifactStore(ctx.settings.artifact_dir), requests[0])
     within_tenant_limit(session, tenant, ctx.settings.tenant_max_active_jobs, adding=len(requests))
     sweep = Sweep(
         id=uuid.uuid4().hex, tenant=tenant, model_id=body.model_id, method=body.method, name=body.name, bits=body.bits

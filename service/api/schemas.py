@@ -46,6 +46,7 @@ def _quant_fields() -> dict[str, Any]:
 
 
 STRICT = ConfigDict(extra="forbid", strict=True)
+MAX_EVAL_DATASETS = 8
 
 
 class EvalOptions(BaseModel):
@@ -57,6 +58,21 @@ class EvalOptions(BaseModel):
     )
     limit: int | None = Field(None, ge=1, le=100_000, description="first N items of each zero-shot task")
     windows: int | None = Field(None, ge=1, le=100_000, description="first N perplexity windows (default: all)")
+    datasets: list[str] | None = Field(
+        None,
+        max_length=MAX_EVAL_DATASETS,
+        description="dataset ids (POST /v1/datasets): the perplexity on each of these texts too",
+    )
+
+
+class CalibrationData(BaseModel):
+    model_config = STRICT
+    dataset: str | None = Field(
+        None, description="a dataset id (POST /v1/datasets) to calibrate on instead of the bundled text"
+    )
+    allow_overlap: bool = Field(
+        False, description="allow evaluation datasets that share documents with the calibration dataset"
+    )
 
 
 QuantOptions = create_model("QuantOptions", __config__=STRICT, **_quant_fields())
@@ -64,6 +80,7 @@ QuantOptions = create_model("QuantOptions", __config__=STRICT, **_quant_fields()
 
 class JobOptions(QuantOptions):
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
+    calibration: CalibrationData | None = Field(None, description="your own calibration text")
 
 
 class JobRequest(BaseModel):
@@ -94,7 +111,9 @@ class JobRequest(BaseModel):
 
     def quant_config(self) -> QuantConfig:
         """The validated QuantConfig of this request (raises ConfigError)."""
-        knobs = {k: v for k, v in self.options.model_dump(exclude={"evaluation"}).items() if v is not None}
+        knobs = {
+            k: v for k, v in self.options.model_dump(exclude={"evaluation", "calibration"}).items() if v is not None
+        }
         return QuantConfig.for_method(self.method, bits=self.bits, **knobs)
 
 
@@ -214,3 +233,23 @@ class SweepOut(BaseModel):
 
 class SweepList(BaseModel):
     items: list[SweepOut]
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    format: str = Field(description="text (documents at blank lines) or jsonl (a 'text' field per line)")
+    size: int = Field(description="bytes")
+    sha256: str
+    documents: int
+    created_at: dt.datetime
+    links: dict[str, str]
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: dt.datetime) -> dt.datetime:
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]

@@ -1,0 +1,126 @@
+"""/v1/datasets: a tenant's own calibration and evaluation text (upload, list, read, delete), and
+the checks a job naming datasets gets before it is stored."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from rsavq_core.errors import ConfigError
+from rsavq_core.text_files import TextSource, check_overlap, parse_text, too_short
+from service.api.deps import Context, DbSession, get_context, tenant_of
+from service.api.schemas import DatasetList, DatasetOut, JobRequest
+from service.artifacts import ArtifactStore
+from service.datasets import read_dataset, remove_dataset, store_dataset
+from service.db import Dataset
+from service.errors import NotFoundError
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+Tenant = Annotated[str, Depends(tenant_of)]
+Ctx = Annotated[Context, Depends(get_context)]
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+UPLOAD = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "text/plain": {"schema": {"type": "string"}},
+            "application/jsonl": {"schema": {"type": "string", "description": "one {'text': ...} object per line"}},
+        },
+    }
+}
+
+
+def dataset_out(row: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=row.id,
+        name=row.name,
+        format=row.format,
+        size=row.size,
+        sha256=row.sha256,
+        documents=row.documents,
+        created_at=row.created_at,
+        links={"self": f"/v1/datasets/{row.id}"},
+    )
+
+
+def load_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
+    """The tenant's dataset; another tenant's is indistinguishable from a missing one (404)."""
+    row = session.get(Dataset, dataset_id)
+    if row is None or row.tenant != tenant:
+        raise NotFoundError(f"no dataset {dataset_id!r}")
+    return row
+
+
+def check_job_datasets(session: Session, tenant: str, store: ArtifactStore, body: JobRequest) -> None:
+    """Before a job naming datasets is stored: they exist for this tenant (404), the calibration
+    text can fill the windows as far as its size can tell, and no evaluation text repeats a
+    calibration document unless allowed (422). The exact token count needs the model's tokenizer:
+    a worker checks it before quantizing and fails the job saying so."""
+    calibration = body.options.calibration
+    eval_ids = body.options.evaluation.datasets or []
+    calib_text: TextSource | None = None
+    if calibration is not None and calibration.dataset is not None:
+        row = load_dataset(session, tenant, calibration.dataset)
+        calib_text = read_dataset(store, row)
+        cfg = body.quant_config()
+        short = too_short(calib_text, cfg.calib_samples, cfg.calib_len)
+        if short:
+            raise ConfigError(f"calibration dataset {row.id}: {short}")
+    eval_texts = [read_dataset(store, load_dataset(session, tenant, i)) for i in eval_ids]
+    check_overlap(calib_text, eval_texts, allow=bool(calibration and calibration.allow_overlap))
+
+
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD, summary="Upload a text")
+async def upload(
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    ctx: Ctx,
+    session: DbSession,
+    name: Annotated[str, Query(pattern=NAME, description="a name for the text, shown in reports")],
+    format: Annotated[Literal["text", "jsonl"] | None, Query(description="default: from Content-Type")] = None,
+) -> DatasetOut:
+    data = await request.body()  # bounded by RSAVQ_MAX_DATASET_BYTES (the body-limit middleware)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    fmt = format or ("jsonl" if content_type in ("application/jsonl", "application/x-ndjson") else "text")
+    text = parse_text(data, name, fmt)  # not UTF-8, empty, a bad JSONL line: ConfigError -> 422
+    dataset_id = uuid.uuid4().hex
+    relative = store_dataset(ArtifactStore(ctx.settings.artifact_dir), dataset_id, fmt, data)
+    row = Dataset(
+        id=dataset_id,
+        tenant=tenant,
+        name=name,
+        format=fmt,
+        size=len(data),
+        sha256=text.sha256,
+        documents=len(text.documents),
+        path=relative,
+    )
+    session.add(row)
+    session.commit()
+    response.headers["Location"] = f"/v1/datasets/{dataset_id}"
+    return dataset_out(row)
+
+
+@router.get("", response_model=DatasetList, summary="This key's datasets, newest first")
+def list_datasets(tenant: Tenant, session: DbSession) -> DatasetList:
+    rows = session.scalars(select(Dataset).where(Dataset.tenant == tenant).order_by(Dataset.created_at.desc()))
+    return DatasetList(items=[dataset_out(row) for row in rows])
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset")
+def get_dataset(dataset_id: str, tenant: Tenant, session: DbSession) -> DatasetOut:
+    return dataset_out(load_dataset(session, tenant, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset (jobs that still need it fail)")
+def delete_dataset(dataset_id: str, tenant: Tenant, ctx: Ctx, session: DbSession) -> Response:
+    row = load_dataset(session, tenant, dataset_id)
+    remove_dataset(ArtifactStore(ctx.settings.artifact_dir), row)
+    session.delete(row)
+    session.commit()
+    return Response(status_code=204)

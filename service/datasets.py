@@ -1,0 +1,47 @@
+"""Tenants' datasets on disk: stored next to the artifacts (``<store>/datasets/<id>.<ext>``, written
+atomically), read back as a ``TextSource`` only if their bytes still have the recorded sha256.
+Torch-free: the API stores and validates uploads, workers read them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from rsavq_core.errors import ArtifactError
+from rsavq_core.text_files import TextSource, parse_text
+from service.artifacts import ArtifactStore
+from service.db import Dataset
+
+
+def dataset_relative_path(dataset_id: str, fmt: str) -> str:
+    return f"datasets/{dataset_id}.{'jsonl' if fmt == 'jsonl' else 'txt'}"
+
+
+def store_dataset(store: ArtifactStore, dataset_id: str, fmt: str, data: bytes) -> str:
+    """Write an upload's bytes; returns the path relative to the store."""
+    relative = dataset_relative_path(dataset_id, fmt)
+    target = store.path(relative)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    return relative
+
+
+def read_dataset(store: ArtifactStore, row: Dataset) -> TextSource:
+    """The dataset's documents, from bytes checked against its recorded sha256."""
+    path: Path = store.path(row.path)
+    if not path.is_file():
+        raise ArtifactError(f"dataset {row.id} ({row.name}) is gone from the store")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        raise ArtifactError(f"dataset {row.id} ({row.name}) changed on disk: its sha256 is not the recorded one")
+    return parse_text(data, row.name, "jsonl" if row.format == "jsonl" else "text")
+
+
+def remove_dataset(store: ArtifactStore, row: Dataset) -> None:
+    store.path(row.path).unlink(missing_ok=True)

@@ -1,0 +1,134 @@
+"""/v1/datasets and jobs that calibrate or evaluate on them (SQLite, embedded broker; the last
+test runs the worker's steps in this process on a tiny local model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from rsavq_core.data import wiki_documents
+from service.db import Dataset
+from tests.service.conftest import auth
+
+DOCS = wiki_documents()
+CALIB = "\n\n".join(DOCS[:40]).encode()
+EVAL = "\n\n".join(DOCS[40:50]).encode()
+
+
+def upload(api: TestClient, key: str, data: bytes, name: str = "notes", **params: str) -> Any:
+    ctype = params.pop("content_type", "text/plain")
+    return api.post(
+        "/v1/datasets", params={"name": name, **params}, content=data, headers={**auth(key), "content-type": ctype}
+    )
+
+
+def test_upload_list_read_and_delete(api, keys, settings) -> None:  # type: ignore[no-untyped-def]
+    r = upload(api, keys["alice"], b"one\n\ntwo\n\nthree\n")
+    assert r.status_code == 201, r.text
+    text = r.json()
+    assert (text["format"], text["documents"], text["size"]) == ("text", 3, 16)
+    assert r.headers["Location"] == f"/v1/datasets/{text['id']}"
+    rows = b'{"text": "a"}\n{"text": "b"}\n'
+    jsonl = upload(api, keys["alice"], rows, "rows", content_type="application/jsonl").json()
+    assert jsonl["format"] == "jsonl" and jsonl["documents"] == 2
+    listed = api.get("/v1/datasets", headers=auth(keys["alice"])).json()["items"]
+    assert [d["id"] for d in listed] == [jsonl["id"], text["id"]]
+    assert api.get(f"/v1/datasets/{text['id']}", headers=auth(keys["bob"])).status_code == 404
+    assert api.get("/v1/datasets", headers=auth(keys["bob"])).json()["items"] == []
+    stored = settings.artifact_dir / f"datasets/{text['id']}.txt"
+    assert stored.read_bytes() == b"one\n\ntwo\n\nthree\n"
+    assert api.delete(f"/v1/datasets/{text['id']}", headers=auth(keys["bob"])).status_code == 404
+    assert api.delete(f"/v1/datasets/{text['id']}", headers=auth(keys["alice"])).status_code == 204
+    assert not stored.exists() and api.get(f"/v1/datasets/{text['id']}", headers=auth(keys["alice"])).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "data, params, message",
+    [
+        (b"caf\xe9", {}, "not UTF-8 text"),
+        (b"\n \n", {}, "holds no text"),
+        (b'{"text": 1}\n', {"format": "jsonl"}, "line 1 is not an object with a string 'text'"),
+        (b"text", {"name": "../x"}, "name"),
+    ],
+)
+def test_malformed_uploads_are_422_and_store_nothing(api, keys, sessions, data, params, message) -> None:  # type: ignore[no-untyped-def]
+    r = upload(api, keys["alice"], data, **params)
+    assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
+    with sessions() as session:
+        assert session.query(Dataset).count() == 0
+
+
+def test_an_upload_over_the_dataset_limit_is_413(settings) -> None:  # type: ignore[no-untyped-def]
+    from service.api.app import create_app
+    from service.api.auth import create_key
+    from service.db import session_factory
+
+    small = settings.model_copy(update={"max_dataset_bytes": 100})
+    with session_factory(small.database_url)() as session:
+        key = create_key(session, "carol")
+    with TestClient(create_app(small)) as api:
+        assert upload(api, key, b"x" * 100).status_code == 201
+        r = upload(api, key, b"x" * 101)
+        assert r.status_code == 413 and "over 100 bytes" in r.json()["error"]["message"]
+        assert api.post("/v1/jobs", content=b"x" * 70_000, headers=auth(key)).status_code == 413  # others keep 64 KiB
+
+
+def _job(model: str, calib: str | None, evals: list[str], **calibration: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {"calib_samples": 2, "calib_len": 16, "group_size": 16}
+    options["evaluation"] = {"perplexity": False, "datasets": evals, "windows": 2}
+    if calib is not None:
+        options["calibration"] = {"dataset": calib, **calibration}
+    return {"model_id": model, "bits": 3, "method": "gptq", "options": options}
+
+
+def test_jobs_naming_datasets_are_checked_before_they_are_stored(api, keys) -> None:  # type: ignore[no-untyped-def]
+    calib = upload(api, keys["alice"], CALIB, "calib").json()["id"]
+    clean = upload(api, keys["alice"], EVAL, "eval").json()["id"]
+    dirty = upload(api, keys["alice"], "\n\n".join(DOCS[5:7]).encode(), "dirty").json()["id"]
+    tiny = upload(api, keys["alice"], b"Too short to calibrate on.", "tiny").json()["id"]
+    bobs = upload(api, keys["bob"], EVAL, "bobs").json()["id"]
+    submit = lambda body: api.post("/v1/jobs", json=body, headers=auth(keys["alice"]))  # noqa: E731
+    assert submit(_job("smollm2-135m", "nope", [])).status_code == 404
+    assert submit(_job("smollm2-135m", calib, [bobs])).status_code == 404  # another tenant's
+    short = submit(_job("smollm2-135m", tiny, []))
+    assert short.status_code == 422 and "too few for 2 windows of 16 tokens" in short.json()["error"]["message"]
+    overlap = submit(_job("smollm2-135m", calib, [clean, dirty]))
+    assert overlap.status_code == 422 and "shares documents" in overlap.json()["error"]["message"]
+    allowed = submit(_job("smollm2-135m", calib, [dirty], allow_overlap=True))
+    assert allowed.status_code == 202
+    assert allowed.json()["options"]["calibration"] == {"dataset": calib, "allow_overlap": True}
+    assert submit(_job("smollm2-135m", calib, [clean])).status_code == 202
+
+
+def test_a_job_calibrated_and_evaluated_on_uploaded_text(  # type: ignore[no-untyped-def]
+    keys, settings, tiny_llama, tmp_path: Path
+) -> None:
+    from rsavq_core.settings import override
+    from service.api.app import create_app
+    from worker.runner import WorkerContext, claim_job, run_job
+
+    model, tokenizer = tiny_llama
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    local = settings.model_copy(update={"allow_local_models": True})
+    with TestClient(create_app(local)) as api, override(cache_dir=tmp_path / "cache"):
+        calib = upload(api, keys["alice"], CALIB, "calib").json()
+        evaluation = upload(api, keys["alice"], EVAL, "eval").json()
+        job = api.post("/v1/jobs", json=_job(str(folder), calib["id"], [evaluation["id"]]), headers=auth(keys["alice"]))
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+        ctx = WorkerContext.from_settings(local)
+        assert claim_job(ctx, job_id) == job_id and run_job(ctx, job_id) == "evaluate"
+        assert claim_job(ctx, job_id, "evaluate") == job_id and run_job(ctx, job_id, "evaluate") == "succeeded"
+        metrics = api.get(f"/v1/jobs/{job_id}/metrics", headers=auth(keys["alice"])).json()
+    assert metrics["calibration_text"] == {"name": "calib", "sha256": calib["sha256"]}
+    ((label, scored),) = metrics["quantized"]["perplexity_on"].items()
+    assert label == f"eval@{evaluation['sha256'][:12]}" and scored["windows"] == 2 and scored["ppl"] > 1
+    assert metrics["fp"]["perplexity_on"][label]["ppl"] > 1
+    assert metrics["evaluation"]["texts"] == [{"name": "eval", "sha256": evaluation["sha256"], "documents": 10}]
+    assert json.dumps(metrics)  # plain JSON all the way
