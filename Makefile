@@ -32,6 +32,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
+	sh scripts/ensure_browser.sh
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 test-slow: $(STAMP)

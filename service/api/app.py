@@ -7,12 +7,13 @@ never creates tables itself.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import httpx
 from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
@@ -36,6 +37,8 @@ from service.errors import AuthenticationError, NotFoundError
 from service.queue import broker_ok, make_celery
 from service.settings import Settings, get_settings
 from service.shared_secret import bearer_matches
+
+DASHBOARD = Path(__file__).parent / "static" / "ui.html"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -94,6 +97,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(
             {"status": "ok" if ok else "degraded", **checks, "generation": generation}, status_code=200 if ok else 503
         )
+
+    @app.get("/ui", include_in_schema=False)
+    def dashboard() -> HTMLResponse:
+        """The dashboard: one static page over this API (the key stays in the browser)."""
+        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     def metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
