@@ -80,6 +80,15 @@ class GenerateRequest(BaseModel):
     stream: bool = False
 
 
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    artifact: str
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    prompt: str | None = None  # text to tokenize
+    tokens: list[int] | None = None  # ids to detokenize
+    add_special_tokens: bool = True
+
+
 def _prompt_ids(loaded: Loaded, req: GenerateRequest) -> list[int]:
     tok = loaded.tokenizer
     if req.messages is not None:
@@ -249,6 +258,23 @@ def create_app(settings: Settings | None = None, device: str | None = None, memo
                 cancel.set()
 
         return EventSourceResponse(sse(), sep="\n")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        tokenizer, context = await run_in_threadpool(pool.tokenizer, req.artifact, req.sha256)
+        if req.prompt is None:
+            raise ConfigError("give a prompt to tokenize")
+        ids = [int(i) for i in tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]]
+        return {"tokens": ids, "count": len(ids), "max_model_len": context}
+
+    @app.post("/detokenize")
+    async def detokenize(req: TokenizeRequest) -> dict[str, Any]:
+        tokenizer, _ = await run_in_threadpool(pool.tokenizer, req.artifact, req.sha256)
+        if req.tokens is None:
+            raise ConfigError("give the token ids to detokenize")
+        if any(not 0 <= i < len(tokenizer) for i in req.tokens):
+            raise ConfigError(f"token ids must lie in [0, {len(tokenizer)})")
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     @app.get("/health")
     def health() -> JSONResponse:

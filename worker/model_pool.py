@@ -41,7 +41,26 @@ class ModelPool:
         self.store, self.cache_dir, self.device, self.cap = store, cache_dir, device, cap_bytes
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.models: OrderedDict[str, Loaded] = OrderedDict()
+        self.tokenizers: dict[str, tuple[Any, int | None]] = {}  # sha256 -> (tokenizer, context), no model
         self.lock = threading.Lock()
+
+    def tokenizer(self, relative: str, sha256: str) -> tuple[Any, int | None]:
+        """(tokenizer, the model's context or None) of an artifact, without loading its model."""
+        with self.lock:
+            if sha256 in self.models:
+                return self.models[sha256].tokenizer, self.models[sha256].context
+            if sha256 not in self.tokenizers:
+                from transformers import AutoConfig, AutoTokenizer
+
+                checkpoint = self._checkpoint(relative, sha256)
+                if (
+                    not (checkpoint / "tokenizer_config.json").is_file()
+                    and not (checkpoint / "tokenizer.json").is_file()
+                ):
+                    raise ConfigError("this checkpoint has no tokenizer")
+                context = getattr(AutoConfig.from_pretrained(str(checkpoint)), "max_position_embeddings", None)
+                self.tokenizers[sha256] = (AutoTokenizer.from_pretrained(str(checkpoint)), context)
+            return self.tokenizers[sha256]
 
     def get(self, relative: str, sha256: str) -> Loaded:
         with self.lock:
@@ -62,7 +81,8 @@ class ModelPool:
             self.models[sha256] = loaded
             return loaded
 
-    def _load(self, relative: str, sha256: str) -> Loaded:
+    def _checkpoint(self, relative: str, sha256: str) -> Path:
+        """The artifact's checkpoint folder, extracted once per sha256."""
         folder = self.cache_dir / sha256
         if not folder.is_dir():
             # Verified before anything is unpacked or loaded: the request names the digest.
@@ -72,7 +92,10 @@ class ModelPool:
             tmp.mkdir(parents=True)
             extract(source, tmp)
             os.replace(tmp, folder)  # atomic: a crash never leaves a half-extracted model behind
-        checkpoint = next(p.parent for p in folder.rglob("rsavq.safetensors"))
+        return next(p.parent for p in folder.rglob("rsavq.safetensors"))
+
+    def _load(self, relative: str, sha256: str) -> Loaded:
+        checkpoint = self._checkpoint(relative, sha256)
         model, tokenizer, _ = load_quantized_model(checkpoint, dtype=self.dtype, device=self.device)
         if tokenizer is None:
             raise ConfigError("this checkpoint has no tokenizer, so it cannot generate text")

@@ -31,6 +31,7 @@ from service.api.routes_datasets import router as datasets_router
 from service.api.routes_generation import router as generation_router
 from service.api.routes_jobs import router as jobs_router
 from service.api.routes_sweeps import router as sweeps_router
+from service.api.routes_tokenize import router as tokenize_router
 from service.artifacts import ArtifactStore
 from service.db import Job, session_factory
 from service.errors import AuthenticationError, NotFoundError
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(artifacts_router)
     app.include_router(generation_router)
+    app.include_router(tokenize_router)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -59,6 +59,8 @@ def _statuses(path: str, method: str, op: dict[str, Any]) -> set[int]:
         codes.add(429)  # the tenant's active jobs / concurrent completions
     if path.endswith("/completions"):
         codes |= {404, 502, 503, 504}
+    if path in ("/tokenize", "/detokenize"):
+        codes |= {404, 409, 502, 503}
     if path == "/health":
         codes.add(503)
     return codes

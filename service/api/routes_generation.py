@@ -40,7 +40,7 @@ Tenant = Annotated[str, Depends(tenant_of)]
 Ctx = Annotated[Context, Depends(get_context)]
 
 
-def _resolve(session: Session, tenant: str, model: str) -> tuple[Job, Artifact]:
+def resolve_model_job(session: Session, tenant: str, model: str) -> tuple[Job, Artifact]:
     """The job a ``model`` field names (its id, else the latest succeeded job of that name)."""
     job = session.get(Job, model)
     if job is None or job.tenant != tenant:
@@ -60,7 +60,7 @@ def _resolve(session: Session, tenant: str, model: str) -> tuple[Job, Artifact]:
     return job, artifact
 
 
-def _client(ctx: Context) -> httpx.AsyncClient:
+def generation_client(ctx: Context) -> httpx.AsyncClient:
     if not ctx.settings.generation_url:
         raise UnavailableError("no generation server is configured (RSAVQ_GENERATION_URL)")
     client = ctx.generation_client
@@ -75,7 +75,7 @@ def _client(ctx: Context) -> httpx.AsyncClient:
     return client
 
 
-def _upstream_error(status: int, raw: bytes) -> JSONResponse:
+def upstream_error(status: int, raw: bytes) -> JSONResponse:
     try:
         body = json.loads(raw)
         assert isinstance(body, dict) and "error" in body
@@ -115,7 +115,7 @@ async def _serve(
     stream: bool,
     include_usage: bool,
 ) -> Any:
-    _, artifact = _resolve(session, tenant, model)
+    _, artifact = resolve_model_job(session, tenant, model)
     session.rollback()  # hold no pooled connection while generating
     release = ctx.generation_slots.hold(tenant, ctx.settings.tenant_max_generations)
     try:
@@ -138,7 +138,7 @@ async def _generate(
 ) -> Any:
     """One held slot's completion; ``release`` runs when it ends (the stream's end, for a stream)."""
     deadline = time.monotonic() + ctx.settings.generation_deadline_s
-    client = _client(ctx)
+    client = generation_client(ctx)
     base = {"artifact": artifact.path, "sha256": artifact.sha256}
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
@@ -148,7 +148,7 @@ async def _generate(
         head = await anext(first)  # errors (bad prompt, model too big) surface before the 200
     except _Upstream as exc:
         release()
-        return _upstream_error(exc.status, exc.raw)
+        return upstream_error(exc.status, exc.raw)
     except httpx.TransportError as exc:
         raise UnavailableError(f"generation server at {ctx.settings.generation_url} unreachable: {exc}") from exc
 
@@ -182,7 +182,7 @@ async def _generate(
                     prompt_tokens += event["prompt_tokens"]
                     completion_tokens += event["completion_tokens"]
         except _Upstream as exc:  # a later prompt of a batch was refused
-            return _upstream_error(exc.status, exc.raw)
+            return upstream_error(exc.status, exc.raw)
         finally:  # also when cancelled (client gone, deadline): closing upstream cancels the generation
             await first.aclose()
         return {

@@ -58,3 +58,21 @@ def test_logprobs_of_a_generated_completion(stack: dict[str, Any]) -> None:  # n
     assert lp.text_offset[0] == 0
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert len(top) <= 3 and chosen == max(top.values())  # greedy: each token is the likeliest
+
+
+def test_tokenize_and_detokenize_use_the_jobs_tokenizer(stack: dict[str, Any], reference) -> None:  # noqa: F811
+    import httpx
+
+    _, tokenizer = reference
+    headers = {"Authorization": f"Bearer {stack['keys']['alice']}"}
+    url = stack["url"]
+    r = httpx.post(f"{url}/tokenize", json={"model": "smol-rtn4", "prompt": PROMPT}, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert r.json() == {"tokens": ids, "count": len(ids), "max_model_len": 8192, "model": "smol-rtn4"}
+    back = httpx.post(f"{url}/detokenize", json={"model": stack["done"], "tokens": ids}, headers=headers, timeout=60)
+    assert back.status_code == 200 and back.json() == {"prompt": PROMPT}
+    bad = httpx.post(f"{url}/detokenize", json={"model": stack["done"], "tokens": [-1]}, headers=headers, timeout=60)
+    assert bad.status_code == 422 and "token ids must lie in" in bad.json()["error"]["message"]
+    assert httpx.post(f"{url}/tokenize", json={"model": "nope", "prompt": "x"}, headers=headers).status_code == 404
+    assert httpx.post(f"{url}/tokenize", json={"model": stack["done"], "prompt": "x"}).status_code == 401
