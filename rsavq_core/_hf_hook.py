@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import sys
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -14,9 +15,14 @@ TARGET = "transformers.quantizers.auto"
 
 
 def _register() -> None:
-    from rsavq_core.hf_integration import register
+    """Register with transformers; a failure must not break transformers itself, only our loading."""
+    try:
+        from rsavq_core.hf_integration import register
 
-    register()
+        register()
+    except Exception as exc:  # noqa: BLE001 - any failure here would otherwise fail transformers' import
+        message = f"rsavq: could not register with transformers ({exc}); from_pretrained will not load artifacts"
+        warnings.warn(message, stacklevel=2)
 
 
 class _Loader(importlib.abc.Loader):
@@ -30,15 +36,25 @@ class _Loader(importlib.abc.Loader):
         self.wrapped.exec_module(module)
         _register()
 
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader...: the wrapped loader's
+        return getattr(self.wrapped, name)
+
 
 class _Finder(importlib.abc.MetaPathFinder):
     """Finds ``transformers.quantizers.auto`` as usual, then registers once it has executed."""
 
+    searching = False
+
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != TARGET:
+        if fullname != TARGET or self.searching:
             return None
-        sys.meta_path.remove(self)  # once, and so that the search below does not find us again
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        # Not removed from sys.meta_path here (the import system is iterating it): a re-import or a
+        # reload registers again, which register() makes harmless.
+        self.searching = True
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        finally:
+            self.searching = False
         if spec is not None and spec.loader is not None:
             spec.loader = _Loader(spec.loader)
         return spec

@@ -98,12 +98,14 @@ def sampled_windows(ids: list[int], n_windows: int, length: int, seed: int, what
     return every[chosen.sort().values]
 
 
-def _source_ids(tokenizer: object, source: TextSource | None, split: str) -> tuple[list[int], str]:
+def _source_ids(tokenizer: Any, source: TextSource | None, split: str) -> tuple[list[int], str]:
     """(token ids, what they are) of the bundled split, or of the user's text."""
     if source is None:
         calib, evaluation = split_documents(wiki_documents())
         return _tokenized(tokenizer, split, calib if split == "calibration" else evaluation), f"the {split} text"
-    return _tokenized(tokenizer, f"{source.sha256}:{split}", list(source.documents)), source.name
+    # Not memoised: every job's text is another entry, and a worker process lives for many jobs.
+    ids = tokenizer("\n\n".join(source.documents), add_special_tokens=False)["input_ids"]
+    return list(ids), source.name
 
 
 def calibration_windows(

@@ -39,6 +39,8 @@ class FinishedLayers:
         run_file = self.folder / RUN_FILE
         if run_file.exists():
             stored = json.loads(run_file.read_text())
+            if isinstance(stored.get("config"), dict):  # written before calib_data existed: it was None
+                stored["config"] = {"calib_data": None, **stored["config"]}
             if stored != identity:
                 # A checkpoint of another config or another model must never be mixed in.
                 raise ConfigError(

@@ -48,12 +48,13 @@ def parse_text(data: bytes, name: str, fmt: TextFormat | None = None) -> TextSou
     with a string ``text`` (with its line number)."""
     fmt = fmt or guess_format(name)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     if fmt == "jsonl":
         documents = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # "\n" only: splitlines() would also cut at U+2028 / U+0085, which JSON strings may hold
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

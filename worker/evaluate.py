@@ -44,7 +44,8 @@ def evaluate_job(
 
     kwargs = _settings(evaluation)
     texts = job_texts(ctx, job)["evaluation"]
-    fp_file = _fp_cache_file(ctx, model_fingerprint(folder), {**kwargs, "texts": [t.label for t in texts]})
+    key = {**kwargs, "texts": [t.sha256 for t in texts]} if texts else kwargs  # unchanged key without texts
+    fp_file = _fp_cache_file(ctx, model_fingerprint(folder), key)
     if fp_file.exists():
         fp = json.loads(fp_file.read_text())
     else:

@@ -103,7 +103,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/ui", include_in_schema=False)
     def dashboard() -> HTMLResponse:
         """The dashboard: one static page over this API (the key stays in the browser)."""
-        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+        headers = {
+            "Cache-Control": "no-cache",
+            "X-Frame-Options": "DENY",
+            "Content-Security-Policy": "frame-ancestors 'none'",
+        }
+        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"), headers=headers)
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     def metrics(authorization: Annotated[str | None, Header()] = None) -> Response:

@@ -7,6 +7,7 @@ import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -61,17 +62,16 @@ def check_job_datasets(session: Session, tenant: str, store: ArtifactStore, body
     calibration document unless allowed (422). The exact token count needs the model's tokenizer:
     a worker checks it before quantizing and fails the job saying so."""
     calibration = body.options.calibration
-    eval_ids = body.options.evaluation.datasets or []
-    calib_text: TextSource | None = None
-    if calibration is not None and calibration.dataset is not None:
-        row = load_dataset(session, tenant, calibration.dataset)
-        calib_text = read_dataset(store, row)
-        cfg = body.quant_config()
-        short = too_short(calib_text, cfg.calib_samples, cfg.calib_len)
-        if short:
-            raise ConfigError(f"calibration dataset {row.id}: {short}")
-    eval_texts = [read_dataset(store, load_dataset(session, tenant, i)) for i in eval_ids]
-    check_overlap(calib_text, eval_texts, allow=bool(calibration and calibration.allow_overlap))
+    eval_rows = [load_dataset(session, tenant, i) for i in body.options.evaluation.datasets or []]
+    if calibration is None or calibration.dataset is None:
+        return
+    row = load_dataset(session, tenant, calibration.dataset)
+    cfg = body.quant_config()
+    if row.size < cfg.calib_samples * cfg.calib_len:  # a token takes at least a byte
+        short = too_short(TextSource(row.name, row.sha256, "text", ("",), row.size), cfg.calib_samples, cfg.calib_len)
+        raise ConfigError(f"calibration dataset {row.id}: {short}")
+    if eval_rows and not calibration.allow_overlap:  # the texts are read only to compare documents
+        check_overlap(read_dataset(store, row), [read_dataset(store, r) for r in eval_rows], allow=False)
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD, summary="Upload a text")
@@ -87,9 +87,12 @@ async def upload(
     data = await request.body()  # bounded by RSAVQ_MAX_DATASET_BYTES (the body-limit middleware)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fmt = format or ("jsonl" if content_type in ("application/jsonl", "application/x-ndjson") else "text")
-    text = parse_text(data, name, fmt)  # not UTF-8, empty, a bad JSONL line: ConfigError -> 422
+    # not UTF-8, empty, a bad JSONL line: ConfigError -> 422. Parsing and writing megabytes happen
+    # off the event loop, which serves every other request and stream meanwhile.
+    text = await run_in_threadpool(parse_text, data, name, fmt)
     dataset_id = uuid.uuid4().hex
-    relative = store_dataset(ArtifactStore(ctx.settings.artifact_dir), dataset_id, fmt, data)
+    store = ArtifactStore(ctx.settings.artifact_dir)
+    relative = await run_in_threadpool(store_dataset, store, dataset_id, fmt, data)
     row = Dataset(
         id=dataset_id,
         tenant=tenant,
@@ -120,7 +123,7 @@ def get_dataset(dataset_id: str, tenant: Tenant, session: DbSession) -> DatasetO
 @router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset (jobs that still need it fail)")
 def delete_dataset(dataset_id: str, tenant: Tenant, ctx: Ctx, session: DbSession) -> Response:
     row = load_dataset(session, tenant, dataset_id)
-    remove_dataset(ArtifactStore(ctx.settings.artifact_dir), row)
     session.delete(row)
-    session.commit()
+    session.commit()  # the row first: a job submitted meanwhile sees a missing dataset (404), not a missing file
+    remove_dataset(ArtifactStore(ctx.settings.artifact_dir), row)
     return Response(status_code=204)

@@ -181,6 +181,8 @@ class SweepRequest(BaseModel):
     )
     options: JobOptions = Field(default_factory=JobOptions)
 
+    _no_traversal = field_validator("model_id")(JobRequest._no_traversal.__func__)  # type: ignore[attr-defined]
+
     @field_validator("bits")
     @classmethod
     def _distinct_budgets(cls, value: list[float]) -> list[float]:
