@@ -38,6 +38,20 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
         FinishedLayers(tmp_path, CFG, "another-model")
 
 
+def test_a_checkpoint_from_before_calib_data_existed_resumes(tmp_path: Path) -> None:
+    """A job running across the upgrade that added ``calib_data`` (None for it) is the same run."""
+    import json
+
+    FinishedLayers(tmp_path, CFG, "fp1")
+    run = tmp_path / "run.json"
+    stored = json.loads(run.read_text())
+    del stored["config"]["calib_data"]
+    run.write_text(json.dumps(stored))
+    FinishedLayers(tmp_path, CFG, "fp1")  # no ConfigError
+    with pytest.raises(ConfigError, match="different run"):
+        FinishedLayers(tmp_path, CFG.replace(calib_data="0" * 64), "fp1")
+
+
 def test_a_torn_layer_file_is_discarded_and_redone(tmp_path: Path) -> None:
     ckpt = FinishedLayers(tmp_path, CFG, "fp1")
     ckpt.save("a.q", make_vq_layer(48, 48, 4, 2, [2, 2]), {})
