@@ -106,13 +106,13 @@ def check_overlap(calibration: TextSource | None, evaluations: list[TextSource],
     return shared
 
 
-def too_short(source: TextSource, windows: int, length: int) -> str | None:
-    """Why ``source`` surely cannot fill ``windows`` windows of ``length`` tokens (a token takes at
-    least one byte of UTF-8 in byte-level tokenizers), or None when it may: the exact count needs
-    the model's tokenizer and is checked when the windows are cut."""
-    if source.size < windows * length:
+def too_short(name: str, size: int, windows: int, length: int) -> str | None:
+    """Why a text of ``size`` bytes surely cannot fill ``windows`` windows of ``length`` tokens (a
+    token takes at least one byte of UTF-8 in byte-level tokenizers), or None when it may: the
+    exact count needs the model's tokenizer and is checked when the windows are cut."""
+    if size < windows * length:
         return (
-            f"{source.name} has {source.size} bytes: too few for {windows} windows of {length} tokens "
-            f"(each token takes at least a byte)"
+            f"{name} has {size} bytes: too few for {windows} windows of {length} tokens "
+            "(each token takes at least a byte)"
         )
     return None

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rsavq_core.errors import ConfigError
-from rsavq_core.text_files import TextSource, check_overlap, parse_text, too_short
+from rsavq_core.text_files import check_overlap, parse_text, too_short
 from service.api.deps import Context, DbSession, get_context, tenant_of
 from service.api.schemas import DatasetList, DatasetOut, JobRequest
 from service.artifacts import ArtifactStore
@@ -67,8 +67,8 @@ def check_job_datasets(session: Session, tenant: str, store: ArtifactStore, body
         return
     row = load_dataset(session, tenant, calibration.dataset)
     cfg = body.quant_config()
-    if row.size < cfg.calib_samples * cfg.calib_len:  # a token takes at least a byte
-        short = too_short(TextSource(row.name, row.sha256, "text", ("",), row.size), cfg.calib_samples, cfg.calib_len)
+    short = too_short(row.name, row.size, cfg.calib_samples, cfg.calib_len)
+    if short:
         raise ConfigError(f"calibration dataset {row.id}: {short}")
     if eval_rows and not calibration.allow_overlap:  # the texts are read only to compare documents
         check_overlap(read_dataset(store, row), [read_dataset(store, r) for r in eval_rows], allow=False)

@@ -46,6 +46,13 @@ def _quant_fields() -> dict[str, Any]:
 
 
 STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """The database keeps UTC without an offset; the API says so (RFC 3339 date-time)."""
+    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+
+
 MAX_EVAL_DATASETS = 8
 
 
@@ -146,11 +153,7 @@ class JobOut(BaseModel):
     layers: list[dict[str, Any]] | None = Field(None, description="per-layer bits and proxy error")
     links: dict[str, str]
 
-    @field_validator("created_at", "started_at", "finished_at", "updated_at")
-    @classmethod
-    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
-        """The database keeps UTC without an offset; the API says so (RFC 3339 date-time)."""
-        return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+    _utc = field_validator("created_at", "started_at", "finished_at", "updated_at")(as_utc)
 
 
 class JobList(BaseModel):
@@ -227,10 +230,7 @@ class SweepOut(BaseModel):
     rows: list[SweepRow]
     links: dict[str, str]
 
-    @field_validator("created_at")
-    @classmethod
-    def _utc(cls, value: dt.datetime) -> dt.datetime:
-        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+    _utc = field_validator("created_at")(as_utc)
 
 
 class SweepList(BaseModel):
@@ -247,10 +247,7 @@ class DatasetOut(BaseModel):
     created_at: dt.datetime
     links: dict[str, str]
 
-    @field_validator("created_at")
-    @classmethod
-    def _utc(cls, value: dt.datetime) -> dt.datetime:
-        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+    _utc = field_validator("created_at")(as_utc)
 
 
 class DatasetList(BaseModel):

@@ -42,7 +42,7 @@ def test_malformed_text_is_a_clear_error(data: bytes, name: str, message: str) -
 
 def test_too_short_for_the_windows_and_overlap() -> None:
     calib = parse_text(b"alpha\n\nbeta\n\ngamma\n", "calib.txt")
-    assert too_short(calib, 2, 16) is not None and too_short(calib, 1, 16) is None
+    assert too_short(calib.name, calib.size, 2, 16) is not None and too_short(calib.name, calib.size, 1, 16) is None
     clean, dirty = parse_text(b"delta\n\nepsilon\n", "clean.txt"), parse_text(b"beta\n\nzeta\n", "dirty.txt")
     assert check_overlap(calib, [clean], allow=False) == {clean.label: 0}
     with pytest.raises(ConfigError, match=r"shares documents .*dirty.txt@\w+: 1 document"):
