@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from rsavq_core.errors import AssetError, CalibrationError
-from rsavq_core.text_files import TextSource
+from rsavq_core.text_files import EVAL_LEN, EVAL_WINDOWS, TextSource
 
 EVAL_PROTOCOL = "wiki-holdout-512"
-EVAL_WINDOWS, EVAL_LEN = 64, 512
 _DOC = re.compile(r"<doc [^>]*>.*?</doc>", re.S)
 
 

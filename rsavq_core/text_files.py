@@ -17,6 +17,10 @@ from typing import Literal
 
 from rsavq_core.errors import ConfigError
 
+# Perplexity windows: the protocol's count and length (here, not in data.py, so the torch-free API
+# can check an evaluation text's size against them).
+EVAL_WINDOWS, EVAL_LEN = 64, 512
+
 TextFormat = Literal["text", "jsonl"]
 MAX_TEXT_BYTES = 256 * 2**20  # what a file given to the command line may hold; the API sets its own
 _BLANK_LINES = re.compile(r"\n\s*\n")
@@ -112,7 +116,7 @@ def too_short(name: str, size: int, windows: int, length: int) -> str | None:
     exact count needs the model's tokenizer and is checked when the windows are cut."""
     if size < windows * length:
         return (
-            f"{name} has {size} bytes: too few for {windows} windows of {length} tokens "
+            f"{name} has {size} bytes: too few for {windows} window{'' if windows == 1 else 's'} of {length} tokens "
             "(each token takes at least a byte)"
         )
     return None

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -23,50 +20,9 @@ from pathlib import Path
 import httpx
 from httpx_sse import connect_sse
 
+from service.cli.local import create_key, fail_leftover_jobs, start_server, stop_server
 from service.cli.progress import JobEvents
 from service.client import Client
-
-
-def fail_leftover_jobs(data_dir: Path) -> list[str]:
-    """Jobs an interrupted earlier demo left queued or running in this data dir: failed now, so the
-    reaper does not hand them to the worker ahead of (or beside) this run's job."""
-    from sqlalchemy import select
-
-    from service import jobs as machine
-    from service.db import Job, session_factory
-    from service.migrate import upgrade
-    from service.settings import Settings
-
-    settings = Settings.from_env(data_dir)
-    if not settings.database_url.startswith("sqlite:///") or not Path(settings.database_url[10:]).is_file():
-        return []
-    upgrade(settings.database_url)  # an older demo's database: the schema this code reads
-    with session_factory(settings.database_url)() as session:
-        left = list(session.scalars(select(Job.id).where(Job.status.in_((machine.QUEUED, machine.RUNNING)))))
-        for job_id in left:
-            machine.fail_unclaimed(session, job_id, "abandoned by an interrupted earlier demo")
-    return left
-
-
-def start_server(data_dir: Path, port: int) -> subprocess.Popen:  # type: ignore[type-arg]
-    log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit(f"rsavq serve exited; see {data_dir / 'serve.log'}")
-        time.sleep(0.5)
-    raise SystemExit("rsavq serve did not become healthy in 120 s")
 
 
 def stream_completion(url: str, key: str, model: str, prompt: str, say: Callable[[str], object]) -> None:
@@ -118,22 +74,7 @@ def main() -> int:
     say(f"$ rsavq serve --port {args.port} --data-dir {data_dir}\n")
     server = start_server(data_dir, args.port)
     try:
-        created = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "keys",
-                "create",
-                f"demo-{uuid.uuid4().hex[:6]}",
-                "--data-dir",
-                str(data_dir),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        key = created.stdout.strip().splitlines()[-1]
+        key = create_key(data_dir, "demo")
         say(f"$ rsavq keys create demo  -> {key[:12]}…\n")
         client = Client(f"http://127.0.0.1:{args.port}", key)
         options = json.loads(args.options)
@@ -173,8 +114,7 @@ def main() -> int:
         say(f"POST /v1/completions (model {job['id']}, greedy, streamed):\nRSAVQ > {args.prompt}")
         stream_completion(f"http://127.0.0.1:{args.port}", key, job["id"], args.prompt, say)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_server(server)
     return 0
 
 

@@ -74,6 +74,12 @@ class Client:
             body["name"] = name
         return self._call("POST", "/v1/sweeps", json=body).json()
 
+    def upload_dataset(self, name: str, data: bytes, content_type: str = "text/plain") -> dict[str, Any]:
+        """Store a text for this key's tenant (``POST /v1/datasets``): ``text/plain`` documents at
+        blank lines, or ``application/jsonl`` with a string ``text`` per line."""
+        headers = {"content-type": content_type}
+        return self._call("POST", "/v1/datasets", params={"name": name}, content=data, headers=headers).json()
+
     def get_sweep(self, sweep_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/sweeps/{sweep_id}").json()
 

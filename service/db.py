@@ -89,6 +89,7 @@ class Sweep(Base):
     """One request with several bit budgets: one job per budget (``Job.sweep_id``)."""
 
     __tablename__ = "sweeps"
+    __table_args__ = (UniqueConstraint("tenant", "idempotency_key", name="uq_sweeps_tenant_idempotency"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     model_id: Mapped[str] = mapped_column(String(512))
@@ -96,6 +97,8 @@ class Sweep(Base):
     name: Mapped[str | None] = mapped_column(String(128), nullable=True)
     bits: Mapped[list[float]] = mapped_column(JSON)  # the budgets, in the order asked
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # sha256 of the request body
 
 
 class Dataset(Base):

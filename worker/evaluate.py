@@ -40,10 +40,10 @@ def evaluate_job(
     from rsavq_core.evaluation import evaluate_model
     from rsavq_core.models import load_model, model_fingerprint
     from rsavq_core.runtime import load_quantized_model
-    from worker.runner import job_texts
+    from worker.runner import evaluation_texts
 
     kwargs = _settings(evaluation)
-    texts = job_texts(ctx, job)["evaluation"]
+    texts = evaluation_texts(ctx, job)
     key = {**kwargs, "texts": [t.sha256 for t in texts]} if texts else kwargs  # unchanged key without texts
     fp_file = _fp_cache_file(ctx, model_fingerprint(folder), key)
     if fp_file.exists():

@@ -19,6 +19,7 @@ from rsavq_core.runtime import load_quantized_model
 from service.artifacts import ArtifactStore, extract
 
 log = logging.getLogger("rsavq.generation")
+MAX_TOKENIZERS = 32  # tokenizer-only entries kept (a few MB each): a many-job server must not grow without end
 
 
 @dataclass
@@ -41,7 +42,8 @@ class ModelPool:
         self.store, self.cache_dir, self.device, self.cap = store, cache_dir, device, cap_bytes
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.models: OrderedDict[str, Loaded] = OrderedDict()
-        self.tokenizers: dict[str, tuple[Any, int | None]] = {}  # sha256 -> (tokenizer, context), no model
+        # sha256 -> (tokenizer, context) of artifacts only tokenized (/tokenize), no model; LRU, bounded
+        self.tokenizers: OrderedDict[str, tuple[Any, int | None]] = OrderedDict()
         self.lock = threading.Lock()
 
     def tokenizer(self, relative: str, sha256: str) -> tuple[Any, int | None]:
@@ -60,6 +62,9 @@ class ModelPool:
                     raise ConfigError("this checkpoint has no tokenizer")
                 context = getattr(AutoConfig.from_pretrained(str(checkpoint)), "max_position_embeddings", None)
                 self.tokenizers[sha256] = (AutoTokenizer.from_pretrained(str(checkpoint)), context)
+                while len(self.tokenizers) > MAX_TOKENIZERS:
+                    self.tokenizers.popitem(last=False)
+            self.tokenizers.move_to_end(sha256)
             return self.tokenizers[sha256]
 
     def get(self, relative: str, sha256: str) -> Loaded:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ConfigError, JobCancelled, RSAVQError
 from rsavq_core.progress import stop_check
+from rsavq_core.text_files import TextSource
 from service import jobs as machine
 from service.artifacts import ArtifactStore
 from service.db import Artifact, Dataset, Job, JobMetrics, Worker, utcnow
@@ -58,23 +59,28 @@ class WorkerContext:
         )
 
 
-def job_texts(ctx: WorkerContext, job: Job) -> dict[str, Any]:
-    """The job's own texts: {"calibration": TextSource or None, "evaluation": [TextSource]}, read from
-    the store (checked against their recorded sha256; a deleted dataset fails the job saying so)."""
+def calibration_text(ctx: WorkerContext, job: Job) -> TextSource | None:
+    """The job's own calibration text (``options.calibration.dataset``), or None for the bundled one."""
+    dataset_id = ((job.options or {}).get("calibration") or {}).get("dataset")
+    return _job_dataset(ctx, job, dataset_id) if dataset_id else None
+
+
+def evaluation_texts(ctx: WorkerContext, job: Job) -> list[TextSource]:
+    """The job's own evaluation texts (``options.evaluation.datasets``), in the order named."""
+    ids = ((job.options or {}).get("evaluation") or {}).get("datasets") or []
+    return [_job_dataset(ctx, job, dataset_id) for dataset_id in ids]
+
+
+def _job_dataset(ctx: WorkerContext, job: Job, dataset_id: str) -> TextSource:
+    """A dataset of the job's tenant, read from the store and checked against its recorded sha256
+    (a deleted or changed dataset fails the job saying so)."""
     from service.datasets import read_dataset
 
-    options = job.options or {}
-    calibration_id = (options.get("calibration") or {}).get("dataset")
-    eval_ids = (options.get("evaluation") or {}).get("datasets") or []
-
-    def read(dataset_id: str) -> Any:
-        with ctx.sessions() as session:
-            row = session.get(Dataset, dataset_id)
-        if row is None or row.tenant != job.tenant:
-            raise ConfigError(f"dataset {dataset_id} no longer exists")
-        return read_dataset(ctx.store, row)
-
-    return {"calibration": read(calibration_id) if calibration_id else None, "evaluation": [read(i) for i in eval_ids]}
+    with ctx.sessions() as session:
+        row = session.get(Dataset, dataset_id)
+    if row is None or row.tenant != job.tenant:
+        raise ConfigError(f"dataset {dataset_id} no longer exists")
+    return read_dataset(ctx.store, row)
 
 
 def job_config(job: Job) -> QuantConfig:
@@ -211,7 +217,7 @@ def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, report
 
     work = ctx.store.work_dir(job.id)
     started = time.perf_counter()
-    calibration = job_texts(ctx, job)["calibration"]
+    calibration = calibration_text(ctx, job)
     result = quantize_model(
         job.model_id,
         cfg,

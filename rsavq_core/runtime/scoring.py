@@ -16,6 +16,7 @@ from torch import nn
 from rsavq_core.evaluation.perplexity import model_device, output_logits
 
 MAX_TOP_LOGPROBS = 20
+SCORE_CHUNK = 256  # rows of float32 log-softmax at a time: 256 x a 150k vocab is 150 MB
 
 
 @dataclass
@@ -51,31 +52,63 @@ def score_completion(
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise ValueError(f"top must lie in [0, {MAX_TOP_LOGPROBS}]")
     ids = [*prompt_ids, *completion_ids]
+    first = 0 if echo else len(prompt_ids)
+    lo = max(first - 1, 0)  # logits at position p predict token p + 1: only the scored rows are needed
     with torch.inference_mode():
         logits = output_logits(model(input_ids=torch.tensor([ids], dtype=torch.long, device=model_device(model))))
-        logp = logits[0, :-1].float().log_softmax(-1)  # [T-1, V] float32: position t predicts token t+1
-        target = torch.tensor(ids[1:], dtype=torch.long, device=logp.device)[:, None]
-        chosen = [None, *logp.gather(-1, target)[:, 0].tolist()]
-        best = logp.topk(top, dim=-1) if top else None
+        chosen_rows, top_values, top_indices = _score_rows(logits[0, lo : len(ids) - 1], ids[lo + 1 :], top)
+
+    def chosen(t: int) -> float | None:  # log p(token t | tokens before it)
+        return chosen_rows[t - 1 - lo] if t else None
+
     prompt_text = tokenizer.decode(prompt_ids)
-    first = 0 if echo else len(prompt_ids)
     # Character offsets in prompt text + completion: decoding whole prefixes keeps characters that
     # span several tokens (UTF-8 pieces, merged spaces) where the text has them.
     end = len(prompt_text) + len(completion_text)
     scores = TokenScores([], [], [], [], prompt_text if echo else "")
     for t in range(first, len(ids)):
-        start = len(tokenizer.decode(ids[:t])) if t else 0
-        if t > len(prompt_ids) and start >= end:
-            break  # past a stop string: the completion's text ends before this token
+        before = tokenizer.decode(ids[:t]) if t else ""
+        start = len(before)
+        # Past a stop string the completion's text ends before this token. A prefix ending in a
+        # replacement character stops inside a character's bytes: this token completes it.
+        if t > len(prompt_ids) and start >= end and not before.endswith("\ufffd"):
+            break
         scores.tokens.append(tokenizer.decode([ids[t]]))
-        scores.token_logprobs.append(chosen[t])
+        scores.token_logprobs.append(chosen(t))
         alternatives: dict[str, float] | None = None
         if t:
             alternatives = {}
-            if best is not None:
-                for i, v in zip(best.indices[t - 1].tolist(), best.values[t - 1].tolist(), strict=True):
+            if top:
+                for i, v in zip(top_indices[t - 1 - lo], top_values[t - 1 - lo], strict=True):
                     # tokens that decode alike keep the likelier one: the first maximum is the argmax
                     alternatives.setdefault(tokenizer.decode([i]), v)
         scores.top_logprobs.append(alternatives)
         scores.text_offset.append(start if echo else start - len(prompt_text))
     return scores
+
+
+def _score_rows(
+    logits: torch.Tensor, targets: list[int], top: int
+) -> tuple[list[float], list[list[float]], list[list[int]]]:
+    """Log-probabilities of ``targets`` under ``logits`` and each row's ``top`` best.
+
+    Args:
+        logits: [R, V] any float dtype; row r scores ``targets[r]``.
+        targets: R token ids.
+    Returns: per row, the target's log-probability, the ``top`` best log-probabilities and their
+    ids (empty lists when ``top`` is 0). The float32 log-softmax runs SCORE_CHUNK rows at a time, so
+    a long echoed prompt never holds [R, V] float32 at once.
+    """
+    chunk = SCORE_CHUNK
+    chosen: list[float] = []
+    values: list[list[float]] = []
+    indices: list[list[int]] = []
+    target = torch.tensor(targets, dtype=torch.long, device=logits.device)[:, None]  # [R, 1] int64
+    for lo in range(0, logits.shape[0], chunk):
+        logp = logits[lo : lo + chunk].float().log_softmax(-1)  # [<=chunk, V] float32
+        chosen += logp.gather(-1, target[lo : lo + chunk])[:, 0].tolist()
+        if top:
+            best = logp.topk(top, dim=-1)
+            values += best.values.tolist()
+            indices += best.indices.tolist()
+    return chosen, values, indices

@@ -18,8 +18,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class BodyLimit:
     """413 for a body over the limit, whether it declares its length or streams it (chunked).
 
-    The body is read here, up to the limit, before the app sees it: an error raised from inside
-    the app's own body reading would reach the client as the framework's 400, not as our 413.
+    Small bodies are read here, up to the limit, before the app sees them: an error raised from
+    inside FastAPI's own body parsing would reach the client as the framework's 400, not as our 413.
+    Upload paths (``larger``) are not buffered here: their handler reads the body itself, after
+    authentication, so an unauthenticated client cannot make the API hold megabytes; a body that
+    passes the limit while the handler reads it raises PayloadTooLargeError there (413).
     """
 
     def __init__(self, app: Any, limit: int, larger: dict[str, int] | None = None) -> None:
@@ -33,6 +36,8 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._reject(send, limit)
+        if scope.get("path", "") in self.larger:
+            return await self.app(scope, _counting(receive, limit), send)
         chunks, seen = [], 0
         while True:
             message = await receive()
@@ -61,6 +66,22 @@ class BodyLimit:
         )
         await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
         await send({"type": "http.response.body", "body": body.body})
+
+
+def _counting(receive: Receive, limit: int) -> Receive:
+    """``receive`` that raises PayloadTooLargeError once the body passes ``limit`` bytes."""
+    seen = 0
+
+    async def counted() -> dict[str, Any]:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise errors.PayloadTooLargeError(f"request body over {limit} bytes")
+        return message
+
+    return counted
 
 
 class Observe:

@@ -32,7 +32,8 @@ class ErrorBody(BaseModel):
 WHY = {
     401: "missing, unknown or revoked API key",
     404: "no such job, sweep or dataset for this key (or a dataset a job names)",
-    409: "the job is not in a state that allows this",
+    409: "not in a state that allows this (a job or sweep still running, a dataset a running job needs), "
+    "or an Idempotency-Key reused with another body",
     413: "request body over the limit",
     422: "invalid request (fields, bounds, knob rules)",
     429: "over a limit of this key",
@@ -53,8 +54,8 @@ def _statuses(path: str, method: str, op: dict[str, Any]) -> set[int]:
         codes.add(413)
     if "{job_id}" in path or "{sweep_id}" in path or "{dataset_id}" in path or path in ("/v1/jobs", "/v1/sweeps"):
         codes.add(404)
-    if method == "delete" or path.endswith(_CONFLICTS) or (path == "/v1/jobs" and method == "post"):
-        codes.add(409)  # POST /v1/jobs: an Idempotency-Key reused with another body
+    if method == "delete" or path.endswith(_CONFLICTS) or (path in ("/v1/jobs", "/v1/sweeps") and method == "post"):
+        codes.add(409)  # POST /v1/jobs and /v1/sweeps: an Idempotency-Key reused with another body
     if (path in ("/v1/jobs", "/v1/sweeps") and method == "post") or path.endswith("/completions"):
         codes.add(429)  # the tenant's active jobs / concurrent completions
     if path.endswith("/completions"):

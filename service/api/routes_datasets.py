@@ -4,7 +4,7 @@ the checks a job naming datasets gets before it is stored."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -12,13 +12,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rsavq_core.errors import ConfigError
-from rsavq_core.text_files import check_overlap, parse_text, too_short
+from rsavq_core.text_files import EVAL_LEN, check_overlap, parse_text, too_short
+from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
 from service.api.schemas import DatasetList, DatasetOut, JobRequest
 from service.artifacts import ArtifactStore
 from service.datasets import read_dataset, remove_dataset, store_dataset
-from service.db import Dataset
-from service.errors import NotFoundError
+from service.db import Dataset, Job
+from service.errors import ConflictError, NotFoundError
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 Tenant = Annotated[str, Depends(tenant_of)]
@@ -63,6 +64,10 @@ def check_job_datasets(session: Session, tenant: str, store: ArtifactStore, body
     a worker checks it before quantizing and fails the job saying so."""
     calibration = body.options.calibration
     eval_rows = [load_dataset(session, tenant, i) for i in body.options.evaluation.datasets or []]
+    for row in eval_rows:  # fewer windows than the protocol's are scored; none at all is an error
+        short = too_short(row.name, row.size, 1, EVAL_LEN)
+        if short:
+            raise ConfigError(f"evaluation dataset {row.id}: {short}")
     if calibration is None or calibration.dataset is None:
         return
     row = load_dataset(session, tenant, calibration.dataset)
@@ -120,9 +125,36 @@ def get_dataset(dataset_id: str, tenant: Tenant, session: DbSession) -> DatasetO
     return dataset_out(load_dataset(session, tenant, dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset (jobs that still need it fail)")
+def active_jobs_using(session: Session, tenant: str, dataset_id: str) -> list[str]:
+    """The tenant's queued or running jobs that name the dataset (bounded by the active-job limit,
+    so their options are read here rather than queried as JSON, which SQLite and PostgreSQL spell
+    differently)."""
+    rows = session.execute(
+        select(Job.id, Job.options).where(Job.tenant == tenant, Job.status.in_((machine.QUEUED, machine.RUNNING)))
+    )
+    return [job_id for job_id, options in rows if dataset_id in dataset_ids_of(options or {})]
+
+
+def dataset_ids_of(options: dict[str, Any]) -> set[str]:
+    calibration = (options.get("calibration") or {}).get("dataset")
+    evaluation = (options.get("evaluation") or {}).get("datasets") or []
+    return {*evaluation, *([calibration] if calibration else [])}
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=204,
+    summary="Delete a dataset (409 while a queued or running job needs it)",
+    responses={409: {"description": "a queued or running job calibrates or evaluates on it"}},
+)
 def delete_dataset(dataset_id: str, tenant: Tenant, ctx: Ctx, session: DbSession) -> Response:
     row = load_dataset(session, tenant, dataset_id)
+    users = active_jobs_using(session, tenant, dataset_id)
+    if users:
+        raise ConflictError(
+            f"dataset {dataset_id} is needed by {len(users)} queued or running job(s) ({', '.join(users[:5])}); "
+            "cancel them or wait until they end"
+        )
     session.delete(row)
     session.commit()  # the row first: a job submitted meanwhile sees a missing dataset (404), not a missing file
     remove_dataset(ArtifactStore(ctx.settings.artifact_dir), row)

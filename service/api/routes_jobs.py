@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -24,7 +23,14 @@ from service import jobs as machine
 from service.api.deps import BEARER, Context, DbSession, get_context, tenant_of
 from service.api.routes_datasets import check_job_datasets
 from service.api.schemas import JobList, JobOut, JobProgress, JobRequest
-from service.api.submission import check_model_id, enqueue_or_forget, new_job, within_tenant_limit
+from service.api.submission import (
+    by_idempotency_key,
+    check_model_id,
+    enqueue_or_forget,
+    new_job,
+    request_digest,
+    within_tenant_limit,
+)
 from service.artifacts import ArtifactStore
 from service.db import Job, JobEvent, JobLayer
 from service.errors import ConflictError, NotFoundError
@@ -85,9 +91,9 @@ def submit(
     check_model_id(body.model_id, ctx.settings.allow_local_models)
     body.quant_config()  # every cross-field rule, before anything is stored
     check_job_datasets(session, tenant, ArtifactStore(ctx.settings.artifact_dir), body)
-    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    request_hash = request_digest(body)
     if idempotency_key:
-        existing = _by_idempotency_key(session, tenant, idempotency_key, request_hash)
+        existing = by_idempotency_key(session, Job, tenant, idempotency_key, request_hash)
         if existing is not None:
             return _accepted(response, existing)
     within_tenant_limit(session, tenant, ctx.settings.tenant_max_active_jobs)
@@ -96,7 +102,7 @@ def submit(
         session.flush()
     except IntegrityError:  # a concurrent retry with the same key won the insert
         session.rollback()
-        existing = _by_idempotency_key(session, tenant, idempotency_key or "", request_hash)
+        existing = by_idempotency_key(session, Job, tenant, idempotency_key or "", request_hash)
         if existing is None:
             raise
         return _accepted(response, existing)
@@ -110,13 +116,6 @@ def submit(
 def _accepted(response: Response, job: Job) -> JobOut:
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job)
-
-
-def _by_idempotency_key(session: Session, tenant: str, key: str, request_hash: str) -> Job | None:
-    job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
-    if job is not None and job.request_hash != request_hash:
-        raise ConflictError("this Idempotency-Key was used with a different request body")
-    return job
 
 
 @router.get("", response_model=JobList)

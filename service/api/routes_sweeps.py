@@ -1,6 +1,8 @@
 """/v1/sweeps: one request with several bit budgets, one job per budget, reported side by side.
 
-The jobs are ordinary jobs (``/v1/jobs/{id}`` shows each; cancel or delete them there). They
+The jobs are ordinary jobs (``/v1/jobs/{id}`` shows each; cancel or delete them there, or delete
+the finished sweep with all of its jobs). A retried submission with the same ``Idempotency-Key``
+returns the same sweep. They
 share the calibration statistics: a worker computes them for the first job it runs and the
 statistics cache serves the same model and calibration windows to the others (on a fleet, each
 worker host computes them once).
@@ -8,23 +10,29 @@ worker host computes them once).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Header, Response
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
 from service.api.routes_datasets import check_job_datasets
 from service.api.schemas import SweepList, SweepOut, SweepRequest, SweepRow
-from service.api.submission import check_model_id, enqueue_or_forget, new_job, within_tenant_limit
+from service.api.submission import (
+    by_idempotency_key,
+    check_model_id,
+    enqueue_or_forget,
+    new_job,
+    request_digest,
+    within_tenant_limit,
+)
 from service.artifacts import ArtifactStore
 from service.db import Artifact, Job, JobMetrics, Sweep
-from service.errors import NotFoundError
+from service.errors import ConflictError, NotFoundError
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 Tenant = Annotated[str, Depends(tenant_of)]
@@ -84,22 +92,47 @@ def sweep_out(session: Session, sweep: Sweep) -> SweepOut:
 
 
 @router.post("", status_code=202, response_model=SweepOut, summary="Quantize one model at several bit budgets")
-def submit_sweep(body: SweepRequest, response: Response, tenant: Tenant, ctx: Ctx, session: DbSession) -> SweepOut:
+def submit_sweep(
+    body: SweepRequest,
+    response: Response,
+    tenant: Tenant,
+    ctx: Ctx,
+    session: DbSession,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> SweepOut:
     check_model_id(body.model_id, ctx.settings.allow_local_models)
     requests = body.jobs()
     for request in requests:
         request.quant_config()  # every budget's rules, before anything is stored
     check_job_datasets(session, tenant, ArtifactStore(ctx.settings.artifact_dir), requests[0])
+    request_hash = request_digest(body)
+    if idempotency_key:
+        existing = by_idempotency_key(session, Sweep, tenant, idempotency_key, request_hash)
+        if existing is not None:
+            response.headers["Location"] = f"/v1/sweeps/{existing.id}"
+            return sweep_out(session, existing)
     within_tenant_limit(session, tenant, ctx.settings.tenant_max_active_jobs, adding=len(requests))
     sweep = Sweep(
-        id=uuid.uuid4().hex, tenant=tenant, model_id=body.model_id, method=body.method, name=body.name, bits=body.bits
+        id=uuid.uuid4().hex,
+        tenant=tenant,
+        model_id=body.model_id,
+        method=body.method,
+        name=body.name,
+        bits=body.bits,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
     )
     session.add(sweep)
-    session.flush()
-    jobs = []
-    for request in requests:
-        digest = hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-        jobs.append(new_job(session, tenant, request, digest, sweep_id=sweep.id))
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent retry with the same key won the insert
+        session.rollback()
+        existing = by_idempotency_key(session, Sweep, tenant, idempotency_key or "", request_hash)
+        if existing is None:
+            raise
+        response.headers["Location"] = f"/v1/sweeps/{existing.id}"
+        return sweep_out(session, existing)
+    jobs = [new_job(session, tenant, request, request_digest(request), sweep_id=sweep.id) for request in requests]
     session.flush()
     for job in jobs:
         machine.add_event(session, job.id, "status", {"status": machine.QUEUED})
@@ -111,12 +144,40 @@ def submit_sweep(body: SweepRequest, response: Response, tenant: Tenant, ctx: Ct
     return sweep_out(session, sweep)
 
 
-@router.get("/{sweep_id}", response_model=SweepOut, summary="A sweep's jobs side by side")
-def get_sweep(sweep_id: str, tenant: Tenant, session: DbSession) -> SweepOut:
+def load_sweep(session: Session, tenant: str, sweep_id: str) -> Sweep:
+    """The tenant's sweep; another tenant's is indistinguishable from a missing one (404)."""
     sweep = session.get(Sweep, sweep_id)
     if sweep is None or sweep.tenant != tenant:
         raise NotFoundError(f"no sweep {sweep_id!r}")
-    return sweep_out(session, sweep)
+    return sweep
+
+
+@router.get("/{sweep_id}", response_model=SweepOut, summary="A sweep's jobs side by side")
+def get_sweep(sweep_id: str, tenant: Tenant, session: DbSession) -> SweepOut:
+    return sweep_out(session, load_sweep(session, tenant, sweep_id))
+
+
+@router.delete(
+    "/{sweep_id}",
+    status_code=204,
+    summary="Delete a sweep with its jobs and artifacts (409 while any of them is queued or running)",
+)
+def delete_sweep(sweep_id: str, tenant: Tenant, ctx: Ctx, session: DbSession) -> Response:
+    sweep = load_sweep(session, tenant, sweep_id)
+    jobs = session.execute(select(Job.id, Job.status).where(Job.sweep_id == sweep.id)).all()
+    active = [job_id for job_id, status in jobs if status not in machine.TERMINAL]
+    if active:
+        raise ConflictError(
+            f"sweep {sweep_id} has {len(active)} job(s) queued or running ({', '.join(active)}); "
+            "cancel them and wait for them to stop first"
+        )
+    # each job's events, layers, artifact and metrics rows go with it (ON DELETE CASCADE)
+    session.execute(delete(Job).where(Job.id.in_([job_id for job_id, _ in jobs])))
+    session.delete(sweep)
+    session.commit()
+    for job_id, _ in jobs:
+        ctx.store.remove(job_id)
+    return Response(status_code=204)
 
 
 @router.get("", response_model=SweepList, summary=f"This key's sweeps, newest first (at most {LIST_LIMIT})")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
 
 from rsavq_core.config import MAX_BITS, MIN_BITS, ZERO_SHOT_TASKS, QuantConfig, shared_knobs
 from rsavq_core.methods import describe_option, method_names, methods, option_knobs
@@ -56,6 +56,16 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
 MAX_EVAL_DATASETS = 8
 
 
+def no_traversal(value: str) -> str:
+    if ".." in value.split("/") or "\\" in value or "\x00" in value:
+        raise ValueError("model_id must not contain '..' segments, backslashes or NUL")
+    return value
+
+
+# A job's and a sweep's model: a hub id, an alias, or (where allowed) an absolute local path.
+ModelId = Annotated[str, Field(min_length=1, max_length=512, examples=["smollm2-135m"]), AfterValidator(no_traversal)]
+
+
 class EvalOptions(BaseModel):
     model_config = STRICT
     perplexity: bool = Field(True, description="FP and quantized perplexity on wiki-holdout-512")
@@ -92,7 +102,7 @@ class JobOptions(QuantOptions):
 
 class JobRequest(BaseModel):
     model_config = STRICT
-    model_id: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
+    model_id: ModelId
     bits: float = Field(..., ge=MIN_BITS, le=MAX_BITS, description="target average bits per weight")
     # The registry's names at import time: a run-time Literal, not a literal type to mypy.
     method: Literal[method_names()] = Field(  # type: ignore[valid-type]
@@ -108,13 +118,6 @@ class JobRequest(BaseModel):
         examples=["smol-2bit"],
     )
     options: JobOptions = Field(default_factory=JobOptions)
-
-    @field_validator("model_id")
-    @classmethod
-    def _no_traversal(cls, value: str) -> str:
-        if ".." in value.split("/") or "\\" in value or "\x00" in value:
-            raise ValueError("model_id must not contain '..' segments, backslashes or NUL")
-        return value
 
     def quant_config(self) -> QuantConfig:
         """The validated QuantConfig of this request (raises ConfigError)."""
@@ -166,7 +169,7 @@ MAX_SWEEP_BUDGETS = 8
 
 class SweepRequest(BaseModel):
     model_config = STRICT
-    model_id: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
+    model_id: ModelId
     bits: list[float] = Field(
         ...,
         min_length=2,
@@ -183,8 +186,6 @@ class SweepRequest(BaseModel):
         description="names the jobs <name>-<bits>bit (/v1/completions accepts them as `model`)",
     )
     options: JobOptions = Field(default_factory=JobOptions)
-
-    _no_traversal = field_validator("model_id")(JobRequest._no_traversal.__func__)  # type: ignore[attr-defined]
 
     @field_validator("bits")
     @classmethod

@@ -4,10 +4,13 @@ or forgets the jobs (so a client's retry submits anew)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
@@ -15,9 +18,11 @@ from rsavq_core.errors import ConfigError
 from service import jobs as machine
 from service.api.deps import Context
 from service.api.schemas import HUB_ID, JobRequest
-from service.db import Job
-from service.errors import TooManyRequestsError
+from service.db import Job, Sweep
+from service.errors import ConflictError, TooManyRequestsError
 from service.queue import QUANTIZE_TASK, enqueue
+
+Keyed = TypeVar("Keyed", Job, Sweep)
 
 
 def check_model_id(model_id: str, allow_local: bool) -> None:
@@ -31,6 +36,21 @@ def check_model_id(model_id: str, allow_local: bool) -> None:
             "(set RSAVQ_ALLOW_LOCAL_MODELS=true on a private deployment)"
         )
     raise ConfigError(f"model_id {model_id!r} is not a model id: use 'org/name', 'name' or a built-in alias")
+
+
+def request_digest(body: BaseModel) -> str:
+    """sha256 of a request body's canonical JSON: what an Idempotency-Key's retry must repeat."""
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def by_idempotency_key(
+    session: Session, row_type: type[Keyed], tenant: str, key: str, request_hash: str
+) -> Keyed | None:
+    """The tenant's job or sweep created with this Idempotency-Key; 409 if it had another body."""
+    row = session.scalar(select(row_type).where(row_type.tenant == tenant, row_type.idempotency_key == key))
+    if row is not None and row.request_hash != request_hash:
+        raise ConflictError("this Idempotency-Key was used with a different request body")
+    return row
 
 
 def within_tenant_limit(session: Session, tenant: str, limit: int, adding: int = 1) -> None:

@@ -74,6 +74,15 @@ def test_an_upload_over_the_dataset_limit_is_413(settings) -> None:  # type: ign
         assert upload(api, key, b"x" * 100).status_code == 201
         r = upload(api, key, b"x" * 101)
         assert r.status_code == 413 and "over 100 bytes" in r.json()["error"]["message"]
+        streamed = api.post(  # no Content-Length: counted while the handler reads it
+            "/v1/datasets",
+            params={"name": "streamed"},
+            content=(b"x" * 40 for _ in range(3)),
+            headers={**auth(key), "content-type": "text/plain"},
+        )
+        assert streamed.status_code == 413 and "over 100 bytes" in streamed.json()["error"]["message"]
+        anonymous = api.post("/v1/datasets", params={"name": "anon"}, content=(b"x" * 40 for _ in range(2)))
+        assert anonymous.status_code == 401  # refused before its body is read
         assert api.post("/v1/jobs", content=b"x" * 70_000, headers=auth(key)).status_code == 413  # others keep 64 KiB
 
 
@@ -96,12 +105,19 @@ def test_jobs_naming_datasets_are_checked_before_they_are_stored(api, keys) -> N
     assert submit(_job("smollm2-135m", calib, [bobs])).status_code == 404  # another tenant's
     short = submit(_job("smollm2-135m", tiny, []))
     assert short.status_code == 422 and "too few for 2 windows of 16 tokens" in short.json()["error"]["message"]
+    no_window = submit(_job("smollm2-135m", calib, [tiny]))  # an evaluation text needs one 512-token window
+    assert no_window.status_code == 422 and "too few for 1 window of 512" in no_window.json()["error"]["message"]
     overlap = submit(_job("smollm2-135m", calib, [clean, dirty]))
     assert overlap.status_code == 422 and "shares documents" in overlap.json()["error"]["message"]
     allowed = submit(_job("smollm2-135m", calib, [dirty], allow_overlap=True))
     assert allowed.status_code == 202
     assert allowed.json()["options"]["calibration"] == {"dataset": calib, "allow_overlap": True}
     assert submit(_job("smollm2-135m", calib, [clean])).status_code == 202
+    # queued jobs need calib, clean and dirty: deleting them is refused; an unused text goes
+    for needed in (calib, clean, dirty):
+        r = api.delete(f"/v1/datasets/{needed}", headers=auth(keys["alice"]))
+        assert r.status_code == 409 and "queued or running job" in r.json()["error"]["message"], r.text
+    assert api.delete(f"/v1/datasets/{tiny}", headers=auth(keys["alice"])).status_code == 204
 
 
 def test_a_job_calibrated_and_evaluated_on_uploaded_text(  # type: ignore[no-untyped-def]

@@ -245,7 +245,9 @@ def test_no_generation_server_is_a_503(stack: dict[str, Any]) -> None:
     assert r.status_code == 503 and "RSAVQ_GENERATION_URL" in r.json()["error"]["message"]
 
 
-def test_model_pool_evicts_least_recently_used(tmp_path: Path, checkpoint: Path) -> None:
+def test_model_pool_evicts_least_recently_used(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     from rsavq_core.errors import InsufficientMemoryError
@@ -270,6 +272,11 @@ def test_model_pool_evicts_least_recently_used(tmp_path: Path, checkpoint: Path)
     assert list(pool.models) == [a[1], c[1]], "b, the least recently used, is evicted"
     with pytest.raises(InsufficientMemoryError, match="cap"):
         ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=one / 2).get(*a)
+    tokenizing = ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=float("inf"))
+    monkeypatch.setattr("worker.model_pool.MAX_TOKENIZERS", 2)
+    for artifact in (a, b, a, c):  # tokenizer-only entries (/tokenize) are bounded too, LRU
+        tokenizing.tokenizer(*artifact)
+    assert list(tokenizing.tokenizers) == [a[1], c[1]] and not tokenizing.models
 
 
 def test_the_pool_loads_only_an_artifact_with_the_digest_asked_for(tmp_path: Path, checkpoint: Path) -> None:

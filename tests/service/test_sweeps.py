@@ -56,6 +56,42 @@ def test_the_table_fills_in_as_jobs_finish(api, keys, sessions) -> None:  # type
     assert rows[2] == {**rows[2], "status": "deleted", "job_id": None} and len(rows) == 3
 
 
+def test_a_retried_sweep_with_its_idempotency_key_is_the_same_sweep(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+    headers = {**auth(keys["alice"]), "Idempotency-Key": "sweep-1"}
+    first = api.post("/v1/sweeps", json=SWEEP, headers=headers)
+    again = api.post("/v1/sweeps", json=SWEEP, headers=headers)
+    assert first.status_code == again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    assert again.headers["Location"] == f"/v1/sweeps/{first.json()['id']}"
+    other = api.post("/v1/sweeps", json={**SWEEP, "bits": [2, 3]}, headers=headers)
+    assert other.status_code == 409 and "different request body" in other.json()["error"]["message"]
+    bobs = api.post("/v1/sweeps", json=SWEEP, headers={**auth(keys["bob"]), "Idempotency-Key": "sweep-1"})
+    assert bobs.status_code == 202 and bobs.json()["id"] != first.json()["id"]  # keys are per tenant
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 6
+
+
+def test_deleting_a_sweep_takes_its_jobs_only_once_they_have_ended(api, keys, sessions, settings) -> None:  # type: ignore[no-untyped-def]
+    sweep = api.post("/v1/sweeps", json=SWEEP, headers=auth(keys["alice"])).json()
+    ids = [row["job_id"] for row in sweep["rows"]]
+    url = f"/v1/sweeps/{sweep['id']}"
+    busy = api.delete(url, headers=auth(keys["alice"]))
+    assert busy.status_code == 409 and "queued or running" in busy.json()["error"]["message"]
+    artifact = settings.artifact_dir / ids[0] / "artifact.tar"  # where the store publishes a job's tar
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    artifact.write_bytes(b"packed")
+    with sessions() as session:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(status=machine.SUCCEEDED))
+        session.add(Artifact(job_id=ids[0], path=f"{ids[0]}/artifact.tar", size=6, sha256="0" * 64))
+        session.commit()
+    assert api.delete(url, headers=auth(keys["bob"])).status_code == 404  # another tenant's
+    assert api.delete(url, headers=auth(keys["alice"])).status_code == 204
+    assert api.get(url, headers=auth(keys["alice"])).status_code == 404
+    assert all(api.get(f"/v1/jobs/{i}", headers=auth(keys["alice"])).status_code == 404 for i in ids)
+    assert not artifact.exists()
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Sweep)) == 0
+
+
 @pytest.mark.parametrize(
     "change, fragment",
     [

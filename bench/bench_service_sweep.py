@@ -1,0 +1,158 @@
+"""A budget sweep measured through the job service, and optionally a job calibrated on uploaded text.
+
+Starts ``rsavq serve`` (SQLite + embedded broker, one worker), creates a key, submits one sweep
+(``POST /v1/sweeps``, one job per budget, the default method and settings unless ``--options``),
+follows every job, and prints the sweep's table (all-in bpw, artifact bytes, perplexity, zero-shot)
+as the API reports it. ``--dataset-text FILE`` also uploads a text of yours (one document per line;
+the last ``--holdout`` share of the documents as a separate evaluation text), submits one job
+calibrated on the rest and evaluated on both the bundled and the held-out text, and records what
+the job's metrics say it used (names, sha256). Writes JSON and an SVG chart of perplexity against
+artifact size.
+
+    python bench/bench_service_sweep.py --model smollm2-135m --bits 2 3 4 \\
+        --evaluation '{"zero_shot": "all", "limit": 50}' \\
+        --dataset-text .../standard_cal_data/c4.utf8 --dataset-bits 3 --dataset-options '{"preset": "fast"}' \\
+        --json bench/results/service/sweep-smollm2.json --svg docs/sweep-smollm2.svg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from service.cli.local import create_key, fail_leftover_jobs, start_server, stop_server
+from service.cli.remote import sweep_table
+from service.client import Client
+
+
+def split_documents(path: Path, holdout: float) -> tuple[bytes, bytes]:
+    """One document per non-empty line; the last ``holdout`` share held out. Both as JSONL."""
+    docs = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    cut = max(1, min(len(docs) - 1, round(len(docs) * (1 - holdout))))
+
+    def jsonl(rows: list[str]) -> bytes:
+        return "".join(json.dumps({"text": row}) + "\n" for row in rows).encode()
+
+    return jsonl(docs[:cut]), jsonl(docs[cut:])
+
+
+def run_dataset_job(client: Client, args: argparse.Namespace, evaluation: dict[str, Any]) -> dict[str, Any]:
+    text = Path(args.dataset_text)
+    calib_bytes, eval_bytes = split_documents(text, args.holdout)
+    calib = client.upload_dataset(f"{text.stem}-calibration", calib_bytes, "application/jsonl")
+    held = client.upload_dataset(f"{text.stem}-holdout", eval_bytes, "application/jsonl")
+    options = {
+        **json.loads(args.dataset_options),
+        "calibration": {"dataset": calib["id"]},
+        "evaluation": {**evaluation, "datasets": [held["id"]]},
+    }
+    started = time.monotonic()
+    job = client.submit(args.model, args.dataset_bits, "rsavq", options, idempotency_key=uuid.uuid4().hex)
+    job = client.wait(job["id"], poll=2.0)
+    return {
+        "datasets": {"calibration": calib, "evaluation": held},
+        "job": job,
+        "wall_s": time.monotonic() - started,
+        "metrics": client.metrics(job["id"]) if job["status"] == "succeeded" else None,
+    }
+
+
+def svg_chart(rows: list[dict[str, Any]], fp_ppl: float | None, title: str) -> str:
+    """Perplexity (log axis) against artifact MB, one labelled point per budget; FP as a dashed line."""
+    points = [r for r in rows if r["perplexity"] is not None and r["artifact_bytes"] is not None]
+    if not points:
+        return ""
+    w, h, pad = 560, 340, 56
+    xs = [r["artifact_bytes"] / 1e6 for r in points]
+    ys = [math.log10(v) for v in [r["perplexity"] for r in points] + ([fp_ppl] if fp_ppl else [])]
+    x0, x1 = 0.0, max(xs) * 1.15
+    y0, y1 = min(ys) - 0.1, max(ys) + 0.1
+
+    def px(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (w - 2 * pad)
+
+    def py(y: float) -> float:
+        return h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad / 2}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+        f'<text x="{w / 2}" y="{h - 16}" text-anchor="middle">artifact size (MB, the whole checkpoint)</text>',
+        f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">perplexity (log)</text>',
+    ]
+    for tick in (10, 20, 30, 50, 100, 200, 500, 1000):
+        if y0 <= math.log10(tick) <= y1:
+            out.append(f'<text x="{pad - 6}" y="{py(math.log10(tick)) + 4}" text-anchor="end">{tick}</text>')
+    step = 10 ** math.floor(math.log10(x1 / 2))
+    for i in range(int(x1 // step) + 1):
+        out.append(f'<text x="{px(i * step)}" y="{h - pad + 16}" text-anchor="middle">{i * step:g}</text>')
+    if fp_ppl:
+        y = py(math.log10(fp_ppl))
+        out.append(f'<line x1="{pad}" y1="{y}" x2="{w - pad}" y2="{y}" stroke="gray" stroke-dasharray="5,4"/>')
+        out.append(f'<text x="{w - pad}" y="{y - 5}" text-anchor="end" fill="gray">FP {fp_ppl:.2f}</text>')
+    coords = [(px(x), py(math.log10(r["perplexity"]))) for x, r in zip(xs, points, strict=True)]
+    out.append('<polyline fill="none" stroke="#1f77b4" points="' + " ".join(f"{a},{b}" for a, b in coords) + '"/>')
+    for (a, b), r in zip(coords, points, strict=True):
+        out.append(f'<circle cx="{a}" cy="{b}" r="4" fill="#1f77b4"/>')
+        label = f"{r['bits']:g} bit: {r['perplexity']:.2f} @ {r['effective_bpw']:.3f} bpw"
+        out.append(f'<text x="{a + 8}" y="{b - 8}">{label}</text>')
+    return "\n".join([*out, "</svg>\n"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    ap.add_argument("--options", default="{}", help="JSON job options every budget shares")
+    ap.add_argument("--evaluation", default='{"zero_shot": "all", "limit": 50}', help="JSON options.evaluation")
+    ap.add_argument("--dataset-text", help="also run one job calibrated on this text (one document per line)")
+    ap.add_argument("--holdout", type=float, default=0.25, help="share of its documents held out for evaluation")
+    ap.add_argument("--dataset-bits", type=float, default=3.0)
+    ap.add_argument("--dataset-options", default="{}", help="JSON options of that job")
+    ap.add_argument("--data-dir", default="runs/service-sweep")
+    ap.add_argument("--port", type=int, default=8733)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--svg")
+    args = ap.parse_args(argv)
+    evaluation = json.loads(args.evaluation)
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fail_leftover_jobs(data_dir)
+    server = start_server(data_dir, args.port)
+    out: dict[str, Any] = {"model": args.model, "bits": args.bits}
+    try:
+        client = Client(f"http://127.0.0.1:{args.port}", create_key(data_dir, "bench"), timeout=120)
+        started = time.monotonic()
+        options = {**json.loads(args.options), "evaluation": evaluation}
+        sweep = client.sweep(args.model, args.bits, "rsavq", options, name=f"{args.model}-sweep")
+        for row in sweep["rows"]:
+            client.wait(row["job_id"], poll=2.0)
+        out["sweep"] = client.get_sweep(sweep["id"])
+        out["sweep_wall_s"] = time.monotonic() - started
+        out["metrics"] = {r["job_id"]: client.metrics(r["job_id"]) for r in out["sweep"]["rows"] if r["job_id"]}
+        sys.stdout.write(sweep_table(out["sweep"]) + f"sweep wall time {out['sweep_wall_s']:.0f} s\n")
+        if args.dataset_text:
+            out["dataset_job"] = run_dataset_job(client, args, evaluation)
+            sys.stdout.write(json.dumps(out["dataset_job"]["metrics"], indent=1) + "\n")
+    finally:
+        stop_server(server)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.svg and out.get("sweep"):
+        first = next(iter(out["metrics"].values()), {})
+        fp = ((first.get("fp") or {}).get("perplexity") or {}).get("ppl")
+        Path(args.svg).write_text(svg_chart(out["sweep"]["rows"], fp, f"{args.model}: budget sweep via the service"))
+    return out
+
+
+if __name__ == "__main__":
+    main()
