@@ -3,15 +3,14 @@
 Starts ``rsavq serve`` (SQLite + embedded broker, one worker), creates a key, submits one sweep
 (``POST /v1/sweeps``, one job per budget, the default method and settings unless ``--options``),
 follows every job, and prints the sweep's table (all-in bpw, artifact bytes, perplexity, zero-shot)
-as the API reports it. ``--dataset-text FILE`` also uploads a text of yours (one document per line;
-the last ``--holdout`` share of the documents as a separate evaluation text), submits one job
-calibrated on the rest and evaluated on both the bundled and the held-out text, and records what
-the job's metrics say it used (names, sha256). Writes JSON and an SVG chart of perplexity against
-artifact size.
+as the API reports it. With ``--dataset-text FILE`` the sweep calibrates on your own text: it is
+uploaded (``POST /v1/datasets``, one document per line), its last ``--holdout`` share of documents
+as a separate evaluation text, and every job calibrates on the rest and is evaluated on both the
+bundled and the held-out text; the JSON keeps what each job's metrics say it used (name, sha256).
+Writes JSON and an SVG chart of perplexity against artifact size.
 
-    python bench/bench_service_sweep.py --model smollm2-135m --bits 2 3 4 \\
-        --evaluation '{"zero_shot": "all", "limit": 50}' \\
-        --dataset-text .../standard_cal_data/c4.utf8 --dataset-bits 3 --dataset-options '{"preset": "fast"}' \\
+    python bench/bench_service_sweep.py --model smollm2-135m --bits 2 3 4 --options '{"preset": "fast"}' \\
+        --evaluation '{"zero_shot": "all", "limit": 25}' --dataset-text .../standard_cal_data/c4.utf8 \\
         --json bench/results/service/sweep-smollm2.json --svg docs/sweep-smollm2.svg
 """
 
@@ -22,7 +21,6 @@ import json
 import math
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +30,9 @@ from service.client import Client
 
 
 def split_documents(path: Path, holdout: float) -> tuple[bytes, bytes]:
-    """One document per non-empty line; the last ``holdout`` share held out. Both as JSONL."""
-    docs = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """One document per non-empty line, repeats dropped (web text repeats pages, and a held-out
+    document must not be in the calibration text); the last ``holdout`` share held out. Both as JSONL."""
+    docs = list(dict.fromkeys(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
     cut = max(1, min(len(docs) - 1, round(len(docs) * (1 - holdout))))
 
     def jsonl(rows: list[str]) -> bytes:
@@ -42,24 +41,12 @@ def split_documents(path: Path, holdout: float) -> tuple[bytes, bytes]:
     return jsonl(docs[:cut]), jsonl(docs[cut:])
 
 
-def run_dataset_job(client: Client, args: argparse.Namespace, evaluation: dict[str, Any]) -> dict[str, Any]:
-    text = Path(args.dataset_text)
-    calib_bytes, eval_bytes = split_documents(text, args.holdout)
-    calib = client.upload_dataset(f"{text.stem}-calibration", calib_bytes, "application/jsonl")
-    held = client.upload_dataset(f"{text.stem}-holdout", eval_bytes, "application/jsonl")
-    options = {
-        **json.loads(args.dataset_options),
-        "calibration": {"dataset": calib["id"]},
-        "evaluation": {**evaluation, "datasets": [held["id"]]},
-    }
-    started = time.monotonic()
-    job = client.submit(args.model, args.dataset_bits, "rsavq", options, idempotency_key=uuid.uuid4().hex)
-    job = client.wait(job["id"], poll=2.0)
+def upload_texts(client: Client, text: Path, holdout: float) -> dict[str, Any]:
+    """Upload ``text`` as a calibration dataset and its last documents as a held-out one."""
+    calib_bytes, eval_bytes = split_documents(text, holdout)
     return {
-        "datasets": {"calibration": calib, "evaluation": held},
-        "job": job,
-        "wall_s": time.monotonic() - started,
-        "metrics": client.metrics(job["id"]) if job["status"] == "succeeded" else None,
+        "calibration": client.upload_dataset(f"{text.stem}-calibration", calib_bytes, "application/jsonl"),
+        "evaluation": client.upload_dataset(f"{text.stem}-holdout", eval_bytes, "application/jsonl"),
     }
 
 
@@ -112,12 +99,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--bits", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    ap.add_argument("--method", default="rsavq")
     ap.add_argument("--options", default="{}", help="JSON job options every budget shares")
     ap.add_argument("--evaluation", default='{"zero_shot": "all", "limit": 50}', help="JSON options.evaluation")
-    ap.add_argument("--dataset-text", help="also run one job calibrated on this text (one document per line)")
+    ap.add_argument("--dataset-text", help="calibrate on this text (one document per line) instead of the bundled")
     ap.add_argument("--holdout", type=float, default=0.25, help="share of its documents held out for evaluation")
-    ap.add_argument("--dataset-bits", type=float, default=3.0)
-    ap.add_argument("--dataset-options", default="{}", help="JSON options of that job")
     ap.add_argument("--data-dir", default="runs/service-sweep")
     ap.add_argument("--port", type=int, default=8733)
     ap.add_argument("--json", required=True)
@@ -128,21 +114,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     fail_leftover_jobs(data_dir)
     server = start_server(data_dir, args.port)
-    out: dict[str, Any] = {"model": args.model, "bits": args.bits}
+    out: dict[str, Any] = {"model": args.model, "method": args.method, "bits": args.bits}
     try:
         client = Client(f"http://127.0.0.1:{args.port}", create_key(data_dir, "bench"), timeout=120)
         started = time.monotonic()
         options = {**json.loads(args.options), "evaluation": evaluation}
-        sweep = client.sweep(args.model, args.bits, "rsavq", options, name=f"{args.model}-sweep")
+        if args.dataset_text:
+            out["datasets"] = upload_texts(client, Path(args.dataset_text), args.holdout)
+            options["calibration"] = {"dataset": out["datasets"]["calibration"]["id"]}
+            options["evaluation"] = {**evaluation, "datasets": [out["datasets"]["evaluation"]["id"]]}
+        sweep = client.sweep(args.model, args.bits, args.method, options, name=f"{args.model}-sweep")
         for row in sweep["rows"]:
             client.wait(row["job_id"], poll=2.0)
         out["sweep"] = client.get_sweep(sweep["id"])
         out["sweep_wall_s"] = time.monotonic() - started
         out["metrics"] = {r["job_id"]: client.metrics(r["job_id"]) for r in out["sweep"]["rows"] if r["job_id"]}
         sys.stdout.write(sweep_table(out["sweep"]) + f"sweep wall time {out['sweep_wall_s']:.0f} s\n")
-        if args.dataset_text:
-            out["dataset_job"] = run_dataset_job(client, args, evaluation)
-            sys.stdout.write(json.dumps(out["dataset_job"]["metrics"], indent=1) + "\n")
     finally:
         stop_server(server)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
