@@ -67,12 +67,14 @@ class Client:
         method: str = "rsavq",
         options: dict[str, Any] | None = None,
         name: str | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Submit one job per budget (``POST /v1/sweeps``)."""
         body = {"model_id": model_id, "bits": bits, "method": method, "options": options or {}}
         if name is not None:
             body["name"] = name
-        return self._call("POST", "/v1/sweeps", json=body).json()
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/v1/sweeps", json=body, headers=headers).json()
 
     def upload_dataset(self, name: str, data: bytes, content_type: str = "text/plain") -> dict[str, Any]:
         """Store a text for this key's tenant (``POST /v1/datasets``): ``text/plain`` documents at

@@ -28,7 +28,7 @@ def cmd_sweep(args: argparse.Namespace) -> str:
     """Submit one job per budget; with --wait follow them to the end. Prints the sweep's table."""
     options = {**_options(args), **knobs_from_args(args, exclude=("bits",))}
     client = _client(args)
-    sweep = client.sweep(args.model, args.bits, args.method, options, args.name)
+    sweep = client.sweep(args.model, args.bits, args.method, options, args.name, args.idempotency_key)
     if args.wait:
         for row in sweep["rows"]:
             client.wait(row["job_id"], poll=args.poll)
@@ -76,6 +76,16 @@ def cmd_wait(args: argparse.Namespace) -> dict[str, Any]:
     return job
 
 
+def cmd_dataset_upload(args: argparse.Namespace) -> dict[str, Any]:
+    """Upload a text file as a dataset; JSONL when its name ends in .jsonl / .ndjson (or --jsonl)."""
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file")
+    jsonl = args.jsonl or path.suffix.lower() in (".jsonl", ".ndjson")
+    content_type = "application/jsonl" if jsonl else "text/plain"
+    return _client(args).upload_dataset(args.name or path.stem, path.read_bytes(), content_type)
+
+
 def cmd_download(args: argparse.Namespace) -> str:
     out = Path(args.out or f"rsavq-{args.job_id}.tar")
     _client(args).download(args.job_id, out)
@@ -105,9 +115,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     w.add_argument("--options", help="more options as JSON, as for submit (flags win)")
     w.add_argument("--wait", action="store_true", help="follow every job to its end, then print the table")
     w.add_argument("--poll", type=float, default=1.0, help="seconds before reconnecting a broken event stream")
+    w.add_argument("--idempotency-key", help="resubmitting with the same key returns the same sweep")
     add_config_flags(w, several_bits=True)
     _remote_flags(w)
     w.set_defaults(func=cmd_sweep)
+    d = sub.add_parser(
+        "dataset-upload",
+        help="upload your own text (plain: documents at blank lines; .jsonl: a 'text' per line); prints its id",
+    )
+    d.add_argument("file")
+    d.add_argument("--name", help="its name in reports (default: the file's stem)")
+    d.add_argument("--jsonl", action="store_true", help="JSONL whatever the file's suffix")
+    _remote_flags(d)
+    d.set_defaults(func=cmd_dataset_upload)
     t = sub.add_parser("sweep-status", help="a sweep's budgets side by side: bpw, size, perplexity, zero-shot")
     t.add_argument("sweep_id")
     _remote_flags(t)

@@ -24,8 +24,8 @@ from service.cli.flags import flag_of
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
-    "serve", "worker", "generation-server", "db", "keys", "submit", "sweep", "sweep-status", "status", "wait",
-    "download", "cancel", "metrics", "quantize", "eval", "generate", "ablation",
+    "serve", "worker", "generation-server", "db", "keys", "submit", "sweep", "dataset-upload", "sweep-status",
+    "status", "wait", "download", "cancel", "metrics", "quantize", "eval", "generate", "ablation",
 ]  # fmt: skip
 
 

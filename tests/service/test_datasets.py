@@ -148,3 +148,25 @@ def test_a_job_calibrated_and_evaluated_on_uploaded_text(  # type: ignore[no-unt
     assert metrics["fp"]["perplexity_on"][label]["ppl"] > 1
     assert metrics["evaluation"]["texts"] == [{"name": "eval", "sha256": evaluation["sha256"], "documents": 10}]
     assert json.dumps(metrics)  # plain JSON all the way
+
+
+def test_the_command_line_uploads_text_and_jsonl(api, keys, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import argparse
+
+    from service.cli import remote
+    from service.client import Client
+
+    client = Client("http://testserver", keys["alice"])
+    api.headers.update(auth(keys["alice"]))
+    client.http = api  # TestClient is an httpx.Client bound to the in-process app
+    monkeypatch.setattr(remote, "_client", lambda args: client)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(EVAL)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3]))
+    text = remote.cmd_dataset_upload(argparse.Namespace(file=str(notes), name=None, jsonl=False))
+    jsonl = remote.cmd_dataset_upload(argparse.Namespace(file=str(rows), name="three", jsonl=False))
+    assert (text["name"], text["format"], text["documents"]) == ("notes", "text", 10)
+    assert (jsonl["name"], jsonl["format"], jsonl["documents"]) == ("three", "jsonl", 3)
+    with pytest.raises(Exception, match="not a file"):
+        remote.cmd_dataset_upload(argparse.Namespace(file=str(tmp_path / "missing.txt"), name=None, jsonl=False))
