@@ -12,7 +12,7 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutdown
 
 from service.db import session_factory
-from service.queue import QUANTIZE_TASK, enqueue, make_celery
+from service.queue import EVALUATE_TASK, QUANTIZE_TASK, enqueue, make_celery
 from service.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,12 @@ def _start_reaper(**_kwargs: Any) -> None:
 
     _reaper = Reaper(
         session_factory(settings.database_url),
-        lambda job_id: enqueue(app, QUANTIZE_TASK, job_id),
+        lambda job_id, step: enqueue(app, EVALUATE_TASK if step == "evaluate" else QUANTIZE_TASK, job_id),
         name=worker_name(),
         memory_bytes=worker_capacity_bytes(settings),
         interval=max(1.0, settings.lease_seconds / 2),
         requeue_after_seconds=settings.requeue_after_s,
+        lease_seconds=settings.lease_seconds,
     )
     _reaper.start()
     log.info("reaper started (every %.1f s)", _reaper.interval)

@@ -119,13 +119,39 @@ def test_reaper_requeues_expired_leases_and_resends_lost_messages(sessions) -> N
         machine.claim(s, stale, "dead", lease_seconds=0.1)
         machine.claim(s, live, "alive", lease_seconds=60)
     time.sleep(0.3)
-    sent: list[str] = []
-    assert set(reap_once(sessions, sent.append, requeue_after_seconds=3600)) == {stale}
+    sent: list[tuple[str, str]] = []
+    send = lambda job_id, step: sent.append((job_id, step))  # noqa: E731
+    assert set(reap_once(sessions, send, requeue_after_seconds=3600)) == {stale}
     assert status(sessions, stale).status == "queued" and status(sessions, live).status == "running"
-    assert reap_once(sessions, sent.append, requeue_after_seconds=3600) == []  # nothing twice
+    assert reap_once(sessions, send, requeue_after_seconds=3600) == []  # nothing twice
     time.sleep(0.2)
-    assert set(reap_once(sessions, sent.append, requeue_after_seconds=0.1)) == {stale, waiting}
-    assert sorted(sent) == sorted([stale, stale, waiting])
+    assert set(reap_once(sessions, send, requeue_after_seconds=0.1)) == {stale, waiting}
+    assert sorted(sent) == sorted([(stale, "quantize"), (stale, "quantize"), (waiting, "quantize")])
+
+
+def test_a_job_waiting_for_its_evaluation_is_not_a_dead_worker(sessions) -> None:  # type: ignore[no-untyped-def]
+    """Quantized and handed off while the only worker quantizes another job: the hand-off's lease
+    runs out, but the job stays handed off (its artifact kept); only its evaluation message is
+    re-sent, once per requeue_after_seconds, and the evaluator still claims it as the same attempt."""
+    from worker.reaper import reap_once
+
+    job_id = new_job(sessions)
+    with sessions() as s:
+        assert machine.claim(s, job_id, "quantizer", 30)
+        assert machine.hand_off(s, job_id, "quantizer", "evaluation queued", 0.1)
+    time.sleep(0.3)
+    sent: list[tuple[str, str]] = []
+    send = lambda job_id, step: sent.append((job_id, step))  # noqa: E731
+    assert reap_once(sessions, send, requeue_after_seconds=3600) == []  # lease over, still no dead worker
+    job = status(sessions, job_id)
+    assert (job.status, job.worker, job.stage) == ("running", None, "evaluation queued")
+    assert reap_once(sessions, send, requeue_after_seconds=0.1, lease_seconds=60) == [job_id]
+    assert reap_once(sessions, send, requeue_after_seconds=0.1, lease_seconds=60) == []  # not again at once
+    assert sent == [(job_id, "evaluate")]
+    with sessions() as s:
+        assert machine.claim(s, job_id, "evaluator", 30)
+    job = status(sessions, job_id)
+    assert (job.status, job.worker, job.attempts) == ("running", "evaluator", 1)
 
 
 @pytest.mark.integration
