@@ -17,6 +17,7 @@ Writes JSON and an SVG chart of perplexity against artifact size.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import math
 import sys
@@ -55,10 +56,11 @@ def svg_chart(rows: list[dict[str, Any]], fp_ppl: float | None, title: str) -> s
     points = [r for r in rows if r["perplexity"] is not None and r["artifact_bytes"] is not None]
     if not points:
         return ""
-    w, h, pad = 560, 340, 56
+    w, h, pad = 640, 360, 56
     xs = [r["artifact_bytes"] / 1e6 for r in points]
     ys = [math.log10(v) for v in [r["perplexity"] for r in points] + ([fp_ppl] if fp_ppl else [])]
-    x0, x1 = 0.0, max(xs) * 1.15
+    spread = max(max(xs) - min(xs), max(xs) * 0.1)
+    x0, x1 = max(0.0, min(xs) - 0.25 * spread), max(xs) + 0.25 * spread
     y0, y1 = min(ys) - 0.1, max(ys) + 0.1
 
     def px(x: float) -> float:
@@ -70,7 +72,7 @@ def svg_chart(rows: list[dict[str, Any]], fp_ppl: float | None, title: str) -> s
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
         f'<rect width="{w}" height="{h}" fill="white"/>',
-        f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+        f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
         f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
         f'<line x1="{pad}" y1="{pad / 2}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
         f'<text x="{w / 2}" y="{h - 16}" text-anchor="middle">artifact size (MB, the whole checkpoint)</text>',
@@ -79,8 +81,9 @@ def svg_chart(rows: list[dict[str, Any]], fp_ppl: float | None, title: str) -> s
     for tick in (10, 20, 30, 50, 100, 200, 500, 1000):
         if y0 <= math.log10(tick) <= y1:
             out.append(f'<text x="{pad - 6}" y="{py(math.log10(tick)) + 4}" text-anchor="end">{tick}</text>')
-    step = 10 ** math.floor(math.log10(x1 / 2))
-    for i in range(int(x1 // step) + 1):
+    step = 10 ** math.floor(math.log10(x1 - x0))
+    step = step / 2 if (x1 - x0) / step < 4 else step
+    for i in range(math.ceil(x0 / step), math.floor(x1 / step) + 1):
         out.append(f'<text x="{px(i * step)}" y="{h - pad + 16}" text-anchor="middle">{i * step:g}</text>')
     if fp_ppl:
         y = py(math.log10(fp_ppl))
@@ -91,8 +94,19 @@ def svg_chart(rows: list[dict[str, Any]], fp_ppl: float | None, title: str) -> s
     for (a, b), r in zip(coords, points, strict=True):
         out.append(f'<circle cx="{a}" cy="{b}" r="4" fill="#1f77b4"/>')
         label = f"{r['bits']:g} bit: {r['perplexity']:.2f} @ {r['effective_bpw']:.3f} bpw"
-        out.append(f'<text x="{a + 8}" y="{b - 8}">{label}</text>')
+        left = a > w / 2  # labels on the right half go left of their point, so none is cut off
+        anchor, dx = ("end", -8) if left else ("start", 8)
+        out.append(f'<text x="{a + dx}" y="{b - 8}" text-anchor="{anchor}">{label}</text>')
     return "\n".join([*out, "</svg>\n"])
+
+
+def write_chart(out: dict[str, Any], path: Path) -> None:
+    first = next(iter(out["metrics"].values()), {})
+    fp = ((first.get("fp") or {}).get("perplexity") or {}).get("ppl")
+    calibrated = (out.get("datasets") or {}).get("calibration")
+    on = f" · calibrated on {calibrated['name']}" if calibrated else ""
+    title = f"{out['model']} · {out.get('method', 'rsavq')} {out.get('options', '')}{on} · wiki-holdout-512"
+    path.write_text(svg_chart(out["sweep"]["rows"], fp, title))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -108,13 +122,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--port", type=int, default=8733)
     ap.add_argument("--json", required=True)
     ap.add_argument("--svg")
+    ap.add_argument("--replot", action="store_true", help="only redraw --svg from an earlier run's --json")
     args = ap.parse_args(argv)
+    if args.replot:
+        out = json.loads(Path(args.json).read_text())
+        write_chart(out, Path(args.svg))
+        return out
     evaluation = json.loads(args.evaluation)
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     fail_leftover_jobs(data_dir)
     server = start_server(data_dir, args.port)
-    out: dict[str, Any] = {"model": args.model, "method": args.method, "bits": args.bits}
+    out: dict[str, Any] = {"model": args.model, "method": args.method, "bits": args.bits, "options": args.options}
     try:
         client = Client(f"http://127.0.0.1:{args.port}", create_key(data_dir, "bench"), timeout=120)
         started = time.monotonic()
@@ -135,9 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.svg and out.get("sweep"):
-        first = next(iter(out["metrics"].values()), {})
-        fp = ((first.get("fp") or {}).get("perplexity") or {}).get("ppl")
-        Path(args.svg).write_text(svg_chart(out["sweep"]["rows"], fp, f"{args.model}: budget sweep via the service"))
+        write_chart(out, Path(args.svg))
     return out
 
 
