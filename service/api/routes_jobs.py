@@ -14,7 +14,6 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -27,6 +26,7 @@ from service.api.submission import (
     by_idempotency_key,
     check_model_id,
     enqueue_or_forget,
+    insert_or_retried,
     new_job,
     request_digest,
     within_tenant_limit,
@@ -98,14 +98,9 @@ def submit(
             return _accepted(response, existing)
     within_tenant_limit(session, tenant, ctx.settings.tenant_max_active_jobs)
     job = new_job(session, tenant, body, request_hash, idempotency_key=idempotency_key)
-    try:
-        session.flush()
-    except IntegrityError:  # a concurrent retry with the same key won the insert
-        session.rollback()
-        existing = by_idempotency_key(session, Job, tenant, idempotency_key or "", request_hash)
-        if existing is None:
-            raise
-        return _accepted(response, existing)
+    winner = insert_or_retried(session, job, tenant, idempotency_key, request_hash)
+    if winner is not job:  # a concurrent retry with the same key won the insert
+        return _accepted(response, winner)
     machine.add_event(session, job.id, "status", {"status": machine.QUEUED})
     session.commit()
     enqueue_or_forget(ctx, session, [job.id])

@@ -15,7 +15,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Response
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import jobs as machine
@@ -26,6 +25,7 @@ from service.api.submission import (
     by_idempotency_key,
     check_model_id,
     enqueue_or_forget,
+    insert_or_retried,
     new_job,
     request_digest,
     within_tenant_limit,
@@ -123,15 +123,10 @@ def submit_sweep(
         request_hash=request_hash,
     )
     session.add(sweep)
-    try:
-        session.flush()
-    except IntegrityError:  # a concurrent retry with the same key won the insert
-        session.rollback()
-        existing = by_idempotency_key(session, Sweep, tenant, idempotency_key or "", request_hash)
-        if existing is None:
-            raise
-        response.headers["Location"] = f"/v1/sweeps/{existing.id}"
-        return sweep_out(session, existing)
+    winner = insert_or_retried(session, sweep, tenant, idempotency_key, request_hash)
+    if winner is not sweep:  # a concurrent retry with the same key won the insert
+        response.headers["Location"] = f"/v1/sweeps/{winner.id}"
+        return sweep_out(session, winner)
     jobs = [new_job(session, tenant, request, request_digest(request), sweep_id=sweep.id) for request in requests]
     session.flush()
     for job in jobs:

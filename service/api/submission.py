@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rsavq_core.errors import ConfigError
@@ -50,6 +51,20 @@ def by_idempotency_key(
     row = session.scalar(select(row_type).where(row_type.tenant == tenant, row_type.idempotency_key == key))
     if row is not None and row.request_hash != request_hash:
         raise ConflictError("this Idempotency-Key was used with a different request body")
+    return row
+
+
+def insert_or_retried(session: Session, row: Keyed, tenant: str, key: str | None, request_hash: str) -> Keyed:
+    """Flush a new job or sweep; when a concurrent retry with the same Idempotency-Key won the
+    insert (the unique constraint), the winner's row instead."""
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        existing = by_idempotency_key(session, type(row), tenant, key or "", request_hash)
+        if existing is None:
+            raise
+        return existing
     return row
 
 

@@ -128,3 +128,25 @@ def test_the_command_line_prints_the_budgets_side_by_side(api, keys) -> None:  #
     assert lines[1].split()[:6] == ["bits", "status", "bpw", "size", "MB", "perplexity"]
     assert lines[2].split()[:5] == ["2", "succeeded", "2.0720", "61.2", "59.31"]
     assert lines[3].split()[:6] == ["3", "queued", "-", "-", "-", "-"]
+
+
+def test_a_concurrent_retry_that_loses_the_insert_gets_the_winners_row(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+    from service.api.submission import insert_or_retried
+
+    won = api.post("/v1/sweeps", json=SWEEP, headers={**auth(keys["alice"]), "Idempotency-Key": "race"}).json()
+    with sessions() as session:
+        first = session.get(Sweep, won["id"])
+        tenant, digest = first.tenant, first.request_hash
+        loser = Sweep(
+            id="f" * 32, tenant=tenant, model_id="smollm2-135m", method="rsavq", bits=[2, 3, 4],
+            idempotency_key="race", request_hash=digest,
+        )  # fmt: skip
+        session.add(loser)
+        assert insert_or_retried(session, loser, tenant, "race", digest).id == won["id"]
+        other = Sweep(
+            id="e" * 32, tenant=tenant, model_id="smollm2-135m", method="rsavq", bits=[2, 3],
+            idempotency_key="race", request_hash="0" * 64,
+        )  # fmt: skip
+        session.add(other)
+        with pytest.raises(Exception, match="different request body"):
+            insert_or_retried(session, other, tenant, "race", "0" * 64)
