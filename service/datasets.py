@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 from rsavq_core.errors import ArtifactError
 from rsavq_core.text_files import TextSource, parse_text
@@ -41,6 +42,13 @@ def read_dataset(store: ArtifactStore, row: Dataset) -> TextSource:
     if hashlib.sha256(data).hexdigest() != row.sha256:
         raise ArtifactError(f"dataset {row.id} ({row.name}) changed on disk: its sha256 is not the recorded one")
     return parse_text(data, row.name, "jsonl" if row.format == "jsonl" else "text")
+
+
+def job_dataset_ids(options: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """(calibration dataset id or None, evaluation dataset ids in order) named by a job's stored
+    options (``options.calibration.dataset``, ``options.evaluation.datasets``)."""
+    calibration = (options.get("calibration") or {}).get("dataset")
+    return calibration, list((options.get("evaluation") or {}).get("datasets") or [])
 
 
 def remove_dataset(store: ArtifactStore, row: Dataset) -> None:

@@ -24,6 +24,7 @@ from service.db import Job, JobEvent, JobLayer, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+ACTIVE = (QUEUED, RUNNING)  # a job that still needs a worker
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -126,7 +127,7 @@ def fail_unclaimed(session: Session, job_id: str, error: str) -> bool:
     return _move(
         session,
         job_id,
-        Job.status.in_((QUEUED, RUNNING)),
+        Job.status.in_(ACTIVE),
         {"status": FAILED, "error": error, "finished_at": utcnow(), "lease_until": None, "stage": FAILED},
         {"status": FAILED, "error": error},
     )

@@ -26,6 +26,7 @@ from rsavq_core.progress import stop_check
 from rsavq_core.text_files import TextSource
 from service import jobs as machine
 from service.artifacts import ArtifactStore
+from service.datasets import job_dataset_ids, read_dataset
 from service.db import Artifact, Dataset, Job, JobMetrics, Worker, utcnow
 from service.scheduling import claim_turn
 from service.settings import Settings
@@ -61,21 +62,19 @@ class WorkerContext:
 
 def calibration_text(ctx: WorkerContext, job: Job) -> TextSource | None:
     """The job's own calibration text (``options.calibration.dataset``), or None for the bundled one."""
-    dataset_id = ((job.options or {}).get("calibration") or {}).get("dataset")
+    dataset_id, _ = job_dataset_ids(job.options or {})
     return _job_dataset(ctx, job, dataset_id) if dataset_id else None
 
 
 def evaluation_texts(ctx: WorkerContext, job: Job) -> list[TextSource]:
     """The job's own evaluation texts (``options.evaluation.datasets``), in the order named."""
-    ids = ((job.options or {}).get("evaluation") or {}).get("datasets") or []
+    _, ids = job_dataset_ids(job.options or {})
     return [_job_dataset(ctx, job, dataset_id) for dataset_id in ids]
 
 
 def _job_dataset(ctx: WorkerContext, job: Job, dataset_id: str) -> TextSource:
     """A dataset of the job's tenant, read from the store and checked against its recorded sha256
     (a deleted or changed dataset fails the job saying so)."""
-    from service.datasets import read_dataset
-
     with ctx.sessions() as session:
         row = session.get(Dataset, dataset_id)
     if row is None or row.tenant != job.tenant:

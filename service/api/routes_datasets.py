@@ -4,7 +4,7 @@ the checks a job naming datasets gets before it is stored."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -17,7 +17,7 @@ from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
 from service.api.schemas import DatasetList, DatasetOut, JobRequest
 from service.artifacts import ArtifactStore
-from service.datasets import read_dataset, remove_dataset, store_dataset
+from service.datasets import job_dataset_ids, read_dataset, remove_dataset, store_dataset
 from service.db import Dataset, Job
 from service.errors import ConflictError, NotFoundError
 
@@ -129,16 +129,13 @@ def active_jobs_using(session: Session, tenant: str, dataset_id: str) -> list[st
     """The tenant's queued or running jobs that name the dataset (bounded by the active-job limit,
     so their options are read here rather than queried as JSON, which SQLite and PostgreSQL spell
     differently)."""
-    rows = session.execute(
-        select(Job.id, Job.options).where(Job.tenant == tenant, Job.status.in_((machine.QUEUED, machine.RUNNING)))
-    )
-    return [job_id for job_id, options in rows if dataset_id in dataset_ids_of(options or {})]
-
-
-def dataset_ids_of(options: dict[str, Any]) -> set[str]:
-    calibration = (options.get("calibration") or {}).get("dataset")
-    evaluation = (options.get("evaluation") or {}).get("datasets") or []
-    return {*evaluation, *([calibration] if calibration else [])}
+    rows = session.execute(select(Job.id, Job.options).where(Job.tenant == tenant, Job.status.in_(machine.ACTIVE)))
+    users = []
+    for job_id, options in rows:
+        calibration, evaluation = job_dataset_ids(options or {})
+        if dataset_id == calibration or dataset_id in evaluation:
+            users.append(job_id)
+    return users
 
 
 @router.delete(

@@ -92,10 +92,9 @@ def submit(
     body.quant_config()  # every cross-field rule, before anything is stored
     check_job_datasets(session, tenant, ArtifactStore(ctx.settings.artifact_dir), body)
     request_hash = request_digest(body)
-    if idempotency_key:
-        existing = by_idempotency_key(session, Job, tenant, idempotency_key, request_hash)
-        if existing is not None:
-            return _accepted(response, existing)
+    existing = by_idempotency_key(session, Job, tenant, idempotency_key, request_hash)
+    if existing is not None:
+        return _accepted(response, existing)
     within_tenant_limit(session, tenant, ctx.settings.tenant_max_active_jobs)
     job = new_job(session, tenant, body, request_hash, idempotency_key=idempotency_key)
     winner = insert_or_retried(session, job, tenant, idempotency_key, request_hash)

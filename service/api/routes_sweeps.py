@@ -2,10 +2,9 @@
 
 The jobs are ordinary jobs (``/v1/jobs/{id}`` shows each; cancel or delete them there, or delete
 the finished sweep with all of its jobs). A retried submission with the same ``Idempotency-Key``
-returns the same sweep. They
-share the calibration statistics: a worker computes them for the first job it runs and the
-statistics cache serves the same model and calibration windows to the others (on a fleet, each
-worker host computes them once).
+returns the same sweep. The jobs share the calibration statistics: a worker computes them for the
+first job it runs and the statistics cache serves the same model and calibration windows to the
+others (on a fleet, each worker host computes them once).
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ def _metric(data: dict[str, Any], *path: str) -> float | None:
 
 
 def _status(statuses: list[str]) -> str:
-    if any(s in (machine.QUEUED, machine.RUNNING) for s in statuses):
+    if any(s in machine.ACTIVE for s in statuses):
         return machine.RUNNING if any(s != machine.QUEUED for s in statuses) else machine.QUEUED
     if statuses and all(s == machine.SUCCEEDED for s in statuses):
         return machine.SUCCEEDED
@@ -106,11 +105,10 @@ def submit_sweep(
         request.quant_config()  # every budget's rules, before anything is stored
     check_job_datasets(session, tenant, ArtifactStore(ctx.settings.artifact_dir), requests[0])
     request_hash = request_digest(body)
-    if idempotency_key:
-        existing = by_idempotency_key(session, Sweep, tenant, idempotency_key, request_hash)
-        if existing is not None:
-            response.headers["Location"] = f"/v1/sweeps/{existing.id}"
-            return sweep_out(session, existing)
+    existing = by_idempotency_key(session, Sweep, tenant, idempotency_key, request_hash)
+    if existing is not None:
+        response.headers["Location"] = f"/v1/sweeps/{existing.id}"
+        return sweep_out(session, existing)
     within_tenant_limit(session, tenant, ctx.settings.tenant_max_active_jobs, adding=len(requests))
     sweep = Sweep(
         id=uuid.uuid4().hex,

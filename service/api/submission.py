@@ -45,9 +45,12 @@ def request_digest(body: BaseModel) -> str:
 
 
 def by_idempotency_key(
-    session: Session, row_type: type[Keyed], tenant: str, key: str, request_hash: str
+    session: Session, row_type: type[Keyed], tenant: str, key: str | None, request_hash: str
 ) -> Keyed | None:
-    """The tenant's job or sweep created with this Idempotency-Key; 409 if it had another body."""
+    """The tenant's job or sweep created with this Idempotency-Key (None without a key); 409 if it
+    had another body."""
+    if not key:
+        return None
     row = session.scalar(select(row_type).where(row_type.tenant == tenant, row_type.idempotency_key == key))
     if row is not None and row.request_hash != request_hash:
         raise ConflictError("this Idempotency-Key was used with a different request body")
@@ -61,7 +64,7 @@ def insert_or_retried(session: Session, row: Keyed, tenant: str, key: str | None
         session.flush()
     except IntegrityError:
         session.rollback()
-        existing = by_idempotency_key(session, type(row), tenant, key or "", request_hash)
+        existing = by_idempotency_key(session, type(row), tenant, key, request_hash)
         if existing is None:
             raise
         return existing
@@ -72,9 +75,7 @@ def within_tenant_limit(session: Session, tenant: str, limit: int, adding: int =
     """429 when ``adding`` more jobs would take the tenant past ``limit`` jobs queued or running (a
     retry of an existing job, by its Idempotency-Key, is answered before this). Two submissions
     racing may both pass: the limit bounds a flood, it is not a quota."""
-    active = session.scalar(
-        select(func.count()).where(Job.tenant == tenant, Job.status.in_((machine.QUEUED, machine.RUNNING)))
-    )
+    active = session.scalar(select(func.count()).where(Job.tenant == tenant, Job.status.in_(machine.ACTIVE)))
     if (active or 0) + adding > limit:
         more = "" if adding == 1 else f" and this request adds {adding}"
         raise TooManyRequestsError(

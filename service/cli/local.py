@@ -29,7 +29,7 @@ def fail_leftover_jobs(data_dir: Path) -> list[str]:
         return []
     upgrade(settings.database_url)  # an older run's database: the schema this code reads
     with session_factory(settings.database_url)() as session:
-        left = list(session.scalars(select(Job.id).where(Job.status.in_((machine.QUEUED, machine.RUNNING)))))
+        left = list(session.scalars(select(Job.id).where(Job.status.in_(machine.ACTIVE))))
         for job_id in left:
             machine.fail_unclaimed(session, job_id, "abandoned by an interrupted earlier run")
     return left
