@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rsavq_core.errors import AssetError, CalibrationError
-from rsavq_core.text_files import EVAL_LEN, EVAL_WINDOWS, TextSource
+from rsavq_core.text_files import DOCUMENT_SEPARATOR, EVAL_LEN, EVAL_WINDOWS, TextSource
 
 EVAL_PROTOCOL = "wiki-holdout-512"
 _DOC = re.compile(r"<doc [^>]*>.*?</doc>", re.S)
@@ -66,7 +66,7 @@ def _tokenized(tokenizer: Any, split: str, docs: list[str]) -> list[int]:
     """
     key = (str(getattr(tokenizer, "name_or_path", id(tokenizer))), len(tokenizer), split)
     if key not in _TOKEN_CACHE:
-        ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(DOCUMENT_SEPARATOR.join(docs), add_special_tokens=False)["input_ids"]
         _TOKEN_CACHE[key] = list(ids)
     return _TOKEN_CACHE[key]
 
@@ -103,7 +103,7 @@ def _source_ids(tokenizer: Any, source: TextSource | None, split: str) -> tuple[
         calib, evaluation = split_documents(wiki_documents())
         return _tokenized(tokenizer, split, calib if split == "calibration" else evaluation), f"the {split} text"
     # Not memoised: every job's text is another entry, and a worker process lives for many jobs.
-    ids = tokenizer("\n\n".join(source.documents), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(source.joined(), add_special_tokens=False)["input_ids"]
     return list(ids), source.name
 
 

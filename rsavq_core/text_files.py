@@ -21,6 +21,9 @@ from rsavq_core.errors import ConfigError
 # can check an evaluation text's size against them).
 EVAL_WINDOWS, EVAL_LEN = 64, 512
 
+# Documents are tokenized as one text joined by a blank line (calibration, evaluation, token counts).
+DOCUMENT_SEPARATOR = "\n\n"
+
 TextFormat = Literal["text", "jsonl"]
 MAX_TEXT_BYTES = 256 * 2**20  # what a file given to the command line may hold; the API sets its own
 _BLANK_LINES = re.compile(r"\n\s*\n")
@@ -35,6 +38,10 @@ class TextSource:
     format: TextFormat
     documents: tuple[str, ...]
     size: int  # bytes
+
+    def joined(self) -> str:
+        """The documents as the one text that is tokenized."""
+        return DOCUMENT_SEPARATOR.join(self.documents)
 
     @property
     def label(self) -> str:

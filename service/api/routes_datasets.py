@@ -4,6 +4,7 @@ the checks a job naming datasets gets before it is stored."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from rsavq_core.errors import ConfigError
 from rsavq_core.text_files import EVAL_LEN, check_overlap, parse_text, too_short
+from rsavq_core.token_count import count_tokens, tokenizer_file, too_few_tokens
 from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
 from service.api.schemas import DatasetList, DatasetOut, JobRequest
@@ -58,25 +60,41 @@ def load_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
 
 
 def check_job_datasets(session: Session, tenant: str, store: ArtifactStore, body: JobRequest) -> None:
-    """Before a job naming datasets is stored: they exist for this tenant (404), the calibration
-    text can fill the windows as far as its size can tell, and no evaluation text repeats a
-    calibration document unless allowed (422). The exact token count needs the model's tokenizer:
-    a worker checks it before quantizing and fails the job saying so."""
+    """Before a job naming datasets is stored: they exist for this tenant (404), each text can fill
+    its windows, and no evaluation text repeats a calibration document unless allowed (422).
+
+    Tokens are counted with the model's own tokenizer where the model is on this host's disk (the
+    embedded service, a shared cache); elsewhere only the byte bound is checked here, and a worker
+    checks the exact count before quantizing and fails the job saying so."""
     calibration = body.options.calibration
     eval_rows = [load_dataset(session, tenant, i) for i in body.options.evaluation.datasets or []]
+    calib_row = (
+        None
+        if calibration is None or calibration.dataset is None
+        else load_dataset(session, tenant, calibration.dataset)
+    )
+    tokenizer = tokenizer_file(body.model_id) if eval_rows or calib_row else None
     for row in eval_rows:  # fewer windows than the protocol's are scored; none at all is an error
-        short = too_short(row.name, row.size, 1, EVAL_LEN)
-        if short:
-            raise ConfigError(f"evaluation dataset {row.id}: {short}")
-    if calibration is None or calibration.dataset is None:
+        refuse_short(store, row, tokenizer, 1, EVAL_LEN, "evaluation")
+    if calibration is None or calib_row is None:
         return
-    row = load_dataset(session, tenant, calibration.dataset)
     cfg = body.quant_config()
-    short = too_short(row.name, row.size, cfg.calib_samples, cfg.calib_len)
-    if short:
-        raise ConfigError(f"calibration dataset {row.id}: {short}")
+    refuse_short(store, calib_row, tokenizer, cfg.calib_samples, cfg.calib_len, "calibration")
     if eval_rows and not calibration.allow_overlap:  # the texts are read only to compare documents
-        check_overlap(read_dataset(store, row), [read_dataset(store, r) for r in eval_rows], allow=False)
+        check_overlap(read_dataset(store, calib_row), [read_dataset(store, r) for r in eval_rows], allow=False)
+
+
+def refuse_short(
+    store: ArtifactStore, row: Dataset, tokenizer: Path | None, windows: int, length: int, role: str
+) -> None:
+    """``ConfigError`` (422) when the dataset cannot fill ``windows`` windows of ``length`` tokens:
+    by its size, then by its token count when the model's tokenizer is at hand."""
+    short = too_short(row.name, row.size, windows, length)
+    if short is None and tokenizer is not None:
+        tokens = count_tokens(tokenizer, row.sha256, lambda: read_dataset(store, row).joined())
+        short = None if tokens is None else too_few_tokens(row.name, tokens, windows, length)
+    if short:
+        raise ConfigError(f"{role} dataset {row.id}: {short}")
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=UPLOAD, summary="Upload a text")

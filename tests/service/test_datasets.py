@@ -170,3 +170,31 @@ def test_the_command_line_uploads_text_and_jsonl(api, keys, tmp_path: Path, monk
     assert (jsonl["name"], jsonl["format"], jsonl["documents"]) == ("three", "jsonl", 3)
     with pytest.raises(Exception, match="not a file"):
         remote.cmd_dataset_upload(argparse.Namespace(file=str(tmp_path / "missing.txt"), name=None, jsonl=False))
+
+
+def test_a_text_with_enough_bytes_but_too_few_tokens_is_422(keys, settings, smol_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from rsavq_core.settings import override
+    from service.api.app import create_app
+
+    folder = tmp_path / "model"  # the model's files as the API host sees them: config and tokenizer
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((smol_dir / name).read_bytes())
+    text = DOCS[0][:600].encode()  # 600 bytes, about 130 tokens
+    local = settings.model_copy(update={"allow_local_models": True})
+    with TestClient(create_app(local)) as api:
+        notes = upload(api, keys["alice"], text, "notes").json()["id"]
+        body = _job(str(folder), notes, [])
+        body["options"].update(calib_samples=4, calib_len=64)  # 256 bytes: the byte bound passes
+        refused = api.post("/v1/jobs", json=body, headers=auth(keys["alice"]))
+        assert refused.status_code == 422, refused.text
+        message = refused.json()["error"]["message"]
+        assert (
+            f"calibration dataset {notes}: notes holds" in message and "too few for 4 windows of 64 tokens" in message
+        )
+        body["options"].update(calib_samples=2, calib_len=32)
+        assert api.post("/v1/jobs", json=body, headers=auth(keys["alice"])).status_code == 202
+        with override(cache_dir=tmp_path / "empty-cache"):  # a model not on this host: the byte bound only
+            body = _job("smollm2-135m", notes, [])
+            body["options"].update(calib_samples=4, calib_len=64)
+            assert api.post("/v1/jobs", json=body, headers=auth(keys["alice"])).status_code == 202
