@@ -107,8 +107,8 @@ class VQOptions(MethodOptions):
         le=0.05,
     )
     # Off by measurement (README, "Codebooks shared across the blocks"): with block-wise fine-tuning
-    # shared gave 58.51 at 2.049 bpw against the per-layer default's 59.13 at 2.072, and 29.36 at
-    # 3.041 against 28.21 at 3.072 at 3 bits: no consistent gain, and per-layer takes fractional bits.
+    # shared gave 58.51 / 59.76 (seeds 0 / 1) at 2.049 bpw against the per-layer default's 59.13 /
+    # 56.82 at 2.072, and 29.36 at 3.041 against 28.21 at 3.072: no gain, and per layer takes 2.5 bits.
     share_codebooks: bool = knob(
         False,
         "one set of codebooks per layer type (every block's q_proj, ...), fitted on all of them before "
