@@ -22,7 +22,9 @@ from rsavq_core.model_files import existing_folder
 
 log = logging.getLogger(__name__)
 MAX_COUNTS = 256  # (tokenizer, text) pairs remembered: a job resubmitted over a dataset is not re-tokenized
-_counts: OrderedDict[tuple[str, int, str], int] = OrderedDict()
+# (tokenizer file, its mtime, text sha256) -> (tokens counted, whether that is the whole text)
+_counts: OrderedDict[tuple[str, int, str], tuple[int, bool]] = OrderedDict()
+CHUNK_CHARS = 256 * 1024  # characters tokenized at a time
 _counts_lock = Lock()
 
 
@@ -45,24 +47,48 @@ def _tokenizer(path: str, mtime_ns: int) -> Tokenizer | None:
         return None
 
 
-def count_tokens(file: Path, sha256: str, text: Callable[[], str]) -> int | None:
+def count_tokens(file: Path, sha256: str, text: Callable[[], str], at_least: int) -> int | None:
     """Tokens of ``text()`` under the tokenizer in ``file`` (no special tokens added, as the windows
-    are cut), remembered by the text's ``sha256``; None when the file cannot be read."""
+    are cut), counted only until ``at_least`` is reached: exact below ``at_least``, some count at or
+    above it otherwise, so a large upload costs what the job needs rather than a tokenization of
+    all of it (a 64 MiB text is ~16 M tokens, gigabytes of encodings). Remembered by the text's
+    ``sha256``; None when the file cannot be read.
+
+    The text is tokenized ``CHUNK_CHARS`` at a time, cut before a space where there is one (the
+    space opens the next word, as the pre-tokenizer splits it), so the pieces' counts add up to
+    the whole text's but for a token or two at a cut without a space (the worker's check is exact).
+    """
     mtime = file.stat().st_mtime_ns
     key = (str(file), mtime, sha256)
     with _counts_lock:
-        if key in _counts:
+        known = _counts.get(key)
+        if known is not None and (known[1] or known[0] >= at_least):
             _counts.move_to_end(key)
-            return _counts[key]
+            return known[0]
     tokenizer = _tokenizer(str(file), mtime)
     if tokenizer is None:
         return None
-    count = len(tokenizer.encode(text(), add_special_tokens=False).ids)
+    whole, count, start = text(), 0, 0
+    while start < len(whole) and count < at_least:
+        stop = _cut(whole, start)
+        count += len(tokenizer.encode(whole[start:stop], add_special_tokens=False).ids)
+        start = stop
     with _counts_lock:
-        _counts[key] = count
+        _counts[key] = (count, start >= len(whole))
+        _counts.move_to_end(key)
         while len(_counts) > MAX_COUNTS:
             _counts.popitem(last=False)
     return count
+
+
+def _cut(text: str, start: int) -> int:
+    """Where the piece of ``text`` from ``start`` ends: CHUNK_CHARS on, moved back to a space in the
+    piece's second half where there is one."""
+    end = start + CHUNK_CHARS
+    if end >= len(text):
+        return len(text)
+    space = text.rfind(" ", start + CHUNK_CHARS // 2, end)
+    return space if space > start else end
 
 
 def too_few_tokens(name: str, tokens: int, windows: int, length: int) -> str | None:

@@ -91,7 +91,8 @@ def refuse_short(
     by its size, then by its token count when the model's tokenizer is at hand."""
     short = too_short(row.name, row.size, windows, length)
     if short is None and tokenizer is not None:
-        tokens = count_tokens(tokenizer, row.sha256, lambda: read_dataset(store, row).joined())
+        need = windows * length  # counting stops there: past it the exact count does not matter
+        tokens = count_tokens(tokenizer, row.sha256, lambda: read_dataset(store, row).joined(), need)
         short = None if tokens is None else too_few_tokens(row.name, tokens, windows, length)
     if short:
         raise ConfigError(f"{role} dataset {row.id}: {short}")

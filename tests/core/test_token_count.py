@@ -14,24 +14,39 @@ from rsavq_core.text_files import parse_text
 from rsavq_core.token_count import count_tokens, tokenizer_file, too_few_tokens
 
 
-def test_the_count_equals_the_tokens_the_windows_are_cut_from(smol_dir: Path) -> None:
+def test_the_count_equals_the_tokens_the_windows_are_cut_from(smol_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     text = parse_text("\n\n".join(wiki_documents()[:12]).encode(), "wiki-part")
     file = tokenizer_file(str(smol_dir))
     assert file == smol_dir / "tokenizer.json"
-    expected = AutoTokenizer.from_pretrained(str(smol_dir))(text.joined(), add_special_tokens=False)["input_ids"]
-    assert count_tokens(file, text.sha256, text.joined) == len(expected) > 1000
+    expected = len(AutoTokenizer.from_pretrained(str(smol_dir))(text.joined(), add_special_tokens=False)["input_ids"])
+    assert count_tokens(file, text.sha256, text.joined, at_least=10**9) == expected > 1000
+    # in pieces cut before spaces, the pieces' counts add up to the whole text's
+    monkeypatch.setattr("rsavq_core.token_count.CHUNK_CHARS", 2000)
+    assert len(text.joined()) > 10 * 2000
+    assert count_tokens(file, "same text, other key", text.joined, at_least=10**9) == expected
 
 
-def test_a_count_is_remembered_by_the_texts_hash(smol_dir: Path) -> None:
+def test_counting_stops_at_what_the_job_needs_and_is_remembered(smol_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("rsavq_core.token_count.CHUNK_CHARS", 2000)
     file = smol_dir / "tokenizer.json"
-    assert count_tokens(file, "hash-of-a-new-text", lambda: "Paris is the capital of France.") == 7
+    text = "\n\n".join(wiki_documents()[:12])
+    calls = []
 
-    def never() -> str:
-        raise AssertionError("the text was tokenized again")
+    def read() -> str:
+        calls.append(1)
+        return text
 
-    assert count_tokens(file, "hash-of-a-new-text", never) == 7
+    full = count_tokens(file, "hash-of-a-new-text", read, at_least=10**9)
+    partial = count_tokens(file, "hash-of-another-text", read, at_least=1000)
+    assert full is not None and partial is not None and 1000 <= partial < 1000 + 1000 < full
+    assert len(calls) == 2
+    assert count_tokens(file, "hash-of-another-text", read, at_least=900) == partial  # remembered
+    assert count_tokens(file, "hash-of-a-new-text", read, at_least=10**9) == full  # the whole text: remembered
+    assert len(calls) == 2
+    assert count_tokens(file, "hash-of-another-text", read, at_least=10**9) == full  # more needed: counted again
+    assert len(calls) == 3
 
 
 def test_windows_need_length_minus_one_tokens_each_at_least() -> None:
@@ -59,7 +74,7 @@ def test_only_models_already_on_disk_are_found(smol_dir: Path, tmp_path: Path) -
 def test_an_unreadable_tokenizer_file_counts_nothing(tmp_path: Path) -> None:
     broken = tmp_path / "tokenizer.json"
     broken.write_text("{not json")
-    assert count_tokens(broken, "some-hash", lambda: "text") is None
+    assert count_tokens(broken, "some-hash", lambda: "text", at_least=10) is None
 
 
 @pytest.mark.parametrize("module", ["rsavq_core.token_count", "rsavq_core.model_files"])
