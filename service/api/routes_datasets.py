@@ -4,6 +4,7 @@ the checks a job naming datasets gets before it is stored."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rsavq_core.errors import ConfigError
-from rsavq_core.text_files import EVAL_LEN, check_overlap, parse_text, too_short
+from rsavq_core.text_files import EVAL_LEN, TextSource, check_overlap, parse_text, too_short
 from rsavq_core.token_count import count_tokens, tokenizer_file, too_few_tokens
 from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
@@ -74,25 +75,38 @@ def check_job_datasets(session: Session, tenant: str, store: ArtifactStore, body
         else load_dataset(session, tenant, calibration.dataset)
     )
     tokenizer = tokenizer_file(body.model_id) if eval_rows or calib_row else None
+    texts: dict[str, TextSource] = {}
+
+    def text_of(row: Dataset) -> TextSource:  # each file read (and its sha256 checked) once per check
+        if row.id not in texts:
+            texts[row.id] = read_dataset(store, row)
+        return texts[row.id]
+
     for row in eval_rows:  # fewer windows than the protocol's are scored; none at all is an error
-        refuse_short(store, row, tokenizer, 1, EVAL_LEN, "evaluation")
+        refuse_short(text_of, row, tokenizer, 1, EVAL_LEN, "evaluation")
     if calibration is None or calib_row is None:
         return
     cfg = body.quant_config()
-    refuse_short(store, calib_row, tokenizer, cfg.calib_samples, cfg.calib_len, "calibration")
+    refuse_short(text_of, calib_row, tokenizer, cfg.calib_samples, cfg.calib_len, "calibration")
     if eval_rows and not calibration.allow_overlap:  # the texts are read only to compare documents
-        check_overlap(read_dataset(store, calib_row), [read_dataset(store, r) for r in eval_rows], allow=False)
+        check_overlap(text_of(calib_row), [text_of(r) for r in eval_rows], allow=False)
 
 
 def refuse_short(
-    store: ArtifactStore, row: Dataset, tokenizer: Path | None, windows: int, length: int, role: str
+    text_of: Callable[[Dataset], TextSource],
+    row: Dataset,
+    tokenizer: Path | None,
+    windows: int,
+    length: int,
+    role: str,
 ) -> None:
     """``ConfigError`` (422) when the dataset cannot fill ``windows`` windows of ``length`` tokens:
-    by its size, then by its token count when the model's tokenizer is at hand."""
+    by its size, then by its token count when the model's tokenizer is at hand (the text is read
+    through ``text_of`` only when the count is not remembered)."""
     short = too_short(row.name, row.size, windows, length)
     if short is None and tokenizer is not None:
         need = windows * length  # counting stops there: past it the exact count does not matter
-        tokens = count_tokens(tokenizer, row.sha256, lambda: read_dataset(store, row).joined(), need)
+        tokens = count_tokens(tokenizer, row.sha256, lambda: text_of(row).joined(), need)
         short = None if tokens is None else too_few_tokens(row.name, tokens, windows, length)
     if short:
         raise ConfigError(f"{role} dataset {row.id}: {short}")
