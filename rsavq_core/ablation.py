@@ -29,6 +29,8 @@ FEATURES_OFF: dict[str, Any] = {
     "compensate": False,
     "refit": "mean",
     "row_scales": False,
+    "share_codebooks": False,
+    "outliers": 0.0,
     "block_finetune_steps": 0,
     "block_finetune_norms": False,
     "finetune_target": "block",

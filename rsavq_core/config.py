@@ -90,7 +90,7 @@ class QuantConfig:
             raise ConfigError(
                 f"method {self.method} takes {method.options_type.__name__}, got {type(self.options).__name__}"
             )
-        object.__setattr__(self, "options", method.resolve(self.options_as(method.options_type), self.bits))
+        object.__setattr__(self, "options", method.resolve(self.options_as(method.options_type), self))
         if self.block_finetune_steps is None:
             object.__setattr__(self, "block_finetune_steps", method.block_finetune_steps)
         method.validate(self)
@@ -125,7 +125,7 @@ class QuantConfig:
         return cls(method=method, options=options, **{k: v for k, v in knobs_.items() if k in shared})
 
     def replace(self, **changes: Any) -> QuantConfig:
-        """This config with some flat knobs changed."""
+        """This config with some flat knobs changed; derived knobs keep the values they resolved to."""
         flat = {**self.to_dict(), **changes}
         return QuantConfig.for_method(flat.pop("method"), **flat)
 

@@ -68,7 +68,7 @@ class SharedCodebookFit:
 
     def add(self, name: str, weight: torch.Tensor, stats: LayerStats | None) -> None:
         """Sample one layer of type ``name``. weight: [M, N] floating."""
-        o, v = self.options, self.options.vector_len
+        o, v = self.options, self.options.vector_length
         n_pq, d = o.sub_vectors, o.sub_dim
         t = prepare_layer(weight, stats, self.cfg)
         by_group = self.samples.setdefault(name, [])

@@ -65,7 +65,7 @@ def quantize_vq(
     gen = torch.Generator().manual_seed(cfg.seed)
     t = prepare_layer(weight, stats, cfg)
     w, m, n = t.weight, *t.weight.shape
-    v, n_pq, d = o.vector_len, o.sub_vectors, o.sub_dim
+    v, n_pq, d = o.vector_length, o.sub_vectors, o.sub_dim
     n_vec = -(-m // v)
     groups: list[VQGroup] = []
     for gi, ((start, stop), bits) in enumerate(zip(t.alloc.bounds, t.alloc.bits, strict=True)):

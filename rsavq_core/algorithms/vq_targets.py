@@ -77,7 +77,7 @@ def prepare_layer(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConf
         sens,
         n,
         cfg.bits,
-        o.n_groups,
+        o.channel_groups,
         o.allocation,
         lo,
         hi,
@@ -95,7 +95,7 @@ def prepare_layer(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConf
     if row_scale is not None:
         scaled_target = target / row_scale[:, None]
         scaled_omega = (torch.ones_like(w) if omega is None else omega) * row_scale[:, None] ** 2
-    pad = -(-m // o.vector_len) * o.vector_len - m
+    pad = -(-m // o.vector_length) * o.vector_length - m
 
     def prep(x: torch.Tensor) -> torch.Tensor:
         """Permute columns and pad rows with zeros: [M, N] -> [M_pad, N]."""
@@ -104,7 +104,7 @@ def prepare_layer(weight: torch.Tensor, stats: LayerStats | None, cfg: QuantConf
 
     t_p, w_p = prep(scaled_target), prep(w if row_scale is None else w / row_scale[:, None])
     om_p = prep(scaled_omega) if scaled_omega is not None else None
-    outlier_index = select_outliers(_saliency(w, stats, omega), outlier_count(o.outliers, m, n))
+    outlier_index = select_outliers(_saliency(w, stats, omega), outlier_count(o.outlier_share, m, n))
     exact = prep(positions_mask(outlier_index, m, n).float()).bool() if outlier_index.numel() else None
     if om_p is None and (pad or exact is not None):
         # Padded rows must not pull centroids: give them zero weight even in the Euclidean metric.
@@ -186,12 +186,12 @@ def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, i
     identity is charged here but not stored: the layer then comes in under its budget).
     """
     o = cfg.options_as(VQOptions)
-    n_vec, d = -(-m // o.vector_len), o.sub_dim
+    n_vec, d = -(-m // o.vector_length), o.sub_dim
 
     def cost(cols: int, bits: int) -> float:
         stream = packed_words(cols * n_vec * o.sub_vectors, bits * d) * WORD_BITS
         return stream + o.sub_vectors * 2 ** (bits * d) * d * 16
 
-    side = (16 * m if o.row_scales else 0) + outlier_count(o.outliers, m, n) * OUTLIER_ENTRY_BITS
+    side = (16 * m if o.row_scales else 0) + outlier_count(o.outlier_share, m, n) * OUTLIER_ENTRY_BITS
     perm = 0 if o.allocation == "uniform" else n * perm_dtype_bits(n)  # uniform bits keep the column order
     return cost, cfg.bits * m * n - perm - side

@@ -83,8 +83,9 @@ class QuantMethod(ABC):
         """Rules between the config and the model's layers ({name: (out, in)}), checked after the
         model is loaded and before calibration; raise ``ConfigError``. None by default."""
 
-    def resolve(self, options: MethodOptions, bits: float) -> MethodOptions:
-        """The options with every knob left to be derived (None) set from the others and ``bits``."""
+    def resolve(self, options: MethodOptions, cfg: QuantConfig) -> MethodOptions:
+        """The options with every knob left to be derived (None) set from the others and the config's
+        shared knobs (``cfg.bits``...; ``cfg.options`` is not resolved yet: read ``options``)."""
         return options
 
     @abstractmethod

@@ -19,6 +19,12 @@ class KMeansOptions(VQOptions):
     compensate: bool = knob(False, "VPTQ-style column-wise error compensation (off: the baseline)")
     refit: Refit = knob("mean", "final codebooks: the Lloyd mean (the baseline) or least squares on the output error")
     row_scales: bool = knob(False, "one fp16 scale per output row (off: the baseline)")
+    outliers: float | None = knob(
+        0.0, "share of each layer's weights kept exact as fp16 (none: the baseline)", ge=0.0, le=0.05
+    )
+    share_codebooks: bool | None = knob(
+        False, "one set of codebooks per layer type (off: the baseline's per-layer codebooks)"
+    )
 
 
 @register_method

@@ -31,6 +31,13 @@ MAX_INDEX_BITS = 16
 # sub-vectors cost 0.1-0.6 bpw (3-bit RSAVQ spent 3.497 bpw with the paper's 2 x 3 layout, 3.075
 # with 3 x 2), while 64 entries cost under 0.1 bpw there and nothing on large layers.
 AUTO_MAX_ENTRIES = 64
+# Per-layer layout: the paper's vector length and WCSG's channel groups.
+PER_LAYER_VECTOR_LEN = 6
+PER_LAYER_GROUPS = 4
+# Shared codebooks have 2^12 entries: the largest measured, and what AQLM / QuIP#-style codebooks
+# use at 2 bits; shared by every block they cost under 0.01 bpw even on a 135M model.
+SHARED_INDEX_BITS = 12
+DEFAULT_OUTLIERS = 0.0005
 
 Budget = Literal["index", "effective"]
 LamScale = Literal["relative", "raw"]
@@ -49,15 +56,27 @@ class VQOptions(MethodOptions):
     # which adds codebooks, permutation and scales, is reported separately; with "effective"
     # every stored bit of a layer counts, so the reported effective bpw is at most ``bits``.
     budget: Budget = knob("index", "what --bits counts: index bits (paper) or every stored bit, codebooks included")
-    vector_len: int = knob(6, "vector length v, in output rows [P §5]", ge=1, le=64)
-    n_pq: int | None = knob(
+    vector_len: int | None = knob(
         None,
-        "product-quantization sub-vectors per vector, d = v / n_pq [I, spec §5.4 / §9.2] "
-        f"(default: the longest sub-vector whose codebook has at most {AUTO_MAX_ENTRIES} entries at --bits)",
+        f"vector length v, in output rows [P §5] (default: {SHARED_INDEX_BITS} / bits with shared codebooks, "
+        f"else {PER_LAYER_VECTOR_LEN})",
         ge=1,
         le=64,
     )
-    n_groups: int = knob(4, "WCSG channel groups G [P §5]", ge=1, le=256)
+    n_pq: int | None = knob(
+        None,
+        "product-quantization sub-vectors per vector, d = v / n_pq [I, spec §5.4 / §9.2] "
+        "(default: 1 with shared codebooks, else the longest sub-vector whose codebook has at most "
+        f"{AUTO_MAX_ENTRIES} entries at --bits)",
+        ge=1,
+        le=64,
+    )
+    n_groups: int | None = knob(
+        None,
+        f"WCSG channel groups G [P §5] (default: 1 with shared codebooks, else {PER_LAYER_GROUPS})",
+        ge=1,
+        le=256,
+    )
     lam: float = knob(0.05, "EDSG projection strength λ [P A.10]", ge=0.0, le=10.0)
     # Spec §6.5: λ is not scale-free. With the per-sequence empirical Fisher and a mean loss, raw
     # ‖ñ‖ measured 10^4-10^5 × ‖W‖ on SmolLM2, which makes every paper-grid λ destroy the layer.
@@ -98,25 +117,25 @@ class VQOptions(MethodOptions):
     row_scales: bool = knob(
         True, "one fp16 scale per output row (AQLM): codebooks quantize W / s, trained with them when fine-tuning"
     )
-    # Off until measured: each outlier costs 48 bits (0.05 % of the weights: 0.024 bpw).
-    outliers: float = knob(
-        0.0,
+    # 0.05 % by measurement (README, "Quality"): each outlier costs 48 bits, 0.024 bpw in all; per
+    # layer at 2 bits 59.13 -> 51.21 (2.072 -> 2.096 bpw); with shared codebooks see below.
+    outliers: float | None = knob(
+        None,
         "share of each layer's weights kept exact as sparse fp16 residuals (SpQR), chosen by w² times "
-        "the input channel's Hessian diagonal (or the run's metric)",
+        f"the input channel's Hessian diagonal (or the run's metric) (default {DEFAULT_OUTLIERS})",
         ge=0.0,
         le=0.05,
     )
-    # Off by measurement (README, "Codebooks shared across the blocks"): with block-wise fine-tuning
-    # shared gave 58.51 / 59.76 (seeds 0 / 1) at 2.049 bpw against the per-layer default's 59.13 /
-    # 56.82 at 2.072, and 29.36 at 3.041 against 28.21 at 3.072: no gain, and per layer takes 2.5 bits.
-    # With the saved bits spent on outliers shared won at equal bpw (47.49 at 2.073, 25.75 at 3.069):
-    # the next default candidate, not yet re-measured from an empty cache (README).
-    share_codebooks: bool = knob(
-        False,
-        "one set of codebooks per layer type (every block's q_proj, ...), fitted on all of them before "
-        "the per-block pass, so that large codebooks (e.g. --n-pq 1: 2^12 entries of 6 dims at 2 bits) "
-        "cost little; codes, row scales and outliers stay per layer; needs uniform allocation, whole bits "
-        "and --budget index; with --n-groups 1 (else one set per channel group)",
+    # Derived by measurement (README, "Codebooks shared across the blocks"): on the layout alone
+    # shared was no better (2 bits: 58.51 / 59.76 at 2.049 bpw, seeds 0 / 1, against the per-layer
+    # 59.13 / 56.82 at 2.072), but it costs less, and with the saved bits spent on outliers it won
+    # at equal bpw: 47.49 at 2.073 and 25.75 at 3.069 against 59.13 at 2.072 and 28.18 at 3.072.
+    share_codebooks: bool | None = knob(
+        None,
+        f"one set of 2^{SHARED_INDEX_BITS}-entry codebooks per layer type (every block's q_proj, ...), fitted on "
+        "all of them before the per-block pass; codes, row scales and outliers stay per layer; needs uniform "
+        "allocation, whole bits, --budget index and --calib-inputs fp (default: on where those hold, bits divide "
+        f"{SHARED_INDEX_BITS}, bits <= 4 and the layout (vector_len, n_pq, n_groups) is left to derive)",
     )
     min_group_bits: int | None = knob(
         None, "lowest bits of a channel group (default: derived from --bits)", ge=1, le=16
@@ -133,23 +152,42 @@ class VQOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_pq is not None and self.vector_len % self.n_pq:
+        if self.n_pq is not None and self.vector_len is not None and self.vector_len % self.n_pq:
             raise ConfigError(
                 f"vector_len {self.vector_len} is not divisible by n_pq {self.n_pq}: "
                 f"each vector must split into {self.n_pq} equal sub-vectors"
             )
 
+    # The derived knobs, once resolved (``RSAVQ.resolve``; a QuantConfig's options always are).
     @property
     def sub_dim(self) -> int:
-        """Length d of one product-quantization sub-vector (``n_pq`` resolved: see ``RSAVQ.resolve``)."""
-        return self.vector_len // self.sub_vectors
+        """Length d of one product-quantization sub-vector."""
+        return self.vector_length // self.sub_vectors
 
     @property
     def sub_vectors(self) -> int:
-        """``n_pq``, once resolved (a QuantConfig's options always are)."""
-        if self.n_pq is None:
-            raise ConfigError("n_pq is derived from the bits: read it from a QuantConfig's options")
-        return self.n_pq
+        """``n_pq``."""
+        return _resolved(self.n_pq, "n_pq")
+
+    @property
+    def vector_length(self) -> int:
+        """``vector_len``."""
+        return _resolved(self.vector_len, "vector_len")
+
+    @property
+    def channel_groups(self) -> int:
+        """``n_groups``."""
+        return _resolved(self.n_groups, "n_groups")
+
+    @property
+    def outlier_share(self) -> float:
+        """``outliers``."""
+        return _resolved(self.outliers, "outliers")
+
+    @property
+    def shared(self) -> bool:
+        """``share_codebooks``."""
+        return _resolved(self.share_codebooks, "share_codebooks")
 
     def group_bit_range(self, bits: float) -> tuple[int, int]:
         """Clamps [lo, hi] of the per-group bits at a target of ``bits`` (spec §5.3 'budget repair and clamps').
@@ -163,6 +201,30 @@ class VQOptions(MethodOptions):
         return max(1, lo), min(cap, hi)
 
 
+def _resolved(value: Any, name: str) -> Any:
+    if value is None:
+        raise ConfigError(f"{name} is derived from the bits: read it from a QuantConfig's options")
+    return value
+
+
+def shared_by_default(options: VQOptions, cfg: QuantConfig) -> bool:
+    """Whether ``share_codebooks`` left to derive turns on: every condition shared codebooks need
+    holds, the bits divide SHARED_INDEX_BITS (one codebook size for every layer), and the user did
+    not choose a per-layer layout of their own."""
+    bits = cfg.bits
+    return (
+        options.allocation == "uniform"
+        and options.budget == "index"
+        and cfg.calib_inputs != "quantized"
+        and float(bits).is_integer()
+        and 1 <= bits <= 4
+        and SHARED_INDEX_BITS % int(bits) == 0
+        and options.vector_len is None
+        and options.n_pq is None
+        and options.n_groups is None
+    )
+
+
 @register_method
 class RSAVQ(QuantMethod):
     name = "rsavq"
@@ -174,24 +236,42 @@ class RSAVQ(QuantMethod):
     # 3 bits, SmolLM2-135M: perplexity 37.92 -> 32.09 for about 9 minutes on 2 CPU cores (README).
     block_finetune_steps = 64
 
-    def resolve(self, options: MethodOptions, bits: float) -> MethodOptions:
-        """``n_pq`` derived, when not given: the longest sub-vector (a divisor of vector_len) whose
-        codebook at ceil(bits) bits per weight has at most AUTO_MAX_ENTRIES entries (1 at least)."""
+    def resolve(self, options: MethodOptions, cfg: QuantConfig) -> MethodOptions:
+        """Every knob left to derive (None), from the others and the config: the layout (shared or
+        per layer, ``shared_by_default``), then vector length, channel groups, ``n_pq`` and outliers.
+        ``n_pq`` per layer: the longest sub-vector (a divisor of vector_len) whose codebook at
+        ceil(bits) bits per weight has at most AUTO_MAX_ENTRIES entries (1 at least)."""
         assert isinstance(options, VQOptions)
-        if options.n_pq is not None:
-            return options
-        v, width = options.vector_len, math.ceil(bits - 1e-9)
-        fits = [d for d in range(1, v + 1) if v % d == 0 and 2 ** (width * d) <= AUTO_MAX_ENTRIES]
-        return dataclasses.replace(options, n_pq=v // max(fits, default=1))
+        o, width = options, math.ceil(cfg.bits - 1e-9)
+        if o.share_codebooks is None:
+            o = dataclasses.replace(o, share_codebooks=shared_by_default(o, cfg))
+        if o.share_codebooks:
+            v = o.vector_len if o.vector_len is not None else max(1, SHARED_INDEX_BITS // max(width, 1))
+            o = dataclasses.replace(o, vector_len=v, n_pq=1 if o.n_pq is None else o.n_pq)
+            o = dataclasses.replace(o, n_groups=1 if o.n_groups is None else o.n_groups)
+        else:
+            v = o.vector_len if o.vector_len is not None else PER_LAYER_VECTOR_LEN
+            o = dataclasses.replace(o, vector_len=v, n_groups=PER_LAYER_GROUPS if o.n_groups is None else o.n_groups)
+        if o.n_pq is None:
+            fits = [d for d in range(1, v + 1) if v % d == 0 and 2 ** (width * d) <= AUTO_MAX_ENTRIES]
+            o = dataclasses.replace(o, n_pq=v // max(fits, default=1))
+        if o.outliers is None:
+            o = dataclasses.replace(o, outliers=DEFAULT_OUTLIERS)
+        return o
 
     def validate(self, cfg: QuantConfig) -> None:
         o = cfg.options_as(VQOptions)
+        if o.vector_length % o.sub_vectors:
+            raise ConfigError(
+                f"vector_len {o.vector_length} is not divisible by n_pq {o.sub_vectors}: "
+                f"each vector must split into {o.sub_vectors} equal sub-vectors"
+            )
         if cfg.bits * o.sub_dim > MAX_INDEX_BITS + 1e-9:
             raise ConfigError(
                 f"{cfg.bits:g} bits with sub-vectors of {o.sub_dim} needs codebooks of 2^{cfg.bits * o.sub_dim:g} "
                 f"entries; at most 2^{MAX_INDEX_BITS} are supported: lower bits or use a shorter vector_len / more n_pq"
             )
-        if o.share_codebooks:
+        if o.shared:
             if o.allocation != "uniform" or o.budget != "index" or not float(cfg.bits).is_integer():
                 raise ConfigError(
                     "share_codebooks needs --allocation uniform, --budget index and whole --bits "
@@ -202,7 +282,8 @@ class RSAVQ(QuantMethod):
                 raise ConfigError("share_codebooks fits on the float model's statistics: use --calib-inputs fp")
         lo, hi = o.group_bit_range(cfg.bits)
         if lo > hi:
-            raise ConfigError(f"min_group_bits {lo} exceeds max_group_bits {hi}")
+            cap = "" if hi != MAX_INDEX_BITS // o.sub_dim else f" (sub-vectors of {o.sub_dim} allow at most {hi})"
+            raise ConfigError(f"min_group_bits {lo} exceeds max_group_bits {hi}{cap}")
         if not lo <= cfg.bits <= hi:
             raise ConfigError(f"bits {cfg.bits:g} is outside the per-group range [{lo}, {hi}]")
 
@@ -218,7 +299,7 @@ class RSAVQ(QuantMethod):
         lo, _ = o.group_bit_range(cfg.bits)
         for name, (m, n) in shapes.items():
             cost, budget = effective_budget(m, n, cfg)
-            least = sum(cost(stop - start, lo) for start, stop in group_bounds(n, o.n_groups))
+            least = sum(cost(stop - start, lo) for start, stop in group_bounds(n, o.channel_groups))
             if least > budget:
                 raise ConfigError(
                     f"{name} ({m} x {n}) cannot meet {cfg.bits:g} stored bits per weight: with every channel "
@@ -247,7 +328,7 @@ class RSAVQ(QuantMethod):
         return layer, report.as_dict()
 
     def shared_fit(self, cfg: QuantConfig, layers_per_type: int) -> SharedFit | None:
-        if not cfg.options_as(VQOptions).share_codebooks:
+        if not cfg.options_as(VQOptions).shared:
             return None
         from rsavq_core.algorithms.shared_codebooks import SharedCodebookFit
 

@@ -127,8 +127,10 @@ def test_explicit_clamps_are_validated() -> None:
     with pytest.raises(ConfigError, match="exceeds"):
         vq(bits=2, min_group_bits=3, max_group_bits=2)
     with pytest.raises(ConfigError, match="outside the per-group range"):
+        vq(bits=2, min_group_bits=3, max_group_bits=4, share_codebooks=False)
+    with pytest.raises(ConfigError, match="sub-vectors of 6 allow at most 2"):  # shared 2^12-entry codebooks
         vq(bits=2, min_group_bits=3, max_group_bits=4)
-    assert bit_range(vq(bits=2, min_group_bits=2, max_group_bits=3)) == (2, 3)
+    assert bit_range(vq(bits=2, min_group_bits=2, max_group_bits=3, share_codebooks=False)) == (2, 3)
 
 
 def test_presets() -> None:
@@ -155,19 +157,55 @@ def test_presets() -> None:
     assert km2.needs_gradients() and km2.needs_hessian()
 
 
-# At 1 bit the derived sub-vectors are 6 long, so 2 bits per weight is already a 2^12-entry codebook.
-@pytest.mark.parametrize("bits,expected", [(2, (1, 4)), (2.5, (1, 4)), (3, (1, 5)), (1, (1, 2))])
-def test_group_bit_range_defaults(bits: float, expected: tuple[int, int]) -> None:
-    assert bit_range(QuantConfig(bits=bits)) == expected
+# Per layer, at 1 bit the derived sub-vectors are 6 long, so 2 bits per weight is already a
+# 2^12-entry codebook; shared codebooks are 2^12 entries at --bits already (uniform bits: the cap
+# only matters for explicit clamps).
+@pytest.mark.parametrize(
+    "bits,shared,expected",
+    [(2, False, (1, 4)), (2.5, False, (1, 4)), (3, False, (1, 5)), (1, False, (1, 2))]
+    + [(2, True, (1, 2)), (3, True, (1, 4))],
+)
+def test_group_bit_range_defaults(bits: float, shared: bool, expected: tuple[int, int]) -> None:
+    assert bit_range(vq(bits=bits, share_codebooks=shared)) == expected
+
+
+@pytest.mark.parametrize(
+    "knobs,layout",
+    [
+        # (share_codebooks, vector_len, n_pq, n_groups, outliers)
+        ({"bits": 2}, (True, 6, 1, 1, 0.0005)),  # 2^12 entries of 12 / bits dimensions
+        ({"bits": 3}, (True, 4, 1, 1, 0.0005)),
+        ({"bits": 4}, (True, 3, 1, 1, 0.0005)),
+        ({"bits": 2.5}, (False, 6, 3, 4, 0.0005)),  # fractional bits: codebook sizes differ per layer
+        ({"bits": 5}, (False, 6, 6, 4, 0.0005)),  # 5 does not divide 12
+        ({"bits": 2, "allocation": "proportional"}, (False, 6, 2, 4, 0.0005)),
+        ({"bits": 2, "budget": "effective"}, (False, 6, 2, 4, 0.0005)),
+        ({"bits": 2, "calib_inputs": "quantized"}, (False, 6, 2, 4, 0.0005)),
+        ({"bits": 2, "vector_len": 8}, (False, 8, 4, 4, 0.0005)),  # a layout of the user's own: per layer
+        ({"bits": 2, "n_groups": 2}, (False, 6, 2, 2, 0.0005)),
+        ({"bits": 2, "share_codebooks": True, "vector_len": 4}, (True, 4, 1, 1, 0.0005)),
+        ({"bits": 3, "outliers": 0.0}, (True, 4, 1, 1, 0.0)),
+    ],
+)
+def test_layout_is_derived_from_the_bits_and_the_other_knobs(knobs: dict[str, object], layout: tuple) -> None:
+    o = vq(**knobs).options_as(VQOptions)
+    assert (o.share_codebooks, o.vector_len, o.n_pq, o.n_groups, o.outliers) == layout
+    km = QuantConfig.for_method("kmeans", bits=2).options_as(VQOptions)  # the baseline stays per layer, exact
+    assert (km.share_codebooks, km.vector_len, km.n_groups, km.outliers) == (False, 6, 4, 0.0)
+
+
+def test_a_derived_layout_that_does_not_split_is_refused() -> None:
+    with pytest.raises(ConfigError, match="vector_len 4 is not divisible by n_pq 3"):
+        vq(bits=3, share_codebooks=True, n_pq=3)  # vector_len derives to 12 / 3 = 4
 
 
 @pytest.mark.parametrize("bits,n_pq", [(1, 1), (2, 2), (2.5, 3), (3, 3), (4, 6), (8, 6)])
 def test_sub_vectors_are_derived_from_the_bits_unless_given(bits: float, n_pq: int) -> None:
-    cfg = QuantConfig(bits=bits)
+    cfg = vq(bits=bits, share_codebooks=False)
     assert cfg.options_as(VQOptions).n_pq == n_pq  # codebooks of at most 64 entries at ceil(bits)
     assert cfg.to_dict()["n_pq"] == n_pq  # recorded as used
     given = 2 if bits <= 5 else 3  # a valid layout that differs from the derived one
-    assert QuantConfig.for_method("rsavq", bits=bits, n_pq=given).options_as(VQOptions).n_pq == given
+    assert vq(bits=bits, n_pq=given, share_codebooks=False).options_as(VQOptions).n_pq == given
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -182,7 +220,10 @@ def test_frozen() -> None:
     cfg = QuantConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.bits = 3  # type: ignore[misc]
-    assert cfg.replace(bits=3).bits == 3 and cfg.bits == 2
+    assert cfg.replace(seed=3).seed == 3 and cfg.seed == 0
+    # Derived knobs keep their resolved values: 2 bits' shared 6-dim codebooks at 3 bits would be 2^18 entries.
+    with pytest.raises(ConfigError, match="2\\^18"):
+        cfg.replace(bits=3)
 
 
 def test_json_round_trip() -> None:
