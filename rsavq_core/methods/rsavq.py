@@ -134,8 +134,8 @@ class VQOptions(MethodOptions):
         None,
         f"one set of 2^{SHARED_INDEX_BITS}-entry codebooks per layer type (every block's q_proj, ...), fitted on "
         "all of them before the per-block pass; codes, row scales and outliers stay per layer; needs uniform "
-        "allocation, whole bits, --budget index and --calib-inputs fp (default: on where those hold, bits divide "
-        f"{SHARED_INDEX_BITS}, bits <= 4 and the layout (vector_len, n_pq, n_groups) is left to derive)",
+        "allocation, whole bits, --budget index and --calib-inputs fp (default: on where those hold, at 1 to 4 bits, "
+        "with the layout (vector_len, n_pq, n_groups) left to derive)",
     )
     min_group_bits: int | None = knob(
         None, "lowest bits of a channel group (default: derived from --bits)", ge=1, le=16
@@ -209,16 +209,14 @@ def _resolved(value: Any, name: str) -> Any:
 
 def shared_by_default(options: VQOptions, cfg: QuantConfig) -> bool:
     """Whether ``share_codebooks`` left to derive turns on: every condition shared codebooks need
-    holds, the bits divide SHARED_INDEX_BITS (one codebook size for every layer), and the user did
-    not choose a per-layer layout of their own."""
-    bits = cfg.bits
+    holds (one codebook size for every layer of a type), the bits are 1 to 4 (vectors of 12 / bits
+    = 12, 6, 4 or 3 dimensions; from 5 bits 2^12 entries leave vectors of 2 or 1), and the user
+    did not choose a per-layer layout of their own."""
     return (
         options.allocation == "uniform"
         and options.budget == "index"
         and cfg.calib_inputs != "quantized"
-        and float(bits).is_integer()
-        and 1 <= bits <= 4
-        and SHARED_INDEX_BITS % int(bits) == 0
+        and cfg.bits in (1, 2, 3, 4)
         and options.vector_len is None
         and options.n_pq is None
         and options.n_groups is None

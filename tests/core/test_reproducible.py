@@ -27,17 +27,18 @@ def tiny_folder(tiny_llama: Any, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def quantize_in_a_new_process(folder: Path, out: Path, cache: Path, method: str) -> str:
-    argv = [sys.executable, "-m", "service.cli", "quantize", str(folder), "--method", method, "--bits", "2",
-            "--calib-samples", "3", "--calib-len", "32", "--out", str(out), "--quiet"]  # fmt: skip
-    if method in ("rsavq", "kmeans"):
-        argv += ["--kmeans-iters", "2", "--n-groups", "2"]
+    layout = {"rsavq-per-layer": ["--n-groups", "2"], "rsavq": []}  # rsavq: the default, shared codebooks
+    argv = [sys.executable, "-m", "service.cli", "quantize", str(folder), "--method", method.split("-")[0],
+            "--bits", "2", "--calib-samples", "3", "--calib-len", "32", "--out", str(out), "--quiet"]  # fmt: skip
+    if method.startswith("rsavq"):
+        argv += ["--kmeans-iters", "2", *layout[method]]
     env = {**os.environ, "RSAVQ_CACHE_DIR": str(cache)}
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("method", ["rsavq", "gptq"])
+@pytest.mark.parametrize("method", ["rsavq", "rsavq-per-layer", "gptq"])
 def test_two_processes_write_the_same_bytes(tiny_folder: Path, tmp_path: Path, method: str) -> None:
     first = quantize_in_a_new_process(tiny_folder, tmp_path / "a", tmp_path / "cache-a", method)
     second = quantize_in_a_new_process(tiny_folder, tmp_path / "b", tmp_path / "cache-b", method)
