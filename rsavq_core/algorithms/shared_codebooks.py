@@ -24,7 +24,7 @@ from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.formats.vq_layer import to_subvectors
-from rsavq_core.methods.rsavq import VQOptions
+from rsavq_core.methods.vq_options import VQOptions
 
 # Sub-vectors sampled per codebook entry for the shared fit (spread evenly over the layers of the
 # type): 64 per entry is 8x what a per-layer fit samples for its Lloyd rounds (``kmeans_fit_points``)

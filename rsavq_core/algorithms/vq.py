@@ -24,7 +24,7 @@ from rsavq_core.config import QuantConfig
 from rsavq_core.errors import CalibrationError
 from rsavq_core.formats.outliers import Outliers
 from rsavq_core.formats.vq_layer import VQGroup, VQLayer, to_subvectors
-from rsavq_core.methods.rsavq import VQOptions
+from rsavq_core.methods.vq_options import VQOptions
 
 
 @dataclass

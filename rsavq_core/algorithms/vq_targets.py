@@ -27,7 +27,7 @@ from rsavq_core.config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
 from rsavq_core.formats.outliers import OUTLIER_ENTRY_BITS, outlier_count, positions_mask, select_outliers
 from rsavq_core.formats.vq_layer import perm_dtype_bits
-from rsavq_core.methods.rsavq import VQOptions
+from rsavq_core.methods.vq_options import VQOptions
 
 FP16_SMALLEST_NORMAL, FP16_MAX = 2.0**-14, 65504.0
 

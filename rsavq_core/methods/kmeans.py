@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rsavq_core.methods import register_method
-from rsavq_core.methods.rsavq import RSAVQ, Allocation, Metric, Refit, VQOptions
+from rsavq_core.methods.rsavq import RSAVQ
+from rsavq_core.methods.vq_options import Allocation, Metric, Refit, VQOptions
 from rsavq_core.options import knob
 
 

@@ -11,7 +11,7 @@ import pytest
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.methods import method_names
-from rsavq_core.methods.rsavq import VQOptions
+from rsavq_core.methods.vq_options import VQOptions
 
 
 def vq(**knobs: object) -> QuantConfig:
