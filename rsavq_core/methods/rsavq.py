@@ -65,30 +65,29 @@ class RSAVQ(QuantMethod):
         ``n_pq`` per layer: the longest sub-vector (a divisor of vector_len) whose codebook at
         ceil(bits) bits per weight has at most AUTO_MAX_ENTRIES entries (1 at least)."""
         assert isinstance(options, VQOptions)
-        o, width = options, math.ceil(cfg.bits - 1e-9)
-        if o.share_codebooks is None:
-            o = dataclasses.replace(o, share_codebooks=shared_by_default(o, cfg))
-        if o.share_codebooks:
-            v = o.vector_len if o.vector_len is not None else max(1, SHARED_INDEX_BITS // max(width, 1))
-            o = dataclasses.replace(o, vector_len=v, n_pq=1 if o.n_pq is None else o.n_pq)
-            o = dataclasses.replace(o, n_groups=1 if o.n_groups is None else o.n_groups)
-        else:
-            v = o.vector_len if o.vector_len is not None else PER_LAYER_VECTOR_LEN
-            o = dataclasses.replace(o, vector_len=v, n_groups=PER_LAYER_GROUPS if o.n_groups is None else o.n_groups)
-        if o.n_pq is None:
+        o, width = options, math.ceil(cfg.bits - 1e-9)  # width >= 1: bits are at least 1
+        shared = o.share_codebooks if o.share_codebooks is not None else shared_by_default(o, cfg)
+        v = o.vector_len
+        if v is None:
+            v = max(1, SHARED_INDEX_BITS // width) if shared else PER_LAYER_VECTOR_LEN
+        n_pq = o.n_pq
+        if n_pq is None and shared:
+            n_pq = 1
+        elif n_pq is None:
             fits = [d for d in range(1, v + 1) if v % d == 0 and 2 ** (width * d) <= AUTO_MAX_ENTRIES]
-            o = dataclasses.replace(o, n_pq=v // max(fits, default=1))
-        if o.outliers is None:
-            o = dataclasses.replace(o, outliers=DEFAULT_OUTLIERS)
-        return o
+            n_pq = v // max(fits, default=1)
+        return dataclasses.replace(
+            o,
+            share_codebooks=shared,
+            vector_len=v,
+            n_pq=n_pq,
+            n_groups=o.n_groups if o.n_groups is not None else 1 if shared else PER_LAYER_GROUPS,
+            outliers=o.outliers if o.outliers is not None else DEFAULT_OUTLIERS,
+        )
 
     def validate(self, cfg: QuantConfig) -> None:
         o = cfg.options_as(VQOptions)
-        if o.vector_length % o.sub_vectors:
-            raise ConfigError(
-                f"vector_len {o.vector_length} is not divisible by n_pq {o.sub_vectors}: "
-                f"each vector must split into {o.sub_vectors} equal sub-vectors"
-            )
+        o.check_split()  # a derived vector_len meets a given n_pq only here
         if cfg.bits * o.sub_dim > MAX_INDEX_BITS + 1e-9:
             raise ConfigError(
                 f"{cfg.bits:g} bits with sub-vectors of {o.sub_dim} needs codebooks of 2^{cfg.bits * o.sub_dim:g} "

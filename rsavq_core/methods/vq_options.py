@@ -139,6 +139,10 @@ class VQOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_split()
+
+    def check_split(self) -> None:
+        """Vectors split into n_pq equal sub-vectors, once both are known (given, or resolved)."""
         if self.n_pq is not None and self.vector_len is not None and self.vector_len % self.n_pq:
             raise ConfigError(
                 f"vector_len {self.vector_len} is not divisible by n_pq {self.n_pq}: "
