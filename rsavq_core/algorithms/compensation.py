@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from rsavq_core.algorithms.column_loop import Block, quantize_columns
-from rsavq_core.algorithms.kmeans import assign, update
+from rsavq_core.algorithms.kmeans import assign, search_table, update
 from rsavq_core.algorithms.linalg import inverse_hessian_factor, prepare_hessian
 from rsavq_core.formats.vq_layer import VQLayer, to_subvectors
 
@@ -57,6 +57,8 @@ def compensate_columns(
     for gi, g in enumerate(layer.groups):
         group_of[g.start : g.stop] = [gi] * (g.stop - g.start)
     books = [g.codebooks.float() for g in layer.groups]  # [n_pq, K, d] each
+    # every column searches its group's codebooks: build their search tables once, not per column
+    tables = [[search_table(book) for book in group_books] for group_books in books]
     seen = torch.empty_like(work)  # column values at the moment they were quantized
 
     def quantize(col: int, values: torch.Tensor, block: Block) -> torch.Tensor:
@@ -67,7 +69,7 @@ def compensate_columns(
         w_sub = metric[:, col].view(n_vec, n_pq, d) if metric is not None else None
         quant = torch.empty_like(sub)
         for p in range(n_pq):
-            codes, _ = assign(sub[:, p], None if w_sub is None else w_sub[:, p], books[gi][p])
+            codes, _ = assign(sub[:, p], None if w_sub is None else w_sub[:, p], books[gi][p], tables[gi][p])
             group.indices[col - group.start, :, p] = codes
             quant[:, p] = books[gi][p][codes]
         out = quant.reshape(-1).double()

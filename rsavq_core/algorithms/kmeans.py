@@ -18,8 +18,21 @@ from rsavq_core.progress import check_stop
 _CHUNK_ELEMENTS = 1 << 23  # bound the [chunk, K] distance matrix to ~32 MB of float32
 
 
+def search_table(centroids: torch.Tensor) -> torch.Tensor:
+    """[K, d] float32 centroids -> [2d, K] float32: what ``assign`` multiplies with, [c, c²]ᵀ.
+
+    Σ_i ω(t − c)² = Σ ω t² + [−2ω⊙t, ω]·[c, c²]: one matmul with a 2d-long inner dimension, and
+    the first term is constant per point, so the argmin needs only the matmul (d is tiny, K is not).
+    A caller that searches one codebook many times (the column loop) builds this once.
+    """
+    return torch.cat([centroids, centroids * centroids], 1).T.contiguous()
+
+
 def assign(
-    points: torch.Tensor, weights: torch.Tensor | None, centroids: torch.Tensor
+    points: torch.Tensor,
+    weights: torch.Tensor | None,
+    centroids: torch.Tensor,
+    table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid under the weighted metric.
 
@@ -27,6 +40,7 @@ def assign(
         points: [L, d] float32.
         weights: [L, d] float32 non-negative, or None for the Euclidean metric.
         centroids: [K, d] float32.
+        table: ``search_table(centroids)`` [2d, K] float32 when the caller keeps it, else None.
     Returns:
         (codes [L] int64, per-point distance [L] float32).
     """
@@ -34,9 +48,7 @@ def assign(
     chunk = max(1, _CHUNK_ELEMENTS // max(k, 1))
     codes = torch.empty(n, dtype=torch.long, device=points.device)
     dist = torch.empty(n, dtype=points.dtype, device=points.device)
-    # Σ_i ω(t − c)² = Σ ω t² + [−2ω⊙t, ω]·[c, c²]: one matmul with a 2d-long inner dimension, and
-    # the first term is constant per point, so the argmin needs only the matmul (d is tiny, K is not).
-    book = torch.cat([centroids, centroids * centroids], 1).T.contiguous()  # [2d, K]
+    book = search_table(centroids) if table is None else table
     for s in range(0, n, chunk):
         t = points[s : s + chunk]
         w = weights[s : s + chunk] if weights is not None else torch.ones_like(t)

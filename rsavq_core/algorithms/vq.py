@@ -91,19 +91,25 @@ def quantize_vq(
                 ]
             )
             book_set = book_set.half().float()  # what is stored: assign against the fp16 codebook
-        codes = []
-        for p in range(n_pq):
-            pts = (sub_w if literal else sub_t)[:, :, p].reshape(-1, d)
-            wts = None if literal or sub_o is None else sub_o[:, :, p].reshape(-1, d)
-            idx, _ = assign(pts, wts, book_set[p])
-            codes.append(idx.view(stop - start, n_vec))
+        if o.compensate:
+            # the column loop below derives every code again, with error feedback: a search here
+            # would be thrown away (it cost as much as the loop's own searches)
+            indices = torch.zeros(stop - start, n_vec, n_pq, dtype=torch.long, device=t.target.device)
+        else:
+            codes = []
+            for p in range(n_pq):
+                pts = (sub_w if literal else sub_t)[:, :, p].reshape(-1, d)
+                wts = None if literal or sub_o is None else sub_o[:, :, p].reshape(-1, d)
+                idx, _ = assign(pts, wts, book_set[p])
+                codes.append(idx.view(stop - start, n_vec))
+            indices = torch.stack(codes, dim=2)
         groups.append(
             VQGroup(
                 bits=bits,
                 start=start,
                 stop=stop,
                 codebooks=book_set.half(),
-                indices=torch.stack(codes, dim=2),
+                indices=indices,
                 shared=None if shared is None else shared.key(gi),
             )
         )

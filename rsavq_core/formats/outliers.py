@@ -9,6 +9,7 @@ positions m * N + n, strictly increasing (so M * N < 2**31); ``<name>.outlier_va
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +52,15 @@ def select_outliers(saliency: torch.Tensor, count: int) -> torch.Tensor:
     if count <= 0:
         return torch.zeros(0, dtype=torch.int64)
     flat = saliency.reshape(-1).double()
-    # a stable sort on the negated values: equal saliencies keep their order of position
-    order = torch.sort(-flat, stable=True).indices[:count]
-    return order.sort().values
+    # NaN (from NaN weights) is the least salient, as a sort of the negated values would have it
+    flat = torch.nan_to_num(flat, nan=-math.inf)
+    count = min(count, flat.numel())
+    # Everything above the count-th largest value, then the lowest positions of those equal to it:
+    # a sort's tie rule (equal saliencies keep their order of position) at the cost of a top-k.
+    threshold = torch.topk(flat, count, sorted=True).values[-1]
+    above = (flat > threshold).nonzero().squeeze(1)
+    tied = (flat == threshold).nonzero().squeeze(1)[: count - above.numel()]
+    return torch.cat([above, tied]).sort().values
 
 
 def positions_mask(index: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:

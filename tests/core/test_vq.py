@@ -374,3 +374,19 @@ def test_an_effective_budget_pays_for_outliers() -> None:
     _, plain = effective_budget(192, 576, cfg)
     _, sparse = effective_budget(192, 576, cfg.replace(outliers=0.001))
     assert plain - sparse == int(0.001 * 192 * 576) * 48
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_outlier_choice_is_the_top_of_a_stable_sort(seed: int) -> None:
+    # Saliencies with many ties (small integers) and a NaN: the chosen positions are the first
+    # ``count`` of a stable descending sort, NaN last, so a run picks the same outliers everywhere.
+    from rsavq_core.formats.outliers import select_outliers
+
+    gen = torch.Generator().manual_seed(seed)
+    saliency = torch.randint(0, 4, (24, 40), generator=gen).float()
+    saliency[3, 5] = float("nan")
+    flat = torch.nan_to_num(saliency.reshape(-1).double(), nan=-math.inf)
+    for count in (1, 7, 100, 959, 960):
+        want = torch.sort(-flat, stable=True).indices[:count].sort().values
+        assert torch.equal(select_outliers(saliency, count), want)
+    assert 3 * 40 + 5 not in select_outliers(saliency, 959).tolist()
