@@ -53,7 +53,7 @@ def select_outliers(saliency: torch.Tensor, count: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64)
     flat = saliency.reshape(-1).double()
     # NaN (from NaN weights) is the least salient, as a sort of the negated values would have it
-    flat = torch.nan_to_num(flat, nan=-math.inf)
+    flat = flat.masked_fill(flat.isnan(), -math.inf)
     count = min(count, flat.numel())
     # Everything above the count-th largest value, then the lowest positions of those equal to it:
     # a sort's tie rule (equal saliencies keep their order of position) at the cost of a top-k.
