@@ -31,15 +31,24 @@ MEASURE_BATCHES = 8
 class TunedLinear(nn.Module):
     """A linear whose weight is its format's dequantization of trainable tensors."""
 
-    def __init__(self, layer_format: LayerFormat, layer: QuantizedLayer, tunable: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        layer_format: LayerFormat,
+        layer: QuantizedLayer,
+        tunable: Mapping[str, torch.Tensor],
+        tied: Mapping[str, nn.Parameter] | None = None,
+    ) -> None:
+        """``tied``: parameters other layers use too (shared codebooks), by their name in the
+        format's tunable tensors; held, not registered, so that whoever ties them counts them once."""
         super().__init__()
         self.layer_format, self.layer = layer_format, layer
         self.tunable = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v) for k, v in tunable.items()})
         self.names = {k.replace(".", "_"): k for k in tunable}
+        self.tied = dict(tied or {})
         self.bias_value = None if layer.bias is None else layer.bias.float()
 
     def values(self) -> dict[str, torch.Tensor]:
-        return {self.names[k]: p for k, p in self.tunable.items()}
+        return {**self.tied, **{self.names[k]: p for k, p in self.tunable.items()}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.layer_format.dequantize_with(self.layer, self.values())
@@ -53,8 +62,19 @@ def norm_parameters(module: nn.Module, quantized: set[str]) -> dict[str, nn.Para
     return {
         name: p
         for name, p in module.named_parameters()
-        if p.dim() == 1 and p.is_floating_point() and name.rpartition(".")[0] not in quantized
+        if p.dim() == 1 and p.is_floating_point() and not _inside(name, quantized)
     }
+
+
+def _inside(name: str, modules: set[str]) -> bool:
+    """Whether parameter ``name`` belongs to one of ``modules`` or to a submodule of one (a layer
+    already swapped for a TunedLinear holds its row scales as ``<layer>.tunable.row_scale``)."""
+    owner = name.rpartition(".")[0]
+    while owner:
+        if owner in modules:
+            return True
+        owner = owner.rpartition(".")[0]
+    return False
 
 
 def round_norms(norms: Mapping[str, nn.Parameter]) -> None:

@@ -64,11 +64,19 @@ class _Student:
             for name, value in norms.items():
                 self.module.get_parameter(name).copy_(value)
         self.linears: dict[str, TunedLinear] = {}
+        # Tensors several layers share (codebooks shared across blocks): one parameter each, which
+        # every layer using it reads, so the loss trains it for all of them at once (AQLM's global
+        # fine-tuning trains its codebooks too; block-wise fine-tuning cannot, it sees one block).
+        self.shared: dict[str, nn.Parameter] = {}
         for name, layer in layers.items():
             layer_format = format_of(layer)
             tunable = layer_format.tunable(layer)
-            if tunable:
-                self.linears[name] = TunedLinear(layer_format, layer, tunable)
+            tied = {
+                local: self.shared.setdefault(key, nn.Parameter(value))
+                for local, (key, value) in layer_format.shared_tunable(layer).items()
+            }
+            if tunable or tied:
+                self.linears[name] = TunedLinear(layer_format, layer, tunable, tied)
                 swap_module(self.module, name, self.linears[name])
         self.norms = norm_parameters(self.module, set(layers))
         for p in self.norms.values():
@@ -76,7 +84,15 @@ class _Student:
 
     def parameters(self) -> list[nn.Parameter]:
         """Every trained tensor, in a fixed order (the optimizer's state follows it)."""
-        return [p for m in self.linears.values() for p in m.parameters()] + list(self.norms.values())
+        own = [p for m in self.linears.values() for p in m.parameters()]
+        return own + [self.shared[key] for key in sorted(self.shared)] + list(self.norms.values())
+
+    def round_shared(self) -> None:
+        """Round the shared tensors in place to their stored precision (fp16), as ``round_tuned``
+        does the layers' own, so that what is measured afterwards is what is stored."""
+        with torch.no_grad():
+            for p in self.shared.values():
+                p.copy_(p.half())
 
 
 def finetune_model(
@@ -130,6 +146,7 @@ def finetune_model(
             if progress:
                 progress(stage, step + 1, steps, {"kl": loss.item()})
     tuned = round_tuned(student.linears)
+    student.round_shared()
     round_norms(student.norms)  # and the norms as the checkpoint stores them
     after = divergence()
     report = {"kl_before": before, "kl_after": after, "steps": steps, "kept": after < before}
@@ -147,7 +164,11 @@ def _fingerprint(
     digest.update(tokens.numpy().tobytes())
     for name in sorted(layers):
         digest.update(name.encode())
-        for value in format_of(layers[name]).tunable(layers[name]).values():
+        layer_format = format_of(layers[name])
+        for value in layer_format.tunable(layers[name]).values():
+            digest.update(value.numpy().tobytes())
+        for key, value in layer_format.shared_tunable(layers[name]).values():
+            digest.update(key.encode())
             digest.update(value.numpy().tobytes())
     return digest.hexdigest()
 

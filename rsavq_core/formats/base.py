@@ -182,6 +182,12 @@ class LayerFormat(ABC):
         """The layer's continuous tensors fine-tuning may change, as float32 copies (default: none)."""
         return {}
 
+    def shared_tunable(self, layer: Any) -> dict[str, tuple[str, torch.Tensor]]:
+        """The continuous tensors the layer shares with other layers, which only a fine-tuning that
+        sees all of them (end to end) may change: name as in ``tunable`` -> (shared key, float32
+        copy). Passed to ``dequantize_with`` / ``with_tuned`` under that name (default: none)."""
+        return {}
+
     def dequantize_with(self, layer: Any, tunable: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The dense weight [M, N] float32 with ``tunable`` in place of the layer's own (differentiable)."""
         raise NotImplementedError(f"format {self.kind} cannot be fine-tuned")

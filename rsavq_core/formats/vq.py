@@ -184,15 +184,24 @@ class VQFormat(LayerFormat):
             out["outlier_value"] = layer.outliers.value.float().clone()
         return out
 
+    def shared_tunable(self, layer: VQLayer) -> dict[str, tuple[str, torch.Tensor]]:
+        return {
+            f"g{i}.codebooks": (g.shared, g.codebooks.float().clone())
+            for i, g in enumerate(layer.groups)
+            if g.shared is not None
+        }
+
     def dequantize_with(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> torch.Tensor:
         books = [tunable.get(f"g{i}.codebooks", g.codebooks.float()) for i, g in enumerate(layer.groups)]
         return layer.dequantize_books(books, tunable.get("row_scale"), tunable.get("outlier_value"))
 
     def with_tuned(self, layer: VQLayer, tunable: Mapping[str, torch.Tensor]) -> VQLayer:
+        # A shared group's codebooks change only when given (end-to-end fine-tuning trains them
+        # jointly for every layer that shares them); block-wise fine-tuning leaves them as they are.
         groups = [
             g
-            if g.shared is not None
-            else VQGroup(g.bits, g.start, g.stop, tunable[f"g{i}.codebooks"].detach().half(), g.indices)
+            if f"g{i}.codebooks" not in tunable
+            else VQGroup(g.bits, g.start, g.stop, tunable[f"g{i}.codebooks"].detach().half(), g.indices, g.shared)
             for i, g in enumerate(layer.groups)
         ]
         scale = tunable["row_scale"].detach().half() if layer.row_scale is not None else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,10 @@ from safetensors.torch import load_file, save_file
 from rsavq_core.bitcount import model_bits
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError
+from rsavq_core.finetune_global import finetune_model
 from rsavq_core.formats import VQLayer
 from rsavq_core.packed_checkpoint import WEIGHTS_FILE, read_checkpoint
-from rsavq_core.pipeline import QuantizeResult, quantize_model
+from rsavq_core.pipeline import QuantizeResult, quantize_model, save_result
 from rsavq_core.resume import FinishedLayers
 from tests.core.test_pipeline_cli import CALIB, check_artifact, workspace  # noqa: F401 - a fixture
 
@@ -125,3 +128,29 @@ def test_a_resumed_run_goes_on_with_the_codebooks_it_started_with(
     layer = resumed.layers[todo]
     assert isinstance(layer, VQLayer)
     assert torch.equal(layer.groups[0].codebooks, data[key])
+
+
+def test_end_to_end_fine_tuning_trains_shared_codebooks_once_for_every_layer(
+    shared_run: QuantizeResult, tiny_llama: Any, tmp_path: Path
+) -> None:
+    # Block-wise fine-tuning cannot train codebooks that other blocks use; end-to-end fine-tuning
+    # sees every layer, so it trains each shared codebook as one parameter: after it, the layers
+    # of a type still hold identical codebooks (other than before), and the artifact stores them once.
+    model, _ = tiny_llama
+    tokens = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a parameter handed to the optimizer twice
+        tuned, norms, report = finetune_model(model, shared_run.layers, tokens, steps=8, lr=1e-3, micro_batch=2)
+    assert report["kept"] and report["kl_after"] < report["kl_before"], report
+    # the norms are the model's own (a layer's row scales are the layer's, not a norm)
+    assert norms and set(norms) <= {name for name, p in model.named_parameters() if p.dim() == 1}
+    before, after = _types(shared_run), _types(dataclasses.replace(shared_run, layers=tuned))
+    for kind, layers in after.items():
+        first = layers[0].groups[0]
+        assert first.shared == f"{kind}.g0" and first.codebooks.dtype == torch.float16
+        assert not torch.equal(first.codebooks, before[kind][0].groups[0].codebooks), kind
+        assert all(torch.equal(layer.groups[0].codebooks, first.codebooks) for layer in layers[1:]), kind
+        assert all(torch.equal(a.groups[0].indices, b.groups[0].indices) for a, b in zip(layers, before[kind]))
+    saved = save_result(dataclasses.replace(shared_run, layers=tuned), tmp_path)
+    loaded = read_checkpoint(saved)
+    assert all(torch.equal(loaded.layers[n].dequantize(), tuned[n].dequantize()) for n in tuned)
