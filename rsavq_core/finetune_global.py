@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # there are at least twice as many: at lr 1e-4 the KL on trained windows fell while the held-out
 # perplexity rose (README, "Quality"), so the keep-or-discard decision must not see trained windows.
 MEASURE_BATCHES = 4
+# What a saved state's parameter list holds; a state of another version starts over. 2: shared
+# codebooks trained, and a layer's 1-D tensors no longer also listed among the norms.
+STATE_VERSION = 2
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -160,7 +163,7 @@ def _fingerprint(
     tokens: torch.Tensor, layers: dict[str, QuantizedLayer], steps: int, lr: float, micro_batch: int
 ) -> str:
     """What a saved state belongs to: the windows, the layers' codes-and-values, the schedule."""
-    digest = hashlib.sha256(f"{steps}:{lr!r}:{micro_batch}".encode())
+    digest = hashlib.sha256(f"{STATE_VERSION}:{steps}:{lr!r}:{micro_batch}".encode())
     digest.update(tokens.numpy().tobytes())
     for name in sorted(layers):
         digest.update(name.encode())
