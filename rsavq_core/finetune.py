@@ -96,9 +96,12 @@ def round_tuned(modules: Mapping[str, TunedLinear]) -> dict[str, QuantizedLayer]
     for name, module in modules.items():
         out[name] = module.layer_format.with_tuned(module.layer, {k: v.detach() for k, v in module.values().items()})
         stored = module.layer_format.tunable(out[name])
+        tied = module.layer_format.shared_tunable(out[name])
         with torch.no_grad():
             for key, parameter in module.tunable.items():  # by name: a ParameterDict need not keep order
                 parameter.copy_(stored[module.names[key]])
+            for local, parameter in module.tied.items():  # every sharer stores the same rounded values
+                parameter.copy_(tied[local][1])
     return out
 
 

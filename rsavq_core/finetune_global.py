@@ -90,13 +90,6 @@ class _Student:
         own = [p for m in self.linears.values() for p in m.parameters()]
         return own + [self.shared[key] for key in sorted(self.shared)] + list(self.norms.values())
 
-    def round_shared(self) -> None:
-        """Round the shared tensors in place to their stored precision (fp16), as ``round_tuned``
-        does the layers' own, so that what is measured afterwards is what is stored."""
-        with torch.no_grad():
-            for p in self.shared.values():
-                p.copy_(p.half())
-
 
 def finetune_model(
     model: nn.Module,
@@ -148,8 +141,7 @@ def finetune_model(
                 _save(state_file, fingerprint, step + 1, before, params, optimizer)
             if progress:
                 progress(stage, step + 1, steps, {"kl": loss.item()})
-    tuned = round_tuned(student.linears)
-    student.round_shared()
+    tuned = round_tuned(student.linears)  # the shared tensors too, through the layers that read them
     round_norms(student.norms)  # and the norms as the checkpoint stores them
     after = divergence()
     report = {"kl_before": before, "kl_after": after, "steps": steps, "kept": after < before}
