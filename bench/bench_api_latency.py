@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from rsavq_core.runs.replay import parse_args, record
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -67,7 +69,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--port", type=int, default=8799)
     parser.add_argument("--out", default="bench/results/api_latency.json")
-    args = parser.parse_args()
+    args = parse_args(parser, output="out")
+    origin = record(args)
 
     from service.api.auth import create_key
     from service.db import session_factory
@@ -130,6 +133,7 @@ def main() -> int:
         "max_ms": max(ms),
         "mean_ms": statistics.fmean(ms),
         "cpu_count": os.cpu_count(),
+        "provenance": origin,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

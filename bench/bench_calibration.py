@@ -4,7 +4,8 @@ Each configuration is ``--base`` knobs plus one grid entry, quantized and evalua
 (``wiki-holdout-512``) in a fresh process; statistics are cached per (windows, sampling), so
 entries that differ only in quantization knobs reuse them. Rows finished by an earlier run with
 the same configuration are kept (the JSON is rewritten after every row), so an interrupted run
-resumes.
+resumes. Every row records its resolved config, evaluation and provenance: ``--replay FILE.json``
+runs the recorded rows again exactly (``bench_quality.py``'s replay), whatever the defaults are by then.
 
     python bench/bench_calibration.py --model smollm2-135m --method gptq --bits 3 \\
         --base '{"group_size": 64}' \\
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from rsavq_core.config import QuantConfig
-from rsavq_core.runs import in_fresh_process, quantize_summary
+from rsavq_core.runs.summaries import in_fresh_process, quantize_summary
 
 
 def row_of(knobs: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     ppl = summary["eval"]["perplexity"]
     return {
+        "label": json.dumps(knobs),
+        "model": summary["model"],
         "knobs": knobs,
         "ppl": ppl["ppl"],
         "protocol": ppl["protocol"],
@@ -37,10 +40,16 @@ def row_of(knobs: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_gb": summary["peak_rss_gb"],
         "finetune": summary.get("finetune"),
         "config": summary["config"],
+        "evaluation": summary["evaluation"],
+        "provenance": summary["provenance"],
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    if "--replay" in (sys.argv[1:] if argv is None else argv):
+        from bench_quality import main as replay  # the same rows: resolved configs, evaluations
+
+        return replay(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="gptq")

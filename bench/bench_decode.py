@@ -34,6 +34,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from random_vq import quantize_randomly  # noqa: E402
 
+from rsavq_core.runs.replay import parse_args, record  # noqa: E402
+
 
 def llama_7b(device: str, dtype: torch.dtype) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -91,7 +93,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parse_args(parser, output="json")
+    origin = record(args)
     if not (args.model or args.shape):
         parser.error("give --model or --shape")
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
@@ -137,6 +140,7 @@ def main() -> int:
                     "artifact": args.artifact,
                     "results": results,
                     "speedup": speedup,
+                    "provenance": origin,
                 },
                 indent=1,
             )

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from random_vq import random_vq_layer  # noqa: E402
 
+from rsavq_core.runs.replay import parse_args, record  # noqa: E402
+
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [1, 2, 3, 4, 6, 8, 12, 16]
 
@@ -49,7 +51,7 @@ def main() -> int:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("bench/results/dispatch.json"))
     parser.add_argument("--no-write-thresholds", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser, output="json")
     if not torch.cuda.is_available():
         sys.stdout.write("no CUDA GPU here: nothing to measure (dispatch uses its documented default)\n")
         return 0
@@ -70,7 +72,10 @@ def main() -> int:
     out(f"\nGEMV wins up to {crossover} tokens on every shape\n")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
-        json.dumps({"gpu": gpu, "bits": args.bits, "rows": rows, "gemv_max_tokens": crossover}, indent=1)
+        json.dumps(
+            {"gpu": gpu, "bits": args.bits, "rows": rows, "gemv_max_tokens": crossover, "provenance": record(args)},
+            indent=1,
+        )
     )
     if not args.no_write_thresholds:
         from kernels.dispatch import THRESHOLDS_FILE

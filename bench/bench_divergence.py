@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from rsavq_core.data import calibration_windows, evaluation_windows
 from rsavq_core.finetune_global import MEASURE_BATCHES
 from rsavq_core.models import resolve_model
+from rsavq_core.runs.replay import parse_args, record
 from rsavq_core.runtime.loading import load_any
 
 
@@ -49,7 +50,8 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="the runs' calibration seed")
     parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args()
+    args = parse_args(parser, output="json")
+    origin = record(args)
     teacher = AutoModelForCausalLM.from_pretrained(str(resolve_model(args.model)), dtype=torch.float32).eval()
     rows: list[dict[str, Any]] = []
     for artifact in args.artifacts:
@@ -67,7 +69,7 @@ def main() -> None:
             f"| {r['later_positions']:.3f} | {r['max']:.2f} |\n"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=1))
+    args.json.write_text(json.dumps({"rows": rows, "provenance": origin}, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from random_vq import random_vq_layer  # noqa: E402
 
+from rsavq_core.runs.replay import parse_args, record  # noqa: E402
+
 # (out, in): q/k/v/o, LLaMA-7B up/gate, LLaMA-7B down, LLaMA-3-8B up/gate.
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 BLOCKS = [(32, 32, 128), (64, 32, 128), (64, 64, 256), (128, 32, 128), (128, 64, 256), (32, 64, 64)]
@@ -77,7 +79,7 @@ def main() -> int:
     parser.add_argument("--bits", type=int, action="append", help="repeatable (default 2 3 4)")
     parser.add_argument("--no-sweep", action="store_true", help="the default block sizes only")
     parser.add_argument("--json", type=Path, default=Path("bench/results/gemv.json"))
-    args = parser.parse_args()
+    args = parse_args(parser, output="json")
     if not torch.cuda.is_available():
         sys.stdout.write(
             "no CUDA GPU here: the GEMV benchmark measures nothing on CPU (the kernels' CPU "
@@ -100,7 +102,9 @@ def main() -> int:
             f"{b['block_m']}/{b['block_k']}/{b['tile_cols']} |\n"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1))
+    args.json.write_text(
+        json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows, "provenance": record(args)}, indent=1)
+    )
     out(f"\nwrote {args.json}\n")
     return 0
 

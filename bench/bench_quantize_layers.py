@@ -31,6 +31,7 @@ import torch
 from rsavq_core.calibration.statistics import LayerStats, _Accumulator
 from rsavq_core.config import QuantConfig
 from rsavq_core.methods import get_method, method_names
+from rsavq_core.runs import replay
 
 PAPER_A100_HOURS = 1.2
 D_MODEL, D_FFN, VOCAB = 4096, 11008, 32000
@@ -185,11 +186,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed accumulation repeats (median used)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write raw timings + projection here")
-    return ap.parse_args(argv)
+    return replay.parse_args(ap, argv, output="json")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    origin = replay.record(args)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     out = sys.stdout.write
@@ -293,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fwdbwd_seconds_per_seq": fwdbwd_s,
         "paper_a100_hours": PAPER_A100_HOURS,
         "results": results,
+        "provenance": origin,
     }
     if args.json:
         with open(args.json, "w") as fh:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rsavq_core.runs.replay import parse_args, record
 from service.cli.local import create_key, fail_leftover_jobs, start_server, stop_server
 from service.cli.remote import sweep_table
 from service.client import Client
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", required=True)
     ap.add_argument("--svg")
     ap.add_argument("--replot", action="store_true", help="only redraw --svg from an earlier run's --json")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, output="json")
     if args.replot:
         out = json.loads(Path(args.json).read_text())
         write_chart(out, Path(args.svg))
@@ -133,7 +134,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     fail_leftover_jobs(data_dir)
     server = start_server(data_dir, args.port)
-    out: dict[str, Any] = {"model": args.model, "method": args.method, "bits": args.bits, "options": args.options}
+    out: dict[str, Any] = {
+        "model": args.model,
+        "method": args.method,
+        "bits": args.bits,
+        "options": args.options,
+        "provenance": record(args),
+    }
     try:
         client = Client(f"http://127.0.0.1:{args.port}", create_key(data_dir, "bench"), timeout=120)
         started = time.monotonic()

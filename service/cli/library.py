@@ -12,7 +12,7 @@ from service.cli.progress import StageBars
 
 
 def _evaluation(args: argparse.Namespace, *, ppl: bool) -> dict[str, Any]:
-    from rsavq_core.runs import parse_tasks
+    from rsavq_core.runs.summaries import parse_tasks
     from rsavq_core.text_files import read_text_file
 
     texts = [read_text_file(f) for f in args.eval_file or []]
@@ -26,7 +26,7 @@ def _evaluation(args: argparse.Namespace, *, ppl: bool) -> dict[str, Any]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from rsavq_core.runs import quantize_summary
+    from rsavq_core.runs.summaries import quantize_summary
 
     cfg = config_from_args(args)  # validated before anything heavy
     bars = StageBars(not args.quiet)
@@ -48,7 +48,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from rsavq_core.runs import evaluate_summary
+    from rsavq_core.runs.summaries import evaluate_summary
 
     bars = StageBars(not args.quiet)
     try:
@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> str:
 
 
 def cmd_ablation(args: argparse.Namespace) -> dict[str, Any]:
-    from rsavq_core.ablation import run_ablation
+    from rsavq_core.runs.ablation import run_ablation
 
     return run_ablation(
         args.model,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from rsavq_core import ablation
 from rsavq_core.config import QuantConfig
+from rsavq_core.runs import ablation
 
 
 def test_each_feature_row_changes_only_what_it_names() -> None:

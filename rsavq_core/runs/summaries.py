@@ -50,14 +50,18 @@ def quantize_summary(
     """
     from rsavq_core.bitcount import model_bits
     from rsavq_core.pipeline import peak_rss_gb, quantize_model, save_result
+    from rsavq_core.runs.provenance import provenance
 
     texts = list((evaluation or {}).get("texts") or [])
     overlap = check_overlap(calibration_text, texts, allow_overlap)
+    origin = provenance()  # before the run: the GFLOP/s figure and the load are the idle machine's
     result = quantize_model(model_id, cfg, progress=progress, calibration_text=calibration_text)
     summary: dict[str, Any] = {
         "model": model_id,
         "method": cfg.method,
         "config": result.config.to_dict(),
+        "evaluation": recorded_evaluation(evaluation),
+        "provenance": origin,
         "texts": {
             "calibration": None if calibration_text is None else _describe(calibration_text),
             "evaluation": [_describe(t) for t in texts],
@@ -89,13 +93,29 @@ def _describe(text: TextSource) -> dict[str, Any]:
     return {"name": text.name, "sha256": text.sha256, "format": text.format, "documents": len(text.documents)}
 
 
+def recorded_evaluation(evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    """``evaluate_model``'s keyword arguments as a summary records them (texts by name and sha256),
+    so that ``bench/bench_quality.py --replay`` can run the same evaluation again."""
+    recorded = {k: v for k, v in (evaluation or {}).items() if k != "texts"}
+    recorded["texts"] = [_describe(t) for t in (evaluation or {}).get("texts") or []]
+    return recorded
+
+
 def evaluate_summary(target: str, evaluation: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate a packed checkpoint folder or a float model id (``evaluate_model``'s keyword arguments)."""
     from rsavq_core.evaluation import evaluate_model
+    from rsavq_core.runs.provenance import provenance
     from rsavq_core.runtime.loading import load_any
 
+    origin = provenance()
     model, tokenizer, info = load_any(target)
-    return {**info, **evaluate_model(model, tokenizer, progress=progress, **evaluation)}
+    return {
+        **info,
+        **evaluate_model(model, tokenizer, progress=progress, **evaluation),
+        "target": target,
+        "evaluation": recorded_evaluation(evaluation),
+        "provenance": origin,
+    }
 
 
 def in_fresh_process(label: str, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from rsavq_core.config import QuantConfig
 from rsavq_core.errors import ConfigError
-from rsavq_core.runs import evaluate_summary, in_fresh_process, parse_tasks, quantize_summary
+from rsavq_core.runs.summaries import evaluate_summary, in_fresh_process, parse_tasks, quantize_summary
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,15 @@ def run_ablation(
     if not any(r["label"] == "FP" for r in done):
         fp = in_fresh_process("FP", evaluate_summary, model, evaluation)
         fp_eval = {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}
-        done.append({"target_bits": None, "label": "FP", "eval_flags": flags, "eval": fp_eval})
+        done.append(
+            {
+                "target_bits": None,
+                "label": "FP",
+                "eval_flags": flags,
+                "eval": fp_eval,
+                "provenance": fp.get("provenance"),
+            }
+        )
     for b in bits:
         for label, method, knobs in ROWS:
             if rows and label not in rows:
