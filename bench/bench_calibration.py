@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.runs.summaries import in_fresh_process, quantize_summary
 
 

@@ -101,7 +101,7 @@ def main() -> int:
     if args.shape:
         fp = llama_7b(args.device, dtype)
     else:
-        from rsavq_core.models import load_model
+        from rsavq_core.models.resolve import load_model
 
         fp, _, _ = load_model(args.model)
         fp = fp.to(args.device, dtype).eval()

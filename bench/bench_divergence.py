@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from rsavq_core.data import calibration_windows, evaluation_windows
-from rsavq_core.finetune_global import MEASURE_BATCHES
-from rsavq_core.models import resolve_model
+from rsavq_core.data.windows import calibration_windows, evaluation_windows
+from rsavq_core.finetune.end_to_end import MEASURE_BATCHES
+from rsavq_core.models.resolve import resolve_model
 from rsavq_core.runs.replay import parse_args, record
 from rsavq_core.runtime.loading import load_any
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.runs.provenance import provenance
 from rsavq_core.runs.replay import RecordedRun, recorded_args, summary_runs
 from rsavq_core.runs.summaries import evaluate_summary, in_fresh_process, parse_tasks, quantize_summary

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from rsavq_core.calibration.statistics import LayerStats, _Accumulator
-from rsavq_core.config import QuantConfig
-from rsavq_core.methods import get_method, method_names
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.methods.registry import get_method, method_names
 from rsavq_core.runs import replay
 
 PAPER_A100_HOURS = 1.2

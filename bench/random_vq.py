@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rsavq_core.formats import VQGroup, VQLayer
-from rsavq_core.models import quantizable_linears
+from rsavq_core.formats.vq_layer import VQGroup, VQLayer
+from rsavq_core.models.resolve import quantizable_linears
 from rsavq_core.runtime import quantize_in_place
 
 

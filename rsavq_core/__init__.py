@@ -1,9 +1,10 @@
 """RSAVQ: the quantization library (methods, formats, calibration, evaluation, runtime). See ARCHITECTURE.md.
 
 Importing it also lets transformers load packed checkpoints (``AutoModelForCausalLM.from_pretrained``
-on an artifact folder; ``rsavq_core.hf_integration``), registered when transformers' quantizers load.
+on an artifact folder; ``rsavq_core.integrations.hf_quantizer``), registered when transformers'
+quantizers load.
 """
 
-from rsavq_core import _hf_hook
+from rsavq_core.integrations import hf_hook
 
-_hf_hook.install()
+hf_hook.install()

@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from rsavq_core.bitcount import model_bits
-from rsavq_core.config import QuantConfig
+from rsavq_core.checkpoint.bitcount import model_bits
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.evaluation import perplexity
-from rsavq_core.pipeline import quantize_model, save_result
+from rsavq_core.pipeline.quantize import quantize_model, save_result
 from rsavq_core.runtime import load_quantized_model
 from rsavq_core.runtime.generation import generate_text
 from service.cli.progress import StageBars

@@ -15,9 +15,9 @@ import json
 import sys
 
 from rsavq_core.algorithms.vq import quantize_vq
-from rsavq_core.config import QuantConfig
-from rsavq_core.models import find_decoder_layout, load_model
-from rsavq_core.pipeline import calibration_store
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.models.resolve import find_decoder_layout, load_model
+from rsavq_core.pipeline.quantize import calibration_store
 
 RULES = ("uniform", "proportional", "additive")
 

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rsavq_core.data.text_files import TextSource, parse_text
 from rsavq_core.errors import ArtifactError
-from rsavq_core.text_files import TextSource, parse_text
 from service.artifacts import ArtifactStore
 from service.db import Dataset
 

@@ -38,7 +38,7 @@ def one_thread():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """Folder of the bundled SmolLM2-135M checkpoint (safetensors), converted on first use."""
-    from rsavq_core.models import resolve_model
+    from rsavq_core.models.resolve import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -46,7 +46,7 @@ def smol_dir() -> Path:
 @pytest.fixture(scope="session")
 def smol(smol_dir: Path):  # type: ignore[no-untyped-def]
     """(model, tokenizer) of the bundled model in float32, eval mode. Do not mutate it."""
-    from rsavq_core.models import load_model
+    from rsavq_core.models.resolve import load_model
 
     model, tokenizer, _ = load_model(str(smol_dir))
     return model, tokenizer

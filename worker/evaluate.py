@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rsavq_core.config import ZERO_SHOT_TASKS
+from rsavq_core.config.quant_config import ZERO_SHOT_TASKS
 from rsavq_core.progress import Progress
 from service.db import Job
 from worker.reporter import Reporter
@@ -38,7 +38,7 @@ def evaluate_job(
     ctx: WorkerContext, job: Job, folder: Path, evaluation: dict[str, Any], reporter: Reporter
 ) -> dict[str, Any]:
     from rsavq_core.evaluation import evaluate_model
-    from rsavq_core.models import load_model, model_fingerprint
+    from rsavq_core.models.resolve import load_model, model_fingerprint
     from rsavq_core.runtime import load_quantized_model
     from worker.runner import evaluation_texts
 

@@ -20,10 +20,10 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.data.text_files import TextSource
 from rsavq_core.errors import ConfigError, JobCancelled, RSAVQError
 from rsavq_core.progress import stop_check
-from rsavq_core.text_files import TextSource
 from service import jobs as machine
 from service.artifacts import ArtifactStore
 from service.datasets import job_dataset_ids, read_dataset
@@ -165,7 +165,7 @@ def _end(ctx: WorkerContext, job_id: str, status: str, error: str | None, *, cle
 
 def _run_stages(ctx: WorkerContext, job: Job, reporter: Reporter, step: str) -> str:
     """Run what the job still needs; "evaluate" asks for a hand-off to the evaluation step, "done" ends it."""
-    from rsavq_core.models import resolve_model
+    from rsavq_core.models.resolve import resolve_model
 
     cfg = job_config(job)
     reporter("resolve", 0, 1)
@@ -188,7 +188,7 @@ def _run_stages(ctx: WorkerContext, job: Job, reporter: Reporter, step: str) -> 
 
 
 def _preflight(ctx: WorkerContext, folder: Any, cfg: QuantConfig) -> None:
-    from rsavq_core.memory import GIB, check_fits, estimate_job_memory
+    from rsavq_core.models.memory import GIB, check_fits, estimate_job_memory
 
     estimate = estimate_job_memory(folder, cfg)
     own = worker_capacity_bytes(ctx.settings)
@@ -211,8 +211,8 @@ def worker_capacity_bytes(settings: Settings) -> float:
 
 
 def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, reporter: Reporter) -> None:
-    from rsavq_core.bitcount import model_bits
-    from rsavq_core.pipeline import quantize_model, save_result
+    from rsavq_core.checkpoint.bitcount import model_bits
+    from rsavq_core.pipeline.quantize import quantize_model, save_result
 
     work = ctx.store.work_dir(job.id)
     started = time.perf_counter()

@@ -21,7 +21,7 @@ import torch
 from rsavq_core.algorithms.kmeans import weighted_kmeans
 from rsavq_core.algorithms.vq_targets import prepare_layer
 from rsavq_core.calibration.statistics import LayerStats
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.formats.vq_layer import to_subvectors
 from rsavq_core.methods.vq_options import VQOptions

@@ -23,7 +23,7 @@ from rsavq_core.algorithms.sensitivity import (
     natural_gradient,
 )
 from rsavq_core.calibration.statistics import LayerStats
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
 from rsavq_core.formats.outliers import OUTLIER_ENTRY_BITS, outlier_count, positions_mask, select_outliers
 from rsavq_core.formats.vq_layer import perm_dtype_bits

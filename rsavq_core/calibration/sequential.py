@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rsavq_core.calibration.statistics import LayerStats, block_statistics, first_tensor, record_block_inputs
-from rsavq_core.formats import QuantizedLayer
+from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.progress import Progress
 
 

@@ -1,6 +1,6 @@
 """Perplexity under the ``wiki-holdout-512`` protocol (``shared/docs/eval_protocol.md``).
 
-The windows come from ``rsavq_core.data.evaluation_windows`` (held-out documents, BOS only where
+The windows come from ``rsavq_core.data.windows.evaluation_windows`` (held-out documents, BOS only where
 the tokenizer adds one, 64 non-overlapping windows of 512 tokens). PPL = exp(mean next-token NLL
 over every predicted position of every window), accumulated in float32 per batch and in float64
 across batches. Other window
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsavq_core.data import EVAL_LEN, EVAL_PROTOCOL, EVAL_WINDOWS, bos_token, evaluation_windows
+from rsavq_core.data.text_files import TextSource
+from rsavq_core.data.windows import EVAL_LEN, EVAL_PROTOCOL, EVAL_WINDOWS, bos_token, evaluation_windows
 from rsavq_core.errors import ConfigError
 from rsavq_core.progress import Progress
-from rsavq_core.text_files import TextSource
 
 log = logging.getLogger(__name__)
 

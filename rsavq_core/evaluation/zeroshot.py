@@ -35,8 +35,8 @@ import pyarrow.ipc as ipc
 import torch
 from torch import nn
 
-from rsavq_core.config import ZERO_SHOT_TASKS
-from rsavq_core.data import tasks_dir
+from rsavq_core.config.quant_config import ZERO_SHOT_TASKS
+from rsavq_core.data.windows import tasks_dir
 from rsavq_core.errors import AssetError, ConfigError
 from rsavq_core.evaluation.perplexity import model_device, output_logits
 from rsavq_core.progress import Progress

@@ -41,7 +41,7 @@ class QuantizedLayer(Protocol):
 
 @dataclass(frozen=True)
 class BitCount:
-    """Stored bits of one or more quantized weight matrices (conventions in ``rsavq_core.bitcount``)."""
+    """Stored bits of one or more quantized weight matrices (conventions in ``rsavq_core.checkpoint.bitcount``)."""
 
     weights: int  # M * N summed over the counted matrices
     index_bits: int = 0

@@ -17,8 +17,8 @@ import torch
 
 from kernels.packing import pack_codes, unpack_codes
 from kernels.scalar_reference import PackedScalar
-from rsavq_core.formats import register_format
 from rsavq_core.formats.base import FP16_BITS, BitCount, LayerFormat, LayerReader, packed_stream, stream_bits
+from rsavq_core.formats.registry import register_format
 
 MAX_CODE_BITS = 8  # codes are held as uint8
 

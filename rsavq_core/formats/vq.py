@@ -33,9 +33,9 @@ import torch
 from kernels.packing import pack_codes, unpack_codes
 from kernels.vq_layout import MAX_CODE_BITS, PackedVQ, build_packed_vq
 from rsavq_core.errors import UnsupportedShapeError
-from rsavq_core.formats import register_format
 from rsavq_core.formats.base import FP16_BITS, BitCount, LayerFormat, LayerReader, packed_stream, stream_bits
 from rsavq_core.formats.outliers import OUTLIER_ENTRY_BITS, Outliers
+from rsavq_core.formats.registry import register_format
 from rsavq_core.formats.vq_layer import PERM_INT16_MAX_N, VQGroup, VQLayer, perm_dtype_bits, shared_codebook_name
 
 

@@ -6,17 +6,17 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rsavq_core.config.knobs import knob
 from rsavq_core.errors import CalibrationError
-from rsavq_core.methods import StatsNeeds, register_method
+from rsavq_core.methods.registry import StatsNeeds, register_method
 from rsavq_core.methods.rtn import RTN, RTNOptions
-from rsavq_core.options import knob
 
 if TYPE_CHECKING:
     import torch
 
     from rsavq_core.calibration.statistics import LayerStats
-    from rsavq_core.config import QuantConfig
-    from rsavq_core.formats import QuantizedLayer
+    from rsavq_core.config.quant_config import QuantConfig
+    from rsavq_core.formats.base import QuantizedLayer
 
 
 @dataclass(frozen=True)

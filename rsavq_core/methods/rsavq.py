@@ -13,7 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from rsavq_core.errors import ConfigError
-from rsavq_core.methods import MethodOptions, QuantMethod, SharedFit, StatsNeeds, register_method
+from rsavq_core.methods.registry import MethodOptions, QuantMethod, SharedFit, StatsNeeds, register_method
 from rsavq_core.methods.vq_options import (
     AUTO_MAX_ENTRIES,
     DEFAULT_OUTLIERS,
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     import torch
 
     from rsavq_core.calibration.statistics import LayerStats
-    from rsavq_core.config import QuantConfig
-    from rsavq_core.formats import QuantizedLayer
+    from rsavq_core.config.quant_config import QuantConfig
+    from rsavq_core.formats.base import QuantizedLayer
 
 
 def shared_by_default(options: VQOptions, cfg: QuantConfig) -> bool:

@@ -6,16 +6,16 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rsavq_core.config.knobs import knob
 from rsavq_core.errors import ConfigError
-from rsavq_core.methods import MethodOptions, QuantMethod, StatsNeeds, register_method
-from rsavq_core.options import knob
+from rsavq_core.methods.registry import MethodOptions, QuantMethod, StatsNeeds, register_method
 
 if TYPE_CHECKING:
     import torch
 
     from rsavq_core.calibration.statistics import LayerStats
-    from rsavq_core.config import QuantConfig
-    from rsavq_core.formats import QuantizedLayer
+    from rsavq_core.config.quant_config import QuantConfig
+    from rsavq_core.formats.base import QuantizedLayer
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rsavq_core.config.knobs import knob
 from rsavq_core.errors import ConfigError
-from rsavq_core.methods import MethodOptions
-from rsavq_core.options import knob
+from rsavq_core.methods.registry import MethodOptions
 
 # Codebooks of 2^(bits * d) entries: beyond 2^16 a k-means over them is neither fast nor useful.
 MAX_INDEX_BITS = 16

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
 
 _UNSET = object()

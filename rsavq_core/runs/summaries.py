@@ -14,11 +14,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from rsavq_core.config import ZERO_SHOT_TASKS, QuantConfig
+from rsavq_core.config.quant_config import ZERO_SHOT_TASKS, QuantConfig
+from rsavq_core.data.text_files import TextSource, check_overlap
 from rsavq_core.errors import RSAVQError
 from rsavq_core.progress import Progress
 from rsavq_core.settings import configure, get_settings
-from rsavq_core.text_files import TextSource, check_overlap
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def quantize_summary(
     in. ``calibration_text``: the user's calibration text; evaluation texts sharing documents with
     it are refused before anything runs unless ``allow_overlap``.
     """
-    from rsavq_core.bitcount import model_bits
-    from rsavq_core.pipeline import peak_rss_gb, quantize_model, save_result
+    from rsavq_core.checkpoint.bitcount import model_bits
+    from rsavq_core.pipeline.quantize import peak_rss_gb, quantize_model, save_result
     from rsavq_core.runs.provenance import provenance
 
     texts = list((evaluation or {}).get("texts") or [])

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from rsavq_core.checkpoint.packed import PackedCheckpoint, read_checkpoint
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
-from rsavq_core.formats import QuantizedLayer
-from rsavq_core.packed_checkpoint import PackedCheckpoint, read_checkpoint
+from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.runtime.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def load_quantized_model(
 
 def load_any(path_or_model: str) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer, what was loaded) from a packed checkpoint folder or a float model id."""
-    from rsavq_core.models import load_model
-    from rsavq_core.packed_checkpoint import WEIGHTS_FILE
+    from rsavq_core.checkpoint.packed import WEIGHTS_FILE
+    from rsavq_core.models.resolve import load_model
 
     if (Path(path_or_model) / WEIGHTS_FILE).is_file():
         model, tokenizer, checkpoint = load_quantized_model(path_or_model)

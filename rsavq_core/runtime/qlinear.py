@@ -19,7 +19,8 @@ from torch import nn
 
 from kernels.dispatch import KernelPolicy, kernel_linear, kernel_supported
 from rsavq_core.errors import ConfigError
-from rsavq_core.formats import QuantizedLayer, format_of
+from rsavq_core.formats.base import QuantizedLayer
+from rsavq_core.formats.registry import format_of
 from rsavq_core.settings import CoreSettings, get_settings
 
 _policy: tuple[CoreSettings, KernelPolicy] | None = None

@@ -13,9 +13,9 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from rsavq_core.data.text_files import EVAL_LEN, TextSource, check_overlap, parse_text, too_short
+from rsavq_core.data.token_count import count_tokens, tokenizer_file, too_few_tokens
 from rsavq_core.errors import ConfigError
-from rsavq_core.text_files import EVAL_LEN, TextSource, check_overlap, parse_text, too_short
-from rsavq_core.token_count import count_tokens, tokenizer_file, too_few_tokens
 from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
 from service.api.schemas import DatasetList, DatasetOut, JobRequest

@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
 
-from rsavq_core.config import MAX_BITS, MIN_BITS, ZERO_SHOT_TASKS, QuantConfig, shared_knobs
-from rsavq_core.methods import describe_option, method_names, methods, option_knobs
-from rsavq_core.options import Knob
-from rsavq_core.presets import PRESETS
+from rsavq_core.config.knobs import Knob
+from rsavq_core.config.presets import PRESETS
+from rsavq_core.config.quant_config import MAX_BITS, MIN_BITS, ZERO_SHOT_TASKS, QuantConfig, shared_knobs
+from rsavq_core.methods.registry import describe_option, method_names, methods, option_knobs
 
 # A hub id ("org/name", "name") or a built-in alias: letters, digits, "-", "_", "." and one "/".
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")

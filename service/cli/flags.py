@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rsavq_core.config import QuantConfig, shared_knobs
-from rsavq_core.methods import describe_option, method_names, methods, option_knobs
-from rsavq_core.options import Knob
-from rsavq_core.presets import PRESETS
+from rsavq_core.config.knobs import Knob
+from rsavq_core.config.presets import PRESETS
+from rsavq_core.config.quant_config import QuantConfig, shared_knobs
+from rsavq_core.methods.registry import describe_option, method_names, methods, option_knobs
 
 
 def flag_of(name: str) -> str:

@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from rsavq_core.config import ZERO_SHOT_TASKS
+from rsavq_core.config.quant_config import ZERO_SHOT_TASKS
 from service.cli.flags import add_config_flags, config_from_args
 from service.cli.progress import StageBars
 
 
 def _evaluation(args: argparse.Namespace, *, ppl: bool) -> dict[str, Any]:
+    from rsavq_core.data.text_files import read_text_file
     from rsavq_core.runs.summaries import parse_tasks
-    from rsavq_core.text_files import read_text_file
 
     texts = [read_text_file(f) for f in args.eval_file or []]
     return {
@@ -31,7 +31,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     cfg = config_from_args(args)  # validated before anything heavy
     bars = StageBars(not args.quiet)
     try:
-        from rsavq_core.text_files import read_text_file
+        from rsavq_core.data.text_files import read_text_file
 
         return quantize_summary(
             args.model,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.runs import ablation
 
 

@@ -12,11 +12,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kernels.packing import pack_codes
-from rsavq_core.config import QuantConfig
+from rsavq_core.checkpoint.packed import WEIGHTS_FILE, read_checkpoint, save_checkpoint
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError
-from rsavq_core.formats import QuantizedLayer, ScalarLayer, VQGroup, VQLayer
+from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.formats.outliers import Outliers
-from rsavq_core.packed_checkpoint import WEIGHTS_FILE, read_checkpoint, save_checkpoint
+from rsavq_core.formats.scalar import ScalarLayer
+from rsavq_core.formats.vq_layer import VQGroup, VQLayer
 
 
 def make_vq_layer(

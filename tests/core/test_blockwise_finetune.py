@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rsavq_core.calibration.sequential import BlockInputs
-from rsavq_core.config import QuantConfig
-from rsavq_core.finetune import finetune_block
-from rsavq_core.models import find_decoder_layout
-from rsavq_core.packed_checkpoint import OTHER_TENSORS_DTYPE
-from rsavq_core.pipeline import quantize_layer, quantize_model
+from rsavq_core.checkpoint.packed import OTHER_TENSORS_DTYPE
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.finetune.blockwise import finetune_block
+from rsavq_core.models.resolve import find_decoder_layout
+from rsavq_core.pipeline.quantize import quantize_layer, quantize_model
 from rsavq_core.runtime import load_quantized_model
 from rsavq_core.settings import override
 
@@ -112,7 +112,7 @@ def test_block_tuned_norms_are_saved_and_resumed(tiny_folder: Path, tmp_path: Pa
 
 
 def test_row_scales_and_outliers_are_trained_with_the_codebooks(tiny_llama: Any, one_thread: None):
-    from rsavq_core.formats import VQLayer
+    from rsavq_core.formats.vq_layer import VQLayer
 
     model, _ = tiny_llama
     tokens = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(3))

@@ -18,9 +18,9 @@ from rsavq_core.calibration.statistics import (
     record_block_inputs,
     sink_protected_hessian,
 )
-from rsavq_core.data import tokens_hash
+from rsavq_core.data.windows import tokens_hash
 from rsavq_core.errors import CalibrationError
-from rsavq_core.models import find_decoder_layout, quantizable_linears
+from rsavq_core.models.resolve import find_decoder_layout, quantizable_linears
 
 S, T = 3, 16
 

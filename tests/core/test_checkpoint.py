@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
-from rsavq_core.resume import FinishedLayers
+from rsavq_core.pipeline.resume import FinishedLayers
 from tests.core.test_artifact import assert_same_layer, make_scalar_layer, make_vq_layer
 
 CFG = QuantConfig.for_method("rsavq", bits=2)
@@ -62,7 +62,7 @@ def test_a_torn_layer_file_is_discarded_and_redone(tmp_path: Path) -> None:
 
 def test_same_content_gives_the_same_bytes_in_every_process(tmp_path: Path) -> None:
     code = (
-        "import sys, torch; from pathlib import Path; from rsavq_core.canonical import save_canonical; "
+        "import sys, torch; from pathlib import Path; from rsavq_core.checkpoint.canonical import save_canonical; "
         "save_canonical({'w': torch.arange(6.).reshape(2, 3), 'i': torch.arange(4)}, Path(sys.argv[1]), "
         "{k: k * 3 for k in 'abcdefghijklmnopqrstuvwxyz'})"
     )

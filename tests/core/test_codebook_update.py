@@ -9,7 +9,7 @@ import torch
 from rsavq_core.algorithms.codebook_update import least_squares_codebooks
 from rsavq_core.algorithms.vq import quantize_vq
 from rsavq_core.calibration.statistics import LayerStats
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from tests.core.test_vq import correlated_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

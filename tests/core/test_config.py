@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
-from rsavq_core.methods import method_names
+from rsavq_core.methods.registry import method_names
 from rsavq_core.methods.vq_options import VQOptions
 
 
@@ -252,7 +252,7 @@ def test_from_dict_validates_values() -> None:
 
 
 def test_a_preset_sets_its_knobs_under_the_explicit_ones() -> None:
-    from rsavq_core.presets import PRESETS
+    from rsavq_core.config.presets import PRESETS
 
     fast = QuantConfig.for_method("rsavq", bits=2, preset="fast")
     assert all(fast.to_dict()[k] == v for k, v in PRESETS["fast"].items())
@@ -265,8 +265,8 @@ def test_a_preset_sets_its_knobs_under_the_explicit_ones() -> None:
 
 def test_every_numeric_knob_has_both_bounds() -> None:
     """A request must not be able to ask for unbounded work (10**12 k-means rounds, a million windows)."""
-    from rsavq_core.config import shared_knobs
-    from rsavq_core.methods import option_knobs
+    from rsavq_core.config.quant_config import shared_knobs
+    from rsavq_core.methods.registry import option_knobs
 
     every = [*shared_knobs(), *(k for k, _ in option_knobs().values())]
     numeric = [k for k in every if k.base in (int, float) and k.choices is None]

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from rsavq_core.data import bos_token, calibration_windows, evaluation_windows, sampled_windows, token_windows
+from rsavq_core.data.windows import bos_token, calibration_windows, evaluation_windows, sampled_windows, token_windows
 from rsavq_core.errors import CalibrationError
 from rsavq_core.evaluation.perplexity import protocol_name
 

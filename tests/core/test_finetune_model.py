@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning (rsavq_core/finetune_global.py) on a tiny model: it lowers the KL to the
+"""End-to-end fine-tuning (rsavq_core/finetune/end_to_end.py) on a tiny model: it lowers the KL to the
 float model, is deterministic, and a killed run resumes to the same values."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from rsavq_core.config import QuantConfig
-from rsavq_core.finetune_global import finetune_model, kl_to_teacher
-from rsavq_core.models import quantizable_linears
-from rsavq_core.pipeline import quantize_layer
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.finetune.end_to_end import finetune_model, kl_to_teacher
+from rsavq_core.models.resolve import quantizable_linears
+from rsavq_core.pipeline.quantize import quantize_layer
 
 
 class Killed(Exception):
@@ -75,7 +75,7 @@ def test_kl_to_teacher_is_zero_for_the_teacher_and_positive_otherwise() -> None:
 
 
 def test_the_keep_decision_is_measured_on_windows_never_trained_on() -> None:
-    from rsavq_core.finetune_global import MEASURE_BATCHES, split_held_out
+    from rsavq_core.finetune.end_to_end import MEASURE_BATCHES, split_held_out
 
     many = [torch.full((1, 4), i) for i in range(2 * MEASURE_BATCHES + 1)]
     train, held_out = split_held_out(many)

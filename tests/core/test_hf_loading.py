@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from rsavq_core.packed_checkpoint import QUANT_METHOD
+from rsavq_core.checkpoint.packed import QUANT_METHOD
 from rsavq_core.runtime import QuantLinear, load_quantized_model
 from tests.core.test_artifact import saved  # noqa: F401 - a fixture
 
@@ -43,8 +43,8 @@ def test_from_pretrained_gives_our_quantized_model(saved: tuple[Path, dict[str, 
 
 
 def test_shared_codebooks_and_unstored_permutations_load_too(tmp_path: Path, tiny_llama: Any) -> None:
-    from rsavq_core.config import QuantConfig
-    from rsavq_core.pipeline import quantize_model
+    from rsavq_core.config.quant_config import QuantConfig
+    from rsavq_core.pipeline.quantize import quantize_model
 
     model, tokenizer = tiny_llama
     source = tmp_path / "tiny"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import InsufficientMemoryError, UnsupportedModelError
-from rsavq_core.memory import GIB, check_fits, estimate_job_memory
+from rsavq_core.models.memory import GIB, check_fits, estimate_job_memory
 
 
 def fake_checkpoint(folder: Path, hidden: int, layers: int, vocab: int = 1000) -> Path:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rsavq_core.errors import ModelResolutionError, UnsupportedModelError
-from rsavq_core.models import (
+from rsavq_core.models.resolve import (
     describe_linears,
     find_decoder_layout,
     model_fingerprint,

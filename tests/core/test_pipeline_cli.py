@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from rsavq_core import pipeline
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
-from rsavq_core.formats import ScalarLayer, VQLayer
-from rsavq_core.models import quantizable_linears
-from rsavq_core.pipeline import QuantizeResult, quantize_model
+from rsavq_core.formats.scalar import ScalarLayer
+from rsavq_core.formats.vq_layer import VQLayer
+from rsavq_core.models.resolve import quantizable_linears
+from rsavq_core.pipeline import quantize as pipeline
+from rsavq_core.pipeline.quantize import QuantizeResult, quantize_model
 from rsavq_core.runtime import QuantLinear, load_quantized_model, quantize_in_place
 from rsavq_core.settings import override
 from service.cli import main

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.runs import replay
 from rsavq_core.runs.provenance import REPO_ROOT, command_line, provenance

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from rsavq_core.packed_checkpoint import WEIGHTS_FILE
+from rsavq_core.checkpoint.packed import WEIGHTS_FILE
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from rsavq_core.algorithms.linalg import hessian_relative_error as proxy_loss
 from rsavq_core.algorithms.linalg import inverse_hessian_factor
 from rsavq_core.algorithms.scalar import gptq_quantize, rtn_quantize
 from rsavq_core.errors import CalibrationError, ConfigError, UnsupportedShapeError
-from rsavq_core.formats import ScalarLayer
+from rsavq_core.formats.scalar import ScalarLayer
 
 
 def _weight(m: int, n: int, seed: int = 0) -> torch.Tensor:

@@ -12,14 +12,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rsavq_core.bitcount import model_bits
-from rsavq_core.config import QuantConfig
+from rsavq_core.checkpoint.bitcount import model_bits
+from rsavq_core.checkpoint.packed import WEIGHTS_FILE, read_checkpoint
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError
-from rsavq_core.finetune_global import finetune_model
-from rsavq_core.formats import VQLayer
-from rsavq_core.packed_checkpoint import WEIGHTS_FILE, read_checkpoint
-from rsavq_core.pipeline import QuantizeResult, quantize_model, save_result
-from rsavq_core.resume import FinishedLayers
+from rsavq_core.finetune.end_to_end import finetune_model
+from rsavq_core.formats.vq_layer import VQLayer
+from rsavq_core.pipeline.quantize import QuantizeResult, quantize_model, save_result
+from rsavq_core.pipeline.resume import FinishedLayers
 from tests.core.test_pipeline_cli import CALIB, check_artifact, workspace  # noqa: F401 - a fixture
 
 # 4-dim vectors, one codebook of 2^8 entries at 2 bits: larger than any per-layer codebook here.

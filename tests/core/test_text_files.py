@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from rsavq_core.config import QuantConfig
-from rsavq_core.data import calibration_windows, wiki_documents
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.data.text_files import check_overlap, parse_text, read_text_file, too_short
+from rsavq_core.data.windows import calibration_windows, wiki_documents
 from rsavq_core.errors import CalibrationError, ConfigError
-from rsavq_core.pipeline import quantize_model
-from rsavq_core.text_files import check_overlap, parse_text, read_text_file, too_short
+from rsavq_core.pipeline.quantize import quantize_model
 from service.cli import main
 from tests.core.test_pipeline_cli import CALIB, workspace  # noqa: F401 - a fixture
 

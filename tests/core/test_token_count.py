@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from rsavq_core.data import wiki_documents
-from rsavq_core.model_files import existing_folder
+from rsavq_core.data.text_files import parse_text
+from rsavq_core.data.token_count import count_tokens, tokenizer_file, too_few_tokens
+from rsavq_core.data.windows import wiki_documents
+from rsavq_core.models.files import existing_folder
 from rsavq_core.settings import override
-from rsavq_core.text_files import parse_text
-from rsavq_core.token_count import count_tokens, tokenizer_file, too_few_tokens
 
 
 def test_the_count_equals_the_tokens_the_windows_are_cut_from(smol_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -23,13 +23,13 @@ def test_the_count_equals_the_tokens_the_windows_are_cut_from(smol_dir: Path, mo
     expected = len(AutoTokenizer.from_pretrained(str(smol_dir))(text.joined(), add_special_tokens=False)["input_ids"])
     assert count_tokens(file, text.sha256, text.joined, at_least=10**9) == expected > 1000
     # in pieces cut before spaces, the pieces' counts add up to the whole text's
-    monkeypatch.setattr("rsavq_core.token_count.CHUNK_CHARS", 2000)
+    monkeypatch.setattr("rsavq_core.data.token_count.CHUNK_CHARS", 2000)
     assert len(text.joined()) > 10 * 2000
     assert count_tokens(file, "same text, other key", text.joined, at_least=10**9) == expected
 
 
 def test_counting_stops_at_what_the_job_needs_and_is_remembered(smol_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("rsavq_core.token_count.CHUNK_CHARS", 2000)
+    monkeypatch.setattr("rsavq_core.data.token_count.CHUNK_CHARS", 2000)
     file = smol_dir / "tokenizer.json"
     text = "\n\n".join(wiki_documents()[:12])
     calls = []
@@ -77,7 +77,7 @@ def test_an_unreadable_tokenizer_file_counts_nothing(tmp_path: Path) -> None:
     assert count_tokens(broken, "some-hash", lambda: "text", at_least=10) is None
 
 
-@pytest.mark.parametrize("module", ["rsavq_core.token_count", "rsavq_core.model_files"])
+@pytest.mark.parametrize("module", ["rsavq_core.data.token_count", "rsavq_core.models.files"])
 def test_the_api_can_import_it_without_torch(module: str) -> None:
     import subprocess
     import sys

@@ -10,10 +10,9 @@ import torch
 from rsavq_core.algorithms.sensitivity import damp, natural_gradient
 from rsavq_core.algorithms.vq import LayerReport, quantize_vq
 from rsavq_core.calibration.statistics import LayerStats
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
-from rsavq_core.formats import VQLayer
-from rsavq_core.formats.vq_layer import to_subvectors
+from rsavq_core.formats.vq_layer import VQLayer, to_subvectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -261,7 +260,7 @@ def test_compensation_lowers_hessian_error() -> None:
 
 def test_effective_budget_counts_codebooks() -> None:
     """At 3 bits a 192x576 layer spends ~1.8 bpw on 512-entry codebooks; an effective budget pays for them."""
-    from rsavq_core.bitcount import layer_bits
+    from rsavq_core.checkpoint.bitcount import layer_bits
 
     torch.manual_seed(0)
     w = torch.randn(192, 576)
@@ -287,7 +286,7 @@ def test_effective_budget_unreachable_falls_back_to_lowest_bits() -> None:
 def test_row_scales_fit_rows_of_different_magnitude() -> None:
     """Rows whose magnitudes differ by orders (as LLM output channels do) share one codebook badly;
     with a scale per row the codebooks quantize W / s, and the error in the weight falls."""
-    from rsavq_core.bitcount import layer_bits
+    from rsavq_core.checkpoint.bitcount import layer_bits
 
     gen = torch.Generator().manual_seed(30)
     m, n = 96, 48
@@ -334,7 +333,7 @@ def test_row_scales_of_zero_rows_stay_finite() -> None:
 def test_outliers_are_kept_exact_and_cut_the_error() -> None:
     """A few weights far outside the rest (as LLM layers have) ruin a shared codebook; stored as
     sparse fp16 residuals they come back exactly, and the codebooks serve the rest."""
-    from rsavq_core.bitcount import layer_bits
+    from rsavq_core.checkpoint.bitcount import layer_bits
 
     gen = torch.Generator().manual_seed(31)
     m, n = 96, 48

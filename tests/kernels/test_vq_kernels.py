@@ -12,8 +12,8 @@ import torch
 
 from kernels.vq_layout import MAX_CODE_BITS, build_packed_vq
 from kernels.vq_reference import dequantize_reference, vq_linear_reference
-from rsavq_core.formats import VQLayer
 from rsavq_core.formats.vq import packed_from_layer
+from rsavq_core.formats.vq_layer import VQLayer
 from tests.core.test_artifact import make_vq_layer
 
 # (M, N, vector_len, n_pq, bits per group): d = vector_len / n_pq rows per code.

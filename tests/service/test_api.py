@@ -263,8 +263,8 @@ def test_openapi_documents_the_quantization_knobs(api) -> None:  # type: ignore[
 
 
 def test_openapi_shows_choices_as_enums_and_bounds(api) -> None:  # type: ignore[no-untyped-def]
-    from rsavq_core.config import shared_knobs
-    from rsavq_core.methods import method_names, option_knobs
+    from rsavq_core.config.quant_config import shared_knobs
+    from rsavq_core.methods.registry import method_names, option_knobs
 
     schemas = api.get("/openapi.json").json()["components"]["schemas"]
     knobs = schemas["JobOptions"]["properties"]

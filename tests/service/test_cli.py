@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from rsavq_core.config import shared_knobs
-from rsavq_core.methods import methods
-from rsavq_core.options import knobs
+from rsavq_core.config.knobs import knobs
+from rsavq_core.config.quant_config import shared_knobs
+from rsavq_core.methods.registry import methods
 from service.cli import build_parser, main
 from service.cli.flags import flag_of
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from rsavq_core.data import wiki_documents
+from rsavq_core.data.windows import wiki_documents
 from service.db import Dataset
 from tests.service.conftest import auth
 

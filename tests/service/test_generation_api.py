@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 from pydantic import SecretStr
 
-from rsavq_core.config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.runtime.generation import SamplingParams, complete
 from service.api.auth import create_key
 from service.artifacts import ArtifactStore
@@ -62,7 +62,7 @@ class _Server:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rsavq_core.pipeline import quantize_model, save_result
+    from rsavq_core.pipeline.quantize import quantize_model, save_result
 
     out = tmp_path_factory.mktemp("rtn4") / "ckpt"
     result = quantize_model("smollm2-135m", QuantConfig.for_method("rtn", bits=4))

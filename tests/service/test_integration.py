@@ -160,7 +160,7 @@ def finished(client, job_id: str, workers: Workers, timeout: float = 600) -> dic
 
 
 def test_job_end_to_end_through_a_real_worker(client, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from rsavq_core.packed_checkpoint import read_checkpoint
+    from rsavq_core.checkpoint.packed import read_checkpoint
     from service.artifacts import extract
 
     workers.start()

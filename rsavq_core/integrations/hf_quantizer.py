@@ -13,7 +13,7 @@ format's reader, exactly as ``read_checkpoint`` does, and become a ``QuantLinear
 model through transformers is refused: ``packed_checkpoint.save_checkpoint`` writes our format.
 
 This module imports torch and transformers; ``rsavq_core`` registers it only once
-``transformers.quantizers`` is imported (``rsavq_core._hf_hook``), so importing the library alone
+``transformers.quantizers`` is imported (``rsavq_core.integrations.hf_hook``), so importing the library alone
 (as the torch-free API does) never pulls them in.
 """
 
@@ -33,10 +33,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from rsavq_core.errors import ArtifactError, ConfigError
-from rsavq_core.formats import LayerReader
-from rsavq_core.formats.base import SHARED_PREFIX
-from rsavq_core.packed_checkpoint import (
+from rsavq_core.checkpoint.packed import (
     FORMAT,
     FORMAT_VERSION,
     QUANT_METHOD,
@@ -44,6 +41,8 @@ from rsavq_core.packed_checkpoint import (
     check_header,
     read_layer,
 )
+from rsavq_core.errors import ArtifactError, ConfigError
+from rsavq_core.formats.base import SHARED_PREFIX, LayerReader
 from rsavq_core.runtime.qlinear import QuantLinear
 
 SHARED_MODULE = SHARED_PREFIX.rstrip(".")

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsavq_core.config import QuantConfig
-from rsavq_core.finetune import TunedLinear, norm_parameters, round_norms, round_tuned, swap_module
-from rsavq_core.formats import QuantizedLayer, format_of
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.finetune.blockwise import TunedLinear, norm_parameters, round_norms, round_tuned, swap_module
+from rsavq_core.formats.base import QuantizedLayer
+from rsavq_core.formats.registry import format_of
 from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Registers ``rsavq_core.hf_integration`` with transformers when ``transformers.quantizers`` is
+"""Registers ``rsavq_core.integrations.hf_quantizer`` with transformers when ``transformers.quantizers`` is
 imported (at once if it already is), without importing transformers or torch here: the API
 process imports ``rsavq_core`` and must stay torch-free."""
 
@@ -17,7 +17,7 @@ TARGET = "transformers.quantizers.auto"
 def _register() -> None:
     """Register with transformers; a failure must not break transformers itself, only our loading."""
     try:
-        from rsavq_core.hf_integration import register
+        from rsavq_core.integrations.hf_quantizer import register
 
         register()
     except Exception as exc:  # noqa: BLE001 - any failure here would otherwise fail transformers' import

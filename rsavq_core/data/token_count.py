@@ -2,9 +2,9 @@
 API refuses a dataset too short for a job's windows with it, before the job is stored.
 
 Only the ``tokenizers`` library is used, on the model's ``tokenizer.json`` where the model is
-already on disk (``rsavq_core.model_files.existing_folder``); elsewhere the caller falls back to
+already on disk (``rsavq_core.models.files.existing_folder``); elsewhere the caller falls back to
 the byte bound (``text_files.too_short``) and the worker checks the exact count when it cuts the
-windows (``rsavq_core.data``).
+windows (``rsavq_core.data.windows``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from threading import Lock
 
 from tokenizers import Tokenizer
 
-from rsavq_core.model_files import existing_folder
+from rsavq_core.models.files import existing_folder
 
 log = logging.getLogger(__name__)
 MAX_COUNTS = 256  # (tokenizer, text) pairs remembered: a job resubmitted over a dataset is not re-tokenized

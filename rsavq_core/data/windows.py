@@ -3,7 +3,7 @@
 The text is ``wiki.utf8`` from the ``exllamav2`` package (never imported: it compiles CUDA code on
 import; its files are located through package metadata). Documents are numbered in file order;
 every fifth (``i % 5 == 4``) is for evaluation, all others for calibration. A user's own text
-(``rsavq_core.text_files.TextSource``) replaces either split where given.
+(``rsavq_core.data.text_files.TextSource``) replaces either split where given.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from rsavq_core.data.text_files import DOCUMENT_SEPARATOR, EVAL_LEN, EVAL_WINDOWS, TextSource
 from rsavq_core.errors import AssetError, CalibrationError
-from rsavq_core.text_files import DOCUMENT_SEPARATOR, EVAL_LEN, EVAL_WINDOWS, TextSource
 
 EVAL_PROTOCOL = "wiki-holdout-512"
 _DOC = re.compile(r"<doc [^>]*>.*?</doc>", re.S)

@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from rsavq_core.formats import BitCount, QuantizedLayer, format_of
-from rsavq_core.formats.base import FP16_BITS
+from rsavq_core.formats.base import FP16_BITS, BitCount, QuantizedLayer
+from rsavq_core.formats.registry import format_of
 
 
 def layer_bits(layer: QuantizedLayer) -> BitCount:

@@ -22,17 +22,17 @@ from torch import nn
 from rsavq_core.calibration.cache import StatsKey, StatsStore, compute_statistics
 from rsavq_core.calibration.sequential import BlockInputs, with_hessians
 from rsavq_core.calibration.statistics import LayerStats
-from rsavq_core.config import QuantConfig
-from rsavq_core.data import calibration_windows, tokens_hash
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.data.text_files import TextSource
+from rsavq_core.data.windows import calibration_windows, tokens_hash
 from rsavq_core.errors import ConfigError, UnsupportedModelError
-from rsavq_core.finetune import finetune_quantized_block
-from rsavq_core.finetune_global import finetune_quantized_model
-from rsavq_core.formats import QuantizedLayer
-from rsavq_core.methods import get_method
-from rsavq_core.models import find_decoder_layout, load_model, model_fingerprint, resolve_model
+from rsavq_core.finetune.blockwise import finetune_quantized_block
+from rsavq_core.finetune.end_to_end import finetune_quantized_model
+from rsavq_core.formats.base import QuantizedLayer
+from rsavq_core.methods.registry import get_method
+from rsavq_core.models.resolve import find_decoder_layout, load_model, model_fingerprint, resolve_model
+from rsavq_core.pipeline.resume import FinishedLayers
 from rsavq_core.progress import Progress
-from rsavq_core.resume import FinishedLayers
-from rsavq_core.text_files import TextSource
 
 log = logging.getLogger(__name__)
 LayerCallback = Callable[[str, dict], None]  # (full layer name, report)
@@ -289,7 +289,7 @@ def save_result(result: QuantizeResult, out_dir: Path) -> Path:
     long the run took or whether statistics were cached (those are in the run's summary): the same
     inputs give the same sha256, and a resumed job publishes the artifact an uninterrupted one would.
     """
-    from rsavq_core.packed_checkpoint import save_checkpoint
+    from rsavq_core.checkpoint.packed import save_checkpoint
 
     return save_checkpoint(
         out_dir,

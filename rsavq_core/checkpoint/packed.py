@@ -31,11 +31,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from rsavq_core.canonical import save_canonical
-from rsavq_core.config import QuantConfig
+from rsavq_core.checkpoint.canonical import save_canonical
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
-from rsavq_core.formats import LayerReader, QuantizedLayer, format_of, get_format
-from rsavq_core.formats.base import SHARED_PREFIX
+from rsavq_core.formats.base import SHARED_PREFIX, LayerReader, QuantizedLayer
+from rsavq_core.formats.registry import format_of, get_format
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ FORMAT = "rsavq"
 FORMAT_VERSION = "2"
 SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2")
 WEIGHTS_FILE = "rsavq.safetensors"
-QUANT_METHOD = "rsavq"  # config.json's quantization_config.quant_method (``rsavq_core.hf_integration``)
+QUANT_METHOD = "rsavq"  # config.json's quantization_config.quant_method (``rsavq_core.integrations.hf_quantizer``)
 _RESERVED = ("format", "format_version", "method", "config", "layers", "source_model", "tied")
 
 
@@ -192,7 +192,7 @@ def save_checkpoint(
 
 def hf_quantization_config() -> dict[str, str]:
     """The ``quantization_config`` of an artifact's config.json: transformers' ``from_pretrained``
-    then loads it through our registered quantizer (``rsavq_core.hf_integration``)."""
+    then loads it through our registered quantizer (``rsavq_core.integrations.hf_quantizer``)."""
     return {"quant_method": QUANT_METHOD, "format": FORMAT, "format_version": FORMAT_VERSION}
 
 

@@ -20,9 +20,10 @@ from torch import nn
 
 from rsavq_core.calibration.sequential import BlockInputs
 from rsavq_core.calibration.statistics import first_tensor
-from rsavq_core.config import QuantConfig
-from rsavq_core.formats import LayerFormat, QuantizedLayer, format_of
-from rsavq_core.packed_checkpoint import OTHER_TENSORS_DTYPE
+from rsavq_core.checkpoint.packed import OTHER_TENSORS_DTYPE
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.formats.base import LayerFormat, QuantizedLayer
+from rsavq_core.formats.registry import format_of
 from rsavq_core.progress import Progress
 
 MEASURE_BATCHES = 8

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from rsavq_core.canonical import save_canonical
-from rsavq_core.config import QuantConfig
+from rsavq_core.checkpoint.canonical import save_canonical
+from rsavq_core.checkpoint.packed import layer_tensors, manifest_entry, read_layer
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError
-from rsavq_core.formats import LayerReader, QuantizedLayer
-from rsavq_core.packed_checkpoint import layer_tensors, manifest_entry, read_layer
+from rsavq_core.formats.base import LayerReader, QuantizedLayer
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"

@@ -1,0 +1,1 @@
+"""The packed checkpoint: its file format, canonical bytes and the bits it stores."""

@@ -1,0 +1,1 @@
+"""Other libraries loading our checkpoints: transformers' ``from_pretrained``."""

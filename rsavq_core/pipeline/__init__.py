@@ -1,0 +1,1 @@
+"""Model id + config -> packed layers: the quantization run in steps, with progress and resume."""
