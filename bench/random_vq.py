@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rsavq_core.formats.vq_layer import VQGroup, VQLayer
-from rsavq_core.models.resolve import quantizable_linears
+from rsavq_core.models.layout import quantizable_linears
 from rsavq_core.runtime import quantize_in_place
 
 

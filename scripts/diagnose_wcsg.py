@@ -16,8 +16,9 @@ import sys
 
 from rsavq_core.algorithms.vq import quantize_vq
 from rsavq_core.config.quant_config import QuantConfig
-from rsavq_core.models.resolve import find_decoder_layout, load_model
-from rsavq_core.pipeline.quantize import calibration_store
+from rsavq_core.models.layout import find_decoder_layout
+from rsavq_core.models.resolve import load_model
+from rsavq_core.pipeline.calibration import calibration_store
 
 RULES = ("uniform", "proportional", "additive")
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.timing import patience
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "rsavq_core", "service", "worker")
 # The contracts' names in .importlinter.
@@ -26,7 +28,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     tool = Path(sys.executable).with_name("lint-imports")
     return subprocess.run(
         [str(tool), "--no-cache", "--config", str(root / ".importlinter")],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        cwd=root, env=env, capture_output=True, text=True, timeout=patience(300),
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from rsavq_core.algorithms.compensation import compensate_columns
 from rsavq_core.algorithms.kmeans import assign, weighted_kmeans
 from rsavq_core.algorithms.linalg import hessian_relative_error
 from rsavq_core.algorithms.shared_codebooks import SharedCodebooks
-from rsavq_core.algorithms.vq_targets import prepare_layer
+from rsavq_core.algorithms.vq_targets import LayerTargets, prepare_layer
 from rsavq_core.calibration.statistics import LayerStats, sink_protected_hessian
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import CalibrationError
@@ -65,85 +65,20 @@ def quantize_vq(
     gen = torch.Generator().manual_seed(cfg.seed)
     t = prepare_layer(weight, stats, cfg)
     w, m, n = t.weight, *t.weight.shape
-    v, n_pq, d = o.vector_length, o.sub_vectors, o.sub_dim
-    n_vec = -(-m // v)
-    groups: list[VQGroup] = []
-    for gi, ((start, stop), bits) in enumerate(zip(t.alloc.bounds, t.alloc.bits, strict=True)):
-        sub_t = to_subvectors(t.target[:, start:stop], v, n_pq)
-        sub_w = to_subvectors(t.weight_scaled[:, start:stop], v, n_pq)
-        sub_o = to_subvectors(t.metric[:, start:stop], v, n_pq) if t.metric is not None else None
-        literal = o.assign == "paper"
-        if shared is not None:
-            book_set = shared.group(gi, bits, n_pq, d).float()
-        else:
-            book_set = torch.stack(
-                [
-                    weighted_kmeans(
-                        sub_t[:, :, p].reshape(-1, d),
-                        sub_o[:, :, p].reshape(-1, d) if sub_o is not None else None,
-                        2 ** (bits * d),
-                        o.kmeans_iters,
-                        gen,
-                        fit_points=o.kmeans_fit_points,
-                        assign_points=sub_w[:, :, p].reshape(-1, d) if literal else None,
-                    )
-                    for p in range(n_pq)
-                ]
-            )
-            book_set = book_set.half().float()  # what is stored: assign against the fp16 codebook
-        if o.compensate:
-            # the column loop below derives every code again, with error feedback: a search here
-            # would be thrown away (it cost as much as the loop's own searches)
-            indices = torch.zeros(stop - start, n_vec, n_pq, dtype=torch.long, device=t.target.device)
-        else:
-            codes = []
-            for p in range(n_pq):
-                pts = (sub_w if literal else sub_t)[:, :, p].reshape(-1, d)
-                wts = None if literal or sub_o is None else sub_o[:, :, p].reshape(-1, d)
-                idx, _ = assign(pts, wts, book_set[p])
-                codes.append(idx.view(stop - start, n_vec))
-            indices = torch.stack(codes, dim=2)
-        groups.append(
-            VQGroup(
-                bits=bits,
-                start=start,
-                stop=stop,
-                codebooks=book_set.half(),
-                indices=indices,
-                shared=None if shared is None else shared.key(gi),
-            )
-        )
+    groups = [
+        _group(t, o, gi, (start, stop), bits, gen, shared)
+        for gi, ((start, stop), bits) in enumerate(zip(t.alloc.bounds, t.alloc.bits, strict=True))
+    ]
     layer = VQLayer(
         out_features=m,
         in_features=n,
-        vector_len=v,
-        n_pq=n_pq,
+        vector_len=o.vector_length,
+        n_pq=o.sub_vectors,
         perm=t.alloc.perm.clone(),
         groups=groups,
         bias=None if bias is None else bias.detach().half(),
     )
-    refit = None
-    wanted = w  # what the outliers are stored as: the weights, or the column loop's updated values
-    if o.compensate or o.refit == "output":
-        if stats is None or stats.hessian is None:
-            raise CalibrationError("compensation and the output-error refit need the activation Hessian")
-        hessian = sink_protected_hessian(stats, o.sink_share)
-        if o.compensate:  # the column loop's feedback is row by row: the same in scaled units
-            seen = compensate_columns(
-                layer, t.scaled_target, hessian, t.metric, o.hessian_damping, exact=t.exact, refit=shared is None
-            )
-            wanted = seen[:m][:, torch.argsort(t.alloc.perm)]
-            wanted = wanted if t.row_scale is None else wanted * t.row_scale[:, None]
-        # Shared codebooks are the other layers' too: a per-layer refit would make them this layer's own.
-        if o.refit == "output" and shared is None:
-            refit = least_squares_codebooks(
-                layer,
-                t.scaled_target,
-                hessian,
-                damping=o.hessian_damping,
-                row_weights=t.row_scale,
-                exact=t.exact,
-            )
+    wanted, refit = _feed_back_errors(layer, t, stats, o, shared)
     if t.row_scale is not None:
         layer.row_scale = t.row_scale.half()
     if t.outlier_index.numel():
@@ -152,6 +87,86 @@ def quantize_vq(
     report = _report(layer, w, t.shift, t.omega, stats, t.sensitivity, started)
     report.refit = refit
     return layer, report
+
+
+def _group(
+    t: LayerTargets,
+    o: VQOptions,
+    gi: int,
+    bounds: tuple[int, int],
+    bits: int,
+    gen: torch.Generator,
+    shared: SharedCodebooks | None,
+) -> VQGroup:
+    """Channel group ``gi`` (columns ``bounds`` of the permuted target): its codebooks and codes."""
+    start, stop = bounds
+    v, n_pq, d = o.vector_length, o.sub_vectors, o.sub_dim
+    n_vec = -(-t.weight.shape[0] // v)
+    sub_t = to_subvectors(t.target[:, start:stop], v, n_pq)
+    sub_w = to_subvectors(t.weight_scaled[:, start:stop], v, n_pq)
+    sub_o = to_subvectors(t.metric[:, start:stop], v, n_pq) if t.metric is not None else None
+    literal = o.assign == "paper"
+    if shared is not None:
+        book_set = shared.group(gi, bits, n_pq, d).float()
+    else:
+        book_set = torch.stack(
+            [
+                weighted_kmeans(
+                    sub_t[:, :, p].reshape(-1, d),
+                    sub_o[:, :, p].reshape(-1, d) if sub_o is not None else None,
+                    2 ** (bits * d),
+                    o.kmeans_iters,
+                    gen,
+                    fit_points=o.kmeans_fit_points,
+                    assign_points=sub_w[:, :, p].reshape(-1, d) if literal else None,
+                )
+                for p in range(n_pq)
+            ]
+        )
+        book_set = book_set.half().float()  # what is stored: assign against the fp16 codebook
+    if o.compensate:
+        # the column loop derives every code again, with error feedback: a search here would be
+        # thrown away (it cost as much as the loop's own searches)
+        indices = torch.zeros(stop - start, n_vec, n_pq, dtype=torch.long, device=t.target.device)
+    else:
+        codes = []
+        for p in range(n_pq):
+            pts = (sub_w if literal else sub_t)[:, :, p].reshape(-1, d)
+            wts = None if literal or sub_o is None else sub_o[:, :, p].reshape(-1, d)
+            idx, _ = assign(pts, wts, book_set[p])
+            codes.append(idx.view(stop - start, n_vec))
+        indices = torch.stack(codes, dim=2)
+    key = None if shared is None else shared.key(gi)
+    return VQGroup(bits=bits, start=start, stop=stop, codebooks=book_set.half(), indices=indices, shared=key)
+
+
+def _feed_back_errors(
+    layer: VQLayer, t: LayerTargets, stats: LayerStats | None, o: VQOptions, shared: SharedCodebooks | None
+) -> tuple[torch.Tensor, dict[str, float] | None]:
+    """Error feedback (the column loop) and the output-error codebook refit, each when asked for.
+
+    Returns what the outliers are stored against ([M, N] float32: the weights, or the column
+    loop's updated values) and the refit's report (None when it did not run).
+    """
+    w, m = t.weight, t.weight.shape[0]
+    if not (o.compensate or o.refit == "output"):
+        return w, None
+    if stats is None or stats.hessian is None:
+        raise CalibrationError("compensation and the output-error refit need the activation Hessian")
+    hessian = sink_protected_hessian(stats, o.sink_share)
+    wanted, refit = w, None
+    if o.compensate:  # the column loop's feedback is row by row: the same in scaled units
+        seen = compensate_columns(
+            layer, t.scaled_target, hessian, t.metric, o.hessian_damping, exact=t.exact, refit=shared is None
+        )
+        wanted = seen[:m][:, torch.argsort(t.alloc.perm)]
+        wanted = wanted if t.row_scale is None else wanted * t.row_scale[:, None]
+    # Shared codebooks are the other layers' too: a per-layer refit would make them this layer's own.
+    if o.refit == "output" and shared is None:
+        refit = least_squares_codebooks(
+            layer, t.scaled_target, hessian, damping=o.hessian_damping, row_weights=t.row_scale, exact=t.exact
+        )
+    return wanted, refit
 
 
 def _report(

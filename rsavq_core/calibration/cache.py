@@ -25,7 +25,7 @@ from torch import nn
 from rsavq_core.calibration.statistics import LayerStats, block_statistics, record_block_inputs
 from rsavq_core.errors import CalibrationError
 from rsavq_core.models.files import cache_root
-from rsavq_core.models.resolve import find_decoder_layout
+from rsavq_core.models.layout import find_decoder_layout
 from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)

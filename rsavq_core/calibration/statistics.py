@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsavq_core.errors import CalibrationError
-from rsavq_core.models.resolve import find_decoder_layout
+from rsavq_core.models.layout import find_decoder_layout
 from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)

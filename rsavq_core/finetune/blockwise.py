@@ -24,6 +24,7 @@ from rsavq_core.checkpoint.packed import OTHER_TENSORS_DTYPE
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.formats.base import LayerFormat, QuantizedLayer
 from rsavq_core.formats.registry import format_of
+from rsavq_core.models.layout import replace_module
 from rsavq_core.progress import Progress
 
 MEASURE_BATCHES = 8
@@ -85,11 +86,6 @@ def round_norms(norms: Mapping[str, nn.Parameter]) -> None:
             p.copy_(p.to(OTHER_TENSORS_DTYPE))
 
 
-def swap_module(module: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
-
-
 def round_tuned(modules: Mapping[str, TunedLinear]) -> dict[str, QuantizedLayer]:
     """Each tuned layer as its format stores it, and the modules' values rounded to match (so that
     what is measured afterwards is what is stored)."""
@@ -137,7 +133,7 @@ def finetune_block(
         tunable = layer_format.tunable(layer)
         if tunable:
             modules[name] = TunedLinear(layer_format, layer, tunable)
-            swap_module(tuned, name, modules[name])
+            replace_module(tuned, name, modules[name])
     if not (modules or norms) or steps == 0:
         return layers, {}, {}
 

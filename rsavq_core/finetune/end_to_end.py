@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsavq_core.config.quant_config import QuantConfig
-from rsavq_core.finetune.blockwise import TunedLinear, norm_parameters, round_norms, round_tuned, swap_module
+from rsavq_core.finetune.blockwise import TunedLinear, norm_parameters, round_norms, round_tuned
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.formats.registry import format_of
+from rsavq_core.models.layout import replace_module
 from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class _Student:
             }
             if tunable or tied:
                 self.linears[name] = TunedLinear(layer_format, layer, tunable, tied)
-                swap_module(self.module, name, self.linears[name])
+                replace_module(self.module, name, self.linears[name])
         self.norms = norm_parameters(self.module, set(layers))
         for p in self.norms.values():
             p.requires_grad_(True)

@@ -43,6 +43,7 @@ from rsavq_core.checkpoint.packed import (
 )
 from rsavq_core.errors import ArtifactError, ConfigError
 from rsavq_core.formats.base import SHARED_PREFIX, LayerReader
+from rsavq_core.models.layout import replace_module
 from rsavq_core.runtime.qlinear import QuantLinear
 
 SHARED_MODULE = SHARED_PREFIX.rstrip(".")
@@ -89,11 +90,6 @@ def _mirror(root: nn.Module, prefix: str, header: dict[str, tuple[torch.dtype, t
         module.register_buffer(leaf, torch.empty(shape, dtype=dtype, device="meta"))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 class RsavqHfQuantizer(HfQuantizer):
     """transformers' side of a pre-quantized rsavq checkpoint (see the module's docstring)."""
 
@@ -133,7 +129,7 @@ class RsavqHfQuantizer(HfQuantizer):
                 raise ArtifactError(f"{self.file}: {name} is not a {shape[0]}x{shape[1]} nn.Linear in this model")
             placeholder = _Packed()
             _mirror(placeholder, name, header)
-            _set_module(model, name, placeholder)
+            replace_module(model, name, placeholder)
         shared = _Packed()
         _mirror(shared, SHARED_MODULE, header)
         model.add_module(SHARED_MODULE, shared)
@@ -157,7 +153,7 @@ class RsavqHfQuantizer(HfQuantizer):
             if stray:
                 raise ArtifactError(f"{self.file}: tensors not described by the layer manifest: {stray[:5]}")
             used |= reader.shared_used
-            _set_module(model, name, QuantLinear(layer, packed=reader.packed).to(device).train(model.training))
+            replace_module(model, name, QuantLinear(layer, packed=reader.packed).to(device).train(model.training))
         if set(shared) - used:
             raise ArtifactError(f"{self.file}: shared tensors no layer uses: {sorted(set(shared) - used)[:5]}")
         return model

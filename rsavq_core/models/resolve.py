@@ -1,4 +1,4 @@
-"""Model ids -> local checkpoints -> loaded transformers models, and their quantizable layers.
+"""Model ids -> local checkpoints -> loaded transformers models, and a checkpoint's fingerprint.
 
 Resolution is offline, in the order ``rsavq_core.models.files`` gives (a local folder, a built-in
 alias converted once here, the Hugging Face cache).
@@ -12,13 +12,12 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rsavq_core.errors import ModelResolutionError, UnsupportedModelError
+from rsavq_core.errors import ModelResolutionError
 from rsavq_core.models.files import (
     ALIASES,
     HF_ID,
@@ -131,56 +130,3 @@ def _file_digest(file: Path) -> str:
     tmp.write_text(json.dumps({"key": key, "sha256": sha.hexdigest(), "path": str(file)}))
     os.replace(tmp, memo)
     return sha.hexdigest()
-
-
-@dataclass(frozen=True)
-class DecoderLayout:
-    """Where the decoder blocks of a model are, found structurally (no hard-coded names)."""
-
-    blocks_path: str  # dotted path of the nn.ModuleList of decoder blocks, e.g. "model.layers"
-    blocks: nn.ModuleList
-
-    def linear_names(self, index: int) -> list[str]:
-        """Names (relative to block ``index``) of its nn.Linear layers, in module order."""
-        return [name for name, mod in self.blocks[index].named_modules() if isinstance(mod, nn.Linear)]
-
-
-def find_decoder_layout(model: nn.Module) -> DecoderLayout:
-    """The largest ``nn.ModuleList`` whose entries all hold ``nn.Linear`` layers: the decoder blocks.
-
-    Works for LLaMA, Mistral, Qwen2, Gemma, Phi and GPT-NeoX style models alike because it relies
-    on structure, not on attribute names.
-    """
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module):
-            if best is None or len(module) > best[0]:
-                best = (len(module), name, module)
-    if best is None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no list of decoder blocks containing nn.Linear layers; "
-            "only models whose projections are nn.Linear can be quantized"
-        )
-    return DecoderLayout(blocks_path=best[1], blocks=best[2])
-
-
-def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """(full name, module) of every nn.Linear inside the decoder blocks, block by block."""
-    layout = find_decoder_layout(model)
-    out: list[tuple[str, nn.Linear]] = []
-    for i, block in enumerate(layout.blocks):
-        for name, mod in block.named_modules():
-            if isinstance(mod, nn.Linear):
-                out.append((f"{layout.blocks_path}.{i}.{name}", mod))
-    return out
-
-
-def describe_linears(model: nn.Module) -> str:
-    """One JSON line per distinct shape, for logs and errors."""
-    shapes: dict[str, int] = {}
-    for _, mod in quantizable_linears(model):
-        key = f"{mod.out_features}x{mod.in_features}"
-        shapes[key] = shapes.get(key, 0) + 1
-    return json.dumps(shapes)

@@ -49,11 +49,13 @@ def quantize_summary(
     it are refused before anything runs unless ``allow_overlap``.
     """
     from rsavq_core.checkpoint.bitcount import model_bits
+    from rsavq_core.models.resolve import resolve_model
     from rsavq_core.pipeline.quantize import peak_rss_gb, quantize_model, save_result
     from rsavq_core.runs.provenance import provenance
 
     texts = list((evaluation or {}).get("texts") or [])
     overlap = check_overlap(calibration_text, texts, allow_overlap)
+    resolve_model(model_id)  # an unknown model fails at once, before the provenance's measurement
     origin = provenance()  # before the run: the GFLOP/s figure and the load are the idle machine's
     result = quantize_model(model_id, cfg, progress=progress, calibration_text=calibration_text)
     summary: dict[str, Any] = {

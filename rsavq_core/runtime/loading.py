@@ -15,15 +15,10 @@ from torch import nn
 from rsavq_core.checkpoint.packed import PackedCheckpoint, read_checkpoint
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
 from rsavq_core.formats.base import QuantizedLayer
+from rsavq_core.models.layout import replace_module
 from rsavq_core.runtime.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def quantize_in_place(
@@ -51,7 +46,7 @@ def quantize_in_place(
             )
         device = next(iter(old.buffers() if isinstance(old, QuantLinear) else old.parameters())).device
         qlin = QuantLinear(layer, cache_weight=cache_weight, packed=(packed or {}).get(name))
-        _set_module(model, name, qlin.to(device))
+        replace_module(model, name, qlin.to(device))
     return model
 
 

@@ -15,7 +15,7 @@ import torch
 from rsavq_core.algorithms.scalar import gptq_quantize, rtn_quantize
 from rsavq_core.calibration.statistics import block_statistics, record_block_inputs, sink_protected_hessian
 from rsavq_core.data.windows import calibration_windows, evaluation_windows
-from rsavq_core.models.resolve import find_decoder_layout
+from rsavq_core.models.layout import find_decoder_layout
 
 BLOCKS = (2, 15, 28)
 LAYERS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")

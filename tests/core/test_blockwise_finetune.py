@@ -13,8 +13,9 @@ from rsavq_core.calibration.sequential import BlockInputs
 from rsavq_core.checkpoint.packed import OTHER_TENSORS_DTYPE
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.finetune.blockwise import finetune_block
-from rsavq_core.models.resolve import find_decoder_layout
-from rsavq_core.pipeline.quantize import quantize_layer, quantize_model
+from rsavq_core.models.layout import find_decoder_layout
+from rsavq_core.pipeline.blocks import quantize_layer
+from rsavq_core.pipeline.quantize import quantize_model
 from rsavq_core.runtime import load_quantized_model
 from rsavq_core.settings import override
 

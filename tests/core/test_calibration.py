@@ -20,7 +20,7 @@ from rsavq_core.calibration.statistics import (
 )
 from rsavq_core.data.windows import tokens_hash
 from rsavq_core.errors import CalibrationError
-from rsavq_core.models.resolve import find_decoder_layout, quantizable_linears
+from rsavq_core.models.layout import find_decoder_layout, quantizable_linears
 
 S, T = 3, 16
 

@@ -11,8 +11,8 @@ import torch
 
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.finetune.end_to_end import finetune_model, kl_to_teacher
-from rsavq_core.models.resolve import quantizable_linears
-from rsavq_core.pipeline.quantize import quantize_layer
+from rsavq_core.models.layout import quantizable_linears
+from rsavq_core.pipeline.blocks import quantize_layer
 
 
 class Killed(Exception):

@@ -14,6 +14,7 @@ import torch
 from rsavq_core.checkpoint.packed import QUANT_METHOD
 from rsavq_core.runtime import QuantLinear, load_quantized_model
 from tests.core.test_artifact import saved  # noqa: F401 - a fixture
+from tests.timing import patience
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,7 @@ def test_the_readme_example_runs(saved: tuple[Path, dict[str, Any]]) -> None:  #
     code = block.group(1)
     assert len([line for line in code.splitlines() if line.strip()]) == 5
     code = code.replace('"runs/artifact"', repr(str(saved[0])))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=patience(300), cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("The capital of France is")
 
@@ -80,5 +81,5 @@ def test_without_rsavq_core_the_quantization_method_is_unknown(saved: tuple[Path
     """config.json does not name our weights file: a transformers that lacks the quantizer fails
     loudly instead of loading a model with random linears."""
     code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(saved[0])!r})"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=patience(300), cwd=ROOT)
     assert done.returncode != 0 and "model.safetensors" in done.stderr

@@ -14,7 +14,7 @@ from rsavq_core.data.windows import evaluation_windows
 from rsavq_core.errors import ConfigError
 from rsavq_core.evaluation import perplexity
 from rsavq_core.evaluation.perplexity import protocol_name
-from rsavq_core.models.resolve import quantizable_linears
+from rsavq_core.models.layout import quantizable_linears
 
 
 def naive_ppl(model: nn.Module, windows: torch.Tensor) -> float:

@@ -15,12 +15,13 @@ from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.formats.scalar import ScalarLayer
 from rsavq_core.formats.vq_layer import VQLayer
-from rsavq_core.models.resolve import quantizable_linears
-from rsavq_core.pipeline import quantize as pipeline
+from rsavq_core.models.layout import quantizable_linears
+from rsavq_core.pipeline import calibration as pipeline_calibration
 from rsavq_core.pipeline.quantize import QuantizeResult, quantize_model
 from rsavq_core.runtime import QuantLinear, load_quantized_model, quantize_in_place
 from rsavq_core.settings import override
 from service.cli import main
+from tests.timing import patience
 
 CALIB = dict(calib_samples=2, calib_len=16)
 SMALL = dict(**CALIB, kmeans_iters=2, n_groups=2)
@@ -42,7 +43,7 @@ def workspace(
     folder = root / "tiny"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    real = pipeline.calibration_windows
+    real = pipeline_calibration.calibration_windows
     memo: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def windows(tok: Any, n: int, length: int, **sampling: Any) -> torch.Tensor:
@@ -52,7 +53,7 @@ def workspace(
         return memo[key].clone()
 
     with pytest.MonkeyPatch.context() as mp, override(cache_dir=root / "cache"):
-        mp.setattr(pipeline, "calibration_windows", windows)
+        mp.setattr(pipeline_calibration, "calibration_windows", windows)
         yield root, folder
 
 
@@ -198,7 +199,7 @@ def test_cli_unresolvable_model_exits_2_quickly(
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     started = time.perf_counter()
     code = main(["quantize", "nobody-owns-this/no-such-model-123", "--bits", "2", "--quiet"])
-    assert time.perf_counter() - started < 5.0
+    assert time.perf_counter() - started < patience(5.0)
     captured = capsys.readouterr()
     assert code == 2
     assert "cannot resolve" in captured.err and "nobody-owns-this/no-such-model-123" in captured.err
@@ -280,4 +281,4 @@ def test_a_layout_that_cannot_meet_an_effective_budget_fails_before_calibration(
     started = time.perf_counter()
     with pytest.raises(ConfigError, match=r"cannot meet 2 stored bits per weight.*needs \d"):
         quantize_model(str(folder), cfg, progress=lambda *a: pytest.fail("calibration started"))
-    assert time.perf_counter() - started < 30
+    assert time.perf_counter() - started < patience(30)

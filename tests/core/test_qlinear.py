@@ -16,7 +16,7 @@ from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError, UnsupportedShapeError
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.formats.scalar import ScalarLayer
-from rsavq_core.models.resolve import quantizable_linears
+from rsavq_core.models.layout import quantizable_linears
 from rsavq_core.runtime import QuantLinear, load_quantized_model, quantize_in_place
 from tests.core.test_artifact import assert_same_layer, make_scalar_layer, make_vq_layer
 

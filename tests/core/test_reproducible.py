@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from rsavq_core.checkpoint.packed import WEIGHTS_FILE
+from tests.timing import patience
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def quantize_in_a_new_process(folder: Path, out: Path, cache: Path, method: str)
     if method.startswith("rsavq"):
         argv += ["--kmeans-iters", "2", *layout[method]]
     env = {**os.environ, "RSAVQ_CACHE_DIR": str(cache)}
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=patience(600))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
 

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from tests.timing import patience
+
 VQ_GEMV = {
     "x_ptr": "*{x}",
     "perm_ptr": "*i32",
@@ -129,7 +131,7 @@ def test_kernels_compile_to_cubins_for_a100_and_h100() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=patience(600),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])

@@ -11,6 +11,7 @@ import pytest
 from service import jobs as machine
 from service.db import Artifact
 from tests.service.conftest import auth
+from tests.timing import patience
 
 JOB = {"model_id": "smollm2-135m", "bits": 2}
 
@@ -296,7 +297,7 @@ def test_the_api_process_never_imports_torch(settings) -> None:  # type: ignore[
         "RSAVQ_DATABASE_URL": settings.database_url,
         "RSAVQ_BROKER_URL": settings.broker_url,
     }
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=patience(120))
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr[-2000:]
 
 

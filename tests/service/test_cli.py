@@ -21,6 +21,7 @@ from rsavq_core.config.quant_config import shared_knobs
 from rsavq_core.methods.registry import methods
 from service.cli import build_parser, main
 from service.cli.flags import flag_of
+from tests.timing import patience
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
@@ -54,7 +55,9 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
 
 def test_the_installed_entry_point_runs_generation_server_help() -> None:
     rsavq = Path(sys.executable).with_name("rsavq")
-    proc = subprocess.run([str(rsavq), "generation-server", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(rsavq), "generation-server", "--help"], capture_output=True, text=True, timeout=patience(60)
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--memory-gb" in proc.stdout
 

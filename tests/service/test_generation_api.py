@@ -29,6 +29,7 @@ from service.artifacts import ArtifactStore
 from service.db import Artifact, Job, session_factory
 from service.jobs import RUNNING, SUCCEEDED
 from service.settings import Settings
+from tests.timing import patience
 
 PROMPT = "The capital of France is"
 
@@ -307,7 +308,7 @@ def test_a_client_that_hangs_up_does_not_block_the_next(stack: dict[str, Any]) -
     started = time.monotonic()
     out = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=3, temperature=0)
     assert out.usage.completion_tokens == 3
-    assert time.monotonic() - started < 30, "the abandoned generation (200 tokens) was not cancelled"
+    assert time.monotonic() - started < patience(30), "the abandoned generation (200 tokens) was not cancelled"
 
 
 def test_several_prompts_and_token_id_prompts(stack: dict[str, Any], reference) -> None:  # type: ignore[no-untyped-def]
@@ -362,7 +363,7 @@ def test_generation_is_bounded_in_tokens_time_and_listeners(stack: dict[str, Any
     started = time.monotonic()
     out = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, temperature=0)
     assert out.usage.completion_tokens == 2
-    assert time.monotonic() - started < 30, "the abandoned non-streamed generation was not cancelled"
+    assert time.monotonic() - started < patience(30), "the abandoned non-streamed generation was not cancelled"
     hurried = stack["settings"].model_copy(update={"generation_deadline_s": 1.0})
     with _Server(create_app(hurried)) as url:
         late = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)

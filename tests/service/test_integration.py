@@ -26,6 +26,7 @@ from sqlalchemy import select
 from service.db import Job, JobEvent
 from service.settings import Settings
 from tests.service.conftest import auth
+from tests.timing import wait_until
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -134,27 +135,31 @@ def client(dist_settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def wait_for(
-    predicate: Callable[[], object], timeout: float, what: str, logs: Callable[[], str] = str, *, interval: float = 0.2
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    logs: Callable[[], str] = str,
+    *,
+    interval: float = 0.2,
+    progress: Callable[[], object] | None = None,
 ) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs()[-6000:]}")
+    """``tests.timing.wait_until``: ``timeout`` is patience (scaled to the machine's speed), and with
+    ``progress`` it counts from the last change."""
+    return wait_until(predicate, what, timeout=timeout, progress=progress, interval=interval, logs=logs)
 
 
 def job_of(client, job_id: str) -> dict:  # type: ignore[no-untyped-def]
     return client.get(f"/v1/jobs/{job_id}").json()
 
 
-def finished(client, job_id: str, workers: Workers, timeout: float = 600) -> dict:  # type: ignore[no-untyped-def]
+def finished(client, job_id: str, workers: Workers, timeout: float = 300) -> dict:  # type: ignore[no-untyped-def]
+    """The job once it is finished; gives up only after ``timeout`` s (scaled) with no progress at all."""
     job = wait_for(
         lambda: (j := job_of(client, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
         timeout,
         f"job {job_id} to finish",
         workers.logs,
+        progress=lambda: (lambda j: (j["status"], j.get("progress"), j.get("attempts")))(job_of(client, job_id)),
     )
     return job  # type: ignore[return-value]
 
@@ -167,9 +172,9 @@ def test_job_end_to_end_through_a_real_worker(client, workers, tmp_path) -> None
     r = client.post("/v1/jobs", json={"model_id": "smollm2-135m", "bits": 2, "options": RSAVQ_FAST})
     assert r.status_code == 202
     job_id = r.json()["id"]
-    # Several minutes on 2 idle cores: the default's shared codebooks search 2^12 entries per column
-    # (about 3 minutes with per-layer codebooks).
-    job = finished(client, job_id, workers, timeout=1200)
+    # Several minutes on 2 idle cores (the default's shared codebooks search 2^12 entries per
+    # column); ``finished`` waits as long as the job keeps reporting progress.
+    job = finished(client, job_id, workers)
     assert job["status"] == "succeeded", (job["error"], workers.logs())
     assert len(job["layers"]) == 210 and all(layer["proxy_error"] >= 0 for layer in job["layers"])
     assert 2.0 < job["effective_bpw"] < 2.2 and job["attempts"] == 1

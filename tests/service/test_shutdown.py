@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ import pytest
 from service.api.auth import create_key
 from service.db import session_factory
 from tests.service.conftest import auth
+from tests.timing import patience, wait_until
 
 # A job that is sure to be running for minutes: a thousand k-means rounds per layer.
 LONG_JOB = {
@@ -34,12 +34,7 @@ def _free_port() -> int:
 
 
 def _wait(predicate, timeout: float, what: str, log: Path) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{log.read_text(errors='replace')[-4000:]}")
+    wait_until(predicate, what, timeout=timeout, interval=0.5, logs=lambda: log.read_text(errors="replace"))
 
 
 def test_sigterm_to_serve_stops_every_child_even_mid_job(tmp_path: Path) -> None:
@@ -71,8 +66,8 @@ def test_sigterm_to_serve_stops_every_child_even_mid_job(tmp_path: Path) -> None
         assert len(tree) >= 3, tree  # the Celery worker, its pool process, the generation server
 
         serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=60)
-        _, alive = psutil.wait_procs(tree, timeout=30)
+        serve.wait(timeout=patience(60))
+        _, alive = psutil.wait_procs(tree, timeout=patience(30))
         assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
     finally:
         if serve.poll() is None:

@@ -1,0 +1,132 @@
+"""Steps 3 and 4 of a run: what the layers of one type share across blocks, then the block loop.
+
+The block loop quantizes block after block from the float model's statistics (VPTQ-style, spec
+§11.3) or, with sequential statistics, from Hessians of each block's inputs in the partly
+quantized model; block-wise fine-tuning follows each block; every finished layer is checkpointed
+so a killed run resumes from its last finished layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rsavq_core.calibration.sequential import with_hessians
+from rsavq_core.calibration.statistics import LayerStats
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.finetune.blockwise import finetune_quantized_block
+from rsavq_core.formats.base import QuantizedLayer
+from rsavq_core.methods.registry import get_method
+from rsavq_core.models.layout import linear_at
+from rsavq_core.pipeline.calibration import Calibration, sequential_statistics
+from rsavq_core.pipeline.resume import FinishedLayers
+from rsavq_core.pipeline.source import Finished, SourceModel
+from rsavq_core.progress import Progress
+
+LayerCallback = Callable[[str, dict], None]  # (full layer name, report)
+
+
+def quantize_layer(
+    weight: torch.Tensor,  # [M, N] floating
+    bias: torch.Tensor | None,  # [M] floating
+    stats: LayerStats | None,
+    cfg: QuantConfig,
+    shared: Any = None,  # what the method's shared fit gave this layer's type, or None
+) -> Finished:
+    """One linear layer by the config's method (``rsavq_core.methods``): the packed layer and its report."""
+    method = get_method(cfg.method)
+    if shared is None:  # methods written before shared fits take four arguments
+        return method.quantize_layer(weight, bias, stats, cfg)
+    return method.quantize_layer(weight, bias, stats, cfg, shared)
+
+
+def fit_shared(
+    source: SourceModel,
+    calib: Calibration,
+    cfg: QuantConfig,
+    progress: Progress | None,
+    resumed: dict[str, Finished],  # full name -> a layer an earlier run finished
+) -> dict[str, Any]:
+    """What the method shares between the blocks' layers of one type (name in the block -> it), fitted
+    on every block's layer and its float statistics before the per-block pass; {} when nothing."""
+    blocks = source.layout.blocks
+    fit = get_method(cfg.method).shared_fit(cfg, len(blocks))
+    if fit is None:
+        return {}
+    for index, block in enumerate(blocks):
+        stats = calib.store.load_block(index) if calib.store is not None else {}
+        for name in source.in_block(index):
+            fit.add(name, linear_at(block, name).weight.detach(), stats.get(name))
+        if progress:
+            progress("shared codebooks: sample", index + 1, len(blocks))
+    finished = {name: resumed[full][0] for _, name, full in source.names if full in resumed}
+    return fit.fit(finished)
+
+
+@dataclass
+class BlockLoop:
+    """One run's pass over the decoder blocks, and what it produced."""
+
+    source: SourceModel
+    cfg: QuantConfig
+    calib: Calibration
+    shared: dict[str, Any]
+    checkpoint: FinishedLayers | None
+    resumed: dict[str, Finished]
+    progress: Progress | None = None
+    on_layer: LayerCallback | None = None
+    layers: dict[str, QuantizedLayer] = field(default_factory=dict)  # full name -> packed layer
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> norm weight tuned block-wise
+
+    def run(self) -> None:
+        blocks = self.source.layout.blocks
+        for index, block in enumerate(blocks):
+            done, block_norms = self._block(index, block)
+            self._publish(index, done, block_norms)
+            if self.calib.walker is not None and index + 1 < len(blocks):
+                in_block = self.source.in_block(index)
+                self.calib.walker.advance(block, {name: done[name][0] for name in in_block}, block_norms)
+
+    def _block(self, index: int, block: nn.Module) -> tuple[dict[str, Finished], dict[str, torch.Tensor]]:
+        """Every layer of block ``index`` (resumed or quantized now) and its block-wise tuned norms."""
+        in_block = self.source.in_block(index)
+        done = {name: self.resumed[full] for name, full in in_block.items() if full in self.resumed}
+        block_norms = self.checkpoint.load_norms(index) if self.checkpoint is not None else {}
+        if len(done) == len(in_block):
+            return done, block_norms
+        stats = self.calib.store.load_block(index) if self.calib.store is not None else {}
+        walker = self.calib.walker
+        if sequential_statistics(self.cfg) and walker is not None:
+            stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
+        fresh = {}
+        for name in (n for n in in_block if n not in done):
+            module = linear_at(block, name)
+            fresh[name] = quantize_layer(
+                module.weight.detach(), module.bias, stats.get(name), self.cfg, self.shared.get(name)
+            )
+        if self.cfg.block_finetune_steps and walker is not None:
+            fresh, block_norms = finetune_quantized_block(
+                block, {**done, **fresh}, walker, self.cfg, self.progress, f"fine-tune block {index}"
+            )
+            if self.checkpoint is not None:
+                self.checkpoint.save_norms(index, block_norms)
+        for name, (layer, report) in fresh.items():
+            if self.checkpoint is not None:
+                self.checkpoint.save(in_block[name], layer, report)
+        done.update(fresh)
+        return done, block_norms
+
+    def _publish(self, index: int, done: dict[str, Finished], block_norms: dict[str, torch.Tensor]) -> None:
+        for name, full in self.source.in_block(index).items():
+            self.layers[full], self.reports[full] = done[name]
+            if self.on_layer:
+                self.on_layer(full, self.reports[full])
+            if self.progress:
+                self.progress("quantize", len(self.layers), len(self.source.names))
+        prefix = f"{self.source.layout.blocks_path}.{index}."
+        self.norms.update({prefix + name: value for name, value in block_norms.items()})
