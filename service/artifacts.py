@@ -9,12 +9,12 @@ the artifact an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
+from rsavq_core.atomic import replacing
 from rsavq_core.errors import ArtifactError
 from service.errors import ArtifactDigestError
 
@@ -48,19 +48,14 @@ class ArtifactStore:
         """Pack ``folder`` into the store. Returns (relative path, size in bytes, sha256 hex)."""
         relative = self.relative_path(job_id)
         target = self.path(relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         name = ARCHIVE_ROOT  # not the job id: two jobs with the same result publish the same bytes
-        with open(tmp, "wb") as fh:
+        with replacing(target) as tmp, open(tmp, "wb") as fh:
             writer = _HashingWriter(fh)
             # Stream mode only calls write(); typeshed's overloads want a full IO[bytes].
             with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 tar.add(folder, arcname=name, recursive=False, filter=_normalise)
                 for file in sorted(p for p in folder.rglob("*") if p.is_file()):
                     tar.add(file, arcname=f"{name}/{file.relative_to(folder).as_posix()}", filter=_normalise)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
         return relative, writer.size, writer.digest.hexdigest()
 
     def verified_path(self, relative: str, sha256: str) -> Path:

@@ -5,10 +5,10 @@ Torch-free: the API stores and validates uploads, workers read them."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
+from rsavq_core.atomic import write_bytes
 from rsavq_core.data.text_files import TextSource, parse_text
 from rsavq_core.errors import ArtifactError
 from service.artifacts import ArtifactStore
@@ -23,13 +23,7 @@ def store_dataset(store: ArtifactStore, dataset_id: str, fmt: str, data: bytes) 
     """Write an upload's bytes; returns the path relative to the store."""
     relative = dataset_relative_path(dataset_id, fmt)
     target = store.path(relative)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    write_bytes(target, data)
     return relative
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rsavq_core.atomic import write_json
 from rsavq_core.config.quant_config import ZERO_SHOT_TASKS
 from rsavq_core.progress import Progress
 from service.db import Job
@@ -52,9 +52,7 @@ def evaluate_job(
         model, tokenizer, _ = load_model(str(folder))
         fp = evaluate_model(model, tokenizer, progress=_prefixed(reporter, "fp "), texts=texts, **kwargs)
         del model
-        tmp = fp_file.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(fp, default=float))
-        os.replace(tmp, fp_file)
+        write_json(fp_file, fp, default=float)
     packed = ctx.store.work_dir(job.id) / "packed"
     if not (packed / "rsavq.safetensors").exists():  # redelivered after publishing: unpack the artifact
         packed = _unpack(ctx, job.id)

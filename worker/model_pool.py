@@ -4,8 +4,6 @@ used evicted first to stay under a memory cap."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,6 +12,7 @@ from typing import Any
 
 import torch
 
+from rsavq_core.atomic import replacing_folder
 from rsavq_core.errors import ConfigError, InsufficientMemoryError
 from rsavq_core.runtime import load_quantized_model
 from service.artifacts import ArtifactStore, extract
@@ -92,11 +91,8 @@ class ModelPool:
         if not folder.is_dir():
             # Verified before anything is unpacked or loaded: the request names the digest.
             source = self.store.verified_path(relative, sha256)
-            tmp = self.cache_dir / f".{sha256}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            extract(source, tmp)
-            os.replace(tmp, folder)  # atomic: a crash never leaves a half-extracted model behind
+            with replacing_folder(folder) as tmp:  # a crash never leaves a half-extracted model behind
+                extract(source, tmp)
         return next(p.parent for p in folder.rglob("rsavq.safetensors"))
 
     def _load(self, relative: str, sha256: str) -> Loaded:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rsavq_core.atomic import replacing
 from rsavq_core.calibration.statistics import LayerStats, block_statistics, record_block_inputs
 from rsavq_core.errors import CalibrationError
 from rsavq_core.models.files import cache_root
@@ -103,10 +103,8 @@ class StatsStore:
                     tensors[f"{name}::{f}"] = value.clone() if ptr in seen else value.contiguous()
                     seen.add(ptr)
             tensors[f"{name}::tau"] = torch.tensor([st.tau, st.n_samples, st.n_tokens], dtype=torch.float64)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.block_file(index).with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.block_file(index))
+        with replacing(self.block_file(index)) as tmp:  # a name of this writer's own (two workers may race)
+            save_file(tensors, str(tmp))
 
     def load_block(self, index: int) -> dict[str, LayerStats]:
         """Statistics of block ``index`` by linear name relative to the block."""

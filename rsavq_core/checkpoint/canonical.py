@@ -10,7 +10,6 @@ keys sorted, compact JSON, space-padded to 8 bytes (the format's alignment rule)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from rsavq_core.atomic import replacing
 from rsavq_core.errors import ArtifactError
 
 _LEN = struct.Struct("<Q")
@@ -36,14 +36,10 @@ def canonicalize(file: Path) -> None:
             raise ArtifactError(f"{file}: header is not JSON: {exc}") from exc
         text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # data offsets are relative to the data start: padding is free
-        tmp = file.with_name(f".{file.name}.canon")
-        with open(tmp, "wb") as dst:
+        with replacing(file) as tmp, open(tmp, "wb") as dst:
             dst.write(_LEN.pack(len(text)))
             dst.write(text)
             shutil.copyfileobj(src, dst, length=16 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-    os.replace(tmp, file)
 
 
 def save_canonical(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:

@@ -20,9 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from rsavq_core.atomic import replacing_folder
 from rsavq_core.checkpoint.canonical import save_canonical
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
@@ -162,10 +160,8 @@ def save_checkpoint(
         "layers": json.dumps({name: manifest_entry(layer) for name, layer in layers.items()}),
         "tied": json.dumps(tied),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     hf: Any = model  # a transformers model: its config is not an nn.Module attribute to a type checker
-    try:
+    with replacing_folder(out) as tmp:  # the old checkpoint is removed only once the new one is in place
         hf.config.save_pretrained(tmp)
         _declare_quantization(tmp / "config.json")
         if getattr(hf, "generation_config", None) is not None:
@@ -173,19 +169,6 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_canonical(tensors, tmp / WEIGHTS_FILE, metadata)  # same content, same bytes (sha256)
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        if out.exists():
-            out.rename(old)  # two renames: the old checkpoint is removed only once the new one is in place
-        try:
-            tmp.rename(out)
-        except OSError:
-            if old.exists():
-                old.rename(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s (%d tensors, %d quantized layers)", out, len(tensors), len(layers))
     return out
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsavq_core.atomic import replacing
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.finetune.blockwise import TunedLinear, norm_parameters, round_norms, round_tuned
 from rsavq_core.formats.base import QuantizedLayer
@@ -202,10 +202,8 @@ def _save(
         "params": [p.detach().clone() for p in params],
         "optimizer": optimizer.state_dict(),
     }
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = state_file.with_suffix(f".tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, state_file)
+    with replacing(state_file) as tmp:
+        torch.save(state, tmp)
 
 
 def finetune_quantized_model(

@@ -9,14 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from rsavq_core.atomic import replacing_folder, write_json
 from rsavq_core.errors import ModelResolutionError
 from rsavq_core.models.files import (
     ALIASES,
@@ -70,17 +68,9 @@ def _materialize_alias(alias: str) -> Path:
     # transformers refuses save_pretrained on a GGUF-loaded model; rebuild it from its config.
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=out.parent))
-    try:
+    with replacing_folder(out) as tmp:  # a crash never leaves a half-written folder under the final name
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)  # atomic: a crash never leaves a half-written folder under the final name
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -125,8 +115,5 @@ def _file_digest(file: Path) -> str:
     with file.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             sha.update(chunk)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "sha256": sha.hexdigest(), "path": str(file)}))
-    os.replace(tmp, memo)
+    write_json(memo, {"key": key, "sha256": sha.hexdigest(), "path": str(file)})
     return sha.hexdigest()

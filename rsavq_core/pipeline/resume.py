@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from rsavq_core.atomic import replacing, write_json
 from rsavq_core.checkpoint.canonical import save_canonical
 from rsavq_core.checkpoint.packed import layer_tensors, manifest_entry, read_layer
 from rsavq_core.config.quant_config import QuantConfig
@@ -48,9 +48,7 @@ class FinishedLayers:
                     f"(model {stored.get('fingerprint')}); use a new folder"
                 )
         else:
-            tmp = run_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(identity, sort_keys=True))
-            os.replace(tmp, run_file)
+            write_json(run_file, identity, sort_keys=True)
 
     def _file(self, name: str) -> Path:
         return self.folder / f"{name}.safetensors"
@@ -92,10 +90,8 @@ class FinishedLayers:
         if not norms:
             file.unlink(missing_ok=True)
             return
-        file.parent.mkdir(exist_ok=True)
-        tmp = file.with_name(f".{file.name}.tmp")
-        save_canonical(norms, tmp, {})
-        os.replace(tmp, file)
+        with replacing(file) as tmp:
+            save_canonical(norms, tmp, {})
 
     def load_norms(self, block: int) -> dict[str, torch.Tensor]:
         """The block's checkpointed normalisation weights (relative name -> tensor), or none."""
@@ -108,6 +104,5 @@ class FinishedLayers:
     def save(self, name: str, layer: QuantizedLayer, report: dict[str, Any]) -> None:
         """Checkpoint one finished layer atomically."""
         metadata = {"entry": json.dumps(manifest_entry(layer)), "report": json.dumps(report, default=float)}
-        tmp = self.folder / f".{name}.tmp"
-        save_canonical(layer_tensors(name, layer), tmp, metadata)
-        os.replace(tmp, self._file(name))
+        with replacing(self._file(name)) as tmp:
+            save_canonical(layer_tensors(name, layer), tmp, metadata)
