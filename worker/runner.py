@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
-from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.config.quant_config import QuantConfig, config_from_job
 from rsavq_core.data.text_files import TextSource
 from rsavq_core.errors import ConfigError, JobCancelled, RSAVQError
 from rsavq_core.progress import stop_check
@@ -83,8 +83,7 @@ def _job_dataset(ctx: WorkerContext, job: Job, dataset_id: str) -> TextSource:
 
 
 def job_config(job: Job) -> QuantConfig:
-    knobs = {k: v for k, v in (job.options or {}).items() if k not in ("evaluation", "calibration")}
-    return QuantConfig.for_method(job.method, bits=job.bits, **knobs)
+    return config_from_job(job.method, job.bits, job.options)
 
 
 def claim_job(ctx: WorkerContext, delivered: str, step: str = "quantize") -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -164,6 +165,17 @@ class QuantConfig:
 
     def needs_calibration(self) -> bool:
         return get_method(self.method).statistics(self).any
+
+
+# Sections of a job's options that are the job's own, not knobs of the quantization.
+JOB_SECTIONS = ("evaluation", "calibration")
+
+
+def config_from_job(method: str, bits: float, options: Mapping[str, Any] | None) -> QuantConfig:
+    """The ``QuantConfig`` of a job from its method, bits and options (the API's request and the
+    stored job alike): every knob given, ``preset`` included; None means not given."""
+    knobs_ = {k: v for k, v in (options or {}).items() if k not in JOB_SECTIONS and v is not None}
+    return QuantConfig.for_method(method, bits=bits, **knobs_)
 
 
 def shared_knobs() -> tuple[Any, ...]:

@@ -11,95 +11,22 @@ block whose loss did not improve keeps its one-shot layers.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rsavq_core.calibration.sequential import BlockInputs
 from rsavq_core.calibration.statistics import first_tensor
-from rsavq_core.checkpoint.packed import OTHER_TENSORS_DTYPE
 from rsavq_core.config.quant_config import QuantConfig
-from rsavq_core.formats.base import LayerFormat, QuantizedLayer
+from rsavq_core.finetune.loop import adam_steps
+from rsavq_core.finetune.tunable import TunedLinear, norm_parameters, round_norms, round_tuned
+from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.formats.registry import format_of
 from rsavq_core.models.layout import replace_module
 from rsavq_core.progress import Progress
 
 MEASURE_BATCHES = 8
-
-
-class TunedLinear(nn.Module):
-    """A linear whose weight is its format's dequantization of trainable tensors."""
-
-    def __init__(
-        self,
-        layer_format: LayerFormat,
-        layer: QuantizedLayer,
-        tunable: Mapping[str, torch.Tensor],
-        tied: Mapping[str, nn.Parameter] | None = None,
-    ) -> None:
-        """``tied``: parameters other layers use too (shared codebooks), by their name in the
-        format's tunable tensors; held, not registered, so that whoever ties them counts them once."""
-        super().__init__()
-        self.layer_format, self.layer = layer_format, layer
-        self.tunable = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v) for k, v in tunable.items()})
-        self.names = {k.replace(".", "_"): k for k in tunable}
-        self.tied = dict(tied or {})
-        self.bias_value = None if layer.bias is None else layer.bias.float()
-
-    def values(self) -> dict[str, torch.Tensor]:
-        return {**self.tied, **{self.names[k]: p for k, p in self.tunable.items()}}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.layer_format.dequantize_with(self.layer, self.values())
-        bias = None if self.bias_value is None else self.bias_value.to(x.dtype)
-        return F.linear(x, weight.to(x.dtype), bias)
-
-
-def norm_parameters(module: nn.Module, quantized: set[str]) -> dict[str, nn.Parameter]:
-    """The 1-D float parameters outside the quantized linears (names relative to ``module``):
-    normalisation weights (and biases of layers left in float); few, cheap, stored in float."""
-    return {
-        name: p
-        for name, p in module.named_parameters()
-        if p.dim() == 1 and p.is_floating_point() and not _inside(name, quantized)
-    }
-
-
-def _inside(name: str, modules: set[str]) -> bool:
-    """Whether parameter ``name`` belongs to one of ``modules`` or to a submodule of one (a layer
-    already swapped for a TunedLinear holds its row scales as ``<layer>.tunable.row_scale``)."""
-    owner = name.rpartition(".")[0]
-    while owner:
-        if owner in modules:
-            return True
-        owner = owner.rpartition(".")[0]
-    return False
-
-
-def round_norms(norms: Mapping[str, nn.Parameter]) -> None:
-    """Round trained normalisation weights in place to the precision the checkpoint stores them in."""
-    with torch.no_grad():
-        for p in norms.values():
-            p.copy_(p.to(OTHER_TENSORS_DTYPE))
-
-
-def round_tuned(modules: Mapping[str, TunedLinear]) -> dict[str, QuantizedLayer]:
-    """Each tuned layer as its format stores it, and the modules' values rounded to match (so that
-    what is measured afterwards is what is stored)."""
-    out = {}
-    for name, module in modules.items():
-        out[name] = module.layer_format.with_tuned(module.layer, {k: v.detach() for k, v in module.values().items()})
-        stored = module.layer_format.tunable(out[name])
-        tied = module.layer_format.shared_tunable(out[name])
-        with torch.no_grad():
-            for key, parameter in module.tunable.items():  # by name: a ParameterDict need not keep order
-                parameter.copy_(stored[module.names[key]])
-            for local, parameter in module.tied.items():  # every sharer stores the same rounded values
-                parameter.copy_(tied[local][1])
-    return out
 
 
 def finetune_block(
@@ -153,14 +80,7 @@ def finetune_block(
     before = mean_loss()
     trained = [p for m in modules.values() for p in m.parameters()] + list(norms.values())
     optimizer = torch.optim.Adam(trained, lr=lr)
-    with torch.enable_grad():
-        for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(step % len(inputs))
-            loss.backward()
-            optimizer.step()
-            if progress:
-                progress(stage, step + 1, steps, {"loss": loss.item()})
+    adam_steps(optimizer, lambda step: loss_of(step % len(inputs)), steps=steps, progress=progress, stage=stage)
     out = {**layers, **round_tuned(modules)}
     round_norms(norms)
     after = mean_loss()

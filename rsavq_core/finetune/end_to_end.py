@@ -26,7 +26,8 @@ from torch import nn
 
 from rsavq_core.atomic import replacing
 from rsavq_core.config.quant_config import QuantConfig
-from rsavq_core.finetune.blockwise import TunedLinear, norm_parameters, round_norms, round_tuned
+from rsavq_core.finetune.loop import adam_steps
+from rsavq_core.finetune.tunable import TunedLinear, norm_parameters, round_norms, round_tuned
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.formats.registry import format_of
 from rsavq_core.models.layout import replace_module
@@ -133,16 +134,22 @@ def finetune_model(
 
     if before is None:
         before = divergence()
-    with torch.enable_grad():
-        for step in range(start, steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(batches[step % len(batches)])
-            loss.backward()
-            optimizer.step()
-            if state_file is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                _save(state_file, fingerprint, step + 1, before, params, optimizer)
-            if progress:
-                progress(stage, step + 1, steps, {"kl": loss.item()})
+    measured_before = before
+
+    def save(done: int) -> None:
+        if state_file is not None and (done % save_every == 0 or done == steps):
+            _save(state_file, fingerprint, done, measured_before, params, optimizer)
+
+    adam_steps(
+        optimizer,
+        lambda step: loss_of(batches[step % len(batches)]),
+        steps=steps,
+        start=start,
+        after_step=save,
+        progress=progress,
+        stage=stage,
+        metric="kl",
+    )
     tuned = round_tuned(student.linears)  # the shared tensors too, through the layers that read them
     round_norms(student.norms)  # and the norms as the checkpoint stores them
     after = divergence()

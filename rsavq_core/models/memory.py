@@ -2,7 +2,8 @@
 
 A job that cannot fit should fail in a second with the figures, not after an hour of calibration
 with an out-of-memory kill. The estimate reads ``config.json`` and the safetensors headers (JSON,
-no tensor data), so it costs nothing even for a 70B checkpoint. Terms (bytes):
+no tensor data) and builds a weightless skeleton of the model to find its decoder blocks, so it
+costs about a second even for a 70B checkpoint. Terms (bytes):
 
 - weights: every parameter in float32 (the pipeline loads the model in float32);
 - statistics of the largest decoder block, twice (the accumulators and the finished copy):
@@ -20,18 +21,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import InsufficientMemoryError, UnsupportedModelError
+from rsavq_core.models.layout import find_decoder_layout, linear_at
 
 GIB = 2**30
 RUNTIME_OVERHEAD = 1.0 * GIB
 HEADROOM = 1.8
-_BLOCK = re.compile(r"^(.*?\.)(\d+)\.")  # "<prefix>.<block index>." of a decoder block's tensor
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,30 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def block_linear_shapes(folder: Path) -> list[list[tuple[int, int]]]:
+    """(out, in) of every quantizable linear of each decoder block, block by block.
+
+    From a skeleton of the model built on the meta device (no weights are read or allocated, so
+    this costs a second even for a 70B model) and ``find_decoder_layout``: the same definition of a
+    decoder block that the pipeline quantizes, not a guess from tensor names.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnsupportedModelError(f"{folder}: cannot build the model from its config.json: {exc}") from exc
+    layout = find_decoder_layout(skeleton)
+    shapes = []
+    for index, block in enumerate(layout.blocks):
+        linears = [linear_at(block, name) for name in layout.linear_names(index)]
+        shapes.append([(m.out_features, m.in_features) for m in linears])
+    return shapes
+
+
 def estimate_job_memory(folder: Path, cfg: QuantConfig, *, micro_batch: int = 4) -> MemoryEstimate:
     """Peak host memory (bytes, per term) of quantizing the checkpoint in ``folder`` with ``cfg``."""
     shapes = safetensors_shapes(folder)
@@ -67,12 +91,7 @@ def estimate_job_memory(folder: Path, cfg: QuantConfig, *, micro_batch: int = 4)
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     config = config.get("text_config", config)  # multimodal wrappers keep the LM's sizes here
     parameters = sum(math.prod(s) for s in shapes.values())
-    blocks: dict[str, list[list[int]]] = {}
-    for name, shape in shapes.items():
-        match = _BLOCK.match(name)
-        if match and len(shape) == 2 and name.endswith(".weight"):
-            blocks.setdefault(match.group(1) + match.group(2), []).append(shape)
-    per_block = [_block_stats(ws, cfg) for ws in blocks.values()] or [0]
+    per_block = [_block_stats(ws, cfg) for ws in block_linear_shapes(folder)] or [0]
     hidden = int(config.get("hidden_size") or 0)
     vocab = int(config.get("vocab_size") or 0)
     calib = cfg.needs_calibration()
@@ -96,7 +115,7 @@ def check_fits(estimate: MemoryEstimate, capacity_bytes: float, *, who: str = "t
         )
 
 
-def _block_stats(weights: list[list[int]], cfg: QuantConfig) -> float:
+def _block_stats(weights: list[tuple[int, int]], cfg: QuantConfig) -> float:
     total = 0.0
     for m, n in weights:
         if cfg.needs_gradients():

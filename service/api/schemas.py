@@ -19,7 +19,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model,
 
 from rsavq_core.config.knobs import Knob
 from rsavq_core.config.presets import PRESETS
-from rsavq_core.config.quant_config import MAX_BITS, MIN_BITS, ZERO_SHOT_TASKS, QuantConfig, shared_knobs
+from rsavq_core.config.quant_config import (
+    MAX_BITS,
+    MIN_BITS,
+    ZERO_SHOT_TASKS,
+    QuantConfig,
+    config_from_job,
+    shared_knobs,
+)
 from rsavq_core.methods.registry import describe_option, method_names, methods, option_knobs
 
 # A hub id ("org/name", "name") or a built-in alias: letters, digits, "-", "_", "." and one "/".
@@ -121,10 +128,7 @@ class JobRequest(BaseModel):
 
     def quant_config(self) -> QuantConfig:
         """The validated QuantConfig of this request (raises ConfigError)."""
-        knobs = {
-            k: v for k, v in self.options.model_dump(exclude={"evaluation", "calibration"}).items() if v is not None
-        }
-        return QuantConfig.for_method(self.method, bits=self.bits, **knobs)
+        return config_from_job(self.method, self.bits, self.options.model_dump())
 
 
 class JobProgress(BaseModel):

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import LlamaConfig
 
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import InsufficientMemoryError, UnsupportedModelError
-from rsavq_core.models.memory import GIB, check_fits, estimate_job_memory
+from rsavq_core.models.memory import GIB, block_linear_shapes, check_fits, estimate_job_memory
 
 
 def fake_checkpoint(folder: Path, hidden: int, layers: int, vocab: int = 1000) -> Path:
+    """A LLaMA config and headers-only-relevant safetensors (zeros) of its shapes, 4 heads, MLP 2x."""
     folder.mkdir()
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+    )
+    config.save_pretrained(folder)
     tensors = {"model.embed_tokens.weight": torch.zeros(vocab, hidden, dtype=torch.float16)}
     for i in range(layers):
-        tensors[f"model.layers.{i}.self_attn.q_proj.weight"] = torch.zeros(hidden, hidden, dtype=torch.float16)
-        tensors[f"model.layers.{i}.mlp.up_proj.weight"] = torch.zeros(2 * hidden, hidden, dtype=torch.float16)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            tensors[f"model.layers.{i}.self_attn.{name}.weight"] = torch.zeros(hidden, hidden, dtype=torch.float16)
+        for name, shape in (("gate_proj", (2 * hidden, hidden)), ("up_proj", (2 * hidden, hidden))):
+            tensors[f"model.layers.{i}.mlp.{name}.weight"] = torch.zeros(shape, dtype=torch.float16)
+        tensors[f"model.layers.{i}.mlp.down_proj.weight"] = torch.zeros(hidden, 2 * hidden, dtype=torch.float16)
     save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"hidden_size": hidden, "vocab_size": vocab}))
     return folder
 
 
@@ -30,15 +42,31 @@ def test_estimate_counts_parameters_and_scales_with_model_and_calibration(tmp_pa
     big = fake_checkpoint(tmp_path / "b", hidden=128, layers=4)
     cfg = QuantConfig.for_method("rsavq", bits=2)
     est = estimate_job_memory(small, cfg)
-    assert est.parameters == 1000 * 64 + 2 * (64 * 64 + 128 * 64)
+    h, i = 64, 128
+    assert est.parameters == 1000 * h + 2 * (4 * h * h + 3 * i * h)
     assert est.terms["weights"] == 4 * est.parameters
-    # statistics of the largest block: q (64x64) and up (128x64): grad + F_O + F_I + H
-    assert est.terms["statistics"] == 2 * 4 * ((64 * 64 + 64 * 64 + 2 * 64 * 64) + (128 * 64 + 128 * 128 + 2 * 64 * 64))
+    # statistics of the largest block, every linear the pipeline quantizes (found on the model's
+    # skeleton, as the pipeline finds them): mean gradient M·N + F_O M² + F_I N² + Hessian N²
+    linears = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
+    assert est.terms["statistics"] == 2 * 4 * sum(m * n + m * m + 2 * n * n for m, n in linears)
     assert estimate_job_memory(big, cfg).total > est.total
     longer = estimate_job_memory(small, cfg.replace(calib_samples=256, calib_len=2048))
     assert longer.terms["activations"] == 32 * est.terms["activations"]  # 8x windows, 4x length
     rtn = estimate_job_memory(small, QuantConfig.for_method("rtn", bits=4))
     assert rtn.terms["statistics"] == rtn.terms["activations"] == rtn.terms["lm_head"] == 0
+
+
+def test_the_blocks_are_the_pipelines_blocks_not_a_pattern_on_tensor_names(tmp_path: Path) -> None:
+    """A tensor named like a block's (``<prefix>.<n>.``) outside the decoder blocks is not one."""
+    folder = fake_checkpoint(tmp_path / "m", hidden=64, layers=2)
+    cfg = QuantConfig.for_method("rsavq", bits=2)
+    before = estimate_job_memory(folder, cfg)
+    assert [len(block) for block in block_linear_shapes(folder)] == [7, 7]
+    extra = {"vision.blocks.0.huge.weight": torch.zeros(1024, 1024, dtype=torch.float16)}
+    save_file(extra, str(folder / "model-extra.safetensors"))
+    after = estimate_job_memory(folder, cfg)
+    assert after.parameters == before.parameters + 1024 * 1024  # stored, so loaded: counted
+    assert after.terms["statistics"] == before.terms["statistics"]  # not a decoder block: no statistics
 
 
 def test_check_fits_fails_with_the_figures(tmp_path: Path) -> None:
@@ -49,6 +77,6 @@ def test_check_fits_fails_with_the_figures(tmp_path: Path) -> None:
 
 
 def test_a_folder_without_safetensors_is_a_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{}")
+    LlamaConfig(hidden_size=64, num_attention_heads=4).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="no safetensors"):
         estimate_job_memory(tmp_path, QuantConfig())
