@@ -53,9 +53,9 @@ def test_the_contracts_hold(tree: Path) -> None:
         ("kernels/vq_reference.py", "import rsavq_core.config.quant_config", KERNELS),
         ("rsavq_core/pipeline/quantize.py", "import service.settings", LIBRARY),
         ("rsavq_core/models/memory.py", "import fastapi", LIBRARY),
-        ("service/api/routes_jobs.py", "import worker.runner", SERVICE),
+        ("service/api/routes/jobs.py", "import worker.runner", SERVICE),
         ("worker/tasks.py", "import service.api.app", WORKER),
-        ("service/jobs.py", "import service.api.schemas", LAYERS),
+        ("service/jobs.py", "import service.api.schemas.jobs", LAYERS),
     ],
 )
 def test_a_violation_breaks_its_contract(tree: Path, module: str, line: str, contract: str) -> None:

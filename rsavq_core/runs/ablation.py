@@ -102,17 +102,7 @@ def run_ablation(
     done = _finished_rows(out_dir / "ablation.json", model, flags)
     t0 = time.perf_counter()
     if not any(r["label"] == "FP" for r in done):
-        fp = in_fresh_process("FP", evaluate_summary, model, evaluation)
-        fp_eval = {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}
-        done.append(
-            {
-                "target_bits": None,
-                "label": "FP",
-                "eval_flags": flags,
-                "eval": fp_eval,
-                "provenance": fp.get("provenance"),
-            }
-        )
+        done.append(_fp_row(model, evaluation, flags))
     for b in bits:
         for label, method, knobs in ROWS:
             if rows and label not in rows:
@@ -130,6 +120,14 @@ def run_ablation(
     result = {"model": model, "rows": done, "seconds": time.perf_counter() - t0}
     _write(out_dir, model, done, limit)
     return {"json": str(out_dir / "ablation.json"), "markdown": str(out_dir / "ablation.md"), **result}
+
+
+def _fp_row(model: str, evaluation: dict[str, Any], flags: list[str]) -> dict[str, Any]:
+    """The float model's row: its evaluation, measured in a fresh process."""
+    fp = in_fresh_process("FP", evaluate_summary, model, evaluation)
+    fp_eval = {k: v for k, v in fp.items() if k in ("perplexity", "zero_shot")}
+    row = {"target_bits": None, "label": "FP", "eval_flags": flags, "eval": fp_eval}
+    return {**row, "provenance": fp.get("provenance")}
 
 
 def _finished_rows(path: Path, model: str, flags: list[str]) -> list[dict[str, Any]]:

@@ -26,12 +26,12 @@ from service.api.auth import KeyCache
 from service.api.deps import Context
 from service.api.middleware import BodyLimit, Observe
 from service.api.observability import Metrics
-from service.api.routes_artifacts import router as artifacts_router
-from service.api.routes_datasets import router as datasets_router
-from service.api.routes_generation import router as generation_router
-from service.api.routes_jobs import router as jobs_router
-from service.api.routes_sweeps import router as sweeps_router
-from service.api.routes_tokenize import router as tokenize_router
+from service.api.routes.artifacts import router as artifacts_router
+from service.api.routes.datasets import router as datasets_router
+from service.api.routes.generation import router as generation_router
+from service.api.routes.jobs import router as jobs_router
+from service.api.routes.sweeps import router as sweeps_router
+from service.api.routes.tokenize import router as tokenize_router
 from service.artifacts import ArtifactStore
 from service.db import Job, session_factory
 from service.errors import AuthenticationError, NotFoundError

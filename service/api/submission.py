@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from rsavq_core.errors import ConfigError
 from service import jobs as machine
 from service.api.deps import Context
-from service.api.schemas import HUB_ID, JobRequest
+from service.api.schemas.jobs import HUB_ID, JobRequest
 from service.db import Job, Sweep
 from service.errors import ConflictError, TooManyRequestsError
 from service.queue import QUANTIZE_TASK, enqueue

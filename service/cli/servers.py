@@ -22,7 +22,7 @@ from rsavq_core.errors import ConfigError
 from service.settings import Settings
 
 LOGGING_COMMANDS = ("serve", "worker", "generation-server")
-GENERATION_MODULE = "worker.generation_server"
+GENERATION_MODULE = "worker.generation.server"
 
 
 def _settings(args: argparse.Namespace, **values: Any) -> Settings:

@@ -32,7 +32,7 @@ def test_submit_returns_202_location_and_a_queued_job(api, keys) -> None:  # typ
 
 
 def test_a_preset_is_accepted_and_stored_with_the_job(api, keys) -> None:  # type: ignore[no-untyped-def]
-    from service.api.schemas import JobRequest
+    from service.api.schemas.jobs import JobRequest
 
     job = submit(api, keys["alice"], {**JOB, "options": {"preset": "fast", "calib_samples": 8}}).json()
     assert job["options"]["preset"] == "fast" and job["options"]["calib_samples"] == 8

@@ -64,7 +64,7 @@ def test_the_dashboard_follows_a_job_charts_it_and_streams_a_completion(
 
     from rsavq_core.settings import override
     from service.api.app import create_app
-    from worker.generation_server import create_app as create_generation_app
+    from worker.generation.server import create_app as create_generation_app
 
     model, tokenizer = tiny_llama
     folder = tmp_path / "tiny"

@@ -84,7 +84,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
     """API + generation server over one database holding a succeeded and a running job."""
     from service.api.app import create_app
     from service.migrate import upgrade
-    from worker.generation_server import create_app as create_generation_app
+    from worker.generation.server import create_app as create_generation_app
 
     root = tmp_path_factory.mktemp("data")
     settings = Settings.from_env(root)
@@ -252,7 +252,7 @@ def test_model_pool_evicts_least_recently_used(
     import torch
 
     from rsavq_core.errors import InsufficientMemoryError
-    from worker.model_pool import ModelPool
+    from worker.generation.model_pool import ModelPool
 
     store = ArtifactStore(tmp_path / "artifacts")
     published = {}
@@ -274,7 +274,7 @@ def test_model_pool_evicts_least_recently_used(
     with pytest.raises(InsufficientMemoryError, match="cap"):
         ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=one / 2).get(*a)
     tokenizing = ModelPool(store, tmp_path / "cache", torch.device("cpu"), cap_bytes=float("inf"))
-    monkeypatch.setattr("worker.model_pool.MAX_TOKENIZERS", 2)
+    monkeypatch.setattr("worker.generation.model_pool.MAX_TOKENIZERS", 2)
     for artifact in (a, b, a, c):  # tokenizer-only entries (/tokenize) are bounded too, LRU
         tokenizing.tokenizer(*artifact)
     assert list(tokenizing.tokenizers) == [a[1], c[1]] and not tokenizing.models
@@ -284,7 +284,7 @@ def test_the_pool_loads_only_an_artifact_with_the_digest_asked_for(tmp_path: Pat
     import torch
 
     from service.errors import ArtifactDigestError
-    from worker.model_pool import ModelPool
+    from worker.generation.model_pool import ModelPool
 
     store = ArtifactStore(tmp_path / "artifacts")
     relative, _, sha = store.publish("job", checkpoint)
@@ -329,7 +329,7 @@ def test_the_generation_server_answers_only_the_api(stack: dict[str, Any], tmp_p
 
     from rsavq_core.errors import ConfigError
     from service.settings import Settings
-    from worker.generation_server import create_app as create_generation_app
+    from worker.generation.server import create_app as create_generation_app
 
     url = stack["generation_url"]
     assert httpx.get(url + "/health").status_code == 200

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.api.routes_artifacts import UNSATISFIABLE, _byte_range
-from service.api.routes_jobs import _event_id
+from service.api.routes.artifacts import UNSATISFIABLE, _byte_range
+from service.api.routes.jobs import _event_id
 from tests.service.conftest import auth
 from tests.service.test_api import _succeed_with_artifact, submit
 
@@ -92,7 +92,7 @@ def test_job_fields_are_not_coerced(api, keys, body: dict) -> None:  # type: ign
 def test_openai_fields_we_cannot_honour_are_refused(extra: dict, message: str) -> None:
     from pydantic import ValidationError
 
-    from service.api.schemas_openai import ChatCompletionRequest
+    from service.api.schemas.openai import ChatCompletionRequest
 
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     with pytest.raises(ValidationError, match=message):

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
-from service.api.routes_jobs import load_job
+from service.api.routes.jobs import load_job
 from service.db import Artifact, JobLayer, JobMetrics
 from service.errors import ConflictError, NotFoundError
 

@@ -20,8 +20,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from rsavq_core.errors import ConfigError
 from service import jobs as machine
 from service.api.deps import BEARER, Context, DbSession, get_context, tenant_of
-from service.api.routes_datasets import check_job_datasets
-from service.api.schemas import JobList, JobOut, JobProgress, JobRequest
+from service.api.routes.datasets import check_job_datasets
+from service.api.schemas.jobs import JobList, JobOut, JobProgress, JobRequest
 from service.api.submission import (
     by_idempotency_key,
     check_model_id,

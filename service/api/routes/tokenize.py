@@ -10,8 +10,9 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.completions import upstream_error
 from service.api.deps import Context, DbSession, get_context, tenant_of
-from service.api.routes_generation import generation_client, resolve_model_job, upstream_error
+from service.api.routes.generation import generation_client, resolve_model_job
 from service.errors import UnavailableError
 
 router = APIRouter(tags=["generation"])

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
-from service.api.routes_datasets import check_job_datasets
-from service.api.schemas import SweepList, SweepOut, SweepRequest, SweepRow
+from service.api.routes.datasets import check_job_datasets
+from service.api.schemas.jobs import SweepList, SweepOut, SweepRequest, SweepRow
 from service.api.submission import (
     by_idempotency_key,
     check_model_id,

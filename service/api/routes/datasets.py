@@ -18,7 +18,7 @@ from rsavq_core.data.token_count import count_tokens, tokenizer_file, too_few_to
 from rsavq_core.errors import ConfigError
 from service import jobs as machine
 from service.api.deps import Context, DbSession, get_context, tenant_of
-from service.api.schemas import DatasetList, DatasetOut, JobRequest
+from service.api.schemas.jobs import DatasetList, DatasetOut, JobRequest
 from service.artifacts import ArtifactStore
 from service.datasets import job_dataset_ids, read_dataset, remove_dataset, store_dataset
 from service.db import Dataset, Job

@@ -1,0 +1,1 @@
+"""The generation server: a GPU process that loads published artifacts and streams completions."""
