@@ -131,7 +131,7 @@ def _vq_dequant_kernel(
 
 
 def _block_b(batch: int) -> int:
-    return max(1, triton.next_power_of_2(batch))
+    return max(1, int(triton.next_power_of_2(batch)))
 
 
 def vq_gemv(x: torch.Tensor, packed: PackedVQ, block_m: int = 64, block_k: int = 32) -> torch.Tensor:

@@ -48,6 +48,13 @@ class Client:
         _raise_for(response)
         return response
 
+    def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """A call whose answer is a JSON object (every answer of the job API is)."""
+        body = self._call(method, path, **kwargs).json()
+        if not isinstance(body, dict):
+            raise UnavailableError(f"{self.server}{path} answered {type(body).__name__}, not a JSON object")
+        return body
+
     def submit(
         self,
         model_id: str,
@@ -58,7 +65,7 @@ class Client:
     ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"model_id": model_id, "bits": bits, "method": method, "options": options or {}}
-        return self._call("POST", "/v1/jobs", json=body, headers=headers).json()
+        return self._object("POST", "/v1/jobs", json=body, headers=headers)
 
     def sweep(
         self,
@@ -74,25 +81,25 @@ class Client:
         if name is not None:
             body["name"] = name
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._call("POST", "/v1/sweeps", json=body, headers=headers).json()
+        return self._object("POST", "/v1/sweeps", json=body, headers=headers)
 
     def upload_dataset(self, name: str, data: bytes, content_type: str = "text/plain") -> dict[str, Any]:
         """Store a text for this key's tenant (``POST /v1/datasets``): ``text/plain`` documents at
         blank lines, or ``application/jsonl`` with a string ``text`` per line."""
         headers = {"content-type": content_type}
-        return self._call("POST", "/v1/datasets", params={"name": name}, content=data, headers=headers).json()
+        return self._object("POST", "/v1/datasets", params={"name": name}, content=data, headers=headers)
 
     def get_sweep(self, sweep_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/sweeps/{sweep_id}").json()
+        return self._object("GET", f"/v1/sweeps/{sweep_id}")
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job_id}").json()
+        return self._object("GET", f"/v1/jobs/{job_id}")
 
     def metrics(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job_id}/metrics").json()
+        return self._object("GET", f"/v1/jobs/{job_id}/metrics")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
+        return self._object("POST", f"/v1/jobs/{job_id}/cancel")
 
     def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[tuple[str, str, dict[str, Any]]]:
         """The job's events as (id, kind, data) from ``last_event_id`` on; ends when the job has ended."""

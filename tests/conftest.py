@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="module")
-def one_thread():  # type: ignore[no-untyped-def]
+def one_thread():
     """Tiny matmuls on 2 contended cores are ~1000x slower with 2 OpenMP threads than with 1."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -44,7 +44,7 @@ def smol_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smol(smol_dir: Path):  # type: ignore[no-untyped-def]
+def smol(smol_dir: Path):
     """(model, tokenizer) of the bundled model in float32, eval mode. Do not mutate it."""
     from rsavq_core.models.resolve import load_model
 
@@ -53,7 +53,7 @@ def smol(smol_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(smol_dir: Path):  # type: ignore[no-untyped-def]
+def tiny_llama(smol_dir: Path):
     """A randomly initialised 2-block LLaMA with the bundled tokenizer's vocabulary (fast tests)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -74,7 +74,7 @@ def tiny_llama(smol_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def rsavq_settings():  # type: ignore[no-untyped-def]
+def rsavq_settings():
     """Change the library's settings inside one test: ``rsavq_settings(kernels="off")``; restored after.
 
     The settings are read once per process, so tests change them here, not in the environment.

@@ -20,6 +20,11 @@ LIBRARY = "rsavq_core imports neither the service nor the workers, nor web, queu
 SERVICE = "service never imports worker (the command line starts workers as processes)"
 WORKER = "worker never imports the HTTP layer or the command line"
 LAYERS = "service: the command line over the HTTP layer over the shared layer (every module listed)"
+CORE = (
+    "rsavq_core: whole runs over the pipeline over fine-tuning over the runtime over evaluation over methods over "
+    "algorithms over calibration over checkpoints, text and models over formats over the run's configuration "
+    "(every module listed)"
+)
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
@@ -56,6 +61,9 @@ def test_the_contracts_hold(tree: Path) -> None:
         ("service/api/routes/jobs.py", "import worker.runner", SERVICE),
         ("worker/tasks.py", "import service.api.app", WORKER),
         ("service/jobs.py", "import service.api.schemas.jobs", LAYERS),
+        ("rsavq_core/formats/base.py", "import rsavq_core.pipeline.quantize", CORE),
+        ("rsavq_core/calibration/cache.py", "import rsavq_core.methods.registry", CORE),
+        ("rsavq_core/errors.py", "import rsavq_core.settings", CORE),
     ],
 )
 def test_a_violation_breaks_its_contract(tree: Path, module: str, line: str, contract: str) -> None:
@@ -67,7 +75,8 @@ def test_a_violation_breaks_its_contract(tree: Path, module: str, line: str, con
     assert f"{contract} BROKEN" in report, proc.stdout
 
 
-def test_a_new_shared_module_must_be_placed_in_a_layer(tree: Path) -> None:
-    (tree / "service" / "newthing.py").write_text('"""Not in any layer of the contract."""\n')
+@pytest.mark.parametrize("package", ["service", "rsavq_core"])
+def test_a_new_top_level_module_must_be_placed_in_a_layer(tree: Path, package: str) -> None:
+    (tree / package / "newthing.py").write_text('"""Not in any layer of the contract."""\n')
     proc = lint_imports(tree)
     assert proc.returncode != 0 and "newthing" in proc.stdout + proc.stderr

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 
 from sqlalchemy import and_, select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs as machine
 from service.db import Job, Worker, utcnow
@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def reap_once(
-    sessions: sessionmaker, send: Callable[[str, str], None], requeue_after_seconds: float, lease_seconds: float = 30.0
+    sessions: sessionmaker[Session],
+    send: Callable[[str, str], None],
+    requeue_after_seconds: float,
+    lease_seconds: float = 30.0,
 ) -> list[str]:
     """One sweep; ``send(job_id, step)`` sends a "quantize" or "evaluate" task. Returns the ids of
     the jobs it (re-)sent."""
@@ -62,7 +65,7 @@ def reap_once(
     return [job_id for job_id, _ in sent]
 
 
-def register(sessions: sessionmaker, name: str, memory_bytes: float) -> None:
+def register(sessions: sessionmaker[Session], name: str, memory_bytes: float) -> None:
     """Advertise this worker and its memory (the pre-flight check compares against the largest)."""
     with sessions() as session:
         session.merge(Worker(name=name, memory_bytes=memory_bytes, last_seen=utcnow()))
@@ -72,7 +75,7 @@ def register(sessions: sessionmaker, name: str, memory_bytes: float) -> None:
 class Reaper(threading.Thread):
     def __init__(
         self,
-        sessions: sessionmaker,
+        sessions: sessionmaker[Session],
         send: Callable[[str, str], None],
         *,
         name: str,

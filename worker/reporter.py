@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from rsavq_core.errors import JobCancelled
 from service import jobs as machine
@@ -25,7 +25,7 @@ class Heartbeat:
     """Renews the job's lease every lease/3 seconds from a thread, independent of layer duration,
     and notes a cancel request as it goes (the quantization's inner loops look at ``cancelled``)."""
 
-    def __init__(self, sessions: sessionmaker, job_id: str, worker: str, lease_seconds: float) -> None:
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, worker: str, lease_seconds: float) -> None:
         self.sessions, self.job_id, self.worker, self.lease = sessions, job_id, worker, lease_seconds
         self.lost = threading.Event()
         self.cancelled = threading.Event()
@@ -58,7 +58,7 @@ class Reporter:
 
     def __init__(
         self,
-        sessions: sessionmaker,
+        sessions: sessionmaker[Session],
         job_id: str,
         worker: str,
         lease_seconds: float,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from rsavq_core.config.quant_config import QuantConfig, config_from_job
 from rsavq_core.data.text_files import TextSource
@@ -46,7 +46,7 @@ def worker_name() -> str:
 @dataclass
 class WorkerContext:
     settings: Settings
-    sessions: sessionmaker
+    sessions: sessionmaker[Session]
     store: ArtifactStore
     name: str
 

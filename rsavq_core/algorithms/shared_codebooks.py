@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from rsavq_core.algorithms.kmeans import weighted_kmeans
+from rsavq_core.algorithms.vq_options import VQOptions
 from rsavq_core.algorithms.vq_targets import prepare_layer
 from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.formats.vq_layer import to_subvectors
-from rsavq_core.methods.vq_options import VQOptions
 
 # Sub-vectors sampled per codebook entry for the shared fit (spread evenly over the layers of the
 # type): 64 per entry is 8x what a per-layer fit samples for its Lloyd rounds (``kmeans_fit_points``)

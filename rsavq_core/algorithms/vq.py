@@ -18,13 +18,13 @@ from rsavq_core.algorithms.compensation import compensate_columns
 from rsavq_core.algorithms.kmeans import assign, weighted_kmeans
 from rsavq_core.algorithms.linalg import hessian_relative_error
 from rsavq_core.algorithms.shared_codebooks import SharedCodebooks
+from rsavq_core.algorithms.vq_options import VQOptions
 from rsavq_core.algorithms.vq_targets import LayerTargets, prepare_layer
 from rsavq_core.calibration.statistics import LayerStats, sink_protected_hessian
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import CalibrationError
 from rsavq_core.formats.outliers import Outliers
 from rsavq_core.formats.vq_layer import VQGroup, VQLayer, to_subvectors
-from rsavq_core.methods.vq_options import VQOptions
 
 
 @dataclass

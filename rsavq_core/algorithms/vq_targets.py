@@ -22,12 +22,12 @@ from rsavq_core.algorithms.sensitivity import (
     fisher_diag_metric,
     natural_gradient,
 )
+from rsavq_core.algorithms.vq_options import VQOptions
 from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
 from rsavq_core.formats.outliers import OUTLIER_ENTRY_BITS, outlier_count, positions_mask, select_outliers
 from rsavq_core.formats.vq_layer import perm_dtype_bits
-from rsavq_core.methods.vq_options import VQOptions
 
 FP16_SMALLEST_NORMAL, FP16_MAX = 2.0**-14, 65504.0
 
@@ -190,7 +190,7 @@ def effective_budget(m: int, n: int, cfg: QuantConfig) -> tuple[Callable[[int, i
 
     def cost(cols: int, bits: int) -> float:
         stream = packed_words(cols * n_vec * o.sub_vectors, bits * d) * WORD_BITS
-        return stream + o.sub_vectors * 2 ** (bits * d) * d * 16
+        return float(stream + o.sub_vectors * 2 ** (bits * d) * d * 16)
 
     side = (16 * m if o.row_scales else 0) + outlier_count(o.outlier_share, m, n) * OUTLIER_ENTRY_BITS
     perm = 0 if o.allocation == "uniform" else n * perm_dtype_bits(n)  # uniform bits keep the column order

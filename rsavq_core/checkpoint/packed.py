@@ -259,4 +259,5 @@ def read_layer(reader: LayerReader) -> QuantizedLayer:
         layer_format = get_format(e.get("kind"))
     except ArtifactError as exc:
         raise reader.fail("kind", str(exc)) from None
-    return layer_format.read(reader, m, n, bias)
+    layer: QuantizedLayer = layer_format.read(reader, m, n, bias)
+    return layer

@@ -122,3 +122,11 @@ def _describe(hint: Any, where: str) -> tuple[type, bool, tuple[str, ...] | None
     if hint in (int, float, bool, str):
         return hint, nullable, None
     raise TypeError(f"{where}: unsupported knob type {hint}")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options: a frozen dataclass of ``knob`` fields, validated on construction."""
+
+    def __post_init__(self) -> None:
+        validate_knobs(self)

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from rsavq_core.config.knobs import knob, knobs, validate_knobs
+from rsavq_core.config.knobs import MethodOptions, knob, knobs, validate_knobs
 from rsavq_core.config.presets import PRESETS
 from rsavq_core.errors import ConfigError
-from rsavq_core.methods.registry import MethodOptions, get_method, method_names, option_knobs, option_names
+from rsavq_core.methods.registry import get_method, method_names, option_knobs, option_names
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rsavq_core.data.text_files import TextSource
-from rsavq_core.data.windows import EVAL_WINDOWS
+from rsavq_core.data.text_files import EVAL_WINDOWS, TextSource
 from rsavq_core.evaluation.perplexity import perplexity
 from rsavq_core.evaluation.zeroshot import DEFAULT_TASKS, zero_shot
 from rsavq_core.progress import Progress

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsavq_core.data.text_files import TextSource
-from rsavq_core.data.windows import EVAL_LEN, EVAL_PROTOCOL, EVAL_WINDOWS, bos_token, evaluation_windows
+from rsavq_core.data.text_files import EVAL_LEN, EVAL_WINDOWS, TextSource
+from rsavq_core.data.windows import EVAL_PROTOCOL, bos_token, evaluation_windows
 from rsavq_core.errors import ConfigError
 from rsavq_core.progress import Progress
 

@@ -263,7 +263,7 @@ class VQFormat(LayerFormat):
 
     def kernel_ready(self, spec: dict[str, Any]) -> bool:
         d = spec["vector_len"] // spec["n_pq"]
-        return max(bits for bits, _, _ in spec["groups"]) * d <= MAX_CODE_BITS
+        return bool(max(bits for bits, _, _ in spec["groups"]) * d <= MAX_CODE_BITS)
 
     def kernel_layout(self, module: Any) -> PackedVQ:
         """The layer's groups concatenated for one launch; the module's per-group buffers then

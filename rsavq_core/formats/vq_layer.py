@@ -114,4 +114,4 @@ def ideal_vq_bpw(
         raise ConfigError(f"group columns sum to {sum(group_cols)}, expected in_features={in_features}")
     index = sum(out_features * cols * b for b, cols in zip(group_bits, group_cols, strict=True))
     codebooks = sum(n_pq * 2 ** (b * sub_dim) * sub_dim * FP16_BITS for b in group_bits)
-    return (index + codebooks) / (out_features * in_features)
+    return float((index + codebooks) / (out_features * in_features))

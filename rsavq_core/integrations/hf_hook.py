@@ -30,7 +30,8 @@ class _Loader(importlib.abc.Loader):
         self.wrapped = wrapped
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self.wrapped.create_module(spec)
+        module: ModuleType | None = self.wrapped.create_module(spec)
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
         self.wrapped.exec_module(module)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rsavq_core.algorithms.vq_options import Allocation, Metric, Refit, VQOptions
 from rsavq_core.config.knobs import knob
 from rsavq_core.methods.registry import register_method
 from rsavq_core.methods.rsavq import RSAVQ
-from rsavq_core.methods.vq_options import Allocation, Metric, Refit, VQOptions
 
 
 @dataclass(frozen=True)

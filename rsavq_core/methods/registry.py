@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
-from rsavq_core.config.knobs import Knob, knobs, validate_knobs
+from rsavq_core.config.knobs import Knob, MethodOptions, knobs
 from rsavq_core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -57,14 +57,6 @@ class SharedFit(Protocol):
     def fit(self, finished: dict[str, Any]) -> dict[str, Any]:
         """Type name -> what its layers share, for ``quantize_layer``'s ``shared``. ``finished``: type
         -> a layer of it an interrupted run finished (what it shares must be what that layer used)."""
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """Base of every method's options: a frozen dataclass of ``knob`` fields, validated on construction."""
-
-    def __post_init__(self) -> None:
-        validate_knobs(self)
 
 
 class QuantMethod(ABC):

@@ -12,9 +12,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
-from rsavq_core.errors import ConfigError
-from rsavq_core.methods.registry import MethodOptions, QuantMethod, SharedFit, StatsNeeds, register_method
-from rsavq_core.methods.vq_options import (
+from rsavq_core.algorithms.vq_options import (
     AUTO_MAX_ENTRIES,
     DEFAULT_OUTLIERS,
     MAX_INDEX_BITS,
@@ -23,6 +21,9 @@ from rsavq_core.methods.vq_options import (
     SHARED_INDEX_BITS,
     VQOptions,
 )
+from rsavq_core.config.knobs import MethodOptions
+from rsavq_core.errors import ConfigError
+from rsavq_core.methods.registry import QuantMethod, SharedFit, StatsNeeds, register_method
 
 if TYPE_CHECKING:
     import torch

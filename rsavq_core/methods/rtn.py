@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rsavq_core.config.knobs import knob
+from rsavq_core.config.knobs import MethodOptions, knob
 from rsavq_core.errors import ConfigError
-from rsavq_core.methods.registry import MethodOptions, QuantMethod, StatsNeeds, register_method
+from rsavq_core.methods.registry import QuantMethod, StatsNeeds, register_method
 
 if TYPE_CHECKING:
     import torch

@@ -27,7 +27,7 @@ from rsavq_core.pipeline.resume import FinishedLayers
 from rsavq_core.pipeline.source import Finished, SourceModel
 from rsavq_core.progress import Progress
 
-LayerCallback = Callable[[str, dict], None]  # (full layer name, report)
+LayerCallback = Callable[[str, dict[str, Any]], None]  # (full layer name, report)
 
 
 def quantize_layer(

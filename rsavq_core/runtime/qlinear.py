@@ -123,7 +123,8 @@ class QuantLinear(nn.Module):
         # .to() / .cuda() / .half() all go through _apply: a cached weight would be stale.
         self._cache.clear()
         self._kernel_layout = None
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch leaves Module._apply unannotated
+        return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._cache.clear()  # buffers are overwritten in place

@@ -21,7 +21,7 @@ from service.settings import Settings
 @dataclass
 class Context:
     settings: Settings
-    sessions: sessionmaker
+    sessions: sessionmaker[Session]
     celery: Celery
     store: ArtifactStore
     metrics: Metrics
@@ -32,7 +32,8 @@ class Context:
 
 # async: FastAPI runs a sync dependency in the thread pool, and each hop costs more than these do.
 async def get_context(request: Request) -> Context:
-    return request.app.state.context
+    context: Context = request.app.state.context
+    return context
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
@@ -65,7 +66,8 @@ def tenant_of(
 ) -> str:
     authorization = f"Bearer {credentials.credentials}" if credentials is not None else None
     try:
-        return request.app.state.context.keys.tenant(session, authorization)
+        tenant: str = request.app.state.context.keys.tenant(session, authorization)
+        return tenant
     finally:
         # End the read transaction: its connection goes back to the pool while this request waits
         # for a thread to run its handler, so no connection is held by a request that is not running.

@@ -31,13 +31,16 @@ class BodyLimit:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         limit = self.larger.get(scope.get("path", ""), self.default)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._reject(send, limit)
+            await self._reject(send, limit)
+            return
         if scope.get("path", "") in self.larger:
-            return await self.app(scope, _counting(receive, limit), send)
+            await self.app(scope, _counting(receive, limit), send)
+            return
         chunks, seen = [], 0
         while True:
             message = await receive()
@@ -46,7 +49,8 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
             if seen > limit:
-                return await self._reject(send, limit)
+                await self._reject(send, limit)
+            return
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -92,7 +96,8 @@ class Observe:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         started, status = time.perf_counter(), 500
 
         async def capture(message: dict[str, Any]) -> None:

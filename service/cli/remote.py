@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rsavq_core.errors import ConfigError, RSAVQError
 from service.cli.flags import add_config_flags, knobs_from_args
 from service.cli.progress import JobEvents
 
+if TYPE_CHECKING:
+    from service.client import Client
 
-def _client(args: argparse.Namespace) -> Any:
+
+def _client(args: argparse.Namespace) -> Client:
     from service.client import Client
 
     return Client(args.server, args.key)

@@ -12,11 +12,11 @@ from rsavq_core.algorithms.allocation import allocate, channel_bits, repair_budg
 from rsavq_core.errors import ConfigError
 
 
-def sizes_of(alloc) -> list[int]:  # type: ignore[no-untyped-def]
+def sizes_of(alloc) -> list[int]:
     return [stop - start for start, stop in alloc.bounds]
 
 
-def total_bits(alloc) -> int:  # type: ignore[no-untyped-def]
+def total_bits(alloc) -> int:
     return sum(s * b for s, b in zip(sizes_of(alloc), alloc.bits, strict=True))
 
 

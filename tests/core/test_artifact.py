@@ -219,7 +219,7 @@ def test_reserved_or_non_string_extra_metadata(tmp_path: Path, tiny_llama: Any) 
                 config=QuantConfig(),
                 source_model="m",
                 extra_metadata=extra,
-            )  # type: ignore[arg-type]
+            )
     assert not (tmp_path / "c").exists()
 
 

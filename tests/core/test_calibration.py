@@ -64,8 +64,8 @@ def reference(tiny_llama: Any, tokens: torch.Tensor) -> dict[str, dict[str, Any]
     deltas: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
     outs: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
-        def fn(module: Any, args: tuple, output: torch.Tensor) -> None:  # type: ignore[type-arg]
+    def hook(name: str):
+        def fn(module: Any, args: tuple, output: torch.Tensor) -> None:
             xs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
             output.retain_grad()
             outs[name] = output

@@ -24,7 +24,7 @@ def _problem(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, LayerStats]:
     return w, h, LayerStats(None, None, None, 0.0, h, 8, 512, hessian_first=x[::64].T @ x[::64] / 8)
 
 
-def _exact_books(layer, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _exact_books(layer, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The minimiser by the normal equations, built column by column of the selection operator S."""
     books = [g.codebooks.double() for g in layer.groups]
     sizes = [b.numel() for b in books]

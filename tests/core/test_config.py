@@ -8,10 +8,10 @@ import math
 
 import pytest
 
+from rsavq_core.algorithms.vq_options import VQOptions
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.methods.registry import method_names
-from rsavq_core.methods.vq_options import VQOptions
 
 
 def vq(**knobs: object) -> QuantConfig:

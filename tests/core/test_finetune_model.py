@@ -20,7 +20,7 @@ class Killed(Exception):
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_llama: Any, one_thread: None) -> tuple[Any, dict[str, Any], torch.Tensor]:  # type: ignore[no-untyped-def]
+def quantized(tiny_llama: Any, one_thread: None) -> tuple[Any, dict[str, Any], torch.Tensor]:
     model, _ = tiny_llama
     cfg = QuantConfig.for_method("rtn", bits=2, group_size=16)
     layers = {name: quantize_layer(m.weight.detach(), m.bias, None, cfg)[0] for name, m in quantizable_linears(model)}

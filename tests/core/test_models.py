@@ -115,9 +115,9 @@ class _Block(nn.Module):
 
 def test_largest_list_of_linear_blocks_wins() -> None:
     model = nn.Module()
-    model.small = nn.ModuleList([_Block(True)])  # type: ignore[assignment]
-    model.blocks = nn.ModuleList([_Block(True) for _ in range(3)])  # type: ignore[assignment]
-    model.no_linear = nn.ModuleList([_Block(False) for _ in range(5)])  # type: ignore[assignment]
+    model.small = nn.ModuleList([_Block(True)])
+    model.blocks = nn.ModuleList([_Block(True) for _ in range(3)])
+    model.no_linear = nn.ModuleList([_Block(False) for _ in range(5)])
     layout = find_decoder_layout(model)
     assert layout.blocks_path == "blocks"
     assert [n for n, _ in quantizable_linears(model)] == [f"blocks.{i}.proj" for i in range(3)]

@@ -30,7 +30,7 @@ SMALL = dict(**CALIB, kmeans_iters=2, n_groups=2)
 @pytest.fixture(scope="module")
 def workspace(
     tmp_path_factory: pytest.TempPathFactory,
-    tiny_llama: Any,  # type: ignore[no-untyped-def]
+    tiny_llama: Any,
     one_thread: None,
 ):
     """(root, model folder) with an isolated RSAVQ_CACHE_DIR; one thread for the tiny matmuls.
@@ -114,8 +114,8 @@ def test_rsavq_end_to_end(workspace: tuple[Path, Path], rsavq_run: QuantizeResul
         assert spent <= 2 * layer.in_features
         report = result.reports[name]
         assert report["bits"] == [g.bits for g in layer.groups]
-        assert 0 < float(report["proxy_error"]) < 1  # type: ignore[arg-type]
-        assert float(report["step_ratio"]) == pytest.approx(0.05, rel=1e-4)  # type: ignore[arg-type]
+        assert 0 < float(report["proxy_error"]) < 1
+        assert float(report["step_ratio"]) == pytest.approx(0.05, rel=1e-4)
     # The returned float model is untouched: it equals the checkpoint on disk.
     with torch.no_grad():
         for (name, lin), (_, orig) in zip(quantizable_linears(result.model), quantizable_linears(model)):
@@ -145,7 +145,7 @@ def test_second_run_reuses_statistics(workspace: tuple[Path, Path], rsavq_run: Q
     assert all(
         sum(g.bits * (g.stop - g.start) for g in layer.groups) <= 3 * layer.in_features
         for layer in again.layers.values()
-    )  # type: ignore[union-attr]
+    )
     # a Hessian-only method is served by the store with gradients, too
     assert quantize_model(str(folder), QuantConfig.for_method("gptq", bits=3, **CALIB)).stats_cached is True
 
@@ -228,7 +228,7 @@ def test_sequential_hessians_see_the_quantized_blocks(workspace: tuple[Path, Pat
     assert "statistics" not in seq.timings  # Hessian-only: nothing from the float model's cache is needed
 
     def codes(result: QuantizeResult, block: int) -> dict[str, torch.Tensor]:
-        return {n: layer.codes for n, layer in result.layers.items() if f".{block}." in n}  # type: ignore[union-attr]
+        return {n: layer.codes for n, layer in result.layers.items() if f".{block}." in n}
 
     assert all(torch.equal(a, b) for a, b in zip(codes(fp, 0).values(), codes(seq, 0).values(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(codes(fp, 1).values(), codes(seq, 1).values(), strict=True))

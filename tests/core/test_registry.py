@@ -18,12 +18,12 @@ import torch
 
 from kernels.packing import pack_codes, unpack_codes
 from rsavq_core.checkpoint.bitcount import model_bits
-from rsavq_core.config.knobs import knob
+from rsavq_core.config.knobs import MethodOptions, knob
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.formats.base import BitCount, LayerFormat, LayerReader, packed_stream, stream_bits
 from rsavq_core.formats.registry import register_format, unregister_format
-from rsavq_core.methods.registry import MethodOptions, QuantMethod, StatsNeeds, register_method, unregister_method
+from rsavq_core.methods.registry import QuantMethod, StatsNeeds, register_method, unregister_method
 from rsavq_core.pipeline.quantize import quantize_model
 from rsavq_core.runtime import QuantLinear, load_quantized_model
 from service.cli import main

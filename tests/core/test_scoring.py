@@ -9,13 +9,13 @@ import torch
 from rsavq_core.runtime import scoring
 
 
-def _direct(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _direct(model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)  # [T-1, V]
 
 
 @pytest.mark.parametrize("echo", [True, False])
-def test_scores_are_the_models_log_probabilities_in_any_chunking(tiny_llama, monkeypatch, echo: bool) -> None:  # type: ignore[no-untyped-def]
+def test_scores_are_the_models_log_probabilities_in_any_chunking(tiny_llama, monkeypatch, echo: bool) -> None:
     model, tokenizer = tiny_llama
     prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     completion = tokenizer(" Paris, a city", add_special_tokens=False)["input_ids"]
@@ -38,7 +38,7 @@ def test_scores_are_the_models_log_probabilities_in_any_chunking(tiny_llama, mon
     assert got.text_offset[0] == 0  # the first returned token starts the returned text
 
 
-def test_every_token_of_a_character_split_over_tokens_is_reported(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+def test_every_token_of_a_character_split_over_tokens_is_reported(tiny_llama) -> None:
     model, tokenizer = tiny_llama
     prompt = tokenizer("A bird:", add_special_tokens=False)["input_ids"]
     text = " 🦜"

@@ -50,7 +50,7 @@ def test_too_short_for_the_windows_and_overlap() -> None:
     assert check_overlap(calib, [dirty], allow=True) == {dirty.label: 1}
 
 
-def test_calibration_windows_come_from_the_users_text(workspace: tuple[Path, Path], tiny_llama) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_calibration_windows_come_from_the_users_text(workspace: tuple[Path, Path], tiny_llama) -> None:  # noqa: F811
     _, tokenizer = tiny_llama
     docs = wiki_documents()
     mine = parse_text("\n\n".join(docs[-40:]).encode(), "mine.txt")

@@ -14,7 +14,7 @@ from rsavq_core.models.files import existing_folder
 from rsavq_core.settings import override
 
 
-def test_the_count_equals_the_tokens_the_windows_are_cut_from(smol_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_count_equals_the_tokens_the_windows_are_cut_from(smol_dir: Path, monkeypatch) -> None:
     from transformers import AutoTokenizer
 
     text = parse_text("\n\n".join(wiki_documents()[:12]).encode(), "wiki-part")
@@ -28,7 +28,7 @@ def test_the_count_equals_the_tokens_the_windows_are_cut_from(smol_dir: Path, mo
     assert count_tokens(file, "same text, other key", text.joined, at_least=10**9) == expected
 
 
-def test_counting_stops_at_what_the_job_needs_and_is_remembered(smol_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_counting_stops_at_what_the_job_needs_and_is_remembered(smol_dir: Path, monkeypatch) -> None:
     monkeypatch.setattr("rsavq_core.data.token_count.CHUNK_CHARS", 2000)
     file = smol_dir / "tokenizer.json"
     text = "\n\n".join(wiki_documents()[:12])

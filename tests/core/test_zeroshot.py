@@ -19,7 +19,7 @@ from rsavq_core.evaluation.zeroshot import (
 )
 
 
-def manual_logprob(model, tok, context: str, continuation: str) -> float:  # type: ignore[no-untyped-def]
+def manual_logprob(model, tok, context: str, continuation: str) -> float:
     """Unbatched, unpadded log p(continuation | context), in float64."""
     ctx = tok(context, add_special_tokens=False)["input_ids"]
     whole = tok(context + continuation, add_special_tokens=False)["input_ids"]

@@ -14,7 +14,7 @@ from tests.core.test_artifact import make_vq_layer, tiny_layers
 
 
 @pytest.fixture
-def kernels_on_cpu(rsavq_settings) -> None:  # type: ignore[no-untyped-def]
+def kernels_on_cpu(rsavq_settings) -> None:
     rsavq_settings(kernels="interpret")
 
 
@@ -36,7 +36,7 @@ def test_quantlinear_kernel_path_matches_reference(kernels_on_cpu: None, tokens:
 
 
 @pytest.mark.interpret
-def test_fallbacks_take_the_reference(kernels_on_cpu: None, rsavq_settings) -> None:  # type: ignore[no-untyped-def]
+def test_fallbacks_take_the_reference(kernels_on_cpu: None, rsavq_settings) -> None:
     layer = make_vq_layer(12, 20, 6, 2, [2, 1], seed=4)
     qlin = QuantLinear(layer)
     x64 = torch.randn(1, 20, dtype=torch.float64)
@@ -55,7 +55,7 @@ def test_a_bad_policy_in_the_environment_is_a_config_error(monkeypatch: pytest.M
         load_settings(CoreSettings)
 
 
-def test_default_policy_keeps_cpu_on_the_reference(rsavq_settings) -> None:  # type: ignore[no-untyped-def]
+def test_default_policy_keeps_cpu_on_the_reference(rsavq_settings) -> None:
     rsavq_settings(kernels="auto")
     assert not kernel_policy().runs_on(torch.device("cpu"))
     qlin = QuantLinear(make_vq_layer(12, 20, 6, 2, [2, 1], seed=4))
@@ -66,7 +66,7 @@ def test_default_policy_keeps_cpu_on_the_reference(rsavq_settings) -> None:  # t
 @pytest.mark.interpret
 def test_generate_through_kernels_matches_reference(
     tiny_llama,
-    kernels_on_cpu: None,  # type: ignore[no-untyped-def]
+    kernels_on_cpu: None,
     rsavq_settings,
 ) -> None:
     """Greedy decoding with the KV cache: prefill (dequantize + GEMM) then 1-token GEMV steps."""
@@ -77,7 +77,7 @@ def test_generate_through_kernels_matches_reference(
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_model_on_gpu_matches_reference(
     tiny_llama,
-    rsavq_settings,  # type: ignore[no-untyped-def]
+    rsavq_settings,
     dtype: torch.dtype,
 ) -> None:
     """Logits through the kernels match the reference (half precision: a tolerance, not tokens,
@@ -103,7 +103,7 @@ def test_model_on_gpu_matches_reference(
 def _generate_both_ways(
     tiny_llama,
     rsavq_settings,
-    device: str,  # type: ignore[no-untyped-def]
+    device: str,
     dtype: torch.dtype,
 ) -> None:
     """Greedy tokens through the kernels equal the reference path's (fp32: exact enough)."""

@@ -64,7 +64,7 @@ def test_scalar_kernels_match_reference_on_gpu(
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("tokens", [1, 7])
-def test_quantlinear_scalar_through_kernels(rsavq_settings, tokens: int) -> None:  # type: ignore[no-untyped-def]
+def test_quantlinear_scalar_through_kernels(rsavq_settings, tokens: int) -> None:
     rsavq_settings(kernels="interpret")
     layer = make_scalar_layer(33, 70, 3, 32, bias=True, seed=1)
     qlin = QuantLinear(layer)

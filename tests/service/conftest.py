@@ -36,7 +36,7 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def sessions(settings: Settings):  # type: ignore[no-untyped-def]
+def sessions(settings: Settings):
     from service.db import session_factory
 
     return session_factory(settings.database_url)
@@ -51,7 +51,7 @@ def api(settings: Settings) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def keys(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def keys(sessions) -> dict[str, str]:
     from service.api.auth import create_key
 
     with sessions() as session:
@@ -66,7 +66,7 @@ PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379"
 
 
-def _reachable(check) -> str | None:  # type: ignore[no-untyped-def]
+def _reachable(check) -> str | None:
     try:
         check()
         return None
@@ -101,7 +101,7 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def pg_sessions(pg_url: str):  # type: ignore[no-untyped-def]
+def pg_sessions(pg_url: str):
     from service.db import session_factory
 
     return session_factory(pg_url)

@@ -16,11 +16,11 @@ from tests.timing import patience
 JOB = {"model_id": "smollm2-135m", "bits": 2}
 
 
-def submit(api, key, body=JOB, **headers):  # type: ignore[no-untyped-def]
+def submit(api, key, body=JOB, **headers):
     return api.post("/v1/jobs", json=body, headers={**auth(key), **headers})
 
 
-def test_submit_returns_202_location_and_a_queued_job(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_submit_returns_202_location_and_a_queued_job(api, keys) -> None:
     r = submit(api, keys["alice"], {**JOB, "options": {"calib_samples": 4, "evaluation": {"zero_shot": ["piqa"]}}})
     assert r.status_code == 202
     job = r.json()
@@ -31,7 +31,7 @@ def test_submit_returns_202_location_and_a_queued_job(api, keys) -> None:  # typ
     assert got["id"] == job["id"] and got["progress"]["percent"] == 0
 
 
-def test_a_preset_is_accepted_and_stored_with_the_job(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_a_preset_is_accepted_and_stored_with_the_job(api, keys) -> None:
     from service.api.schemas.jobs import JobRequest
 
     job = submit(api, keys["alice"], {**JOB, "options": {"preset": "fast", "calib_samples": 8}}).json()
@@ -40,7 +40,7 @@ def test_a_preset_is_accepted_and_stored_with_the_job(api, keys) -> None:  # typ
     assert cfg.calib_samples == 8 and cfg.block_finetune_steps == 0  # the preset, under the explicit knob
 
 
-def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, keys) -> None:
     first = submit(api, keys["alice"], **{"Idempotency-Key": "abc"}).json()
     again = submit(api, keys["alice"], **{"Idempotency-Key": "abc"}).json()
     assert again["id"] == first["id"]
@@ -70,13 +70,13 @@ def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, 
         ({**JOB, "method": "rtn", "bits": 4, "options": {"kmeans_iters": 3}}, "method rtn has no option kmeans_iters"),
     ],
 )
-def test_bad_input_is_a_422_that_names_the_problem(api, keys, body, fragment) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_a_422_that_names_the_problem(api, keys, body, fragment) -> None:
     r = submit(api, keys["alice"], body)
     assert r.status_code == 422, r.text
     assert fragment in r.json()["error"]["message"]
 
 
-def test_oversized_body_is_413(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_body_is_413(api, keys) -> None:
     r = api.post(
         "/v1/jobs",
         content=b"{" + b" " * 70_000 + b"}",
@@ -85,7 +85,7 @@ def test_oversized_body_is_413(api, keys) -> None:  # type: ignore[no-untyped-de
     assert r.status_code == 413
 
 
-def test_missing_unknown_and_revoked_keys_are_401(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_missing_unknown_and_revoked_keys_are_401(api, keys, sessions) -> None:
     from service.api.auth import revoke_key
 
     assert api.get("/v1/jobs").status_code == 401
@@ -98,7 +98,7 @@ def test_missing_unknown_and_revoked_keys_are_401(api, keys, sessions) -> None: 
     assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
 
 
-def test_keys_are_stored_hashed(keys, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_keys_are_stored_hashed(keys, sessions) -> None:
     from sqlalchemy import select
 
     from service.db import ApiKey
@@ -108,7 +108,7 @@ def test_keys_are_stored_hashed(keys, sessions) -> None:  # type: ignore[no-unty
     assert keys["alice"] not in stored and len(stored) == 2 and all(len(h) == 64 for h in stored)
 
 
-def test_another_tenants_job_is_a_404(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_another_tenants_job_is_a_404(api, keys) -> None:
     job = submit(api, keys["alice"]).json()
     for method, path in (
         ("GET", ""),
@@ -122,7 +122,7 @@ def test_another_tenants_job_is_a_404(api, keys) -> None:  # type: ignore[no-unt
         assert r.status_code == 404, (method, path, r.status_code)
 
 
-def test_list_paginates_and_filters(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_list_paginates_and_filters(api, keys, sessions) -> None:
     ids = [submit(api, keys["alice"], {**JOB, "bits": 2 + i / 10}).json()["id"] for i in range(5)]
     submit(api, keys["alice"], {**JOB, "model_id": "org/other"})
     with sessions() as session:
@@ -144,7 +144,7 @@ def test_list_paginates_and_filters(api, keys, sessions) -> None:  # type: ignor
     assert api.get("/v1/jobs", params={"status": "done"}, headers=auth(keys["alice"])).status_code == 422
 
 
-def test_cancel_a_queued_job_and_delete_it(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_a_queued_job_and_delete_it(api, keys, sessions) -> None:
     job = submit(api, keys["alice"]).json()
     url = f"/v1/jobs/{job['id']}"
     assert api.delete(url, headers=auth(keys["alice"])).status_code == 409  # not finished yet
@@ -164,7 +164,7 @@ def test_cancel_a_queued_job_and_delete_it(api, keys, sessions) -> None:  # type
         assert session.scalar(select(func.count()).where(JobEvent.job_id == job["id"])) == 0
 
 
-def test_a_stage_s_measured_values_show_in_progress_and_events(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_stage_s_measured_values_show_in_progress_and_events(api, keys, sessions) -> None:
     job = submit(api, keys["alice"]).json()
     url = f"/v1/jobs/{job['id']}"
     with sessions() as s:
@@ -183,7 +183,7 @@ def test_a_stage_s_measured_values_show_in_progress_and_events(api, keys, sessio
     assert '"detail": {"loss": 0.0125}' in events.text
 
 
-def _succeed_with_artifact(sessions, settings, job_id: str, tmp_path: Path) -> bytes:  # type: ignore[no-untyped-def]
+def _succeed_with_artifact(sessions, settings, job_id: str, tmp_path: Path) -> bytes:
     from service.artifacts import ArtifactStore
 
     folder = tmp_path / "ckpt"
@@ -201,7 +201,7 @@ def _succeed_with_artifact(sessions, settings, job_id: str, tmp_path: Path) -> b
 
 def test_artifact_is_409_until_succeeded_then_streams_with_etag_and_ranges(
     api, keys, sessions, settings, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     import hashlib
 
     job = submit(api, keys["alice"]).json()
@@ -222,7 +222,7 @@ def test_artifact_is_409_until_succeeded_then_streams_with_etag_and_ranges(
     assert api.get(url, headers={**h, "If-None-Match": full.headers["ETag"]}).status_code == 304
 
 
-def test_client_download_resumes_and_verifies(api, keys, sessions, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_client_download_resumes_and_verifies(api, keys, sessions, settings, tmp_path) -> None:
     from service.client import Client
 
     job = submit(api, keys["alice"]).json()
@@ -238,7 +238,7 @@ def test_client_download_resumes_and_verifies(api, keys, sessions, settings, tmp
         client.download(job["id"], dest)
 
 
-def test_health_and_prometheus_metrics(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_health_and_prometheus_metrics(api, keys) -> None:
     submit(api, keys["alice"])
     health = api.get("/health")
     assert health.status_code == 200 and health.json() == {
@@ -256,14 +256,14 @@ def test_health_and_prometheus_metrics(api, keys) -> None:  # type: ignore[no-un
     assert 'rsavq_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
 
 
-def test_openapi_documents_the_quantization_knobs(api) -> None:  # type: ignore[no-untyped-def]
+def test_openapi_documents_the_quantization_knobs(api) -> None:
     schema = api.get("/openapi.json").json()
     knobs = schema["components"]["schemas"]["JobOptions"]["properties"]
     assert {"lam", "vector_len", "calib_samples", "evaluation"} <= set(knobs)
     assert api.get("/docs").status_code == 200
 
 
-def test_openapi_shows_choices_as_enums_and_bounds(api) -> None:  # type: ignore[no-untyped-def]
+def test_openapi_shows_choices_as_enums_and_bounds(api) -> None:
     from rsavq_core.config.quant_config import shared_knobs
     from rsavq_core.methods.registry import method_names, option_knobs
 
@@ -283,7 +283,7 @@ def test_openapi_shows_choices_as_enums_and_bounds(api) -> None:  # type: ignore
     assert expected <= set(knobs) and all(knobs[name].get("description") for name in expected)
 
 
-def test_the_api_process_never_imports_torch(settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_api_process_never_imports_torch(settings) -> None:
     code = (
         "import sys; from service.api.app import create_app; from service.settings import Settings; "
         "from fastapi.testclient import TestClient; "
@@ -301,7 +301,7 @@ def test_the_api_process_never_imports_torch(settings) -> None:  # type: ignore[
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr[-2000:]
 
 
-def test_key_cache_bounds_how_long_a_revoked_key_keeps_working(keys, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_key_cache_bounds_how_long_a_revoked_key_keeps_working(keys, sessions) -> None:
     import time
 
     from service.api.auth import KeyCache, revoke_key

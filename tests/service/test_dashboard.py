@@ -59,7 +59,7 @@ def _shot(page: Any, tmp_path: Path, name: str) -> None:
 
 def test_the_dashboard_follows_a_job_charts_it_and_streams_a_completion(
     settings, keys, tiny_llama, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     from rsavq_core.settings import override

@@ -26,7 +26,7 @@ def upload(api: TestClient, key: str, data: bytes, name: str = "notes", **params
     )
 
 
-def test_upload_list_read_and_delete(api, keys, settings) -> None:  # type: ignore[no-untyped-def]
+def test_upload_list_read_and_delete(api, keys, settings) -> None:
     r = upload(api, keys["alice"], b"one\n\ntwo\n\nthree\n")
     assert r.status_code == 201, r.text
     text = r.json()
@@ -55,14 +55,14 @@ def test_upload_list_read_and_delete(api, keys, settings) -> None:  # type: igno
         (b"text", {"name": "../x"}, "name"),
     ],
 )
-def test_malformed_uploads_are_422_and_store_nothing(api, keys, sessions, data, params, message) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_uploads_are_422_and_store_nothing(api, keys, sessions, data, params, message) -> None:
     r = upload(api, keys["alice"], data, **params)
     assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
     with sessions() as session:
         assert session.query(Dataset).count() == 0
 
 
-def test_an_upload_over_the_dataset_limit_is_413(settings) -> None:  # type: ignore[no-untyped-def]
+def test_an_upload_over_the_dataset_limit_is_413(settings) -> None:
     from service.api.app import create_app
     from service.api.auth import create_key
     from service.db import session_factory
@@ -94,7 +94,7 @@ def _job(model: str, calib: str | None, evals: list[str], **calibration: Any) ->
     return {"model_id": model, "bits": 3, "method": "gptq", "options": options}
 
 
-def test_jobs_naming_datasets_are_checked_before_they_are_stored(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_jobs_naming_datasets_are_checked_before_they_are_stored(api, keys) -> None:
     calib = upload(api, keys["alice"], CALIB, "calib").json()["id"]
     clean = upload(api, keys["alice"], EVAL, "eval").json()["id"]
     dirty = upload(api, keys["alice"], "\n\n".join(DOCS[5:7]).encode(), "dirty").json()["id"]
@@ -120,9 +120,7 @@ def test_jobs_naming_datasets_are_checked_before_they_are_stored(api, keys) -> N
     assert api.delete(f"/v1/datasets/{tiny}", headers=auth(keys["alice"])).status_code == 204
 
 
-def test_a_job_calibrated_and_evaluated_on_uploaded_text(  # type: ignore[no-untyped-def]
-    keys, settings, tiny_llama, tmp_path: Path
-) -> None:
+def test_a_job_calibrated_and_evaluated_on_uploaded_text(keys, settings, tiny_llama, tmp_path: Path) -> None:
     from rsavq_core.settings import override
     from service.api.app import create_app
     from worker.runner import WorkerContext, claim_job, run_job
@@ -150,7 +148,7 @@ def test_a_job_calibrated_and_evaluated_on_uploaded_text(  # type: ignore[no-unt
     assert json.dumps(metrics)  # plain JSON all the way
 
 
-def test_the_command_line_uploads_text_and_jsonl(api, keys, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_command_line_uploads_text_and_jsonl(api, keys, tmp_path: Path, monkeypatch) -> None:
     import argparse
 
     from service.cli import remote
@@ -172,7 +170,7 @@ def test_the_command_line_uploads_text_and_jsonl(api, keys, tmp_path: Path, monk
         remote.cmd_dataset_upload(argparse.Namespace(file=str(tmp_path / "missing.txt"), name=None, jsonl=False))
 
 
-def test_a_text_with_enough_bytes_but_too_few_tokens_is_422(keys, settings, smol_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_text_with_enough_bytes_but_too_few_tokens_is_422(keys, settings, smol_dir, tmp_path: Path) -> None:
     from rsavq_core.settings import override
     from service.api.app import create_app
 

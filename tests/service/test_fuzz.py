@@ -36,7 +36,7 @@ CHECKS = [
 
 
 @pytest.fixture
-def schema_and_key(settings):  # type: ignore[no-untyped-def]
+def schema_and_key(settings):
     from service.api.app import create_app
 
     with session_factory(settings.database_url)() as session:

@@ -72,7 +72,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint: Path):  # type: ignore[no-untyped-def]
+def reference(checkpoint: Path):
     from rsavq_core.runtime import load_quantized_model
 
     model, tokenizer, _ = load_quantized_model(checkpoint)
@@ -141,7 +141,7 @@ def _client(stack: dict[str, Any], who: str = "alice") -> openai.OpenAI:
     return openai.OpenAI(base_url=stack["url"] + "/v1", api_key=stack["keys"][who], max_retries=0, timeout=120)
 
 
-def test_completion_matches_the_library(stack: dict[str, Any], reference) -> None:  # type: ignore[no-untyped-def]
+def test_completion_matches_the_library(stack: dict[str, Any], reference) -> None:
     model, tokenizer = reference
     ids = tokenizer(PROMPT)["input_ids"]
     expected = complete(model, tokenizer, ids, SamplingParams(max_tokens=8, temperature=0))
@@ -311,7 +311,7 @@ def test_a_client_that_hangs_up_does_not_block_the_next(stack: dict[str, Any]) -
     assert time.monotonic() - started < patience(30), "the abandoned generation (200 tokens) was not cancelled"
 
 
-def test_several_prompts_and_token_id_prompts(stack: dict[str, Any], reference) -> None:  # type: ignore[no-untyped-def]
+def test_several_prompts_and_token_id_prompts(stack: dict[str, Any], reference) -> None:
     _, tokenizer = reference
     client = _client(stack)
     ids = tokenizer(PROMPT)["input_ids"]

@@ -48,7 +48,7 @@ def test_last_event_id_outside_an_event_id_s_range_is_ignored(header: str | None
     assert _event_id(header) == expected
 
 
-def test_odd_ranges_and_event_ids_over_http(api, keys, sessions, settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_odd_ranges_and_event_ids_over_http(api, keys, sessions, settings, tmp_path: Path) -> None:
     job = submit(api, keys["alice"]).json()
     url, h = f"/v1/jobs/{job['id']}", auth(keys["alice"])
     data = _succeed_with_artifact(sessions, settings, job["id"], tmp_path)
@@ -58,7 +58,7 @@ def test_odd_ranges_and_event_ids_over_http(api, keys, sessions, settings, tmp_p
     huge = api.get(url + "/artifact", headers={**h, "Range": f"bytes={HUGE}-"})
     assert huge.status_code == 416 and huge.headers["Content-Range"] == f"bytes */{len(data)}"
     for last_event_id in ("²", HUGE, "18446744073709551616"):
-        events = api.get(url + "/events", headers={**h, "Last-Event-ID": last_event_id.encode()})  # type: ignore[dict-item]
+        events = api.get(url + "/events", headers={**h, "Last-Event-ID": last_event_id.encode()})
         assert events.status_code == 200 and '"status": "succeeded"' in events.text  # from the beginning
 
 
@@ -72,7 +72,7 @@ def test_odd_ranges_and_event_ids_over_http(api, keys, sessions, settings, tmp_p
         {"model_id": "smollm2-135m", "bits": 2, "options": {"evaluation": {"limit": "5"}}},
     ],
 )
-def test_job_fields_are_not_coerced(api, keys, body: dict) -> None:  # type: ignore[no-untyped-def]
+def test_job_fields_are_not_coerced(api, keys, body: dict) -> None:
     response = submit(api, keys["alice"], body)
     assert response.status_code == 422, response.text
     assert submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 2}).status_code == 202  # an int is a number
@@ -102,13 +102,13 @@ def test_openai_fields_we_cannot_honour_are_refused(extra: dict, message: str) -
 
 
 @pytest.mark.parametrize("cursor", ["abc", "eHx5", "bm90IGEgZGF0ZXwxMjM="])  # not base64; "x|y"; "not a date|123"
-def test_a_cursor_we_did_not_write_is_a_422(api, keys, cursor: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_cursor_we_did_not_write_is_a_422(api, keys, cursor: str) -> None:
     submit(api, keys["alice"])
     response = api.get("/v1/jobs", params={"cursor": cursor}, headers=auth(keys["alice"]))
     assert response.status_code == 422 and "cursor" in response.json()["error"]["message"]
 
 
-def test_timestamps_carry_their_offset(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_timestamps_carry_their_offset(api, keys) -> None:
     import datetime as dt
 
     job = submit(api, keys["alice"]).json()
@@ -129,7 +129,7 @@ def test_timestamps_carry_their_offset(api, keys) -> None:  # type: ignore[no-un
         {"evaluation": {"limit": 10**30}},
     ],
 )
-def test_every_knob_is_bounded(api, keys, options: dict) -> None:  # type: ignore[no-untyped-def]
+def test_every_knob_is_bounded(api, keys, options: dict) -> None:
     response = submit(api, keys["alice"], {"model_id": "smollm2-135m", "bits": 2, "options": options})
     assert response.status_code == 422, response.text
     schema = api.get("/openapi.json").json()["components"]["schemas"]
@@ -138,7 +138,7 @@ def test_every_knob_is_bounded(api, keys, options: dict) -> None:  # type: ignor
 
 
 @pytest.mark.parametrize(("mode", "status"), [("open", 200), ("off", 404)])
-def test_metrics_can_be_open_or_off(settings, mode: str, status: int) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_can_be_open_or_off(settings, mode: str, status: int) -> None:
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
@@ -147,7 +147,7 @@ def test_metrics_can_be_open_or_off(settings, mode: str, status: int) -> None:  
         assert client.get("/metrics").status_code == status
 
 
-def test_odd_bodies_get_our_error_shape(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_odd_bodies_get_our_error_shape(api, keys) -> None:
     headers = {**auth(keys["alice"]), "Content-Type": "application/json"}
     chunked = api.post("/v1/jobs", content=iter([b"{" + b" " * 40_000] * 2 + [b"}"]), headers=headers)
     assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "PayloadTooLargeError"
@@ -162,7 +162,7 @@ def test_odd_bodies_get_our_error_shape(api, keys) -> None:  # type: ignore[no-u
     assert small_chunked.status_code == 202  # a chunked body under the limit reaches the app whole
 
 
-def test_openapi_documents_auth_errors_and_docs_work_offline(api) -> None:  # type: ignore[no-untyped-def]
+def test_openapi_documents_auth_errors_and_docs_work_offline(api) -> None:
     schema = api.get("/openapi.json").json()
     assert schema["components"]["securitySchemes"]["HTTPBearer"] == {
         "type": "http",
@@ -181,7 +181,7 @@ def test_openapi_documents_auth_errors_and_docs_work_offline(api) -> None:  # ty
     assert api.get(script).status_code == 200
 
 
-def test_a_tenant_s_flood_is_a_429_and_other_tenants_still_submit(settings, keys) -> None:  # type: ignore[no-untyped-def]
+def test_a_tenant_s_flood_is_a_429_and_other_tenants_still_submit(settings, keys) -> None:
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app

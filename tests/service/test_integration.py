@@ -85,7 +85,7 @@ class Workers:
     def __init__(self, settings: Settings, log_dir: Path) -> None:
         self.settings, self.log_dir, self.procs = settings, log_dir, []  # type: ignore[var-annotated]
 
-    def start(self, **env_overrides: str) -> subprocess.Popen:  # type: ignore[type-arg]
+    def start(self, **env_overrides: str) -> subprocess.Popen:
         from service.cli.servers import worker_command
 
         log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
@@ -94,7 +94,7 @@ class Workers:
         self.procs.append(proc)
         return proc
 
-    def kill9(self, proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    def kill9(self, proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
@@ -120,7 +120,7 @@ def workers(dist_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
 
 
 @pytest.fixture
-def client(dist_settings: Settings):  # type: ignore[no-untyped-def]
+def client(dist_settings: Settings):
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
@@ -148,11 +148,11 @@ def wait_for(
     return wait_until(predicate, what, timeout=timeout, progress=progress, interval=interval, logs=logs)
 
 
-def job_of(client, job_id: str) -> dict:  # type: ignore[no-untyped-def]
+def job_of(client, job_id: str) -> dict:
     return client.get(f"/v1/jobs/{job_id}").json()
 
 
-def finished(client, job_id: str, workers: Workers, timeout: float = 300) -> dict:  # type: ignore[no-untyped-def]
+def finished(client, job_id: str, workers: Workers, timeout: float = 300) -> dict:
     """The job once it is finished; gives up only after ``timeout`` s (scaled) with no progress at all."""
     job = wait_for(
         lambda: (j := job_of(client, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
@@ -164,7 +164,7 @@ def finished(client, job_id: str, workers: Workers, timeout: float = 300) -> dic
     return job  # type: ignore[return-value]
 
 
-def test_job_end_to_end_through_a_real_worker(client, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_job_end_to_end_through_a_real_worker(client, workers, tmp_path) -> None:
     from rsavq_core.checkpoint.packed import read_checkpoint
     from service.artifacts import extract
 
@@ -194,7 +194,7 @@ def test_job_end_to_end_through_a_real_worker(client, workers, tmp_path) -> None
     assert len(artifact.layers) == 210 and artifact.config.method == "rsavq"
 
 
-def test_unresolvable_model_and_oversized_job_fail_fast_with_reasons(client, workers) -> None:  # type: ignore[no-untyped-def]
+def test_unresolvable_model_and_oversized_job_fail_fast_with_reasons(client, workers) -> None:
     workers.start(RSAVQ_WORKER_MEMORY_GB="0.5")  # a worker too small for the bundled model
     started = time.monotonic()
     missing = client.post("/v1/jobs", json={**RTN_JOB, "model_id": "no-such-org/no-such-model"}).json()["id"]
@@ -208,12 +208,12 @@ def test_unresolvable_model_and_oversized_job_fail_fast_with_reasons(client, wor
     assert time.monotonic() - started < 120
 
 
-def _quantize_progress(client, job_id: str) -> int:  # type: ignore[no-untyped-def]
+def _quantize_progress(client, job_id: str) -> int:
     job = job_of(client, job_id)
     return job["progress"]["done"] if job["progress"]["stage"] == "quantize" else 0
 
 
-def test_worker_killed_mid_job_resumes_from_its_checkpoint(client, workers, dist_settings) -> None:  # type: ignore[no-untyped-def]
+def test_worker_killed_mid_job_resumes_from_its_checkpoint(client, workers, dist_settings) -> None:
     from service.db import session_factory
 
     body = RTN_JOB
@@ -247,7 +247,7 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(client, workers, dist
     assert ppl[killed_id] == ppl[clean_id]
 
 
-def test_cancel_is_honoured_between_layers(client, workers, dist_settings) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_is_honoured_between_layers(client, workers, dist_settings) -> None:
     workers.start()
     job_id = client.post("/v1/jobs", json=RTN_JOB).json()["id"]
     wait_for(lambda: _quantize_progress(client, job_id) >= 20, 300, "20 quantized layers", workers.logs, interval=0.05)
@@ -292,7 +292,7 @@ def _restart_redis() -> None:
     )
 
 
-def test_redis_restarted_mid_job_loses_nothing(client, workers) -> None:  # type: ignore[no-untyped-def]
+def test_redis_restarted_mid_job_loses_nothing(client, workers) -> None:
     body = RTN_JOB
     workers.start()
     running = client.post("/v1/jobs", json=body).json()["id"]
@@ -304,13 +304,13 @@ def test_redis_restarted_mid_job_loses_nothing(client, workers) -> None:  # type
         60,
         "the API to reach Redis again",
     )
-    ids = [running, waiting, later.json()["id"]]  # type: ignore[union-attr]
+    ids = [running, waiting, later.json()["id"]]
     results = [finished(client, job_id, workers, timeout=900) for job_id in ids]
     assert [r["status"] for r in results] == ["succeeded"] * 3, [(r["status"], r["error"]) for r in results]
     assert client.get("/health").json()["broker"] is True
 
 
-def test_two_workers_racing_for_one_job_run_it_once(client, workers, dist_settings) -> None:  # type: ignore[no-untyped-def]
+def test_two_workers_racing_for_one_job_run_it_once(client, workers, dist_settings) -> None:
     from service.db import session_factory
     from service.queue import QUANTIZE_TASK, enqueue, make_celery
 
@@ -337,7 +337,7 @@ def test_two_workers_racing_for_one_job_run_it_once(client, workers, dist_settin
     assert len(runs) == 1
 
 
-def test_a_tenants_flood_does_not_starve_another_tenant(client, workers, dist_settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_tenants_flood_does_not_starve_another_tenant(client, workers, dist_settings) -> None:
     """One worker; tenant A submits 4 jobs, then tenant B one: B's job runs second, not fifth."""
     from service.api.auth import create_key
     from service.db import session_factory
@@ -368,7 +368,7 @@ def test_a_tenants_flood_does_not_starve_another_tenant(client, workers, dist_se
     log.info("tenant B waited %.1f s; tenant A's jobs %s s", waits[late], sorted(round(waits[j], 1) for j in flood))
 
 
-def test_fifty_concurrent_submissions_none_lost_or_duplicated(dist_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_fifty_concurrent_submissions_none_lost_or_duplicated(dist_settings, tmp_path) -> None:
     import redis
 
     from service.api.auth import create_key

@@ -41,7 +41,7 @@ def test_lm_evals_request_and_parser_read_our_answer(stack: dict[str, Any], refe
     context, continuation = tokenizer(PROMPT)["input_ids"], tokenizer(" Paris")["input_ids"]
     ids = context + continuation
     # What local-completions sends for a log-likelihood request (max_tokens 1, echo, logprobs 1).
-    payload = LocalCompletionsAPI._create_payload(SimpleNamespace(model=stack["done"]), [ids], generate=False)  # type: ignore[arg-type]
+    payload = LocalCompletionsAPI._create_payload(SimpleNamespace(model=stack["done"]), [ids], generate=False)
     out = _client(stack).completions.create(**payload)
     ((total, greedy),) = LocalCompletionsAPI.parse_logprobs(out.model_dump(), ctxlens=[len(context)])
     assert total == pytest.approx(sum(_library_logprobs(model, ids)[len(context) - 1 :]), abs=2e-4)

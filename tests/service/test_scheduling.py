@@ -13,7 +13,7 @@ from service.scheduling import claim_turn, fair_queue
 from tests.service.test_state_machine import new_job, status
 
 
-def test_a_later_tenant_goes_before_an_earlier_tenants_backlog(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_later_tenant_goes_before_an_earlier_tenants_backlog(sessions) -> None:
     flood = [new_job(sessions, "alice") for _ in range(4)]
     with sessions() as session:
         assert machine.claim(session, flood[0], "w", 30)  # alice's first job runs
@@ -26,7 +26,7 @@ def test_a_later_tenant_goes_before_an_earlier_tenants_backlog(sessions) -> None
         assert fair_queue(session) == [late, *flood[1:]]
 
 
-def test_tenants_alternate_and_each_keeps_its_own_order(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_tenants_alternate_and_each_keeps_its_own_order(sessions) -> None:
     a = [new_job(sessions, "alice") for _ in range(3)]
     b = [new_job(sessions, "bob") for _ in range(2)]
     c = [new_job(sessions, "carol")]
@@ -36,7 +36,7 @@ def test_tenants_alternate_and_each_keeps_its_own_order(sessions) -> None:  # ty
     assert order[:3] == [a[0], b[0], c[0]] and order[3:] == [a[1], b[1], a[2]]
 
 
-def test_the_least_recently_served_tenant_goes_first(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_the_least_recently_served_tenant_goes_first(sessions) -> None:
     a = [new_job(sessions, "alice") for _ in range(2)]
     b = [new_job(sessions, "bob") for _ in range(2)]
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
@@ -47,7 +47,7 @@ def test_the_least_recently_served_tenant_goes_first(sessions) -> None:  # type:
         assert fair_queue(session) == [b[1], a[1]]
 
 
-def test_turns_and_jobs_stay_balanced(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_turns_and_jobs_stay_balanced(sessions) -> None:
     """One message per job, delivered in submission order to one worker: every job runs exactly
     once, and the late tenant's job runs second, not last."""
     flood = [new_job(sessions, "alice") for _ in range(5)]
@@ -65,7 +65,7 @@ def test_turns_and_jobs_stay_balanced(sessions) -> None:  # type: ignore[no-unty
         assert claim_turn(session, late, "w", 30) is None  # a duplicate with nothing queued: dropped
 
 
-def test_an_abandoned_running_job_is_resumed_by_its_own_delivery(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_an_abandoned_running_job_is_resumed_by_its_own_delivery(sessions) -> None:
     first = new_job(sessions, "alice")
     other = new_job(sessions, "bob")
     with sessions() as session:
@@ -75,7 +75,7 @@ def test_an_abandoned_running_job_is_resumed_by_its_own_delivery(sessions) -> No
 
 
 @pytest.mark.parametrize("cancelled", [True, False])
-def test_a_spare_delivery_runs_the_next_queued_job(sessions, cancelled: bool) -> None:  # type: ignore[no-untyped-def]
+def test_a_spare_delivery_runs_the_next_queued_job(sessions, cancelled: bool) -> None:
     """The message of a cancelled job, or a duplicate of a running one, is a turn for someone else."""
     first, second = new_job(sessions, "alice"), new_job(sessions, "alice")
     with sessions() as session:
@@ -86,5 +86,5 @@ def test_a_spare_delivery_runs_the_next_queued_job(sessions, cancelled: bool) ->
         assert claim_turn(session, first, "w2", 30) == second
 
 
-def test_turns_and_jobs_stay_balanced_on_postgres(pg_sessions) -> None:  # type: ignore[no-untyped-def]
+def test_turns_and_jobs_stay_balanced_on_postgres(pg_sessions) -> None:
     test_turns_and_jobs_stay_balanced(pg_sessions)

@@ -33,7 +33,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(predicate, timeout: float, what: str, log: Path) -> None:  # type: ignore[no-untyped-def]
+def _wait(predicate, timeout: float, what: str, log: Path) -> None:
     wait_until(predicate, what, timeout=timeout, interval=0.5, logs=lambda: log.read_text(errors="replace"))
 
 

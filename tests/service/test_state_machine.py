@@ -12,7 +12,7 @@ from service import jobs as machine
 from service.db import Job
 
 
-def new_job(sessions, tenant: str = "t") -> str:  # type: ignore[no-untyped-def]
+def new_job(sessions, tenant: str = "t") -> str:
     job_id = uuid.uuid4().hex
     with sessions() as session:
         session.add(
@@ -32,12 +32,12 @@ def new_job(sessions, tenant: str = "t") -> str:  # type: ignore[no-untyped-def]
     return job_id
 
 
-def status(sessions, job_id: str) -> Job:  # type: ignore[no-untyped-def]
+def status(sessions, job_id: str) -> Job:
     with sessions() as session:
         return session.get(Job, job_id)
 
 
-def race(sessions, job_ids: list[str], workers: int) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+def race(sessions, job_ids: list[str], workers: int) -> dict[str, list[str]]:
     """Every worker tries to claim every job at the same moment; returns job -> winners."""
     winners: dict[str, list[str]] = {j: [] for j in job_ids}
     barrier = threading.Barrier(workers)
@@ -59,7 +59,7 @@ def race(sessions, job_ids: list[str], workers: int) -> dict[str, list[str]]:  #
     return winners
 
 
-def test_concurrent_claims_have_exactly_one_winner(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_claims_have_exactly_one_winner(sessions) -> None:
     job_ids = [new_job(sessions) for _ in range(20)]
     winners = race(sessions, job_ids, workers=4)
     assert all(len(w) == 1 for w in winners.values()), winners
@@ -68,7 +68,7 @@ def test_concurrent_claims_have_exactly_one_winner(sessions) -> None:  # type: i
         assert job.status == "running" and job.worker == winner and job.attempts == 1
 
 
-def test_only_the_holder_finishes_and_only_an_expired_lease_is_taken_over(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_only_the_holder_finishes_and_only_an_expired_lease_is_taken_over(sessions) -> None:
     job_id = new_job(sessions)
     with sessions() as s:
         assert machine.claim(s, job_id, "a", lease_seconds=0.3)
@@ -86,7 +86,7 @@ def test_only_the_holder_finishes_and_only_an_expired_lease_is_taken_over(sessio
     assert job.status == "succeeded" and job.attempts == 2 and job.percent == 100
 
 
-def test_hand_off_passes_a_running_job_to_the_next_step(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_hand_off_passes_a_running_job_to_the_next_step(sessions) -> None:
     job_id = new_job(sessions)
     with sessions() as s:
         assert machine.claim(s, job_id, "quantizer", 30)
@@ -100,7 +100,7 @@ def test_hand_off_passes_a_running_job_to_the_next_step(sessions) -> None:  # ty
     assert (job.status, job.worker, job.attempts, job.started_at) == ("running", "evaluator", 1, started)
 
 
-def test_cancel_queued_is_immediate_running_is_requested(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_queued_is_immediate_running_is_requested(sessions) -> None:
     queued, running = new_job(sessions), new_job(sessions)
     with sessions() as s:
         assert machine.request_cancel(s, queued) == "cancelled"
@@ -111,7 +111,7 @@ def test_cancel_queued_is_immediate_running_is_requested(sessions) -> None:  # t
         assert machine.report_progress(s, running, "w", "quantize", 1, 10, 10.0, 5.0, 30) is True
 
 
-def test_reaper_requeues_expired_leases_and_resends_lost_messages(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_reaper_requeues_expired_leases_and_resends_lost_messages(sessions) -> None:
     from worker.reaper import reap_once
 
     stale, live, waiting = new_job(sessions), new_job(sessions), new_job(sessions)
@@ -129,7 +129,7 @@ def test_reaper_requeues_expired_leases_and_resends_lost_messages(sessions) -> N
     assert sorted(sent) == sorted([(stale, "quantize"), (stale, "quantize"), (waiting, "quantize")])
 
 
-def test_a_job_waiting_for_its_evaluation_is_not_a_dead_worker(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_waiting_for_its_evaluation_is_not_a_dead_worker(sessions) -> None:
     """Quantized and handed off while the only worker quantizes another job: the hand-off's lease
     runs out, but the job stays handed off (its artifact kept); only its evaluation message is
     re-sent, once per requeue_after_seconds, and the evaluator still claims it as the same attempt."""
@@ -155,13 +155,13 @@ def test_a_job_waiting_for_its_evaluation_is_not_a_dead_worker(sessions) -> None
 
 
 @pytest.mark.integration
-def test_concurrent_claims_on_postgres(pg_sessions) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_claims_on_postgres(pg_sessions) -> None:
     job_ids = [new_job(pg_sessions) for _ in range(30)]
     winners = race(pg_sessions, job_ids, workers=6)
     assert all(len(w) == 1 for w in winners.values()), winners
 
 
-def test_reporter_raises_cancel_between_layers_and_lease_loss(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_reporter_raises_cancel_between_layers_and_lease_loss(sessions) -> None:
     from rsavq_core.errors import JobCancelled
     from worker.reporter import Heartbeat, LeaseLost, Reporter
 
@@ -181,7 +181,7 @@ def test_reporter_raises_cancel_between_layers_and_lease_loss(sessions) -> None:
         reporter("quantize", 3, 10)
 
 
-def test_a_cancel_stops_the_work_inside_a_layer(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_cancel_stops_the_work_inside_a_layer(sessions) -> None:
     """The heartbeat notes the cancel request; the inner loops' stop check raises at the next round,
     so a long k-means (one layer, no progress call) stops within a heartbeat, not at its end."""
     import time

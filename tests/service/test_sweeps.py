@@ -14,7 +14,7 @@ from tests.service.conftest import auth
 SWEEP = {"model_id": "smollm2-135m", "bits": [2, 3, 4], "name": "smol", "options": {"calib_samples": 4}}
 
 
-def test_a_sweep_queues_one_named_job_per_budget(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_a_sweep_queues_one_named_job_per_budget(api, keys) -> None:
     r = api.post("/v1/sweeps", json=SWEEP, headers=auth(keys["alice"]))
     assert r.status_code == 202, r.text
     sweep = r.json()
@@ -30,7 +30,7 @@ def test_a_sweep_queues_one_named_job_per_budget(api, keys) -> None:  # type: ig
     assert api.get("/v1/sweeps", headers=auth(keys["bob"])).json()["items"] == []
 
 
-def test_the_table_fills_in_as_jobs_finish(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_the_table_fills_in_as_jobs_finish(api, keys, sessions) -> None:
     sweep = api.post("/v1/sweeps", json=SWEEP, headers=auth(keys["alice"])).json()
     ids = [row["job_id"] for row in sweep["rows"]]
     with sessions() as session:  # what a worker records for the 2- and 3-bit jobs
@@ -56,7 +56,7 @@ def test_the_table_fills_in_as_jobs_finish(api, keys, sessions) -> None:  # type
     assert rows[2] == {**rows[2], "status": "deleted", "job_id": None} and len(rows) == 3
 
 
-def test_a_retried_sweep_with_its_idempotency_key_is_the_same_sweep(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_retried_sweep_with_its_idempotency_key_is_the_same_sweep(api, keys, sessions) -> None:
     headers = {**auth(keys["alice"]), "Idempotency-Key": "sweep-1"}
     first = api.post("/v1/sweeps", json=SWEEP, headers=headers)
     again = api.post("/v1/sweeps", json=SWEEP, headers=headers)
@@ -70,7 +70,7 @@ def test_a_retried_sweep_with_its_idempotency_key_is_the_same_sweep(api, keys, s
         assert session.scalar(select(func.count()).select_from(Job)) == 6
 
 
-def test_deleting_a_sweep_takes_its_jobs_only_once_they_have_ended(api, keys, sessions, settings) -> None:  # type: ignore[no-untyped-def]
+def test_deleting_a_sweep_takes_its_jobs_only_once_they_have_ended(api, keys, sessions, settings) -> None:
     sweep = api.post("/v1/sweeps", json=SWEEP, headers=auth(keys["alice"])).json()
     ids = [row["job_id"] for row in sweep["rows"]]
     url = f"/v1/sweeps/{sweep['id']}"
@@ -103,7 +103,7 @@ def test_deleting_a_sweep_takes_its_jobs_only_once_they_have_ended(api, keys, se
         ({"model_id": "../etc"}, "model_id"),
     ],
 )
-def test_bad_sweeps_are_refused_before_anything_is_stored(api, keys, sessions, change, fragment) -> None:  # type: ignore[no-untyped-def]
+def test_bad_sweeps_are_refused_before_anything_is_stored(api, keys, sessions, change, fragment) -> None:
     r = api.post("/v1/sweeps", json={**SWEEP, **change}, headers=auth(keys["alice"]))
     assert r.status_code == 422 and fragment in r.json()["error"]["message"], r.text
     with sessions() as session:
@@ -111,14 +111,14 @@ def test_bad_sweeps_are_refused_before_anything_is_stored(api, keys, sessions, c
         assert session.scalar(select(func.count()).select_from(Job)) == 0
 
 
-def test_a_sweep_counts_every_budget_against_the_tenants_limit(api, keys, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_sweep_counts_every_budget_against_the_tenants_limit(api, keys, settings) -> None:
     many = {**SWEEP, "bits": [2, 2.5, 3, 3.5, 4, 5, 6, 7]}
     assert api.post("/v1/sweeps", json=many, headers=auth(keys["alice"])).status_code == 202
     r = api.post("/v1/sweeps", json={**SWEEP, "bits": [2, 3]}, headers=auth(keys["alice"]))
     assert r.status_code == 429 and "adds 2" in r.json()["error"]["message"]
 
 
-def test_the_command_line_prints_the_budgets_side_by_side(api, keys) -> None:  # type: ignore[no-untyped-def]
+def test_the_command_line_prints_the_budgets_side_by_side(api, keys) -> None:
     from service.cli.remote import sweep_table
 
     sweep = api.post("/v1/sweeps", json=SWEEP, headers=auth(keys["alice"])).json()
@@ -130,7 +130,7 @@ def test_the_command_line_prints_the_budgets_side_by_side(api, keys) -> None:  #
     assert lines[3].split()[:6] == ["3", "queued", "-", "-", "-", "-"]
 
 
-def test_a_concurrent_retry_that_loses_the_insert_gets_the_winners_row(api, keys, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_concurrent_retry_that_loses_the_insert_gets_the_winners_row(api, keys, sessions) -> None:
     from service.api.submission import insert_or_retried
 
     won = api.post("/v1/sweeps", json=SWEEP, headers={**auth(keys["alice"]), "Idempotency-Key": "race"}).json()

@@ -65,6 +65,7 @@ def generation_client(ctx: Context) -> httpx.AsyncClient:
             base_url=ctx.settings.generation_url, timeout=httpx.Timeout(None, connect=10.0), headers=headers
         )
         ctx.generation_client = client
+    assert isinstance(client, httpx.AsyncClient)
     return client
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
-from rsavq_core.config.knobs import knob
+from rsavq_core.config.knobs import MethodOptions, knob
 from rsavq_core.errors import ConfigError
-from rsavq_core.methods.registry import MethodOptions
 
 # Codebooks of 2^(bits * d) entries: beyond 2^16 a k-means over them is neither fast nor useful.
 MAX_INDEX_BITS = 16
@@ -192,7 +191,10 @@ class VQOptions(MethodOptions):
         return max(1, lo), min(cap, hi)
 
 
-def _resolved(value: Any, name: str) -> Any:
+T = TypeVar("T")
+
+
+def _resolved(value: T | None, name: str) -> T:
     if value is None:
         raise ConfigError(f"{name} is derived from the bits: read it from a QuantConfig's options")
     return value
