@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from random_vq import quantize_randomly  # noqa: E402
+from random_vq import quantize_randomly
 
-from rsavq_core.runs.replay import parse_args, record  # noqa: E402
+from rsavq_core.runs.replay import parse_args, record
 
 
 def llama_7b(device: str, dtype: torch.dtype) -> nn.Module:

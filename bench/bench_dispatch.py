@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from random_vq import random_vq_layer  # noqa: E402
+from random_vq import random_vq_layer
 
-from rsavq_core.runs.replay import parse_args, record  # noqa: E402
+from rsavq_core.runs.replay import parse_args, record
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [1, 2, 3, 4, 6, 8, 12, 16]

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from random_vq import random_vq_layer  # noqa: E402
+from random_vq import random_vq_layer
 
-from rsavq_core.runs.replay import parse_args, record  # noqa: E402
+from rsavq_core.runs.replay import parse_args, record
 
 # (out, in): q/k/v/o, LLaMA-7B up/gate, LLaMA-7B down, LLaMA-3-8B up/gate.
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]

@@ -9,18 +9,26 @@ import pytest
 import torch
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted, so the switch
-# must be set before any test imports ``kernels``. Without a GPU, the interpreter is the only
-# way to run the kernels (tests marked ``interpret``); model code still takes the reference path
-# unless a test also sets RSAVQ_KERNELS=interpret.
-if not torch.cuda.is_available():
+# must be set before any test imports ``kernels``. By default every run interprets (the tests
+# marked ``interpret`` check each kernel against its reference, on any host, a GPU host included);
+# ``make test-gpu`` sets RSAVQ_TEST_COMPILED=1 for the run of the tests marked ``gpu``, which
+# compile the kernels for the GPU, and runs the interpreter tests in a second process. Model
+# code still takes the reference path unless a test also sets RSAVQ_KERNELS=interpret.
+COMPILED = os.environ.get("RSAVQ_TEST_COMPILED") == "1"
+if not COMPILED:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if COMPILED and not torch.cuda.is_available():
+        raise pytest.UsageError("RSAVQ_TEST_COMPILED=1 (make test-gpu) needs a CUDA GPU: none is visible here")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU and compiled kernels (make test-gpu)")
     skip_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 set before the kernels are imported")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if "gpu" in item.keywords and not (COMPILED and torch.cuda.is_available()):
             item.add_marker(skip_gpu)
         if "interpret" in item.keywords and os.environ.get("TRITON_INTERPRET") != "1":
             item.add_marker(skip_interp)

@@ -20,7 +20,7 @@ def _register() -> None:
         from rsavq_core.integrations.hf_quantizer import register
 
         register()
-    except Exception as exc:  # noqa: BLE001 - any failure here would otherwise fail transformers' import
+    except Exception as exc:  # any failure here would otherwise fail transformers' import
         message = f"rsavq: could not register with transformers ({exc}); from_pretrained will not load artifacts"
         warnings.warn(message, stacklevel=2)
 

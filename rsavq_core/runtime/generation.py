@@ -165,7 +165,7 @@ def stream_completion(
                     stopping_criteria=StoppingCriteriaList([stops]),
                     **_generate_kwargs(tokenizer, params),
                 )
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+        except BaseException as exc:  # re-raised in the caller's thread below
             result["error"] = exc
             stops.deltas.put(None)
 

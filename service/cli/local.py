@@ -37,7 +37,7 @@ def fail_leftover_jobs(data_dir: Path) -> list[str]:
 
 def start_server(data_dir: Path, port: int, timeout_s: float = 120.0) -> subprocess.Popen[bytes]:
     """``rsavq serve`` on 127.0.0.1:port, its output appended to ``data_dir/serve.log``."""
-    log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
+    log = open(data_dir / "serve.log", "ab")  # lives as long as the server
     server = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
         stdout=log,

@@ -53,7 +53,7 @@ def _die_with_parent() -> None:
 
 def _child(command: list[str], settings: Settings, log_name: str) -> subprocess.Popen[bytes]:
     """A process that lives and dies with `rsavq serve`, logging to the data dir."""
-    log_file = open(settings.data_dir / log_name, "ab")  # noqa: SIM115 - lives as long as the child
+    log_file = open(settings.data_dir / log_name, "ab")  # lives as long as the child
     child = subprocess.Popen(
         command,
         env={**os.environ, **settings.to_env()},

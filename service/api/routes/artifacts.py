@@ -90,7 +90,7 @@ def download(
     tenant: Tenant,
     ctx: Ctx,
     session: DbSession,
-    range: Annotated[str | None, Header()] = None,  # noqa: A002
+    range: Annotated[str | None, Header()] = None,  # the header's name, though it shadows the builtin
     if_range: Annotated[str | None, Header()] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
