@@ -15,7 +15,9 @@ from typing import Any
 
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
+from rsavq_core.methods.registry import methods
 from rsavq_core.runs.summaries import evaluate_summary, in_fresh_process, parse_tasks, quantize_summary
+from rsavq_core.runs.tables import fmt
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,13 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     *_cumulative_rows(),
     ("default", "rsavq", {}),  # the defaults, whatever they are: what a user gets without flags
 ]
-DISPLAY_ORDER = ["FP", *[label for label, _, _ in ROWS]]
+
+
+def all_rows() -> list[tuple[str, str, dict[str, Any]]]:
+    """``ROWS``, then one row at its defaults for every registered method no row above runs: a
+    method added to the registry appears in the ablation without an edit here."""
+    covered = {method for _, method, _ in ROWS}
+    return [*ROWS, *[(f"{m.name} (defaults)", m.name, {}) for m in methods() if m.name not in covered]]
 
 
 def _eval_flags(tasks: str | None, limit: int | None, windows: int | None) -> list[str]:
@@ -92,9 +100,10 @@ def run_ablation(
 ) -> dict[str, Any]:
     """Run every row (or those labelled in ``rows``) at every bit width; write ``ablation.json`` and
     ``ablation.md`` in out_dir. Rows finished by an earlier run with the same evaluation are kept."""
-    unknown = sorted(set(rows or []) - {label for label, _, _ in ROWS})
+    planned = all_rows()
+    unknown = sorted(set(rows or []) - {label for label, _, _ in planned})
     if unknown:
-        raise ConfigError(f"unknown ablation row(s) {', '.join(unknown)}; rows: {', '.join(r[0] for r in ROWS)}")
+        raise ConfigError(f"unknown ablation row(s) {', '.join(unknown)}; rows: {', '.join(r[0] for r in planned)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = _eval_flags(tasks, limit, windows)
     evaluation = {"ppl": True, "tasks": parse_tasks(tasks), "limit": limit, "perplexity_windows": windows}
@@ -104,7 +113,7 @@ def run_ablation(
     if not any(r["label"] == "FP" for r in done):
         done.append(_fp_row(model, evaluation, flags))
     for b in bits:
-        for label, method, knobs in ROWS:
+        for label, method, knobs in planned:
             if rows and label not in rows:
                 continue
             if any(r["label"] == label and r["target_bits"] == b for r in done):
@@ -140,8 +149,11 @@ def _finished_rows(path: Path, model: str, flags: list[str]) -> list[dict[str, A
     return [r for r in saved.get("rows", []) if r.get("eval_flags") == flags]
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def _display_order(rows: list[dict[str, Any]]) -> list[str]:
+    """FP, the planned rows in order, then any other label the results hold (rows of methods
+    registered when they ran)."""
+    order = ["FP", *[label for label, _, _ in all_rows()]]
+    return list(dict.fromkeys([*order, *(r["label"] for r in rows)]))
 
 
 def markdown_table(rows: list[dict[str, Any]], limit: int | None) -> str:
@@ -153,7 +165,7 @@ def markdown_table(rows: list[dict[str, Any]], limit: int | None) -> str:
     fp = next(r for r in rows if r["label"] == "FP")
     for b in sorted({r["target_bits"] for r in rows if r["target_bits"] is not None}):
         group = {r["label"]: r for r in rows if r["target_bits"] == b}
-        for label in DISPLAY_ORDER:
+        for label in _display_order(rows):
             r = fp if label == "FP" else group.get(label)
             if r is None:
                 continue
@@ -162,12 +174,12 @@ def markdown_table(rows: list[dict[str, Any]], limit: int | None) -> str:
             zs = ev.get("zero_shot", {}).get("average")
             bpw = r["bits"]["quantized"]["bpw"] if "bits" in r else None
             t = r.get("timings", {})
-            stats = "cached" if r.get("stats_cached") else _fmt(t.get("statistics"), 0)
-            timing = f"{_fmt(t.get('total'), 0)} ({stats})" if t else "–"
+            stats = "cached" if r.get("stats_cached") else fmt(t.get("statistics"), 0)
+            timing = f"{fmt(t.get('total'), 0)} ({stats})" if t else "–"
             lines.append(
-                f"| {b:g} | {label} | {_fmt(bpw, 4) if bpw else '16 (fp16)'} | {_fmt(ppl)} | "
-                f"{_fmt(zs * 100 if zs is not None else None, 1)} | {timing} | "
-                f"{_fmt(r.get('peak_rss_gb'))} |"
+                f"| {b:g} | {label} | {fmt(bpw, 4) if bpw else '16 (fp16)'} | {fmt(ppl)} | "
+                f"{fmt(zs * 100 if zs is not None else None, 1)} | {timing} | "
+                f"{fmt(r.get('peak_rss_gb'))} |"
             )
     note = f"\nZero-shot: first {limit} items of each task.\n" if limit else ""
     return head + "\n".join(lines) + "\n" + note

@@ -38,7 +38,47 @@ def test_a_configuration_already_measured_is_shown_not_rerun(tmp_path: Path, mon
 
     monkeypatch.setattr(ablation, "in_fresh_process", fake_run)
     monkeypatch.setattr(ablation, "ROWS", [("a", "rtn", {"group_size": 64}), ("b", "rtn", {"group_size": 64})])
-    result = ablation.run_ablation("m", [3], out_dir=tmp_path, tasks=None, limit=None)
+    result = ablation.run_ablation("m", [3], out_dir=tmp_path, tasks=None, limit=None, rows=["a", "b"])
     assert runs == ["FP", "a"]
     b = next(r for r in result["rows"] if r["label"] == "b")
     assert b["same_as"] == "a" and b["eval"]["perplexity"]["ppl"] == 1.0
+
+
+def test_a_registered_method_appears_in_the_ablation_without_edits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARCHITECTURE.md's promise: register a method, and the ablation runs and shows it."""
+    from rsavq_core.config.knobs import MethodOptions
+    from rsavq_core.methods.registry import QuantMethod, StatsNeeds, register_method, unregister_method
+
+    @register_method
+    class Plain(QuantMethod):
+        name = "plain-test"
+        summary = "a method only this test knows"
+        options_type = MethodOptions
+
+        def statistics(self, cfg: QuantConfig) -> StatsNeeds:
+            return StatsNeeds()
+
+        def quantize_layer(self, weight, bias, stats, cfg, shared=None):
+            raise AssertionError("not run: the ablation's runs are faked here")
+
+    def fake_run(label: str, fn: Any, model: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if isinstance(args[0], QuantConfig):
+            return {
+                "config": args[0].to_dict(),
+                "eval": {"perplexity": {"ppl": 2.0}},
+                "bits": {"quantized": {"bpw": 3.0}},
+            }
+        return {"perplexity": {"ppl": 1.0}}
+
+    try:
+        assert ("plain-test (defaults)", "plain-test", {}) in ablation.all_rows()
+        monkeypatch.setattr(ablation, "in_fresh_process", fake_run)
+        result = ablation.run_ablation(
+            "m", [3], out_dir=tmp_path, tasks=None, limit=None, rows=["plain-test (defaults)"]
+        )
+        assert [r["label"] for r in result["rows"]] == ["FP", "plain-test (defaults)"]
+        assert "| 3 | plain-test (defaults) |" in (tmp_path / "ablation.md").read_text()
+    finally:
+        unregister_method("plain-test")

@@ -79,8 +79,9 @@ def assert_same_layer(a: QuantizedLayer, b: QuantizedLayer) -> None:
     assert (a.out_features, a.in_features) == (b.out_features, b.in_features)
     assert (a.bias is None) == (b.bias is None)
     if a.bias is not None:
-        assert torch.equal(a.bias, b.bias)
+        assert b.bias is not None and torch.equal(a.bias, b.bias)
     if isinstance(a, VQLayer):
+        assert isinstance(b, VQLayer)
         assert (a.vector_len, a.n_pq) == (b.vector_len, b.n_pq)
         assert torch.equal(a.perm, b.perm)
         assert len(a.groups) == len(b.groups)
@@ -90,12 +91,14 @@ def assert_same_layer(a: QuantizedLayer, b: QuantizedLayer) -> None:
             assert torch.equal(ga.indices, gb.indices)
         assert (a.row_scale is None) == (b.row_scale is None)
         if a.row_scale is not None:
+            assert b.row_scale is not None
             assert torch.equal(a.row_scale, b.row_scale) and b.row_scale.dtype == torch.float16
         assert (a.outliers is None) == (b.outliers is None)
         if a.outliers is not None and b.outliers is not None:
             assert torch.equal(a.outliers.index, b.outliers.index) and torch.equal(a.outliers.value, b.outliers.value)
             assert b.outliers.value.dtype == torch.float16
     else:
+        assert isinstance(a, ScalarLayer) and isinstance(b, ScalarLayer)
         assert (a.bits, a.group_size) == (b.bits, b.group_size)
         for field in ("codes", "scales", "zeros"):
             assert torch.equal(getattr(a, field), getattr(b, field))
@@ -144,7 +147,9 @@ def test_round_trip(saved: tuple[Path, dict[str, QuantizedLayer]], tiny_llama: A
         assert_same_layer(layer, art.layers[name])
     q, s = art.packed["model.layers.0.self_attn.q_proj"], art.packed["model.layers.1.mlp.down_proj"]
     assert set(q) == {"g0_indices", "g1_indices", "g2_indices"} and set(s) == {"codes"}
-    g1 = layers["model.layers.0.self_attn.q_proj"].groups[1]
+    q_layer = layers["model.layers.0.self_attn.q_proj"]
+    assert isinstance(q_layer, VQLayer)
+    g1 = q_layer.groups[1]
     assert torch.equal(q["g1_indices"], pack_codes(g1.indices, 2))
     # Non-quantized state: fp16, quantized linears' weights absent, the tied lm_head stored once.
     model, _ = tiny_llama
@@ -193,7 +198,7 @@ def test_tensor_names_and_dtypes(saved: tuple[Path, dict[str, QuantizedLayer]]) 
 def test_save_replaces_existing_dir_atomically(saved: tuple[Path, dict[str, QuantizedLayer]], tiny_llama: Any) -> None:
     out, _ = saved
     model, tokenizer = tiny_llama
-    layers = {"model.layers.0.mlp.gate_proj": make_scalar_layer(96, 48, 2, 48, seed=9)}
+    layers: dict[str, QuantizedLayer] = {"model.layers.0.mlp.gate_proj": make_scalar_layer(96, 48, 2, 48, seed=9)}
     save_checkpoint(
         out,
         model=model,
@@ -209,7 +214,8 @@ def test_save_replaces_existing_dir_atomically(saved: tuple[Path, dict[str, Quan
 
 def test_reserved_or_non_string_extra_metadata(tmp_path: Path, tiny_llama: Any) -> None:
     model, tokenizer = tiny_llama
-    for extra in ({"format": "x"}, {"seconds": 1.5}):
+    extras: tuple[dict[str, Any], ...] = ({"format": "x"}, {"seconds": 1.5})  # Any: a non-string value on purpose
+    for extra in extras:
         with pytest.raises(ConfigError):
             save_checkpoint(
                 tmp_path / "c",

@@ -47,7 +47,7 @@ def layers(smol: Any) -> dict[str, tuple[torch.Tensor, Any, torch.Tensor]]:
     for b in BLOCKS:
         stats, _ = block_statistics(blocks[b], inputs[b], kwargs[b], None, fisher="exact", seq_len=512)
         for n in LAYERS:
-            out[f"{b}.{n}"] = (blocks[b].get_submodule(n).weight.detach(), stats[n], torch.cat(held[f"{b}.{n}"]))
+            out[f"{b}.{n}"] = (blocks[b].get_parameter(f"{n}.weight").detach(), stats[n], torch.cat(held[f"{b}.{n}"]))
     return out
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsavq_core.checkpoint.bitcount import BitCount, layer_bits, model_bits
+from rsavq_core.checkpoint.bitcount import layer_bits, model_bits
 from rsavq_core.checkpoint.packed import WEIGHTS_FILE, save_checkpoint
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
+from rsavq_core.formats.base import BitCount
 from rsavq_core.formats.registry import get_format
 from rsavq_core.formats.vq_layer import ideal_vq_bpw
 from rsavq_core.pipeline.resume import FinishedLayers

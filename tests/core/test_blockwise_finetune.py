@@ -3,6 +3,7 @@ model) and its normalisation weights (trained, stored, resumed)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from rsavq_core.settings import override
 
 def _rtn_block(block: torch.nn.Module, names: list[str]) -> dict[str, Any]:
     cfg = QuantConfig.for_method("rtn", bits=2, group_size=16)
-    return {n: quantize_layer(block.get_submodule(n).weight.detach(), None, None, cfg)[0] for n in names}
+    return {n: quantize_layer(block.get_parameter(f"{n}.weight").detach(), None, None, cfg)[0] for n in names}
 
 
 def test_the_float_walk_follows_the_float_model_while_the_quantized_one_drifts(tiny_llama: Any, one_thread: None):
@@ -105,7 +106,7 @@ def test_block_tuned_norms_are_saved_and_resumed(tiny_folder: Path, tmp_path: Pa
         loaded, _, _ = load_quantized_model(str(tmp_path / "packed"))
         assert torch.equal(loaded.get_parameter(norm).float(), tuned.float())
 
-        def no_finetuning(stage: str, *_: Any) -> None:
+        def no_finetuning(stage: str, done: int, total: int, detail: Mapping[str, float] | None = None) -> None:
             assert not stage.startswith("fine-tune"), "a resumed run fine-tuned again"
 
         again = quantize_model(str(tiny_folder), cfg, checkpoint_dir=tmp_path / "work", progress=no_finetuning)
@@ -121,7 +122,7 @@ def test_row_scales_and_outliers_are_trained_with_the_codebooks(tiny_llama: Any,
     walker = BlockInputs(model, tokens, micro_batch=1)
     block, names = layout.blocks[0], layout.linear_names(0)
     cfg = QuantConfig.for_method("kmeans", bits=2, kmeans_iters=2, row_scales=True, outliers=0.01)
-    one_shot = {n: quantize_layer(block.get_submodule(n).weight.detach(), None, None, cfg)[0] for n in names}
+    one_shot = {n: quantize_layer(block.get_parameter(f"{n}.weight").detach(), None, None, cfg)[0] for n in names}
     tuned, _, report = finetune_block(block, one_shot, walker.inputs, walker.block_kwargs, steps=16, lr=1e-4)
     assert report["kept"] and report["loss_after"] < report["loss_before"], report
     layer, before = tuned[names[0]], one_shot[names[0]]

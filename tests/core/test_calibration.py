@@ -79,8 +79,10 @@ def reference(tiny_llama: Any, tokens: torch.Tensor) -> dict[str, dict[str, Any]
             loss = sequence_loss(model, tokens[s])
             loss.backward()
             for name, mod in linears.items():
-                grads[name].append(mod.weight.grad.detach().clone())
-                deltas[name].append(outs[name].grad.detach().reshape(-1, mod.out_features))
+                weight_grad, output_grad = mod.weight.grad, outs[name].grad
+                assert weight_grad is not None and output_grad is not None
+                grads[name].append(weight_grad.detach().clone())
+                deltas[name].append(output_grad.detach().reshape(-1, mod.out_features))
                 mod.weight.grad = None
     finally:
         for h in handles:
@@ -167,6 +169,8 @@ def test_kfac_fisher(tiny_llama: Any, tokens: torch.Tensor, reference: dict[str,
     for name, st in stats.items():
         ref = reference[name]
         assert st.tau == 1.0
+        assert st.grad_mean is not None and st.fisher_out is not None
+        assert st.fisher_in is not None and st.hessian is not None
         assert torch.equal(st.fisher_in, st.hessian)
         close(st.hessian, ref["hessian"])
         close(st.fisher_out, ref["kfac_out"])
@@ -178,6 +182,7 @@ def test_hessian_only(tiny_llama: Any, tokens: torch.Tensor, reference: dict[str
     stats = run_statistics(model, tokens, "exact", 2, want_grads=False)
     for name, st in stats.items():
         assert st.grad_mean is None and st.fisher_out is None and st.fisher_in is None
+        assert st.hessian is not None and st.hessian_first is not None
         close(st.hessian, reference[name]["hessian"])
         close(st.hessian_first, reference[name]["hessian_first"])
 
@@ -189,8 +194,10 @@ def test_sink_protection_gives_the_first_tokens_a_share_of_the_trace(tiny_llama:
     stats = run_statistics(model, tokens, "exact", 2, want_grads=False)
     st = stats["model.layers.1.self_attn.v_proj"]
     assert sink_protected_hessian(st, 0.0) is st.hessian
+    assert st.hessian is not None and st.hessian_first is not None
 
     def first_share(h: torch.Tensor) -> float:
+        assert st.hessian is not None and st.hessian_first is not None
         first = float(st.hessian_first.double().trace())
         extra = float((h - st.hessian).double().trace())  # c tr(H₀)
         return (first / T + extra) / float(h.double().trace())

@@ -25,9 +25,14 @@ def test_layers_round_trip_and_survive_a_new_process_object(tmp_path: Path) -> N
     ckpt.save("b.down", scalar, {"bits": [3]})
     again = FinishedLayers(tmp_path, CFG, "fp1")  # what a restarted worker builds
     assert again.finished() == ["a.q", "b.down"]
-    layer, report = again.load("a.q")
-    assert_same_layer(vq, layer) and report == {"bits": [2, 1, 3], "proxy_error": 0.25}
-    assert_same_layer(scalar, again.load("b.down")[0])
+    loaded = again.load("a.q")
+    assert loaded is not None
+    layer, report = loaded
+    assert_same_layer(vq, layer)
+    assert report == {"bits": [2, 1, 3], "proxy_error": 0.25}
+    loaded = again.load("b.down")
+    assert loaded is not None
+    assert_same_layer(scalar, loaded[0])
 
 
 def test_a_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from rsavq_core.errors import ConfigError
 from rsavq_core.methods.registry import method_names
 
 
-def vq(**knobs: object) -> QuantConfig:
+def vq(**knobs: Any) -> QuantConfig:
     """An RSAVQ config from flat knobs (the shared ones and the method's options)."""
     return QuantConfig.for_method("rsavq", **knobs)
 
@@ -77,7 +78,7 @@ def test_unknown_choice_lists_the_choices(field: str, value: str) -> None:
 
 @pytest.mark.parametrize("field", ["vector_len", "n_pq", "n_groups", "kmeans_iters", "calib_samples", "group_size"])
 @pytest.mark.parametrize("value", [0, -3, 2.0, True])
-def test_integer_fields_must_be_positive_integers(field: str, value: object) -> None:
+def test_integer_fields_must_be_positive_integers(field: str, value: Any) -> None:
     method = "rtn" if field == "group_size" else "rsavq"
     with pytest.raises(ConfigError, match=rf"{field} must be (a positive integer|an integer in \[1, \d+\])"):
         QuantConfig.for_method(method, **{field: value})

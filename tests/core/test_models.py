@@ -14,13 +14,8 @@ import torch
 from torch import nn
 
 from rsavq_core.errors import ModelResolutionError, UnsupportedModelError
-from rsavq_core.models.resolve import (
-    describe_linears,
-    find_decoder_layout,
-    model_fingerprint,
-    quantizable_linears,
-    resolve_model,
-)
+from rsavq_core.models.layout import describe_linears, find_decoder_layout, quantizable_linears
+from rsavq_core.models.resolve import model_fingerprint, resolve_model
 from tests.timing import patience
 
 LLAMA_LINEARS = [

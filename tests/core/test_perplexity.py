@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -57,12 +58,16 @@ def test_protocol_name_labels_variants(tiny_llama) -> None:
 def test_progress_reports_every_batch(tiny_llama) -> None:
     model, tok = tiny_llama
     calls: list[tuple[int, int]] = []
-    perplexity(model, tok, n_windows=5, length=32, batch_size=2, progress=lambda stage, d, t: calls.append((d, t)))
+    perplexity(
+        model, tok, n_windows=5, length=32, batch_size=2, progress=lambda stage, d, t, detail=None: calls.append((d, t))
+    )
     assert calls == [(2, 5), (4, 5), (5, 5)]
 
 
 class _BufferLinear(nn.Module):
     """A stand-in for a quantized layer: not an nn.Linear, weight held as a buffer."""
+
+    weight: torch.Tensor
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -87,7 +92,7 @@ def test_works_with_replaced_linears_and_low_precision(tiny_llama) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"n_windows": 0}, {"length": 1}, {"batch_size": 0}])
-def test_invalid_arguments(tiny_llama, kwargs: dict[str, int]) -> None:
+def test_invalid_arguments(tiny_llama, kwargs: dict[str, Any]) -> None:
     model, tok = tiny_llama
     with pytest.raises(ConfigError):
         perplexity(model, tok, **kwargs)

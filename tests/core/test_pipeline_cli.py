@@ -6,12 +6,13 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 
 from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.data.windows import calibration_windows
 from rsavq_core.errors import ConfigError
 from rsavq_core.formats.scalar import ScalarLayer
 from rsavq_core.formats.vq_layer import VQLayer
@@ -23,8 +24,8 @@ from rsavq_core.settings import override
 from service.cli import main
 from tests.timing import patience
 
-CALIB = dict(calib_samples=2, calib_len=16)
-SMALL = dict(**CALIB, kmeans_iters=2, n_groups=2)
+CALIB: dict[str, Any] = dict(calib_samples=2, calib_len=16)
+SMALL: dict[str, Any] = dict(**CALIB, kmeans_iters=2, n_groups=2)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def workspace(
     folder = root / "tiny"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    real = pipeline_calibration.calibration_windows
+    real = calibration_windows
     memo: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def windows(tok: Any, n: int, length: int, **sampling: Any) -> torch.Tensor:
@@ -72,8 +73,10 @@ def reference_logits(result: QuantizeResult, ids: torch.Tensor) -> torch.Tensor:
             p.copy_(p.half().float())
         for name, layer in result.layers.items():
             lin = ref.get_submodule(name)
+            assert isinstance(lin, torch.nn.Linear)
             lin.weight.copy_(layer.dequantize(torch.float32))
             if lin.bias is not None:
+                assert layer.bias is not None
                 lin.bias.copy_(layer.bias.float())
         return ref(ids).logits
 
@@ -109,6 +112,7 @@ def test_rsavq_end_to_end(workspace: tuple[Path, Path], rsavq_run: QuantizeResul
     for name, layer in result.layers.items():
         assert isinstance(layer, VQLayer) and len(layer.groups) == 2
         mod = result.model.get_submodule(name)
+        assert isinstance(mod, torch.nn.Linear)
         assert (layer.out_features, layer.in_features) == (mod.out_features, mod.in_features)
         spent = sum(g.bits * (g.stop - g.start) for g in layer.groups)
         assert spent <= 2 * layer.in_features
@@ -143,7 +147,7 @@ def test_second_run_reuses_statistics(workspace: tuple[Path, Path], rsavq_run: Q
     assert sorted((root / "cache" / "stats").iterdir()) == stores  # nothing new was computed
     assert again.out_dir is None
     assert all(
-        sum(g.bits * (g.stop - g.start) for g in layer.groups) <= 3 * layer.in_features
+        isinstance(layer, VQLayer) and sum(g.bits * (g.stop - g.start) for g in layer.groups) <= 3 * layer.in_features
         for layer in again.layers.values()
     )
     # a Hessian-only method is served by the store with gradients, too
@@ -228,7 +232,7 @@ def test_sequential_hessians_see_the_quantized_blocks(workspace: tuple[Path, Pat
     assert "statistics" not in seq.timings  # Hessian-only: nothing from the float model's cache is needed
 
     def codes(result: QuantizeResult, block: int) -> dict[str, torch.Tensor]:
-        return {n: layer.codes for n, layer in result.layers.items() if f".{block}." in n}
+        return {n: cast(ScalarLayer, layer).codes for n, layer in result.layers.items() if f".{block}." in n}
 
     assert all(torch.equal(a, b) for a, b in zip(codes(fp, 0).values(), codes(seq, 0).values(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(codes(fp, 1).values(), codes(seq, 1).values(), strict=True))
@@ -239,7 +243,7 @@ def test_blockwise_finetuning_lowers_each_blocks_output_error(
     workspace: tuple[Path, Path], method: str, target: str
 ) -> None:
     _, folder = workspace
-    knobs = {
+    knobs: dict[str, Any] = {
         **(SMALL if method == "rsavq" else CALIB),
         "block_finetune_steps": 12,
         "block_finetune_lr": 3e-4,

@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,7 +71,7 @@ def test_a_recorded_config_replays_to_the_same_config(method: str, bits: int, kn
 
 def test_summary_rows_replay_their_resolved_configs_not_todays_defaults(tmp_path: Path) -> None:
     recorded = QuantConfig.for_method("rsavq", bits=3, block_finetune_steps=5).to_dict()
-    evaluation = {"ppl": True, "tasks": None, "limit": None, "perplexity_windows": 2, "texts": []}
+    evaluation: dict[str, Any] = {"ppl": True, "tasks": None, "limit": None, "perplexity_windows": 2, "texts": []}
     rows = [
         {"label": "FP", "target": "m", "evaluation": evaluation},
         {"label": "q", "model": "m", "config": recorded, "evaluation": evaluation},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from rsavq_core.models.layout import quantizable_linears
 from rsavq_core.runtime import QuantLinear, load_quantized_model, quantize_in_place
 from tests.core.test_artifact import assert_same_layer, make_scalar_layer, make_vq_layer
 
-LAYERS = {
+LAYERS: dict[str, Callable[[], QuantizedLayer]] = {
     "vq": lambda: make_vq_layer(10, 7, 4, 2, [2, 1], bias=True, seed=5),
     "vq_mixed": lambda: make_vq_layer(24, 48, 6, 2, [3, 2, 2, 1], seed=6),
     "vq_row_scales": lambda: make_vq_layer(13, 20, 6, 3, [2, 1], bias=True, seed=8, row_scales=True),
@@ -71,10 +72,11 @@ def test_weight_cache_is_keyed_and_invalidated() -> None:
 
 def test_prepacked_words_are_used_and_checked() -> None:
     layer = LAYERS["scalar"]()
+    assert isinstance(layer, ScalarLayer)
     words = pack_codes(layer.codes, layer.bits)
     qlin = QuantLinear(layer, packed={"codes": words})
-    assert qlin.codes.data_ptr() == words.data_ptr()  # taken as is, not packed again
-    assert torch.equal(qlin.codes, QuantLinear(layer).codes)
+    assert qlin.get_buffer("codes").data_ptr() == words.data_ptr()  # taken as is, not packed again
+    assert torch.equal(qlin.get_buffer("codes"), QuantLinear(layer).get_buffer("codes"))
     with pytest.raises(UnsupportedShapeError, match="packed codes"):
         QuantLinear(layer, packed={"codes": words[:-1]})
 
@@ -138,7 +140,7 @@ def test_end_to_end_save_and_load(tmp_path: Path, tiny_llama: Any) -> None:
     assert not loaded.training
     assert set(art.layers) == set(layers)
     assert all(isinstance(loaded.get_submodule(name), QuantLinear) for name in layers)
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.get_parameter("lm_head.weight") is loaded.get_parameter("model.embed_tokens.weight")
     assert tok is not None and len(tok) == len(tokenizer)
 
     # Reference: the FP model with its other params rounded through fp16 and the same layers swapped in.
@@ -164,7 +166,7 @@ def test_load_in_bfloat16(tmp_path: Path, tiny_llama: Any) -> None:
     loaded32, tok, _ = load_quantized_model(out)
     loaded16, _, _ = load_quantized_model(out, dtype=torch.bfloat16)
     assert tok is None  # saved without a tokenizer
-    assert loaded16.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded16.get_parameter("model.embed_tokens.weight").dtype == torch.bfloat16
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         lo, hi = loaded16(ids).logits, loaded32(ids).logits

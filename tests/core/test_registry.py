@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pytest
 import torch
@@ -88,7 +88,7 @@ class SignOptions(MethodOptions):
 class SignMethod(QuantMethod):
     name = KIND
     summary = "one sign bit per weight and a scale per row (a test method)"
-    options_type = SignOptions
+    options_type: ClassVar[type[MethodOptions]] = SignOptions
 
     def validate(self, cfg: QuantConfig) -> None:
         if cfg.bits != 1:
@@ -98,7 +98,7 @@ class SignMethod(QuantMethod):
         return StatsNeeds()
 
     def quantize_layer(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: Any, cfg: QuantConfig
+        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: Any, cfg: QuantConfig, shared: Any = None
     ) -> tuple[SignLayer, dict[str, Any]]:
         w = weight.detach().float()
         rule = cfg.options_as(SignOptions).scale_rule
@@ -143,7 +143,7 @@ def test_a_new_method_and_format_run_end_to_end(registered: None, tiny_folder: P
     assert all(isinstance(loaded.get_submodule(name), QuantLinear) for name in result.layers)
     for name, layer in result.layers.items():
         back = checkpoint.layers[name]
-        assert isinstance(back, SignLayer) and torch.equal(back.signs, layer.signs)
+        assert isinstance(back, SignLayer) and isinstance(layer, SignLayer) and torch.equal(back.signs, layer.signs)
         assert torch.equal(back.scales, layer.scales)
 
     reference = copy.deepcopy(result.model)  # the float model with the dequantized weights in place
@@ -151,7 +151,7 @@ def test_a_new_method_and_format_run_end_to_end(registered: None, tiny_folder: P
         for p in reference.parameters():
             p.copy_(p.half().float())  # what the checkpoint stores for the other tensors
         for name, layer in result.layers.items():
-            reference.get_submodule(name).weight.copy_(layer.dequantize())
+            reference.get_parameter(f"{name}.weight").copy_(layer.dequantize())
         ids = tokenizer("Signs and scales.", return_tensors="pt").input_ids
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
 

@@ -58,6 +58,7 @@ def test_natural_gradient_is_dense_kronecker_solve(seed: int) -> None:
     fisher = damp(stats, ALPHA)
     nat = natural_gradient(stats, fisher)
     assert nat.shape == (M, N) and nat.dtype == torch.float32
+    assert stats.grad_mean is not None and stats.fisher_out is not None and stats.fisher_in is not None
     fo, fi = damped(stats.fisher_out), damped(stats.fisher_in)
     dense = torch.kron(fi, fo)  # (F̃_I ⊗ F̃_O), column-major vec
     expected = unvec(stats.tau * torch.linalg.solve(dense, vec(stats.grad_mean.double())), M, N)
@@ -69,6 +70,7 @@ def test_natural_gradient_is_dense_kronecker_solve(seed: int) -> None:
 def test_damping_is_relative_to_mean_diagonal() -> None:
     stats = make_stats(4)
     fisher = damp(stats, 0.3)
+    assert stats.fisher_out is not None and stats.fisher_in is not None
     torch.testing.assert_close(fisher.diag_out, damped(stats.fisher_out, 0.3).diagonal())
     torch.testing.assert_close(fisher.diag_in, damped(stats.fisher_in, 0.3).diagonal())
     torch.testing.assert_close(fisher.chol_out @ fisher.chol_out.T, damped(stats.fisher_out, 0.3))
@@ -83,6 +85,7 @@ def test_inverse_sensitivity_is_dense(seed: int) -> None:
     fisher = damp(stats, ALPHA)
     sens = channel_sensitivity(stats, fisher, "inverse")
     assert sens.shape == (N,) and sens.dtype == torch.float32
+    assert stats.grad_mean is not None and stats.fisher_out is not None and stats.fisher_in is not None
     fo, fi = damped(stats.fisher_out), damped(stats.fisher_in)
     g = stats.grad_mean.double()
     for c in range(N):
@@ -99,6 +102,7 @@ def test_direct_sensitivity_uses_undamped_factors() -> None:
     stats = make_stats(7, tau=0.8)
     fisher = damp(stats, 0.5)  # large damping: would show if the damped factors were used
     sens = channel_sensitivity(stats, fisher, "direct")
+    assert stats.grad_mean is not None and stats.fisher_out is not None and stats.fisher_in is not None
     fo, fi, g = stats.fisher_out.double(), stats.fisher_in.double(), stats.grad_mean.double()
     for c in range(N):
         f_c = fi[c, c] * fo / stats.tau
@@ -107,6 +111,7 @@ def test_direct_sensitivity_uses_undamped_factors() -> None:
 
 def test_sensitivity_scales_with_gradient_squared_and_orders_channels() -> None:
     stats = make_stats(8)
+    assert stats.grad_mean is not None
     g = stats.grad_mean.clone()
     g[:, 2] *= 10.0
     boosted = LayerStats(g, stats.fisher_out, stats.fisher_in, stats.tau, None, 4, 64)
@@ -135,6 +140,7 @@ def test_degenerate_factor_raises(which: str, bad: str) -> None:
 
 def test_indefinite_factor_is_repaired_by_more_damping() -> None:
     stats = make_stats()
+    assert stats.fisher_out is not None
     fo = stats.fisher_out.clone()
     fo[0, 0] = -0.2 * float(fo.diagonal().mean())  # indefinite, positive mean diagonal
     stats.fisher_out = fo
@@ -153,6 +159,7 @@ def test_fisher_diag_metric() -> None:
     stats = make_stats(9, tau=3.0)
     fisher = damp(stats, ALPHA)
     omega = fisher_diag_metric(fisher)
+    assert stats.fisher_out is not None and stats.fisher_in is not None
     assert omega.shape == (M, N) and omega.dtype == torch.float32
     assert float(omega.mean()) == pytest.approx(1.0, rel=1e-6)
     expected = torch.outer(damped(stats.fisher_out).diagonal(), damped(stats.fisher_in).diagonal()) / stats.tau

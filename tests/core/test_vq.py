@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from rsavq_core.algorithms.sensitivity import damp, natural_gradient
 from rsavq_core.algorithms.vq import LayerReport, quantize_vq
+from rsavq_core.algorithms.vq_options import VQOptions
 from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import CalibrationError, UnsupportedShapeError
@@ -50,7 +52,7 @@ def fabricate(m: int, n: int, seed: int = 0, hessian: bool = True) -> tuple[torc
     return w, stats
 
 
-SMALL = dict(bits=2, vector_len=6, n_pq=2, n_groups=2, kmeans_iters=3)
+SMALL: dict[str, Any] = dict(bits=2, vector_len=6, n_pq=2, n_groups=2, kmeans_iters=3)
 CONFIGS = {
     "kmeans": QuantConfig.for_method("kmeans", **SMALL),
     "rsavq_uniform": QuantConfig.for_method("rsavq", allocation="uniform", **SMALL),
@@ -65,26 +67,27 @@ CONFIGS = {
 
 
 def check_layer(layer: VQLayer, cfg: QuantConfig, m: int, n: int) -> None:
-    d = cfg.options.sub_dim
-    n_vec = -(-m // cfg.options.vector_len)
+    options = cfg.options_as(VQOptions)
+    d = options.sub_dim
+    n_vec = -(-m // options.vector_length)
     assert (layer.out_features, layer.in_features, layer.vector_len, layer.n_pq) == (
         m,
         n,
-        cfg.options.vector_len,
-        cfg.options.n_pq,
+        options.vector_len,
+        options.n_pq,
     )
     assert sorted(layer.perm.tolist()) == list(range(n))
     assert layer.groups[0].start == 0 and layer.groups[-1].stop == n
     for a, b in zip(layer.groups, layer.groups[1:]):
         assert a.stop == b.start and a.bits >= b.bits
-    lo, hi = cfg.options.group_bit_range(cfg.bits)
+    lo, hi = options.group_bit_range(cfg.bits)
     total = 0
     for g in layer.groups:
         assert lo <= g.bits <= hi
         assert g.codebooks.dtype == torch.float16
-        assert tuple(g.codebooks.shape) == (cfg.options.n_pq, 2 ** (g.bits * d), d)
+        assert tuple(g.codebooks.shape) == (options.n_pq, 2 ** (g.bits * d), d)
         assert torch.isfinite(g.codebooks).all()
-        assert g.indices.dtype == torch.int64 and tuple(g.indices.shape) == (g.stop - g.start, n_vec, cfg.options.n_pq)
+        assert g.indices.dtype == torch.int64 and tuple(g.indices.shape) == (g.stop - g.start, n_vec, options.n_pq)
         assert int(g.indices.min()) >= 0 and int(g.indices.max()) < 2 ** (g.bits * d)
         total += g.bits * (g.stop - g.start)
     assert total <= cfg.bits * n + 1e-9
@@ -118,8 +121,9 @@ def test_quantize_small_layer(name: str) -> None:
         assert set(report.sensitivity) == {"min", "median", "max"}
         assert all(math.isfinite(v) for v in report.sensitivity.values())
         assert report.sensitivity["min"] <= report.sensitivity["median"] <= report.sensitivity["max"]
-    if cfg.options.lam > 0 and cfg.options.lam_scale == "relative":
-        assert report.step_ratio == pytest.approx(cfg.options.lam, rel=1e-5)
+    options = cfg.options_as(VQOptions)
+    if options.lam > 0 and options.lam_scale == "relative":
+        assert report.step_ratio == pytest.approx(options.lam, rel=1e-5)
 
 
 def test_report_errors_match_their_definitions() -> None:
@@ -128,8 +132,9 @@ def test_report_errors_match_their_definitions() -> None:
     layer, report = quantize_vq(w, stats, cfg)
     delta = layer.dequantize() - w
     h = stats.hessian
+    assert h is not None
     assert report.hessian_error == pytest.approx(float(((delta @ h) * delta).sum() / ((w @ h) * w).sum()), rel=1e-4)
-    fisher = damp(stats, cfg.options.damping)
+    fisher = damp(stats, cfg.options_as(VQOptions).damping)
     omega = torch.outer(fisher.diag_out, fisher.diag_in).float()
     assert report.proxy_error == pytest.approx(float((omega * delta**2).sum() / (omega * w**2).sum()), rel=1e-4)
 
@@ -191,11 +196,14 @@ def test_deterministic() -> None:
 
 def test_sensitive_channels_get_more_bits() -> None:
     w, stats = fabricate(24, 16, seed=5)
+    assert stats.grad_mean is not None
     g = stats.grad_mean.clone()
     hot = [3, 11, 12, 7]
     g[:, hot] *= 300.0  # four channels with a much larger gradient
     stats = LayerStats(g, stats.fisher_out, stats.fisher_in, stats.tau, stats.hessian, 8, 256)
-    knobs = dict(bits=2, n_groups=4, kmeans_iters=2, compensate=False, refit="mean", allocation="proportional")
+    knobs: dict[str, Any] = dict(
+        bits=2, n_groups=4, kmeans_iters=2, compensate=False, refit="mean", allocation="proportional"
+    )
     cfg = QuantConfig.for_method("rsavq", **knobs)
     layer, report = quantize_vq(w, stats, cfg)
     assert set(layer.perm[:4].tolist()) == set(hot)
@@ -208,6 +216,7 @@ def test_sensitive_channels_get_more_bits() -> None:
 
 def inner_with_gradient(w: torch.Tensor, stats: LayerStats, cfg: QuantConfig) -> float:
     layer, _ = quantize_vq(w, stats, cfg)
+    assert stats.grad_mean is not None
     return float((stats.grad_mean * (layer.dequantize() - w)).sum())
 
 
@@ -218,7 +227,8 @@ def test_edsg_moves_error_along_negative_natural_gradient() -> None:
     )
     for seed in range(3):
         w, stats = fabricate(48, 40, seed=10 + seed, hessian=False)
-        nat = natural_gradient(stats, damp(stats, base.options.damping))
+        nat = natural_gradient(stats, damp(stats, base.options_as(VQOptions).damping))
+        assert stats.grad_mean is not None
         # what the shift alone would give: ⟨Ḡ, −0.05‖W‖ ñ/‖ñ‖⟩ < 0
         expected = -0.05 * float(w.norm()) * float((stats.grad_mean * nat).sum()) / float(nat.norm())
         assert expected < 0
@@ -249,7 +259,7 @@ def test_compensation_lowers_hessian_error() -> None:
         delta = layer.dequantize() - w
         errors[compensate] = float(((delta @ h) * delta).sum())
         assert report.hessian_error == pytest.approx(errors[compensate] / float(((w @ h) * w).sum()), rel=1e-4)
-        assert report.hessian_error > 0.005
+        assert report.hessian_error is not None and report.hessian_error > 0.005
     assert errors[True] < 0.6 * errors[False], errors
     # ... and it does so by trading plain (Frobenius) error for output error, not by luck.
     plain = {
@@ -279,7 +289,7 @@ def test_effective_budget_unreachable_falls_back_to_lowest_bits() -> None:
     w = torch.randn(12, 6)  # codebooks alone exceed 2 bits per weight here
     cfg = QuantConfig.for_method("kmeans", bits=2, kmeans_iters=1, n_groups=2, budget="effective")
     layer, _ = quantize_vq(w, None, cfg)
-    lo, _ = cfg.options.group_bit_range(cfg.bits)
+    lo, _ = cfg.options_as(VQOptions).group_bit_range(cfg.bits)
     assert [g.bits for g in layer.groups] == [lo, lo]
 
 
@@ -299,6 +309,7 @@ def test_row_scales_fit_rows_of_different_magnitude() -> None:
     for scaled in (False, True):
         layer, report = quantize_vq(w, stats, cfg.replace(row_scales=scaled))
         layers[scaled] = layer
+        assert report.hessian_error is not None
         errors[scaled] = report.hessian_error
         assert report.refit is not None and report.refit["after"] <= report.refit["before"]
     assert layers[False].row_scale is None
@@ -353,6 +364,7 @@ def test_outliers_are_kept_exact_and_cut_the_error() -> None:
     one_shot, _ = quantize_vq(w, stats, cfg.replace(outliers=share, compensate=False, refit="mean"))
     torch.testing.assert_close(one_shot.dequantize().view(-1)[planted], w.view(-1)[planted], rtol=1e-3, atol=1e-3)
     h = stats.hessian
+    assert h is not None
 
     def out_err(layer: VQLayer, reference: torch.Tensor = w) -> float:
         delta = layer.dequantize() - reference

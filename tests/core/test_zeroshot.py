@@ -119,7 +119,12 @@ def test_limit_and_result_shape(tiny_llama) -> None:
     model, tok = tiny_llama
     calls: list[tuple[int, int]] = []
     result = zero_shot(
-        model, tok, ["piqa", "winogrande"], limit=3, batch_size=4, progress=lambda stage, d, t: calls.append((d, t))
+        model,
+        tok,
+        ["piqa", "winogrande"],
+        limit=3,
+        batch_size=4,
+        progress=lambda stage, d, t, detail=None: calls.append((d, t)),
     )
     assert result["limit"] == 3
     assert {name: r["n"] for name, r in result["tasks"].items()} == {"piqa": 3, "winogrande": 3}

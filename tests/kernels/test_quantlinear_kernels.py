@@ -23,6 +23,7 @@ def kernels_on_cpu(rsavq_settings) -> None:
 def test_quantlinear_kernel_path_matches_reference(kernels_on_cpu: None, tokens: int) -> None:
     layer = make_vq_layer(45, 70, 6, 2, [3, 2, 1], bias=True, seed=2)
     x = torch.randn(2, tokens, 70)
+    assert layer.bias is not None
     expected = torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias.float())
     qlin = QuantLinear(layer)
     y = qlin(x)
@@ -31,8 +32,9 @@ def test_quantlinear_kernel_path_matches_reference(kernels_on_cpu: None, tokens:
     assert qlin._cache == {}, "the kernel path must not keep an expanded weight"
     # Indices and codebooks are held once: the group buffers are views of the kernels' streams.
     packed = qlin._packed()
-    assert qlin.g0_indices.untyped_storage().data_ptr() == packed.words.untyped_storage().data_ptr()
-    assert qlin.g2_codebooks.untyped_storage().data_ptr() == packed.codebooks.untyped_storage().data_ptr()
+    words, codebooks = qlin.get_buffer("g0_indices"), qlin.get_buffer("g2_codebooks")
+    assert words.untyped_storage().data_ptr() == packed.words.untyped_storage().data_ptr()
+    assert codebooks.untyped_storage().data_ptr() == packed.codebooks.untyped_storage().data_ptr()
 
 
 @pytest.mark.interpret

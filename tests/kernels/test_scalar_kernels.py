@@ -18,6 +18,7 @@ LAYOUTS = [
 
 def _packed(m: int, n: int, bits: int, group_size: int, device: str) -> tuple[PackedScalar, torch.Tensor]:
     layer = make_scalar_layer(m, n, bits, group_size, bias=True, seed=bits)
+    assert layer.bias is not None
     packed = PackedScalar(
         m,
         n,
@@ -67,6 +68,7 @@ def test_scalar_kernels_match_reference_on_gpu(
 def test_quantlinear_scalar_through_kernels(rsavq_settings, tokens: int) -> None:
     rsavq_settings(kernels="interpret")
     layer = make_scalar_layer(33, 70, 3, 32, bias=True, seed=1)
+    assert layer.bias is not None
     qlin = QuantLinear(layer)
     x = torch.randn(tokens, 70)
     torch.testing.assert_close(qlin(x), torch.nn.functional.linear(x, layer.dequantize(), layer.bias.float()))

@@ -20,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 import uvicorn
+from openai.types.chat import ChatCompletionMessageParam
 from pydantic import SecretStr
 
 from rsavq_core.config.quant_config import QuantConfig
@@ -149,6 +150,7 @@ def test_completion_matches_the_library(stack: dict[str, Any], reference) -> Non
     assert out.object == "text_completion" and out.model == stack["done"]
     assert out.choices[0].text == expected.text and expected.text.strip()
     assert out.choices[0].finish_reason == expected.finish_reason
+    assert out.usage is not None
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), expected.completion_tokens)
     assert out.usage.total_tokens == len(ids) + expected.completion_tokens
 
@@ -170,6 +172,7 @@ def test_stream_concatenates_to_the_same_text(stack: dict[str, Any]) -> None:
     assert text == whole.choices[0].text
     assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 2, "deltas arrive one by one"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert whole.usage is not None
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
@@ -193,9 +196,10 @@ def test_stop_sequences_and_seeds(stack: dict[str, Any]) -> None:
 
 def test_chat_completion_stream_and_not(stack: dict[str, Any]) -> None:
     client = _client(stack)
-    messages = [{"role": "user", "content": "Name a colour."}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a colour."}]
     whole = client.chat.completions.create(model=stack["done"], messages=messages, max_tokens=6, temperature=0)
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.usage is not None
     assert whole.choices[0].message.content and whole.usage.prompt_tokens > 5  # the chat template was applied
     chunks = list(
         client.chat.completions.create(model=stack["done"], messages=messages, max_tokens=6, temperature=0, stream=True)
@@ -307,6 +311,7 @@ def test_a_client_that_hangs_up_does_not_block_the_next(stack: dict[str, Any]) -
     stream.close()
     started = time.monotonic()
     out = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=3, temperature=0)
+    assert out.usage is not None
     assert out.usage.completion_tokens == 3
     assert time.monotonic() - started < patience(30), "the abandoned generation (200 tokens) was not cancelled"
 
@@ -319,6 +324,7 @@ def test_several_prompts_and_token_id_prompts(stack: dict[str, Any], reference) 
     assert [c.index for c in out.choices] == [0, 1]
     by_ids = client.completions.create(model=stack["done"], prompt=ids, max_tokens=4, temperature=0)
     assert by_ids.choices[0].text == out.choices[0].text
+    assert out.usage is not None
     assert out.usage.prompt_tokens == len(ids) + len(tokenizer("Water boils at")["input_ids"])
     with pytest.raises(openai.UnprocessableEntityError, match="token ids"):
         client.completions.create(model=stack["done"], prompt=[10**9], max_tokens=2)
@@ -353,6 +359,7 @@ def test_generation_is_bounded_in_tokens_time_and_listeners(stack: dict[str, Any
 
     client = _client(stack)
     chat = client.chat.completions.create(model=stack["done"], messages=[{"role": "user", "content": "Count"}])
+    assert chat.usage is not None
     assert chat.usage.completion_tokens <= 5  # the configured default, not up to the context
     with pytest.raises(openai.UnprocessableEntityError, match="at most 4096"):
         client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=5000)
@@ -362,6 +369,7 @@ def test_generation_is_bounded_in_tokens_time_and_listeners(stack: dict[str, Any
         httpx.post(stack["url"] + "/v1/completions", json=body, headers=headers, timeout=3)
     started = time.monotonic()
     out = client.completions.create(model=stack["done"], prompt=PROMPT, max_tokens=2, temperature=0)
+    assert out.usage is not None
     assert out.usage.completion_tokens == 2
     assert time.monotonic() - started < patience(30), "the abandoned non-streamed generation was not cancelled"
     hurried = stack["settings"].model_copy(update={"generation_deadline_s": 1.0})

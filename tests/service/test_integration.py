@@ -88,7 +88,7 @@ class Workers:
     def start(self, **env_overrides: str) -> subprocess.Popen:
         from service.cli.servers import worker_command
 
-        log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")
         env = {**os.environ, **self.settings.to_env(), **env_overrides}
         proc = subprocess.Popen(worker_command(), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
@@ -304,6 +304,7 @@ def test_redis_restarted_mid_job_loses_nothing(client, workers) -> None:
         60,
         "the API to reach Redis again",
     )
+    assert isinstance(later, httpx.Response)
     ids = [running, waiting, later.json()["id"]]
     results = [finished(client, job_id, workers, timeout=900) for job_id in ids]
     assert [r["status"] for r in results] == ["succeeded"] * 3, [(r["status"], r["error"]) for r in results]
@@ -349,12 +350,14 @@ def test_a_tenants_flood_does_not_starve_another_tenant(client, workers, dist_se
     late = client.post("/v1/jobs", json=quick, headers=bob).json()["id"]
     workers.start()
     jobs = {job_id: finished(client, job_id, workers) for job_id in flood}
-    jobs[late] = wait_for(
+    late_job = wait_for(
         lambda: (j := client.get(f"/v1/jobs/{late}", headers=bob).json())["status"] == "succeeded" and j,
         600,
         "tenant B's job",
         workers.logs,
     )
+    assert isinstance(late_job, dict)
+    jobs[late] = late_job
     assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs.values())
     order = sorted(jobs, key=lambda job_id: jobs[job_id]["started_at"])
     assert order.index(late) <= 1, order  # at most one of A's jobs ran before it

@@ -25,12 +25,15 @@ def test_echo_scores_token_id_prompts_as_the_library_does(stack: dict[str, Any],
     assert [c.index for c in out.choices] == [0, 1]
     for ids, c in zip(prompts, out.choices):
         lp = c.logprobs
+        assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+        assert lp.top_logprobs is not None and lp.text_offset is not None
         assert c.text == tokenizer.decode(ids) and len(lp.tokens) == len(ids)
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
         assert lp.token_logprobs[1:] == pytest.approx(_library_logprobs(model, ids), abs=2e-4)
         assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
         assert all(c.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens))
         assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+    assert out.usage is not None
     assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == sum(map(len, prompts))
 
 
@@ -54,6 +57,8 @@ def test_logprobs_of_a_generated_completion(stack: dict[str, Any]) -> None:  # n
     out = _client(stack).completions.create(model=stack["done"], prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3)
     c = out.choices[0]
     lp = c.logprobs
+    assert lp is not None and lp.tokens is not None and lp.text_offset is not None
+    assert lp.token_logprobs is not None and lp.top_logprobs is not None and out.usage is not None
     assert len(lp.tokens) == out.usage.completion_tokens and "".join(lp.tokens) == c.text
     assert lp.text_offset[0] == 0
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):

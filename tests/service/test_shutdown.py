@@ -76,7 +76,8 @@ def test_sigterm_to_serve_stops_every_child_even_mid_job(tmp_path: Path) -> None
         from service.db import Job
 
         row = session.get(Job, job["id"])
-        assert row is not None and row.status in ("running", "queued"), (row.status, row.error)  # for the reaper
+        assert row is not None
+        assert row.status in ("running", "queued"), (row.status, row.error)  # for the reaper
 
 
 @pytest.fixture(autouse=True)
