@@ -68,8 +68,8 @@ def results_page(rows: list[dict[str, Any]]) -> str:
         "Each row is one `bench/bench_quality.py` run in a fresh process from an empty cache (its time includes "
         "converting the model and computing the calibration statistics), evaluated on `wiki-holdout-512` "
         "(64 windows of 512 tokens) and zero-shot on the first 50 items of ARC-c, ARC-e, HellaSwag, PIQA and "
-        "Winogrande (mean of acc_norm, acc for Winogrande). \"bpw, quantized layers\" counts every stored bit "
-        "of the quantized linears (codes, codebooks, scales, outliers); \"whole file\" adds the embeddings, "
+        'Winogrande (mean of acc_norm, acc for Winogrande). "bpw, quantized layers" counts every stored bit '
+        'of the quantized linears (codes, codebooks, scales, outliers); "whole file" adds the embeddings, '
         "norms and head kept in fp16.\n",
         quality_table(rows),
         "\nStages of each run (seconds) and how to run it again exactly (the recorded, resolved config):\n",
