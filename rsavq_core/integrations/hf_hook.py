@@ -12,10 +12,13 @@ from types import ModuleType
 from typing import Any
 
 TARGET = "transformers.quantizers.auto"
+QUANTIZER = "rsavq_core.integrations.hf_quantizer"
 
 
 def _register() -> None:
     """Register with transformers; a failure must not break transformers itself, only our loading."""
+    if QUANTIZER in sys.modules and not hasattr(sys.modules[QUANTIZER], "register"):
+        return  # imported first, it is importing transformers now: it registers itself once loaded
     try:
         from rsavq_core.integrations.hf_quantizer import register
 

@@ -171,3 +171,8 @@ def register() -> None:
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantization_config(QUANT_METHOD)(RsavqConfig)
         register_quantizer(QUANT_METHOD)(RsavqHfQuantizer)
+
+
+# Imported before transformers' quantizers (directly, not through ``rsavq_core``'s hook), this
+# module registers itself: the hook, firing while this module is half-loaded, leaves it to us.
+register()
