@@ -208,6 +208,12 @@ def test_unresolvable_model_and_oversized_job_fail_fast_with_reasons(client, wor
     assert time.monotonic() - started < 120
 
 
+def _progress(client, job_id: str) -> object:
+    """What changes while a job works: its status and progress (stage, done)."""
+    job = job_of(client, job_id)
+    return job["status"], job["progress"]
+
+
 def _quantize_progress(client, job_id: str) -> int:
     job = job_of(client, job_id)
     return job["progress"]["done"] if job["progress"]["stage"] == "quantize" else 0
@@ -220,7 +226,12 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(client, workers, dist
     first = workers.start()
     killed_id = client.post("/v1/jobs", json=body).json()["id"]
     wait_for(
-        lambda: _quantize_progress(client, killed_id) >= 40, 300, "40 quantized layers", workers.logs, interval=0.05
+        lambda: _quantize_progress(client, killed_id) >= 40,
+        300,
+        "40 quantized layers",
+        workers.logs,
+        interval=0.05,
+        progress=lambda: _progress(client, killed_id),
     )
     workers.kill9(first)
     done_before = _quantize_progress(client, killed_id)
@@ -250,7 +261,14 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(client, workers, dist
 def test_cancel_is_honoured_between_layers(client, workers, dist_settings) -> None:
     workers.start()
     job_id = client.post("/v1/jobs", json=RTN_JOB).json()["id"]
-    wait_for(lambda: _quantize_progress(client, job_id) >= 20, 300, "20 quantized layers", workers.logs, interval=0.05)
+    wait_for(
+        lambda: _quantize_progress(client, job_id) >= 20,
+        300,
+        "20 quantized layers",
+        workers.logs,
+        interval=0.05,
+        progress=lambda: _progress(client, job_id),
+    )
     assert client.post(f"/v1/jobs/{job_id}/cancel").json()["cancel_requested"] is True
     job = finished(client, job_id, workers, timeout=120)
     assert job["status"] == "cancelled" and job["progress"]["done"] < 210, job
@@ -296,7 +314,13 @@ def test_redis_restarted_mid_job_loses_nothing(client, workers) -> None:
     body = RTN_JOB
     workers.start()
     running = client.post("/v1/jobs", json=body).json()["id"]
-    wait_for(lambda: _quantize_progress(client, running) >= 10, 300, "the first job to quantize", workers.logs)
+    wait_for(
+        lambda: _quantize_progress(client, running) >= 10,
+        300,
+        "the first job to quantize",
+        workers.logs,
+        progress=lambda: _progress(client, running),
+    )
     waiting = client.post("/v1/jobs", json={**body, "bits": 3}).json()["id"]  # its message sits in Redis
     _restart_redis()  # Redis here keeps nothing on disk: the queued message is gone
     later = wait_for(
