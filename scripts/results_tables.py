@@ -79,9 +79,15 @@ def results_page(rows: list[dict[str, Any]]) -> str:
         "\n## The ablation (recorded before results carried their provenance)\n",
         "`rsavq ablation smollm2-135m --bits 2 3` rows from `bench/results/ablation-v3/ablation.json`; the "
         "commit, machine and date of these rows are in `docs/history.md`, not in the JSON.\n",
-        markdown_table(ablation["rows"], 50),
+        markdown_table(ablation["rows"], _limit(ablation["rows"])),
     ]
     return "\n".join(parts)
+
+
+def _limit(rows: list[dict[str, Any]]) -> int | None:
+    """The zero-shot item limit the ablation ran with (its rows record their evaluation flags)."""
+    flags = rows[0].get("eval_flags") or []
+    return int(flags[flags.index("--limit") + 1]) if "--limit" in flags else None
 
 
 def _stages_table(rows: list[dict[str, Any]]) -> str:
