@@ -50,7 +50,7 @@ class BodyLimit:
             seen += len(chunks[-1])
             if seen > limit:
                 await self._reject(send, limit)
-            return
+                return
             if not message.get("more_body", False):
                 break
         replayed = False
