@@ -214,5 +214,5 @@ def test_a_cancel_stops_the_work_inside_a_layer(sessions) -> None:
         points = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
         with stop_check(check), pytest.raises(JobCancelled):
             weighted_kmeans(points, None, 4, 10**6, torch.Generator().manual_seed(0))
-    # Two rounds ran before the request without a cancel seen; the round that saw it was the last.
+    # No round saw a cancel before the third made the request, and the third, seeing it, was the last.
     assert rounds == [False, False, False], rounds
