@@ -36,6 +36,21 @@ class CoreSettings(BaseSettings):
     gemv_max_tokens: int | None = Field(
         None, ge=1, description="largest token count on the fused GEMV (default: measured per GPU)"
     )
+    device: str = Field(
+        "auto",
+        description="where quantization computes: auto (cuda when present, else cpu), cpu, cuda, cuda:N",
+    )
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="read the model block by block from its safetensors files (auto: whenever the run and "
+        "the checkpoint allow it) or load it whole (off)",
+    )
+    offload_dir: Path | None = Field(
+        None, description="where calibration activations past the memory budget are spilled (default: a temp dir)"
+    )
+    activation_memory_gb: float = Field(
+        4.0, ge=0, description="host memory for calibration activations before they spill to the offload dir"
+    )
     triton_interpret: bool = Field(
         False,
         validation_alias=AliasChoices("TRITON_INTERPRET"),

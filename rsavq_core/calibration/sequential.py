@@ -37,14 +37,30 @@ class BlockInputs:
         progress: Progress | None = None,
     ):
         """tokens: [S, T] int64 calibration windows."""
-        inputs, self.kwargs, _ = record_block_inputs(
+        inputs, kwargs, _ = record_block_inputs(
             model, tokens, micro_batch=micro_batch, want_grads=False, progress=progress, keep_inputs=(0,)
         )
-        self.inputs = inputs[0]  # per micro-batch [B, T, D]: what the current block receives
+        self._start(inputs[0], kwargs, tokens.shape[1], track_float)
+
+    @classmethod
+    def from_recorded(
+        cls, first: list[torch.Tensor], kwargs: list[list[dict[str, object]]], seq_len: int, *, track_float: bool = False
+    ) -> BlockInputs:
+        """A walker from block 0's inputs (per micro-batch [B, T, D] float) and every block's keyword
+        arguments, as a streamed model records them (``calibration.streamed.record_boundary``)."""
+        walker = cls.__new__(cls)
+        walker._start(first, kwargs, seq_len, track_float)
+        return walker
+
+    def _start(
+        self, first: list[torch.Tensor], kwargs: list[list[dict[str, object]]], seq_len: int, track_float: bool
+    ) -> None:
+        self.kwargs = kwargs
+        self.inputs = first  # per micro-batch [B, T, D]: what the current block receives
         # per micro-batch [B, T, D]: what the current block receives in the float model (tracked or None)
         self.float_inputs = list(self.inputs) if track_float else None
         self._float_outputs: list[torch.Tensor] | None = None
-        self.seq_len = tokens.shape[1]
+        self.seq_len = seq_len
         self.index = 0
 
     @property

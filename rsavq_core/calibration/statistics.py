@@ -162,7 +162,7 @@ def _replace_first(output: object, value: torch.Tensor) -> object:
     return value
 
 
-def _detach_kwargs(kwargs: dict[str, object]) -> dict[str, object]:
+def detach_kwargs(kwargs: dict[str, object]) -> dict[str, object]:
     def detach(v: object) -> object:
         if isinstance(v, torch.Tensor):
             return v.detach()
@@ -173,7 +173,7 @@ def _detach_kwargs(kwargs: dict[str, object]) -> dict[str, object]:
     return {k: detach(v) for k, v in kwargs.items() if k != "hidden_states"}
 
 
-def _sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Σ_s ℓ_s with ℓ_s the mean next-token CE of sequence s. logits [B, T, V], tokens [B, T] int64."""
     pred = logits[:, :-1].float()
     nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
@@ -205,7 +205,7 @@ def record_block_inputs(
             hidden = args[0] if args else kw["hidden_states"]
             if keep_inputs is None or index in keep_inputs:
                 inputs[index].append(hidden.detach())
-            kwargs[index].append(_detach_kwargs(kw))
+            kwargs[index].append(detach_kwargs(kw))
 
         return hook
 
@@ -226,7 +226,7 @@ def record_block_inputs(
                 logits = model(input_ids=batch, use_cache=False).logits
                 if want_grads:
                     # Only the head (final norm, lm_head) is in the graph: the leaf cut it off.
-                    loss = _sequence_loss(logits, batch)
+                    loss = sequence_loss(logits, batch)
                     (grad,) = torch.autograd.grad(loss, tail[-1])
                     out_grads.append(grad.detach())
             tail.clear()

@@ -85,6 +85,13 @@ def load_model(model_id: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Mo
     return model, tokenizer, folder
 
 
+def load_tokenizer(folder: Path) -> object:
+    """The tokenizer of a resolved checkpoint folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def model_fingerprint(folder: Path) -> str:
     """SHA-256 (16 hex chars) over the full content of a checkpoint's config and weight files.
 

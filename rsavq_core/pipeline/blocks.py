@@ -8,6 +8,7 @@ so a killed run resumes from its last finished layer.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,18 +54,42 @@ def fit_shared(
 ) -> dict[str, Any]:
     """What the method shares between the blocks' layers of one type (name in the block -> it), fitted
     on every block's layer and its float statistics before the per-block pass; {} when nothing."""
-    blocks = source.layout.blocks
-    fit = get_method(cfg.method).shared_fit(cfg, len(blocks))
+    n_blocks = len(source.layout.blocks)
+    fit = get_method(cfg.method).shared_fit(cfg, n_blocks)
     if fit is None:
         return {}
-    for index, block in enumerate(blocks):
-        stats = calib.store.load_block(index) if calib.store is not None else {}
-        for name in source.in_block(index):
-            fit.add(name, linear_at(block, name).weight.detach(), stats.get(name))
+    for index in range(n_blocks):
+        stats = block_stats(calib, index, source.device)
+        with source.open_block(index) as block:
+            for name in source.in_block(index):
+                fit.add(name, linear_at(block, name).weight.detach(), stats.get(name))
         if progress:
-            progress("shared codebooks: sample", index + 1, len(blocks))
+            progress("shared codebooks: sample", index + 1, n_blocks)
     finished = {name: resumed[full][0] for _, name, full in source.names if full in resumed}
     return fit.fit(finished)
+
+
+def block_stats(calib: Calibration, index: int, device: torch.device) -> dict[str, LayerStats]:
+    """The float model's statistics of block ``index`` (by name in the block) on ``device``; {} without a store."""
+    if calib.store is None:
+        return {}
+    stats = calib.store.load_block(index)
+    if device.type == "cpu":
+        return stats
+    moved = {}
+    for name, st in stats.items():
+        tensors = {f.name: getattr(st, f.name) for f in dataclasses.fields(st) if isinstance(getattr(st, f.name), torch.Tensor)}
+        moved[name] = dataclasses.replace(st, **{k: v.to(device) for k, v in tensors.items()})
+    return moved
+
+
+def to_host(layer: QuantizedLayer) -> QuantizedLayer:
+    """``layer`` with its tensor fields in host memory (a packed layer computed on a GPU)."""
+    if not dataclasses.is_dataclass(layer) or isinstance(layer, type):
+        return layer
+    tensors = {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)}
+    moved = {k: v.to("cpu") for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    return dataclasses.replace(layer, **moved) if moved else layer
 
 
 @dataclass
@@ -84,22 +109,32 @@ class BlockLoop:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> norm weight tuned block-wise
 
     def run(self) -> None:
-        blocks = self.source.layout.blocks
-        for index, block in enumerate(blocks):
-            done, block_norms = self._block(index, block)
-            self._publish(index, done, block_norms)
-            if self.calib.walker is not None and index + 1 < len(blocks):
-                in_block = self.source.in_block(index)
-                self.calib.walker.advance(block, {name: done[name][0] for name in in_block}, block_norms)
+        n_blocks = len(self.source.layout.blocks)
+        walker = self.calib.walker
+        for index in range(n_blocks):
+            in_block = self.source.in_block(index)
+            if walker is None and all(full in self.resumed for full in in_block.values()):
+                self._publish(index, *self._resumed(index))  # nothing to read in for this block
+                continue
+            with self.source.open_block(index) as block:
+                done, block_norms = self._block(index, block)
+                self._publish(index, done, block_norms)
+                if walker is not None and index + 1 < n_blocks:
+                    walker.advance(block, {name: done[name][0] for name in in_block}, block_norms)
+
+    def _resumed(self, index: int) -> tuple[dict[str, Finished], dict[str, torch.Tensor]]:
+        """What an earlier run finished of block ``index``: its layers and its tuned norms."""
+        in_block = self.source.in_block(index)
+        done = {name: self.resumed[full] for name, full in in_block.items() if full in self.resumed}
+        return done, self.checkpoint.load_norms(index) if self.checkpoint is not None else {}
 
     def _block(self, index: int, block: nn.Module) -> tuple[dict[str, Finished], dict[str, torch.Tensor]]:
         """Every layer of block ``index`` (resumed or quantized now) and its block-wise tuned norms."""
         in_block = self.source.in_block(index)
-        done = {name: self.resumed[full] for name, full in in_block.items() if full in self.resumed}
-        block_norms = self.checkpoint.load_norms(index) if self.checkpoint is not None else {}
+        done, block_norms = self._resumed(index)
         if len(done) == len(in_block):
             return done, block_norms
-        stats = self.calib.store.load_block(index) if self.calib.store is not None else {}
+        stats = block_stats(self.calib, index, self.source.device)
         walker = self.calib.walker
         if sequential_statistics(self.cfg) and walker is not None:
             stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
@@ -115,6 +150,8 @@ class BlockLoop:
             )
             if self.checkpoint is not None:
                 self.checkpoint.save_norms(index, block_norms)
+        if self.source.device.type != "cpu":
+            fresh = {name: (to_host(layer), report) for name, (layer, report) in fresh.items()}
         for name, (layer, report) in fresh.items():
             if self.checkpoint is not None:
                 self.checkpoint.save(in_block[name], layer, report)

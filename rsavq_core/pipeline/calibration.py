@@ -15,12 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rsavq_core.calibration.activations import ActivationStore, check_offload_dir, default_offload_root
 from rsavq_core.calibration.cache import StatsKey, StatsStore, compute_statistics
 from rsavq_core.calibration.sequential import BlockInputs
+from rsavq_core.calibration.streamed import record_boundary, streamed_statistics
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.data.text_files import TextSource
 from rsavq_core.data.windows import calibration_windows, tokens_hash
 from rsavq_core.models.resolve import model_fingerprint
+from rsavq_core.pipeline.placement import Placement
+from rsavq_core.pipeline.source import SourceModel
 from rsavq_core.progress import Progress
 
 
@@ -32,6 +36,8 @@ class Calibration:
     store: StatsStore | None = None  # the float model's per-block statistics
     cached: bool = False  # the statistics came from the cache
     walker: BlockInputs | None = None  # each block's inputs in the partly quantized model
+    peak_activation_bytes: int = 0  # streamed: the most activation bytes held in host memory at once
+    spilled_bytes: int = 0  # streamed: activation bytes written to the offload directory
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -39,6 +45,18 @@ def calibration_tokens(tokenizer: object, cfg: QuantConfig, source: TextSource |
     """[calib_samples, calib_len] int64: the run's calibration windows (from ``source`` when given)."""
     return calibration_windows(
         tokenizer, cfg.calib_samples, cfg.calib_len, sampling=cfg.calib_sampling, seed=cfg.seed, source=source
+    )
+
+
+def stats_key(folder: Path, tokens: torch.Tensor, cfg: QuantConfig) -> StatsKey:
+    """The cache key of the statistics ``cfg`` needs on ``tokens`` ([S, T] int64) for the checkpoint in ``folder``."""
+    return StatsKey(
+        fingerprint=model_fingerprint(folder),
+        tokens_hash=tokens_hash(tokens),
+        n_samples=cfg.calib_samples,
+        seq_len=cfg.calib_len,
+        fisher=cfg.fisher,
+        with_grads=cfg.needs_gradients(),
     )
 
 
@@ -52,14 +70,7 @@ def calibration_store(
     progress: Progress | None = None,
 ) -> tuple[StatsStore, bool]:
     """The statistics the config needs, from the cache when possible. Returns (store, was_cached)."""
-    key = StatsKey(
-        fingerprint=model_fingerprint(folder),
-        tokens_hash=tokens_hash(tokens),
-        n_samples=cfg.calib_samples,
-        seq_len=cfg.calib_len,
-        fisher=cfg.fisher,
-        with_grads=cfg.needs_gradients(),
-    )
+    key = stats_key(folder, tokens, cfg)
     store = StatsStore.find(key)
     if store is not None:
         return store, True
@@ -72,10 +83,9 @@ def sequential_statistics(cfg: QuantConfig) -> bool:
 
 
 def prepare_calibration(
-    model: nn.Module,
-    tokenizer: object,
-    folder: Path,
+    source: SourceModel,
     cfg: QuantConfig,
+    placement: Placement,
     *,
     layers_to_do: bool,  # False: every layer was finished by an earlier run
     text: TextSource | None,
@@ -87,20 +97,74 @@ def prepare_calibration(
     need_tokens = (layers_to_do and (cfg.needs_calibration() or block_steps)) or cfg.model_finetune_steps
     if not need_tokens:
         return Calibration()
-    tokens = calibration_tokens(tokenizer, cfg, text)
+    tokens = calibration_tokens(source.tokenizer, cfg, text)
     out = Calibration(tokens=tokens)
     if not layers_to_do:
         return out
     sequential = sequential_statistics(cfg)
-    if cfg.needs_gradients() or (cfg.needs_hessian() and not sequential):
+    need_store = cfg.needs_gradients() or (cfg.needs_hessian() and not sequential)
+    # Block-wise fine-tuning steps take the walker's micro-batches as they are.
+    walk_batch = cfg.finetune_batch if block_steps else micro_batch
+    track_float = bool(block_steps) and cfg.finetune_target == "model"
+    if source.streamed is not None:
+        return _streamed_calibration(source, cfg, placement, out, need_store, sequential or bool(block_steps),
+                                     micro_batch, walk_batch, track_float, progress)
+    if need_store:
         t0 = time.perf_counter()
         out.store, out.cached = calibration_store(
-            model, tokens, folder, cfg, micro_batch=micro_batch, progress=progress
+            source.model, tokens, source.folder, cfg, micro_batch=micro_batch, progress=progress
         )
         out.timings["statistics"] = time.perf_counter() - t0
     if sequential or block_steps:
-        # Block-wise fine-tuning steps take the walker's micro-batches as they are.
-        walk_batch = cfg.finetune_batch if block_steps else micro_batch
-        track_float = bool(block_steps) and cfg.finetune_target == "model"
-        out.walker = BlockInputs(model, tokens, micro_batch=walk_batch, track_float=track_float, progress=progress)
+        out.walker = BlockInputs(source.model, tokens, micro_batch=walk_batch, track_float=track_float, progress=progress)
     return out
+
+
+def _streamed_calibration(
+    source: SourceModel,
+    cfg: QuantConfig,
+    placement: Placement,
+    out: Calibration,
+    need_store: bool,
+    need_walker: bool,
+    micro_batch: int,
+    walk_batch: int,
+    track_float: bool,
+    progress: Progress | None,
+) -> Calibration:
+    """``prepare_calibration`` for a streamed model: statistics block by block, activations past the
+    placement's budget spilled to its offload directory (checked for room first)."""
+    assert source.streamed is not None and out.tokens is not None
+    tokens = out.tokens
+    if need_store:
+        t0 = time.perf_counter()
+        key = stats_key(source.folder, tokens, cfg)
+        found = StatsStore.find(key)
+        if found is not None:
+            out.store, out.cached = found, True
+        else:
+            levels = len(source.layout.blocks) + 1 if key.with_grads else 2
+            per_level = 4.0 * tokens.numel() * _hidden_size(source)
+            spill = levels * per_level - placement.activation_budget_bytes
+            if spill > 0:
+                check_offload_dir(placement.offload_dir or default_offload_root(), spill)
+            activations = ActivationStore(placement.activation_budget_bytes, placement.offload_dir, placement.device)
+            try:
+                out.store = streamed_statistics(
+                    source.streamed, tokens, key, StatsStore(key), activations, micro_batch=micro_batch, progress=progress
+                )
+            finally:
+                activations.close()
+            out.peak_activation_bytes = activations.peak_held_bytes
+            out.spilled_bytes = activations.spilled_bytes
+        out.timings["statistics"] = time.perf_counter() - t0
+    if need_walker:
+        first, kwargs = record_boundary(source.streamed, tokens, walk_batch)
+        out.walker = BlockInputs.from_recorded(first, kwargs, tokens.shape[1], track_float=track_float)
+    return out
+
+
+def _hidden_size(source: SourceModel) -> int:
+    config = getattr(source.model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    return int(getattr(config, "hidden_size", 0) or 0)

@@ -27,6 +27,7 @@ from rsavq_core.finetune.end_to_end import finetune_quantized_model
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.pipeline.blocks import BlockLoop, LayerCallback, fit_shared
 from rsavq_core.pipeline.calibration import prepare_calibration
+from rsavq_core.pipeline.placement import Placement
 from rsavq_core.pipeline.source import finished_layers, load_source
 from rsavq_core.progress import Progress
 
@@ -61,6 +62,7 @@ def quantize_model(
     checkpoint_dir: Path | None = None,
     on_layer: LayerCallback | None = None,
     calibration_text: TextSource | None = None,
+    placement: Placement | None = None,
 ) -> QuantizeResult:
     """Quantize every nn.Linear of the decoder blocks of ``model_id`` with ``cfg``.
 
@@ -75,15 +77,15 @@ def quantize_model(
     """
     started = time.perf_counter()
     cfg = _with_calibration_text(cfg, calibration_text)
-    source = load_source(model_id, cfg)
+    placement = placement or Placement()
+    source = load_source(model_id, cfg, placement)
     timings = {"load": time.perf_counter() - started}
     checkpoint, resumed = finished_layers(source, cfg, checkpoint_dir)
     todo = len(resumed) < len(source.names)
     calib = prepare_calibration(
-        source.model,
-        source.tokenizer,
-        source.folder,
+        source,
         cfg,
+        placement,
         layers_to_do=todo,
         text=calibration_text,
         micro_batch=micro_batch,

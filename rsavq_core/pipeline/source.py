@@ -1,23 +1,31 @@
 """Step 1 of a run: the model to quantize, its quantizable layers, and what an earlier run finished.
 
-Fails fast, before any calibration: an unknown model id, a model with no linear layers, a config
-the model's layers cannot take.
+The model is loaded whole (CPU, float32) or streamed (``rsavq_core.models.streamed``: a skeleton
+whose blocks are read in one at a time on the run's device), as the ``Placement`` says. Fails
+fast, before any calibration: an unknown model id, a model with no linear layers, a checkpoint
+that cannot be streamed when streaming was asked for, a config the model's layers cannot take.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.errors import ConfigError, UnsupportedModelError
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.methods.registry import get_method
 from rsavq_core.models.layout import DecoderLayout, find_decoder_layout, linear_at
-from rsavq_core.models.resolve import load_model, model_fingerprint, resolve_model
+from rsavq_core.models.resolve import load_model, load_tokenizer, model_fingerprint, resolve_model
+from rsavq_core.models.streamed import StreamedModel
+from rsavq_core.pipeline.placement import Placement
 from rsavq_core.pipeline.resume import FinishedLayers
 
 log = logging.getLogger(__name__)
@@ -34,16 +42,33 @@ class SourceModel:
     tokenizer: object
     layout: DecoderLayout
     names: list[tuple[int, str, str]]  # (block index, name in the block, full name) of every linear
+    streamed: StreamedModel | None = None  # None: ``model`` is whole, in host memory
+    device: torch.device = torch.device("cpu")
 
     def in_block(self, index: int) -> dict[str, str]:
         """Name in block ``index`` -> full name, for each of its linears."""
         return {name: full for i, name, full in self.names if i == index}
 
+    @contextlib.contextmanager
+    def open_block(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` with its float weights; a streamed block's linear weights are dropped on the
+        way out (its norms stay: the packed checkpoint stores them)."""
+        if self.streamed is None:
+            yield self.layout.blocks[index]
+            return
+        with self.streamed.block(index, drop=list(self.in_block(index))) as block:
+            yield block
 
-def load_source(model_id: str, cfg: QuantConfig) -> SourceModel:
+
+def load_source(model_id: str, cfg: QuantConfig, placement: Placement | None = None) -> SourceModel:
     """Resolve (offline) and load ``model_id``, find its linears and check the config against them."""
+    placement = placement or Placement()
     folder = resolve_model(model_id)  # fails fast, before the model is loaded
-    model, tokenizer, _ = load_model(str(folder))
+    streamed = _streamed(folder, cfg, placement)
+    if streamed is not None:
+        model, tokenizer = streamed.model, load_tokenizer(folder)
+    else:
+        model, tokenizer, _ = load_model(str(folder))
     layout = find_decoder_layout(model)  # fails fast on a model with no linear layers
     names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(len(layout.blocks)) for n in layout.linear_names(i)]
     shapes = {}
@@ -51,7 +76,32 @@ def load_source(model_id: str, cfg: QuantConfig) -> SourceModel:
         linear = linear_at(layout.blocks[i], n)
         shapes[full] = (linear.out_features, linear.in_features)
     get_method(cfg.method).check_layers(cfg, shapes)  # before any calibration: a config the model cannot take
-    return SourceModel(folder, model, tokenizer, layout, names)
+    if streamed is not None:
+        streamed.load_rest()  # embeddings, final norm, head: once, after the cheap checks
+    return SourceModel(folder, model, tokenizer, layout, names, streamed, placement.device)
+
+
+def _streamed(folder: Path, cfg: QuantConfig, placement: Placement) -> StreamedModel | None:
+    """The streamed skeleton when the placement asks for streaming (or allows it and it works)."""
+    wanted = placement.stream
+    if cfg.model_finetune_steps:
+        if wanted:
+            raise ConfigError(
+                "end-to-end fine-tuning (model_finetune_steps) trains the whole model at once and needs it in "
+                "memory: run it without streaming (--stream off)"
+            )
+        if placement.device.type != "cpu":
+            raise ConfigError(f"end-to-end fine-tuning runs on the CPU only (whole model); {placement.device} was asked")
+        return None
+    if wanted is False:
+        return None
+    try:
+        return StreamedModel(folder, device=placement.device)
+    except UnsupportedModelError as exc:
+        if wanted or placement.device.type != "cpu":
+            raise
+        log.info("loading the model whole: %s", exc)
+        return None
 
 
 def finished_layers(

@@ -1,0 +1,122 @@
+"""A checkpoint's safetensors files as one table of tensors, read one tensor at a time.
+
+Streaming a model bigger than memory needs each block's weights when its turn comes and no
+sooner. This module maps every tensor name to the file holding it (one file, or shards named by
+``model.safetensors.index.json``), checks that table before any heavy work (a shard the index
+names but the folder lacks, an index naming a tensor its shard does not hold), and reads single
+tensors through safetensors' memory map: a read costs that tensor's bytes, not the file's.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rsavq_core.errors import ModelResolutionError
+
+INDEX_FILE = "model.safetensors.index.json"
+# safetensors' dtype names -> bytes per element (for sizes read from headers, without torch)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str  # safetensors' name: "BF16", "F32", ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * DTYPE_BYTES.get(self.dtype, 4)
+
+
+def read_header(file: Path) -> dict[str, dict[str, object]]:
+    """The JSON header of one safetensors file (tensor name -> dtype, shape, offsets), no data read."""
+    try:
+        with open(file, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header: dict[str, dict[str, object]] = json.loads(fh.read(length))
+    except (OSError, struct.error, ValueError) as exc:
+        raise ModelResolutionError(f"{file}: not a readable safetensors file: {exc}") from exc
+    header.pop("__metadata__", None)
+    return header
+
+
+@dataclass
+class WeightFiles:
+    """Every tensor of a checkpoint folder: name -> where it is (``open`` builds and checks it)."""
+
+    folder: Path
+    entries: dict[str, TensorEntry]
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, folder: Path) -> WeightFiles:
+        """The table of ``folder``'s safetensors weights; ``ModelResolutionError`` naming the problem
+        when a shard is missing, the index names a tensor its shard lacks, or there are no weights."""
+        folder = Path(folder)
+        index = folder / INDEX_FILE
+        if index.is_file():
+            wanted = _index_map(index)
+            files = sorted(set(wanted.values()))
+        else:
+            wanted = {}
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not files:
+            raise ModelResolutionError(f"{folder}: no safetensors weights (streaming reads only safetensors)")
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            raise ModelResolutionError(f"{folder}: {INDEX_FILE} names shards that are not there: {missing[:5]}")
+        entries: dict[str, TensorEntry] = {}
+        for name in files:
+            for tensor, info in read_header(folder / name).items():
+                shape = info.get("shape")
+                dtype = info.get("dtype")
+                if not isinstance(shape, list) or not isinstance(dtype, str):
+                    raise ModelResolutionError(f"{folder / name}: malformed header entry for {tensor!r}")
+                entries[tensor] = TensorEntry(folder / name, dtype, tuple(int(s) for s in shape))
+        absent = [t for t, file in wanted.items() if t not in entries or entries[t].file.name != file]
+        if absent:
+            raise ModelResolutionError(
+                f"{folder}: {INDEX_FILE} names tensors its shards do not hold: {sorted(absent)[:5]}"
+            )
+        return cls(folder, entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def read(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Tensor ``name`` as ``dtype`` on ``device`` (read from the memory map; nothing else is read)."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelResolutionError(f"{self.folder}: no tensor {name!r} in the checkpoint's safetensors files")
+        try:
+            handle = self._handles.get(entry.file)
+            if handle is None:
+                handle = safe_open(str(entry.file), framework="pt")
+                self._handles[entry.file] = handle
+            tensor: torch.Tensor = handle.get_tensor(name)  # type: ignore[attr-defined]
+        except (SafetensorError, OSError) as exc:
+            raise ModelResolutionError(f"{entry.file}: cannot read {name!r}: {exc}") from exc
+        return tensor.to(device=device, dtype=dtype)
+
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+
+def _index_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelResolutionError(f"{index}: not a safetensors index (no weight_map): {exc}") from exc
+    if not isinstance(weight_map, dict):
+        raise ModelResolutionError(f"{index}: weight_map is not a mapping")
+    return {str(k): str(v) for k, v in weight_map.items()}

@@ -1,0 +1,77 @@
+"""Where a run computes and how it holds the model: the device, streaming, the activation budget.
+
+One object, built from the settings (``RSAVQ_DEVICE``, ``RSAVQ_STREAM``, ``RSAVQ_OFFLOAD_DIR``,
+``RSAVQ_ACTIVATION_MEMORY_GB``) or from ``--device`` / ``--stream`` / ``--offload-dir``, and
+checked before any heavy work: a device that is not there is a ``ConfigError`` naming it.
+
+Compute dtypes, in one place: every step computes in float32 on every device today (weights are
+read from the checkpoint and converted; statistics, factorizations and k-means accumulate in
+float32, the column loops' Cholesky factors in float64 where ``algorithms.linalg`` says so).
+Reduced-precision forwards on a GPU are not implemented yet.
+
+Reproducibility: on the CPU a run is deterministic (the tests compare sha256). On CUDA, matmul
+reductions may differ between GPU models and cuBLAS versions; a run repeats on the same device
+kind when ``torch.use_deterministic_algorithms`` is left as torch sets it, but it is not
+bit-identical to the CPU run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rsavq_core.errors import ConfigError
+from rsavq_core.settings import get_settings
+
+GIB = 2**30
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when present, else cpu; ``cpu``; ``cuda`` / ``cuda:N`` only when that device exists."""
+    text = (name or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a device name (cpu, cuda, cuda:N, auto)") from exc
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"device {name!r}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA device is visible to this process (torch.cuda.is_available() is False)")
+    index = device.index or 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one run holds and computes the model."""
+
+    device: torch.device = torch.device("cpu")
+    stream: bool | None = None  # None: stream whenever the run and the checkpoint allow it
+    offload_dir: Path | None = None  # where activations past the budget spill (None: a temp dir)
+    activation_budget_bytes: float = 4.0 * GIB
+
+    @classmethod
+    def from_settings(
+        cls, *, device: str | None = None, stream: bool | None = None, offload_dir: Path | None = None
+    ) -> Placement:
+        """The settings' placement; arguments given win (``--device`` and friends)."""
+        settings = get_settings()
+        streaming = {"auto": None, "on": True, "off": False}[settings.stream]
+        return cls(
+            device=resolve_device(device or settings.device),
+            stream=stream if stream is not None else streaming,
+            offload_dir=offload_dir or settings.offload_dir,
+            activation_budget_bytes=settings.activation_memory_gb * GIB,
+        )
+
+    def __post_init__(self) -> None:
+        if self.stream is False and self.device.type != "cpu":
+            raise ConfigError(f"a model loaded whole is computed on the CPU; {self.device} needs streaming")
