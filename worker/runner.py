@@ -211,6 +211,7 @@ def worker_capacity_bytes(settings: Settings) -> float:
 
 def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, reporter: Reporter) -> None:
     from rsavq_core.checkpoint.bitcount import model_bits
+    from rsavq_core.pipeline.placement import Placement
     from rsavq_core.pipeline.quantize import quantize_model, save_result
 
     work = ctx.store.work_dir(job.id)
@@ -223,6 +224,7 @@ def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, report
         checkpoint_dir=work / "layers",
         on_layer=reporter.layer,
         calibration_text=calibration,
+        placement=Placement.from_settings(),
     )
     reporter("package", 0, 1)
     packed = save_result(result, work / "packed")

@@ -22,14 +22,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from rsavq_core.atomic import replacing_folder
-from rsavq_core.checkpoint.canonical import save_canonical
+from rsavq_core.checkpoint.writer import TensorSpec, file_specs, tensor_spec, write_canonical
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
 from rsavq_core.formats.base import SHARED_PREFIX, LayerReader, QuantizedLayer
@@ -98,6 +99,8 @@ def _other_tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, t
     for key, t in model.state_dict().items():
         if key.startswith(skip):
             continue  # the quantized layers' original weight/bias, or their QuantLinear buffers
+        if t.device.type == "meta":
+            raise ArtifactError(f"{key} holds no values (a streamed model's tensor that was never read in)")
         ident = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and ident in seen:
             tied[key] = seen[ident]
@@ -114,12 +117,43 @@ def _other_tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, t
     return tensors, tied
 
 
+@runtime_checkable
+class LayersOnDisk(Protocol):
+    """Finished layers kept in files (``pipeline.resume.CheckpointedLayers``): the checkpoint copies
+    their packed tensors from there instead of packing them in memory."""
+
+    def file(self, name: str) -> Path: ...
+
+    def entry(self, name: str) -> dict[str, Any]: ...
+
+
+def _layer_specs(layers: Mapping[str, QuantizedLayer]) -> tuple[dict[str, TensorSpec], dict[str, Any]]:
+    """The packed tensors of every layer (shared ones once) and the manifest."""
+    specs: dict[str, TensorSpec] = {}
+    shared: dict[str, torch.Tensor] = {}
+    manifest: dict[str, Any] = {}
+    for name in layers:
+        if isinstance(layers, LayersOnDisk):  # the files hold exactly layer_tensors(name, layer)
+            manifest[name] = layers.entry(name)
+            specs.update({k: v for k, v in file_specs(layers.file(name)).items() if k not in specs})
+            continue
+        layer = layers[name]
+        manifest[name] = manifest_entry(layer)
+        for key, tensor in layer_tensors(name, layer).items():
+            if key in shared and not torch.equal(shared[key], tensor):
+                raise ConfigError(f"layer {name} holds other values for the shared tensor {key} than an earlier layer")
+            if key.startswith(SHARED_PREFIX):
+                shared[key] = tensor
+            specs[key] = tensor_spec(tensor)
+    return specs, manifest
+
+
 def save_checkpoint(
     out_dir: str | Path,
     *,
     model: nn.Module,
     tokenizer: Any,
-    layers: dict[str, QuantizedLayer],
+    layers: Mapping[str, QuantizedLayer],
     config: QuantConfig,
     source_model: str,
     extra_metadata: dict[str, str] | None = None,
@@ -139,17 +173,12 @@ def save_checkpoint(
             raise ConfigError(f"extra metadata key {key!r} is reserved by the format")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        for key, tensor in layer_tensors(name, layer).items():
-            if key in tensors and not torch.equal(tensors[key], tensor):
-                raise ConfigError(f"layer {name} holds other values for the shared tensor {key} than an earlier layer")
-            tensors[key] = tensor
+    specs, manifest = _layer_specs(layers)
     other, tied = _other_tensors(model, tuple(f"{name}." for name in layers))
-    clash = sorted(set(other) & set(tensors))
+    clash = sorted(set(other) & set(specs))
     if clash:
         raise ConfigError(f"tensor names clash between quantized layers and model state: {clash[:5]}")
-    tensors.update(other)
+    specs.update({key: tensor_spec(tensor) for key, tensor in other.items()})
     metadata = {
         **extra,
         "format": FORMAT,
@@ -157,7 +186,7 @@ def save_checkpoint(
         "method": config.method,
         "config": config.to_json(),
         "source_model": source_model,
-        "layers": json.dumps({name: manifest_entry(layer) for name, layer in layers.items()}),
+        "layers": json.dumps(manifest),
         "tied": json.dumps(tied),
     }
     hf: Any = model  # a transformers model: its config is not an nn.Module attribute to a type checker
@@ -168,8 +197,8 @@ def save_checkpoint(
             hf.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_canonical(tensors, tmp / WEIGHTS_FILE, metadata)  # same content, same bytes (sha256)
-    log.info("wrote %s (%d tensors, %d quantized layers)", out, len(tensors), len(layers))
+        write_canonical(specs, tmp / WEIGHTS_FILE, metadata)  # same content, same bytes (sha256)
+    log.info("wrote %s (%d tensors, %d quantized layers)", out, len(specs), len(layers))
     return out
 
 

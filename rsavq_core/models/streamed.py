@@ -97,8 +97,8 @@ class StreamedModel:
             module = self.model.get_submodule(owner) if owner else self.model
             module._parameters[attr] = value
 
-    def load(self, prefix: str = "", *, exclude: str | None = None) -> None:
-        """Read every parameter whose name starts with ``prefix`` (and not with ``exclude``)."""
+    def load(self, prefix: str = "", *, exclude: tuple[str, ...] = ()) -> None:
+        """Read every parameter whose name starts with ``prefix`` (and with none of ``exclude``)."""
         for names in self._groups:
             first = names[0]
             if not any(n.startswith(prefix) and not (exclude and n.startswith(exclude)) for n in names):
@@ -115,10 +115,16 @@ class StreamedModel:
 
     def load_rest(self) -> None:
         """Read what lies outside the decoder blocks (embeddings, final norm, head): once per run."""
-        self.load(exclude=self.layout.blocks_path + ".")
+        self.load(exclude=(self.layout.blocks_path + ".",))
 
     def block_prefix(self, index: int) -> str:
         return f"{self.layout.blocks_path}.{index}."
+
+    def load_block_state(self, index: int, skip: list[str]) -> None:
+        """Read block ``index``'s parameters outside the submodules named in ``skip`` (its norms, when
+        its quantized linears come from an earlier run's checkpoint and the block is not run)."""
+        prefix = self.block_prefix(index)
+        self.load(prefix, exclude=tuple(f"{prefix}{name}." for name in skip))
 
     @contextlib.contextmanager
     def block(self, index: int, drop: list[str] | None = None) -> Iterator[nn.Module]:

@@ -9,7 +9,7 @@ so a killed run resumes from its last finished layer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,7 @@ def fit_shared(
     calib: Calibration,
     cfg: QuantConfig,
     progress: Progress | None,
-    resumed: dict[str, Finished],  # full name -> a layer an earlier run finished
+    resumed: Mapping[str, Finished],  # full name -> a layer an earlier run finished
 ) -> dict[str, Any]:
     """What the method shares between the blocks' layers of one type (name in the block -> it), fitted
     on every block's layer and its float statistics before the per-block pass; {} when nothing."""
@@ -101,7 +101,7 @@ class BlockLoop:
     calib: Calibration
     shared: dict[str, Any]
     checkpoint: FinishedLayers | None
-    resumed: dict[str, Finished]
+    resumed: Mapping[str, Finished]
     progress: Progress | None = None
     on_layer: LayerCallback | None = None
     layers: dict[str, QuantizedLayer] = field(default_factory=dict)  # full name -> packed layer
@@ -114,7 +114,9 @@ class BlockLoop:
         for index in range(n_blocks):
             in_block = self.source.in_block(index)
             if walker is None and all(full in self.resumed for full in in_block.values()):
-                self._publish(index, *self._resumed(index))  # nothing to read in for this block
+                if self.source.streamed is not None:  # its norms only: the checkpoint stores them
+                    self.source.streamed.load_block_state(index, skip=list(in_block))
+                self._publish(index, *self._resumed(index))
                 continue
             with self.source.open_block(index) as block:
                 done, block_norms = self._block(index, block)
@@ -160,10 +162,12 @@ class BlockLoop:
 
     def _publish(self, index: int, done: dict[str, Finished], block_norms: dict[str, torch.Tensor]) -> None:
         for name, full in self.source.in_block(index).items():
-            self.layers[full], self.reports[full] = done[name]
+            layer, self.reports[full] = done[name]
+            if self.source.streamed is None:  # a streamed run's layers stay in their checkpoint files
+                self.layers[full] = layer
             if self.on_layer:
                 self.on_layer(full, self.reports[full])
             if self.progress:
-                self.progress("quantize", len(self.layers), len(self.source.names))
+                self.progress("quantize", len(self.reports), len(self.source.names))
         prefix = f"{self.source.layout.blocks_path}.{index}."
         self.norms.update({prefix + name: value for name, value in block_norms.items()})

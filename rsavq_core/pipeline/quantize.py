@@ -12,7 +12,9 @@ and the model's layers are checked before calibration starts.
 from __future__ import annotations
 
 import resource
+import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.pipeline.blocks import BlockLoop, LayerCallback, fit_shared
 from rsavq_core.pipeline.calibration import prepare_calibration
 from rsavq_core.pipeline.placement import Placement
+from rsavq_core.pipeline.resume import CheckpointedLayers
 from rsavq_core.pipeline.source import finished_layers, load_source
 from rsavq_core.progress import Progress
 
@@ -36,7 +39,8 @@ from rsavq_core.progress import Progress
 class QuantizeResult:
     model: nn.Module  # the source model: float weights; norms as fine-tuning left them
     tokenizer: object
-    layers: dict[str, QuantizedLayer]  # full dotted linear name -> packed layer
+    # full dotted linear name -> packed layer; a streamed run's stay in files, read when asked for
+    layers: Mapping[str, QuantizedLayer]
     reports: dict[str, dict[str, Any]]  # per-layer bits / errors / seconds
     config: QuantConfig
     model_id: str
@@ -77,9 +81,13 @@ def quantize_model(
     """
     started = time.perf_counter()
     cfg = _with_calibration_text(cfg, calibration_text)
-    placement = placement or Placement()
+    placement = placement or Placement.from_settings()
     source = load_source(model_id, cfg, placement)
     timings = {"load": time.perf_counter() - started}
+    scratch = None
+    if source.streamed is not None and checkpoint_dir is None:  # where a streamed run's layers wait
+        scratch = tempfile.TemporaryDirectory(prefix="rsavq-layers-")
+        checkpoint_dir = Path(scratch.name)
     checkpoint, resumed = finished_layers(source, cfg, checkpoint_dir)
     todo = len(resumed) < len(source.names)
     calib = prepare_calibration(
@@ -101,12 +109,15 @@ def quantize_model(
     loop = BlockLoop(source, cfg, calib, shared, checkpoint, resumed, progress, on_layer)
     loop.run()
     timings["quantize"] = time.perf_counter() - t0
-    layers, norms = loop.layers, loop.norms
+    layers: Mapping[str, QuantizedLayer] = loop.layers
+    norms = loop.norms
+    if source.streamed is not None and checkpoint is not None:
+        layers = CheckpointedLayers(checkpoint, [full for _, _, full in source.names], keep_alive=scratch)
     model_finetune: dict[str, Any] = {}
     if cfg.model_finetune_steps and calib.tokens is not None:
         t0 = time.perf_counter()
         layers, tuned_norms, model_finetune = finetune_quantized_model(
-            source.model, layers, norms, calib.tokens, cfg, progress, checkpoint_dir
+            source.model, loop.layers, norms, calib.tokens, cfg, progress, checkpoint_dir
         )
         norms.update(tuned_norms)
         timings["model fine-tune"] = time.perf_counter() - t0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,10 @@ class FinishedLayers:
 
     def _file(self, name: str) -> Path:
         return self.folder / f"{name}.safetensors"
+
+    def layer_file(self, name: str) -> Path:
+        """Where layer ``name`` is (or will be) checkpointed."""
+        return self._file(name)
 
     def finished(self) -> list[str]:
         """Names of the layers already checkpointed."""
@@ -106,3 +111,55 @@ class FinishedLayers:
         metadata = {"entry": json.dumps(manifest_entry(layer)), "report": json.dumps(report, default=float)}
         with replacing(self._file(name)) as tmp:
             save_canonical(layer_tensors(name, layer), tmp, metadata)
+
+
+class CheckpointedLayers(Mapping[str, QuantizedLayer]):
+    """Finished layers that stay on disk (a streamed run keeps no packed layer in memory): each is
+    read when asked for, and the packed checkpoint copies their tensors straight from the files."""
+
+    def __init__(self, store: FinishedLayers, names: list[str], keep_alive: object = None) -> None:
+        self.store, self._names = store, list(names)
+        self._keep_alive = keep_alive  # e.g. the TemporaryDirectory the files live in
+
+    def __getitem__(self, name: str) -> QuantizedLayer:
+        if name not in self._names:
+            raise KeyError(name)
+        loaded = self.store.load(name)
+        if loaded is None:
+            raise ArtifactError(f"the finished layer {name} is no longer readable in {self.store.folder}")
+        return loaded[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def file(self, name: str) -> Path:
+        """The safetensors file holding layer ``name``'s packed tensors (as the checkpoint names them)."""
+        return self.store.layer_file(name)
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """Layer ``name``'s manifest entry, from its file's metadata (no tensor is read)."""
+        with safe_open(str(self.file(name)), framework="pt") as fh:
+            entry: dict[str, Any] = json.loads((fh.metadata() or {})["entry"])
+        return entry
+
+
+class LazyFinished(Mapping[str, tuple[QuantizedLayer, dict[str, Any]]]):
+    """What an earlier run finished, read from disk when asked for (a streamed run's resume)."""
+
+    def __init__(self, store: FinishedLayers, names: list[str]) -> None:
+        self.store, self._names = store, list(names)
+
+    def __getitem__(self, name: str) -> tuple[QuantizedLayer, dict[str, Any]]:
+        loaded = self.store.load(name) if name in self._names else None
+        if loaded is None:
+            raise KeyError(name)
+        return loaded
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

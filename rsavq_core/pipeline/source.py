@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from rsavq_core.models.layout import DecoderLayout, find_decoder_layout, linear_
 from rsavq_core.models.resolve import load_model, load_tokenizer, model_fingerprint, resolve_model
 from rsavq_core.models.streamed import StreamedModel
 from rsavq_core.pipeline.placement import Placement
-from rsavq_core.pipeline.resume import FinishedLayers
+from rsavq_core.pipeline.resume import FinishedLayers, LazyFinished
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,19 @@ def _streamed(folder: Path, cfg: QuantConfig, placement: Placement) -> StreamedM
 
 def finished_layers(
     source: SourceModel, cfg: QuantConfig, checkpoint_dir: Path | None
-) -> tuple[FinishedLayers | None, dict[str, Finished]]:
+) -> tuple[FinishedLayers | None, Mapping[str, Finished]]:
     """The run's layer checkpoint (None without ``checkpoint_dir``) and the layers it already holds."""
     if checkpoint_dir is None:
         return None, {}
     ckpt = FinishedLayers(checkpoint_dir, cfg, model_fingerprint(source.folder))
-    resumed = {}
+    resumed: dict[str, Finished] = {}
+    found = []
     for _, _, full in source.names:
-        finished = ckpt.load(full)
+        finished = ckpt.load(full)  # validates the file (an unreadable one is discarded and redone)
         if finished is not None:
-            resumed[full] = finished
-    if resumed:
-        log.info("resuming: %d of %d layers already checkpointed", len(resumed), len(source.names))
-    return ckpt, resumed
+            found.append(full)
+            if source.streamed is None:  # a streamed run reads them again when their block comes
+                resumed[full] = finished
+    if found:
+        log.info("resuming: %d of %d layers already checkpointed", len(found), len(source.names))
+    return ckpt, (resumed if source.streamed is None else LazyFinished(ckpt, found))

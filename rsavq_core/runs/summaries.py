@@ -12,13 +12,16 @@ import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rsavq_core.config.quant_config import ZERO_SHOT_TASKS, QuantConfig
 from rsavq_core.data.text_files import TextSource, check_overlap
 from rsavq_core.errors import RSAVQError
 from rsavq_core.progress import Progress
 from rsavq_core.settings import configure, get_settings
+
+if TYPE_CHECKING:
+    from rsavq_core.pipeline.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ def quantize_summary(
     progress: Progress | None = None,
     calibration_text: TextSource | None = None,
     allow_overlap: bool = False,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model_id``; optionally save the packed checkpoint to ``out`` and evaluate.
 
@@ -57,7 +61,7 @@ def quantize_summary(
     overlap = check_overlap(calibration_text, texts, allow_overlap)
     resolve_model(model_id)  # an unknown model fails at once, before the provenance's measurement
     origin = provenance()  # before the run: the GFLOP/s figure and the load are the idle machine's
-    result = quantize_model(model_id, cfg, progress=progress, calibration_text=calibration_text)
+    result = quantize_model(model_id, cfg, progress=progress, calibration_text=calibration_text, placement=placement)
     summary: dict[str, Any] = {
         "model": model_id,
         "method": cfg.method,

@@ -45,6 +45,8 @@ def quantize_in_place(
                 f"is {old.out_features}x{old.in_features}"
             )
         device = next(iter(old.buffers() if isinstance(old, QuantLinear) else old.parameters())).device
+        if device.type == "meta":  # a streamed skeleton's dropped weight: the model computes where its embeddings are
+            device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
         qlin = QuantLinear(layer, cache_weight=cache_weight, packed=(packed or {}).get(name))
         replace_module(model, name, qlin.to(device))
     return model

@@ -7,6 +7,7 @@ options appear here by themselves. Unset flags are None, so the method's default
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from rsavq_core.config.knobs import Knob
@@ -65,3 +66,23 @@ def knobs_from_args(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
     """The validated config of the flags (``ConfigError`` for a knob the method does not have)."""
     return QuantConfig.for_method(args.method, **knobs_from_args(args))
+
+
+def placement_from_args(args: argparse.Namespace) -> Any:
+    """The run's ``Placement``: the settings (``RSAVQ_DEVICE``...) with the flags given on top."""
+    from rsavq_core.pipeline.placement import Placement
+
+    stream = {"on": True, "off": False}.get(args.stream or "")
+    return Placement.from_settings(
+        device=args.device, stream=stream, offload_dir=Path(args.offload_dir) if args.offload_dir else None
+    )
+
+
+def placement_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="where to compute: auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--stream",
+        choices=("auto", "on", "off"),
+        help="read the model block by block from disk (auto: whenever the run and checkpoint allow) or whole (off)",
+    )
+    p.add_argument("--offload-dir", help="where calibration activations past the memory budget are written")

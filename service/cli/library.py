@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rsavq_core.config.quant_config import ZERO_SHOT_TASKS
-from service.cli.flags import add_config_flags, config_from_args
+from service.cli.flags import add_config_flags, config_from_args, placement_flags, placement_from_args
 from service.cli.progress import StageBars
 
 
@@ -42,6 +42,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
             progress=bars,
             calibration_text=read_text_file(args.calib_file) if args.calib_file else None,
             allow_overlap=args.allow_overlap,
+            placement=placement_from_args(args),
         )
     finally:
         bars.close()
@@ -118,6 +119,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="evaluate on text that shares documents with the calibration text (refused otherwise)",
     )
     add_config_flags(q)
+    placement_flags(q)
     _evaluation_flags(q)
     _output_flags(q)
     q.set_defaults(func=cmd_quantize)

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from rsavq_core.errors import ConfigError
+from service.cli.flags import placement_flags
 from service.settings import Settings
 
 LOGGING_COMMANDS = ("serve", "worker", "generation-server")
@@ -141,7 +142,8 @@ def cmd_generation_server(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    settings = _settings(args)
+    given = {"device": args.device, "stream": args.stream, "offload_dir": args.offload_dir}
+    settings = _settings(args, **{k: v for k, v in given.items() if v is not None})
     # Replaces this process: signals reach Celery.
     os.execvpe(sys.executable, worker_command(args.concurrency), {**os.environ, **settings.to_env()})
 
@@ -187,6 +189,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     w = sub.add_parser("worker", help="run a quantization worker (Celery, queue 'gpu')")
     w.add_argument("--concurrency", type=int, default=1, help="jobs at once (one per GPU)")
+    placement_flags(w)
     _data_dir(w)
     w.set_defaults(func=cmd_worker)
 

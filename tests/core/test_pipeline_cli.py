@@ -18,6 +18,7 @@ from rsavq_core.formats.scalar import ScalarLayer
 from rsavq_core.formats.vq_layer import VQLayer
 from rsavq_core.models.layout import quantizable_linears
 from rsavq_core.pipeline import calibration as pipeline_calibration
+from rsavq_core.pipeline.placement import Placement
 from rsavq_core.pipeline.quantize import QuantizeResult, quantize_model
 from rsavq_core.runtime import QuantLinear, load_quantized_model, quantize_in_place
 from rsavq_core.settings import override
@@ -26,6 +27,8 @@ from tests.timing import patience
 
 CALIB: dict[str, Any] = dict(calib_samples=2, calib_len=16)
 SMALL: dict[str, Any] = dict(**CALIB, kmeans_iters=2, n_groups=2)
+
+WHOLE = Placement(stream=False)  # these tests compare with the float model, which a streamed run never holds
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def workspace(
 def rsavq_run(workspace: tuple[Path, Path]) -> QuantizeResult:
     root, folder = workspace
     cfg = QuantConfig.for_method("rsavq", bits=2, **SMALL)
-    return quantize_model(str(folder), cfg, out_dir=root / "q_rsavq")
+    return quantize_model(str(folder), cfg, out_dir=root / "q_rsavq", placement=WHOLE)
 
 
 def reference_logits(result: QuantizeResult, ids: torch.Tensor) -> torch.Tensor:
@@ -131,7 +134,7 @@ def test_gptq_end_to_end(workspace: tuple[Path, Path], tiny_llama: Any) -> None:
     root, folder = workspace
     _, tokenizer = tiny_llama
     cfg = QuantConfig.for_method("gptq", bits=2, **CALIB)
-    result = quantize_model(str(folder), cfg, out_dir=root / "q_gptq")
+    result = quantize_model(str(folder), cfg, out_dir=root / "q_gptq", placement=WHOLE)
     assert len(result.layers) == 14
     assert all(isinstance(layer, ScalarLayer) and layer.bits == 2 for layer in result.layers.values())
     assert all(r["hessian_error"] is not None for r in result.reports.values())

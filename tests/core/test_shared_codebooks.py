@@ -18,6 +18,7 @@ from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError
 from rsavq_core.finetune.end_to_end import finetune_model
 from rsavq_core.formats.vq_layer import VQLayer
+from rsavq_core.pipeline.placement import Placement
 from rsavq_core.pipeline.quantize import QuantizeResult, quantize_model, save_result
 from rsavq_core.pipeline.resume import FinishedLayers
 from tests.core.test_pipeline_cli import CALIB, check_artifact, workspace  # noqa: F401 - a fixture
@@ -26,12 +27,14 @@ from tests.core.test_pipeline_cli import CALIB, check_artifact, workspace  # noq
 SHARED = dict(**CALIB, kmeans_iters=2, vector_len=4, n_pq=1, n_groups=1, share_codebooks=True)
 ENTRIES, DIM = 256, 4
 
+WHOLE = Placement(stream=False)  # these tests compare with the float model, which a streamed run never holds
+
 
 @pytest.fixture(scope="module")
 def shared_run(workspace: tuple[Path, Path]) -> QuantizeResult:  # noqa: F811 - the imported fixture
     root, folder = workspace
     cfg = QuantConfig.for_method("rsavq", bits=2, block_finetune_steps=2, **SHARED)
-    return quantize_model(str(folder), cfg, out_dir=root / "q_shared")
+    return quantize_model(str(folder), cfg, out_dir=root / "q_shared", placement=WHOLE)
 
 
 def _types(result: QuantizeResult) -> dict[str, list[VQLayer]]:

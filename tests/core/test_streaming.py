@@ -1,0 +1,164 @@
+"""Streaming a model block by block: the same packed bytes as loading it whole, with one block of
+weights in memory, activations spilled past their budget, and bad input refused before heavy work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rsavq_core.calibration.activations import ActivationStore, check_offload_dir
+from rsavq_core.config.quant_config import QuantConfig
+from rsavq_core.errors import ConfigError, ModelResolutionError
+from rsavq_core.models.streamed import StreamedModel
+from rsavq_core.models.weights import INDEX_FILE, WeightFiles
+from rsavq_core.pipeline.placement import Placement, resolve_device
+from rsavq_core.pipeline.quantize import quantize_model
+from rsavq_core.settings import override
+
+CALIB: dict[str, Any] = dict(calib_samples=4, calib_len=16)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sha256(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Any, one_thread: None) -> Path:
+    """The tiny LLaMA saved in several safetensors shards with an index."""
+    model, tokenizer = tiny_llama
+    folder = tmp_path_factory.mktemp("streaming") / "tiny"
+    model.save_pretrained(folder, max_shard_size="300KB")
+    tokenizer.save_pretrained(folder)
+    assert (folder / INDEX_FILE).is_file() and len(list(folder.glob("*.safetensors"))) >= 2
+    return folder
+
+
+def quantize_both(folder: Path, cfg: QuantConfig, root: Path, device: str = "cpu") -> tuple[Any, Any]:
+    """(whole run, streamed run), each with its own statistics cache so neither reuses the other's."""
+    runs = []
+    for stream in (False, True):
+        name = "stream" if stream else "whole"
+        with override(cache_dir=root / f"cache-{name}"):
+            placement = Placement(device=resolve_device(device), stream=stream)
+            runs.append(quantize_model(str(folder), cfg, out_dir=root / name, placement=placement))
+    return runs[0], runs[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "method,knobs",
+    [
+        ("gptq", {}),
+        ("rsavq", dict(kmeans_iters=2, n_groups=2)),  # gradients, Fisher, shared codebooks, block fine-tuning
+        ("gptq", dict(calib_inputs="quantized")),  # sequential Hessians: the walker over streamed blocks
+    ],
+)
+def test_streamed_checkpoint_is_byte_identical(
+    sharded: Path, tmp_path: Path, method: str, knobs: dict[str, Any], device: str
+) -> None:
+    cfg = QuantConfig.for_method(method, bits=2, **CALIB, **knobs)
+    whole, streamed = quantize_both(sharded, cfg, tmp_path, device)
+    assert streamed.model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # really streamed
+    assert whole.model.model.layers[0].self_attn.q_proj.weight.device.type == "cpu"
+    assert sha256(tmp_path / "stream") == sha256(tmp_path / "whole")
+
+
+def test_bundled_model_streamed_equals_whole(smol_dir: Path, tmp_path: Path) -> None:
+    """The issue's check on the real model: GPTQ 4-bit g128, the same sha256 either way."""
+    cfg = QuantConfig.for_method("gptq", bits=4, group_size=128, calib_samples=4, calib_len=64)
+    whole, streamed = quantize_both(smol_dir, cfg, tmp_path)
+    digests = sha256(tmp_path / "stream")
+    assert digests == sha256(tmp_path / "whole")
+    assert streamed.stats_cached is False and whole.stats_cached is False
+
+
+def test_streamed_model_holds_one_block(sharded: Path, tiny_llama: Any) -> None:
+    model, _ = tiny_llama
+    streamed = StreamedModel(sharded, device=torch.device("cpu"))
+    assert streamed.materialized_bytes() == 0
+    streamed.load_rest()
+    rest = streamed.materialized_bytes()
+    embed = model.model.embed_tokens.weight
+    assert rest >= embed.numel() * 4  # tied head: stored once
+    assert streamed.model.lm_head.weight is streamed.model.model.embed_tokens.weight
+    with streamed.block(1) as block:
+        inside = streamed.materialized_bytes()
+        block_bytes = sum(p.numel() * 4 for p in model.model.layers[1].parameters())
+        assert inside == rest + block_bytes
+        assert torch.equal(block.mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
+    norms = sum(p.numel() * 4 for n, p in model.model.layers[1].named_parameters() if "norm" in n)
+    assert streamed.materialized_bytes() == rest + norms  # the linears went back to the meta device
+
+
+def test_missing_shard_and_index_lies_are_clear_errors(sharded: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in sharded.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    shard = sorted(broken.glob("*.safetensors"))[0]
+    shard.rename(shard.with_suffix(".gone"))
+    with pytest.raises(ModelResolutionError, match="shards that are not there.*" + shard.name):
+        WeightFiles.open(broken)
+    shard.with_suffix(".gone").rename(shard)
+    index = json.loads((broken / INDEX_FILE).read_text())
+    index["weight_map"]["model.layers.0.mlp.not_a_tensor.weight"] = shard.name
+    (broken / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ModelResolutionError, match="do not hold.*not_a_tensor"):
+        WeightFiles.open(broken)
+    cfg = QuantConfig.for_method("gptq", bits=4, **CALIB)
+    with pytest.raises(ModelResolutionError, match="not_a_tensor"):
+        quantize_model(str(broken), cfg, placement=Placement(stream=True))
+
+
+def test_activations_spill_past_the_budget_and_are_removed(tmp_path: Path) -> None:
+    store = ActivationStore(budget_bytes=1000, offload_dir=tmp_path / "offload", device=torch.device("cpu"))
+    small, big = [torch.randn(2, 3, 4)], [torch.randn(2, 8, 16), torch.randn(1, 8, 16)]
+    store.put(0, small)
+    store.put(1, big)  # 1536 bytes: past the budget
+    assert store.held_bytes == small[0].numel() * 4 and store.spilled_bytes == sum(t.numel() * 4 for t in big)
+    files = list((tmp_path / "offload").rglob("*.safetensors"))
+    assert len(files) == 1
+    assert all(torch.equal(a, b) for a, b in zip(store.get(1), big, strict=True))
+    store.drop(1)
+    assert not files[0].exists()
+    store.close()
+    assert list((tmp_path / "offload").iterdir()) == []
+
+
+def test_spilled_statistics_equal_held_ones(sharded: Path, tmp_path: Path) -> None:
+    cfg = QuantConfig.for_method("rsavq", bits=2, kmeans_iters=2, n_groups=2, **CALIB)
+    digests = []
+    for budget in (4.0 * 2**30, 0.0):
+        out = tmp_path / f"budget-{budget:g}"
+        placement = Placement(stream=True, activation_budget_bytes=budget, offload_dir=tmp_path / "offload")
+        with override(cache_dir=out / "cache"):
+            result = quantize_model(str(sharded), cfg, out_dir=out / "packed", placement=placement)
+        assert result.stats_cached is False
+        digests.append(sha256(out / "packed"))
+    assert digests[0] == digests[1]
+    assert not any((tmp_path / "offload").rglob("*.safetensors"))  # spilled files are cleaned up
+
+
+def test_bad_placements_fail_before_heavy_work(sharded: Path, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="not a device name"):
+        resolve_device("gpu please")
+    with pytest.raises(ConfigError, match="only cpu and cuda"):
+        resolve_device("mps")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        check_offload_dir(not_a_dir / "sub", 1.0)
+    with pytest.raises(ConfigError, match="GiB free"):
+        check_offload_dir(tmp_path, 1e18)
+    cfg = QuantConfig.for_method("gptq", bits=4, **CALIB, model_finetune_steps=2)
+    with pytest.raises(ConfigError, match="needs it in memory"):
+        quantize_model(str(sharded), cfg, placement=Placement(stream=True))
