@@ -44,7 +44,12 @@ class BlockInputs:
 
     @classmethod
     def from_recorded(
-        cls, first: list[torch.Tensor], kwargs: list[list[dict[str, object]]], seq_len: int, *, track_float: bool = False
+        cls,
+        first: list[torch.Tensor],
+        kwargs: list[list[dict[str, object]]],
+        seq_len: int,
+        *,
+        track_float: bool = False,
     ) -> BlockInputs:
         """A walker from block 0's inputs (per micro-batch [B, T, D] float) and every block's keyword
         arguments, as a streamed model records them (``calibration.streamed.record_boundary``)."""

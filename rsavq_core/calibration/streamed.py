@@ -106,7 +106,9 @@ def record_boundary(
     return first, kwargs
 
 
-def head_gradient(streamed: StreamedModel, hidden: torch.Tensor, batch: torch.Tensor, output_like: object) -> torch.Tensor:
+def head_gradient(
+    streamed: StreamedModel, hidden: torch.Tensor, batch: torch.Tensor, output_like: object
+) -> torch.Tensor:
     """∂(Σ_s ℓ_s)/∂hidden [B, T, D] for the last block's output ``hidden`` and the tokens ``batch``
     [B, T] int64: the model's own head (final norm, lm_head, soft-capping: whatever it does)."""
     leaf = hidden.detach().requires_grad_(True)
@@ -147,7 +149,9 @@ def streamed_statistics(
         with streamed.block(index) as block:
             inputs = activations.get(index)
             if not want_grads:
-                stats, _ = block_statistics(block, inputs, kwargs[index], None, fisher=key.fisher, seq_len=tokens.shape[1])
+                stats, _ = block_statistics(
+                    block, inputs, kwargs[index], None, fisher=key.fisher, seq_len=tokens.shape[1]
+                )
                 store.save_block(index, stats)
             if want_grads or index + 1 < len(blocks):
                 with torch.no_grad():

@@ -15,6 +15,7 @@ Conventions (decided here, used by every report; each format counts its own laye
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -28,7 +29,7 @@ def layer_bits(layer: QuantizedLayer) -> BitCount:
     return format_of(layer).stored_bits(layer)
 
 
-def model_bits(layers: dict[str, QuantizedLayer], model: nn.Module) -> dict[str, Any]:
+def model_bits(layers: Mapping[str, QuantizedLayer], model: nn.Module) -> dict[str, Any]:
     """Bits per weight of a model whose ``layers`` are quantized.
 
     Returns a dict with

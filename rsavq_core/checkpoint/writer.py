@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import torch
 from safetensors.torch import save as save_bytes
@@ -84,8 +84,9 @@ def file_specs(file: Path, names: Iterable[str] | None = None) -> dict[str, Tens
         info = header.get(name)
         if info is None:
             raise ArtifactError(f"{file}: no tensor {name!r}")
-        begin, end = (int(v) for v in info["data_offsets"])  # type: ignore[attr-defined]
-        specs[name] = TensorSpec(str(info["dtype"]), tuple(int(s) for s in info["shape"]), _copier(file, data_start + begin, end - begin))  # type: ignore[attr-defined]
+        begin, end = (int(v) for v in cast(list[int], info["data_offsets"]))
+        shape = tuple(int(s) for s in cast(list[int], info["shape"]))
+        specs[name] = TensorSpec(str(info["dtype"]), shape, _copier(file, data_start + begin, end - begin))
     return specs
 
 
@@ -134,4 +135,6 @@ def write_canonical(specs: dict[str, TensorSpec], file: Path, metadata: dict[str
             start = fh.tell()
             specs[name].write(fh)
             if fh.tell() - start != specs[name].nbytes:
-                raise ArtifactError(f"{name}: wrote {fh.tell() - start} bytes, its shape and dtype need {specs[name].nbytes}")
+                raise ArtifactError(
+                    f"{name}: wrote {fh.tell() - start} bytes, its shape and dtype need {specs[name].nbytes}"
+                )

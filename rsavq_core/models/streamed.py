@@ -39,7 +39,7 @@ def parameters_on_meta() -> Iterator[None]:
         if param is not None and param.device.type != "meta":
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -109,7 +109,8 @@ class StreamedModel:
             tensor = self.files.read(self._file_name[first], self.dtype, self.device)
             if tuple(tensor.shape) != tuple(current.shape):
                 raise UnsupportedModelError(
-                    f"{self._file_name[first]}: stored shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}"
+                    f"{self._file_name[first]}: stored shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(current.shape)}"
                 )
             self._set(names, nn.Parameter(tensor, requires_grad=current.requires_grad))
 

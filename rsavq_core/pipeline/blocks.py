@@ -78,7 +78,9 @@ def block_stats(calib: Calibration, index: int, device: torch.device) -> dict[st
         return stats
     moved = {}
     for name, st in stats.items():
-        tensors = {f.name: getattr(st, f.name) for f in dataclasses.fields(st) if isinstance(getattr(st, f.name), torch.Tensor)}
+        tensors = {
+            f.name: getattr(st, f.name) for f in dataclasses.fields(st) if isinstance(getattr(st, f.name), torch.Tensor)
+        }
         moved[name] = dataclasses.replace(st, **{k: v.to(device) for k, v in tensors.items()})
     return moved
 

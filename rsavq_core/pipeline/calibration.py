@@ -107,8 +107,18 @@ def prepare_calibration(
     walk_batch = cfg.finetune_batch if block_steps else micro_batch
     track_float = bool(block_steps) and cfg.finetune_target == "model"
     if source.streamed is not None:
-        return _streamed_calibration(source, cfg, placement, out, need_store, sequential or bool(block_steps),
-                                     micro_batch, walk_batch, track_float, progress)
+        return _streamed_calibration(
+            source,
+            cfg,
+            placement,
+            out,
+            need_store,
+            sequential or bool(block_steps),
+            micro_batch,
+            walk_batch,
+            track_float,
+            progress,
+        )
     if need_store:
         t0 = time.perf_counter()
         out.store, out.cached = calibration_store(
@@ -116,7 +126,9 @@ def prepare_calibration(
         )
         out.timings["statistics"] = time.perf_counter() - t0
     if sequential or block_steps:
-        out.walker = BlockInputs(source.model, tokens, micro_batch=walk_batch, track_float=track_float, progress=progress)
+        out.walker = BlockInputs(
+            source.model, tokens, micro_batch=walk_batch, track_float=track_float, progress=progress
+        )
     return out
 
 
@@ -151,7 +163,13 @@ def _streamed_calibration(
             activations = ActivationStore(placement.activation_budget_bytes, placement.offload_dir, placement.device)
             try:
                 out.store = streamed_statistics(
-                    source.streamed, tokens, key, StatsStore(key), activations, micro_batch=micro_batch, progress=progress
+                    source.streamed,
+                    tokens,
+                    key,
+                    StatsStore(key),
+                    activations,
+                    micro_batch=micro_batch,
+                    progress=progress,
                 )
             finally:
                 activations.close()

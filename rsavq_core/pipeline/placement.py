@@ -42,7 +42,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type != "cuda":
         raise ConfigError(f"device {name!r}: only cpu and cuda are supported")
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}: no CUDA device is visible to this process (torch.cuda.is_available() is False)")
+        raise ConfigError(
+            f"device {name!r}: no CUDA device is visible to this process (torch.cuda.is_available() is False)"
+        )
     index = device.index or 0
     if index >= torch.cuda.device_count():
         raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")

@@ -91,7 +91,9 @@ def _streamed(folder: Path, cfg: QuantConfig, placement: Placement) -> StreamedM
                 "memory: run it without streaming (--stream off)"
             )
         if placement.device.type != "cpu":
-            raise ConfigError(f"end-to-end fine-tuning runs on the CPU only (whole model); {placement.device} was asked")
+            raise ConfigError(
+                f"end-to-end fine-tuning runs on the CPU only (whole model); {placement.device} was asked"
+            )
         return None
     if wanted is False:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def quantize_in_place(
     model: nn.Module,
-    layers: dict[str, QuantizedLayer],
+    layers: Mapping[str, QuantizedLayer],
     cache_weight: bool = True,
     packed: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> nn.Module:

@@ -143,7 +143,7 @@ def test_end_to_end_fine_tuning_trains_shared_codebooks_once_for_every_layer(
     tokens = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. a parameter handed to the optimizer twice
-        tuned, norms, report = finetune_model(model, shared_run.layers, tokens, steps=8, lr=1e-3, micro_batch=2)
+        tuned, norms, report = finetune_model(model, dict(shared_run.layers), tokens, steps=8, lr=1e-3, micro_batch=2)
     assert report["kept"] and report["kl_after"] < report["kl_before"], report
     # the norms are the model's own (a layer's row scales are the layer's, not a norm)
     assert norms and set(norms) <= {name for name, p in model.named_parameters() if p.dim() == 1}
