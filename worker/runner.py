@@ -187,9 +187,26 @@ def _run_stages(ctx: WorkerContext, job: Job, reporter: Reporter, step: str) -> 
 
 
 def _preflight(ctx: WorkerContext, folder: Any, cfg: QuantConfig) -> None:
-    from rsavq_core.models.memory import GIB, check_fits, estimate_job_memory
+    from rsavq_core.models.memory import GIB, MemoryEstimate, check_fits, estimate_job_memory
+    from rsavq_core.pipeline.placement import Placement
 
-    estimate = estimate_job_memory(folder, cfg)
+    placement = Placement.from_settings()
+    estimate = estimate_job_memory(
+        folder,
+        cfg,
+        streamed=placement.stream is not False and not cfg.model_finetune_steps,
+        device=placement.device.type,
+        activation_budget=placement.activation_budget_bytes,
+    )
+    if placement.device.type == "cuda":
+        import torch
+
+        device_bytes = float(torch.cuda.get_device_properties(placement.device).total_memory)
+        check_fits(
+            MemoryEstimate(estimate.parameters, estimate.device_terms),
+            device_bytes,
+            who=f"this worker's {placement.device}",
+        )
     own = worker_capacity_bytes(ctx.settings)
     live_after = utcnow() - dt.timedelta(seconds=3 * max(ctx.settings.lease_seconds, 10))
     with ctx.sessions() as session:

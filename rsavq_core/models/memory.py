@@ -3,18 +3,29 @@
 A job that cannot fit should fail in a second with the figures, not after an hour of calibration
 with an out-of-memory kill. The estimate reads ``config.json`` and the safetensors headers (JSON,
 no tensor data) and builds a weightless skeleton of the model to find its decoder blocks, so it
-costs about a second even for a 70B checkpoint. Terms (bytes):
+costs about a second even for a 70B checkpoint.
 
-- weights: every parameter in float32 (the pipeline loads the model in float32);
+Streamed (the pipeline's default, ``rsavq_core.models.streamed``), terms in bytes:
+
+- resident weights: what lies outside the decoder blocks (embeddings, final norm, head) in float32;
+- block weights: the largest block in float32, twice when a walker copies it (sequential
+  statistics, block-wise fine-tuning);
 - statistics of the largest decoder block, twice (the accumulators and the finished copy):
   per linear W [M, N]: mean gradient M·N, Fisher factors M² + N², Hessian N²;
-- block inputs and outputs of every calibration sequence: 2 · n · T · hidden;
+- activations: one block boundary is 4 · n · T · hidden (n windows of T tokens); every boundary is
+  kept when gradients flow back down (L + 1 of them), two otherwise, up to the activation budget
+  (past it they go to the offload directory); a walker holds two more (four tracking the float model);
 - the language-model head of one micro-batch (logits, their softmax and gradient): 3 · b · T · vocab;
 - a fixed runtime overhead (the interpreter, torch, transformers and the tokenizer);
-- headroom for what the terms leave out (autograd temporaries, allocator slack, evaluation).
-The headroom is measured, not guessed: on SmolLM2-135M the sum of the other terms was 2.83 GiB
-(rsavq, 32 × 512) and 1.60 GiB (gptq) against measured peak RSS of 4.16 and 2.83 GiB for the whole
-run including evaluation (README, ablation table): ratios 1.47 and 1.77, hence ×1.8.
+- headroom for what the terms leave out (autograd temporaries inside a block, allocator slack).
+
+On a GPU the weights, statistics, head and the block's inputs and outputs are device terms; the
+host keeps the activation store and the runtime. Loaded whole (end-to-end fine-tuning), the
+weights term is every parameter in float32 and activations two boundaries, with the headroom
+measured for that path: on SmolLM2-135M the other terms summed to 2.83 GiB (rsavq, 32 × 512) and
+1.60 GiB (gptq) against measured peaks of 4.16 and 2.83 GiB: ratios 1.47 and 1.77, hence ×1.8.
+The streamed headroom and how close the estimate comes to measured peaks are in
+``bench/results/memory.json`` (``python bench/bench_streaming.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsavq_core.config.quant_config import QuantConfig
@@ -31,21 +42,33 @@ from rsavq_core.models.layout import find_decoder_layout, linear_at
 
 GIB = 2**30
 RUNTIME_OVERHEAD = 1.0 * GIB
-HEADROOM = 1.8
+HEADROOM = 1.8  # loaded whole (see above)
+STREAM_HEADROOM = 1.3  # streamed: bench/results/memory.json
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
     parameters: int
-    terms: dict[str, float]  # bytes per term
+    terms: dict[str, float]  # host memory, bytes per term
+    device_terms: dict[str, float] = field(default_factory=dict)  # the GPU's, when the run uses one
 
     @property
     def total(self) -> float:
+        """Host memory (bytes)."""
         return sum(self.terms.values())
+
+    @property
+    def device_total(self) -> float:
+        """Device memory (bytes); 0 for a run on the CPU."""
+        return sum(self.device_terms.values())
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.terms.items())
-        return f"{self.total / GIB:.2f} GiB ({parts} GiB; {self.parameters / 1e6:.0f}M parameters)"
+        text = f"{self.total / GIB:.2f} GiB ({parts} GiB; {self.parameters / 1e6:.0f}M parameters)"
+        if self.device_terms:
+            on_device = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.device_terms.items())
+            text += f" and {self.device_total / GIB:.2f} GiB on the device ({on_device} GiB)"
+        return text
 
 
 def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
@@ -59,13 +82,22 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def block_linear_shapes(folder: Path) -> list[list[tuple[int, int]]]:
-    """(out, in) of every quantizable linear of each decoder block, block by block.
+@dataclass(frozen=True)
+class BlockShapes:
+    """What the estimate needs of a model's decoder blocks, read from a weightless skeleton."""
 
-    From a skeleton of the model built on the meta device (no weights are read or allocated, so
-    this costs a second even for a 70B model) and ``find_decoder_layout``: the same definition of a
-    decoder block that the pipeline quantizes, not a guess from tensor names.
-    """
+    blocks_path: str  # e.g. "model.layers"
+    parameters: list[int]  # every parameter of each block (norms included)
+    linears: list[list[tuple[int, int]]]  # (out, in) of each block's quantizable linears
+    hidden: int
+    vocab: int
+
+
+def block_shapes(folder: Path) -> BlockShapes:
+    """The decoder blocks of the checkpoint in ``folder``, found on a skeleton of the model built on
+    the meta device (no weights are read or allocated, so this costs a second even for a 70B model)
+    by ``find_decoder_layout``: the same definition of a block that the pipeline quantizes, not a
+    guess from tensor names."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -76,34 +108,70 @@ def block_linear_shapes(folder: Path) -> list[list[tuple[int, int]]]:
     except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"{folder}: cannot build the model from its config.json: {exc}") from exc
     layout = find_decoder_layout(skeleton)
-    shapes = []
+    linears, counts = [], []
     for index, block in enumerate(layout.blocks):
-        linears = [linear_at(block, name) for name in layout.linear_names(index)]
-        shapes.append([(m.out_features, m.in_features) for m in linears])
-    return shapes
+        modules = [linear_at(block, name) for name in layout.linear_names(index)]
+        linears.append([(m.out_features, m.in_features) for m in modules])
+        counts.append(sum(p.numel() for p in block.parameters()))
+    text = config.get_text_config()
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    return BlockShapes(layout.blocks_path, counts, linears, hidden, vocab)
 
 
-def estimate_job_memory(folder: Path, cfg: QuantConfig, *, micro_batch: int = 4) -> MemoryEstimate:
-    """Peak host memory (bytes, per term) of quantizing the checkpoint in ``folder`` with ``cfg``."""
+def block_linear_shapes(folder: Path) -> list[list[tuple[int, int]]]:
+    """(out, in) of every quantizable linear of each decoder block, block by block."""
+    return block_shapes(folder).linears
+
+
+def estimate_job_memory(
+    folder: Path,
+    cfg: QuantConfig,
+    *,
+    micro_batch: int = 4,
+    streamed: bool = True,
+    device: str = "cpu",
+    activation_budget: float = 4.0 * GIB,
+) -> MemoryEstimate:
+    """Peak memory (bytes, per term) of quantizing the checkpoint in ``folder`` with ``cfg``: host
+    terms, and device terms when ``device`` is not the CPU (``streamed`` must then be True)."""
     shapes = safetensors_shapes(folder)
     if not shapes:
         raise UnsupportedModelError(f"{folder}: no safetensors weights to estimate the job's memory from")
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
-    config = config.get("text_config", config)  # multimodal wrappers keep the LM's sizes here
     parameters = sum(math.prod(s) for s in shapes.values())
-    per_block = [_block_stats(ws, cfg) for ws in block_linear_shapes(folder)] or [0]
-    hidden = int(config.get("hidden_size") or 0)
-    vocab = int(config.get("vocab_size") or 0)
-    calib = cfg.needs_calibration()
-    terms = {
-        "weights": 4.0 * parameters,
+    model = block_shapes(folder)
+    per_block = [_block_stats(ws, cfg) for ws in model.linears] or [0]
+    grads = cfg.needs_gradients()
+    calibrated = cfg.needs_calibration()
+    boundary = 4.0 * cfg.calib_samples * cfg.calib_len * model.hidden if calibrated else 0.0
+    common = {
         "statistics": 2.0 * 4 * max(per_block),
-        "activations": 2.0 * 4 * cfg.calib_samples * cfg.calib_len * hidden if calib else 0.0,
-        "lm_head": 3.0 * 4 * micro_batch * cfg.calib_len * vocab if cfg.needs_gradients() else 0.0,
-        "runtime": RUNTIME_OVERHEAD,
+        "lm_head": 3.0 * 4 * micro_batch * cfg.calib_len * model.vocab if grads else 0.0,
     }
-    terms["headroom"] = (HEADROOM - 1.0) * sum(terms.values())
-    return MemoryEstimate(parameters=parameters, terms=terms)
+    if not streamed:
+        terms = {"weights": 4.0 * parameters, **common, "activations": 2.0 * boundary, "runtime": RUNTIME_OVERHEAD}
+        terms["headroom"] = (HEADROOM - 1.0) * sum(terms.values())
+        return MemoryEstimate(parameters=parameters, terms=terms)
+    walker = bool(cfg.block_finetune_steps) or (cfg.calib_inputs == "quantized" and cfg.needs_hessian())
+    prefix = model.blocks_path + "."
+    resident = sum(math.prod(s) for name, s in shapes.items() if not name.startswith(prefix))
+    compute = {
+        **common,
+        "resident weights": 4.0 * resident,
+        "block weights": 4.0 * max(model.parameters or [0]) * (2 if walker else 1),
+        "walker": (2.0 * boundary * (2 if cfg.finetune_target == "model" else 1)) if walker else 0.0,
+    }
+    levels = len(model.parameters) + 1 if grads else 2
+    stored = min(levels * boundary, activation_budget)  # the rest waits on disk
+    if device == "cpu":
+        terms = {**compute, "activations": stored, "runtime": RUNTIME_OVERHEAD}
+        terms["headroom"] = (STREAM_HEADROOM - 1.0) * sum(terms.values())
+        return MemoryEstimate(parameters=parameters, terms=terms)
+    compute["activations in use"] = 2.0 * boundary  # the current block's inputs and outputs
+    compute["headroom"] = (STREAM_HEADROOM - 1.0) * sum(compute.values())
+    host = {"activations": stored, "runtime": RUNTIME_OVERHEAD}
+    host["headroom"] = (STREAM_HEADROOM - 1.0) * sum(host.values())
+    return MemoryEstimate(parameters=parameters, terms=host, device_terms=compute)
 
 
 def check_fits(estimate: MemoryEstimate, capacity_bytes: float, *, who: str = "the largest worker") -> None:

@@ -41,7 +41,7 @@ def test_estimate_counts_parameters_and_scales_with_model_and_calibration(tmp_pa
     small = fake_checkpoint(tmp_path / "s", hidden=64, layers=2)
     big = fake_checkpoint(tmp_path / "b", hidden=128, layers=4)
     cfg = QuantConfig.for_method("rsavq", bits=2)
-    est = estimate_job_memory(small, cfg)
+    est = estimate_job_memory(small, cfg, streamed=False)
     h, i = 64, 128
     assert est.parameters == 1000 * h + 2 * (4 * h * h + 3 * i * h)
     assert est.terms["weights"] == 4 * est.parameters
@@ -49,10 +49,10 @@ def test_estimate_counts_parameters_and_scales_with_model_and_calibration(tmp_pa
     # skeleton, as the pipeline finds them): mean gradient M·N + F_O M² + F_I N² + Hessian N²
     linears = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
     assert est.terms["statistics"] == 2 * 4 * sum(m * n + m * m + 2 * n * n for m, n in linears)
-    assert estimate_job_memory(big, cfg).total > est.total
-    longer = estimate_job_memory(small, cfg.replace(calib_samples=256, calib_len=2048))
+    assert estimate_job_memory(big, cfg, streamed=False).total > est.total
+    longer = estimate_job_memory(small, cfg.replace(calib_samples=256, calib_len=2048), streamed=False)
     assert longer.terms["activations"] == 32 * est.terms["activations"]  # 8x windows, 4x length
-    rtn = estimate_job_memory(small, QuantConfig.for_method("rtn", bits=4))
+    rtn = estimate_job_memory(small, QuantConfig.for_method("rtn", bits=4), streamed=False)
     assert rtn.terms["statistics"] == rtn.terms["activations"] == rtn.terms["lm_head"] == 0
 
 
@@ -80,3 +80,31 @@ def test_a_folder_without_safetensors_is_a_clear_error(tmp_path: Path) -> None:
     LlamaConfig(hidden_size=64, num_attention_heads=4).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="no safetensors"):
         estimate_job_memory(tmp_path, QuantConfig())
+
+
+def test_a_streamed_estimate_holds_one_block_and_caps_activations_at_the_budget(tmp_path: Path) -> None:
+    h, i, vocab = 64, 128, 1000
+    shallow = fake_checkpoint(tmp_path / "shallow", hidden=h, layers=2, vocab=vocab)
+    deep = fake_checkpoint(tmp_path / "deep", hidden=h, layers=16, vocab=vocab)
+    cfg = QuantConfig.for_method("gptq", bits=4, calib_samples=8, calib_len=256)
+    a, b = estimate_job_memory(shallow, cfg), estimate_job_memory(deep, cfg)
+    block = 4 * h * h + 3 * i * h + 2 * h  # with its two norms (from the skeleton, not the files)
+    assert a.terms["resident weights"] == 4 * vocab * h  # the embedding: no norm in these files
+    assert a.terms["block weights"] == 4 * block
+    assert b.total == a.total  # Hessian-only statistics: two boundaries whatever the depth
+    grads = QuantConfig.for_method("rsavq", bits=2, calib_samples=8, calib_len=256)
+    boundary = 4 * 8 * 256 * h
+    assert estimate_job_memory(deep, grads).terms["activations"] == 17 * boundary  # every boundary
+    capped = estimate_job_memory(deep, grads, activation_budget=3 * boundary)
+    assert capped.terms["activations"] == 3 * boundary  # the rest is spilled to disk
+    whole = estimate_job_memory(deep, grads, streamed=False)
+    assert whole.terms["weights"] == 4 * whole.parameters and whole.total > capped.total
+
+
+def test_a_gpu_estimate_splits_device_and_host_terms(tmp_path: Path) -> None:
+    folder = fake_checkpoint(tmp_path / "m", hidden=64, layers=4)
+    cfg = QuantConfig.for_method("rsavq", bits=2)
+    est = estimate_job_memory(folder, cfg, device="cuda")
+    assert {"statistics", "block weights", "resident weights", "lm_head"} <= set(est.device_terms)
+    assert set(est.terms) == {"activations", "runtime", "headroom"}
+    assert "on the device" in est.describe()
