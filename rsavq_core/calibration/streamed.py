@@ -135,17 +135,24 @@ def streamed_statistics(
     *,
     micro_batch: int,
     progress: Progress | None = None,
+    limit: int | None = None,
 ) -> StatsStore:
-    """Fill ``store`` with every block's statistics for ``key``. tokens: [S, T] int64."""
+    """Fill ``store`` with every block's statistics for ``key``. tokens: [S, T] int64.
+
+    ``limit``: only the first ``limit`` blocks' statistics (a benchmark on a model too big to
+    finish); gradients still come down from the head through every block, and the store is left
+    incomplete, so that no later run takes it for a whole model's."""
     started = time.perf_counter()
     blocks = streamed.layout.blocks
+    limit = len(blocks) if limit is None else min(limit, len(blocks))
     batches = list(torch.split(tokens, micro_batch))
     first, kwargs = record_boundary(streamed, tokens, micro_batch)
     activations.put(0, first)
     del first
     want_grads = key.with_grads
+    needed = len(blocks) if want_grads else limit
     output_like: object = None
-    for index in range(len(blocks)):
+    for index in range(needed):
         with streamed.block(index) as block:
             inputs = activations.get(index)
             if not want_grads:
@@ -153,7 +160,7 @@ def streamed_statistics(
                     block, inputs, kwargs[index], None, fisher=key.fisher, seq_len=tokens.shape[1]
                 )
                 store.save_block(index, stats)
-            if want_grads or index + 1 < len(blocks):
+            if want_grads or index + 1 < needed:
                 with torch.no_grad():
                     outputs = [block(x, **kw) for x, kw in zip(inputs, kwargs[index], strict=True)]
                 output_like = outputs[0]
@@ -163,11 +170,26 @@ def streamed_statistics(
         if not want_grads:
             activations.drop(index)
         if progress:
-            progress("calibration forward" if want_grads else "calibration statistics", index + 1, len(blocks))
+            progress("calibration forward" if want_grads else "calibration statistics", index + 1, needed)
     if want_grads:
-        _backward_statistics(streamed, batches, kwargs, key, store, activations, output_like, progress)
-    store.finish({"seconds": time.perf_counter() - started, "blocks": len(blocks), "streamed": True})
+        _backward_statistics(streamed, batches, kwargs, key, store, activations, output_like, progress, limit)
+    if limit == len(blocks):
+        store.finish({"seconds": time.perf_counter() - started, "blocks": len(blocks), "streamed": True})
     return store
+
+
+def input_gradients(
+    block: nn.Module, inputs: list[torch.Tensor], kwargs: list[Kwargs], out_grads: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Per micro-batch [B, T, D]: the gradient at the block's input from the one at its output,
+    without statistics (blocks past a benchmark's ``limit``)."""
+    grads = []
+    for x, kw, grad in zip(inputs, kwargs, out_grads, strict=True):
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g_in,) = torch.autograd.grad(first_tensor(block(leaf, **kw)), leaf, grad_outputs=grad)
+        grads.append(g_in.detach())
+    return grads
 
 
 def _backward_statistics(
@@ -179,6 +201,7 @@ def _backward_statistics(
     activations: ActivationStore,
     output_like: object,
     progress: Progress | None,
+    limit: int,
 ) -> None:
     """Pass 3: the head's gradient, then each block's gradient statistics from last to first."""
     blocks = streamed.layout.blocks
@@ -190,11 +213,15 @@ def _backward_statistics(
     del last
     seq_len = batches[0].shape[1]
     for done, index in enumerate(reversed(range(len(blocks)))):
+        assert grads is not None
         with streamed.block(index) as block:
-            stats, grads = block_statistics(
-                block, activations.get(index), kwargs[index], grads, fisher=key.fisher, seq_len=seq_len
-            )
-        store.save_block(index, stats)
+            if index >= limit:
+                grads = input_gradients(block, activations.get(index), kwargs[index], grads)
+            else:
+                stats, grads = block_statistics(
+                    block, activations.get(index), kwargs[index], grads, fisher=key.fisher, seq_len=seq_len
+                )
+                store.save_block(index, stats)
         activations.drop(index)
         if progress:
             progress("calibration statistics", done + 1, len(blocks))

@@ -54,7 +54,7 @@ def fit_shared(
 ) -> dict[str, Any]:
     """What the method shares between the blocks' layers of one type (name in the block -> it), fitted
     on every block's layer and its float statistics before the per-block pass; {} when nothing."""
-    n_blocks = len(source.layout.blocks)
+    n_blocks = source.n_blocks
     fit = get_method(cfg.method).shared_fit(cfg, n_blocks)
     if fit is None:
         return {}
@@ -111,7 +111,7 @@ class BlockLoop:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> norm weight tuned block-wise
 
     def run(self) -> None:
-        n_blocks = len(self.source.layout.blocks)
+        n_blocks = self.source.n_blocks
         walker = self.calib.walker
         for index in range(n_blocks):
             in_block = self.source.in_block(index)

@@ -170,6 +170,7 @@ def _streamed_calibration(
                     activations,
                     micro_batch=micro_batch,
                     progress=progress,
+                    limit=source.n_blocks,
                 )
             finally:
                 activations.close()

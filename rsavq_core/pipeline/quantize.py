@@ -67,6 +67,7 @@ def quantize_model(
     on_layer: LayerCallback | None = None,
     calibration_text: TextSource | None = None,
     placement: Placement | None = None,
+    blocks: int | None = None,
 ) -> QuantizeResult:
     """Quantize every nn.Linear of the decoder blocks of ``model_id`` with ``cfg``.
 
@@ -77,12 +78,17 @@ def quantize_model(
     killed run resumes from its last finished layer. ``progress`` may raise (``JobCancelled``) to
     stop the run between layers; ``on_layer(name, report)`` sees each layer's report.
     ``calibration_text``: the user's own calibration text instead of the bundled split; the
-    result's config records its sha256 (``calib_data``).
+    result's config records its sha256 (``calib_data``). ``placement``: the device, and whether the
+    model is streamed block by block (default: the settings; streamed, ``result.model`` is then a
+    skeleton whose quantized linears hold no weights, and ``result.layers`` are read from their
+    checkpoint files when asked for). ``blocks``: quantize only the first ones (benchmarks).
     """
     started = time.perf_counter()
     cfg = _with_calibration_text(cfg, calibration_text)
+    if blocks is not None and (blocks < 1 or out_dir is not None):
+        raise ConfigError("a block limit (benchmarks) must be at least 1 and writes no packed checkpoint")
     placement = placement or Placement.from_settings()
-    source = load_source(model_id, cfg, placement)
+    source = load_source(model_id, cfg, placement, blocks=blocks)
     timings = {"load": time.perf_counter() - started}
     scratch = None
     if source.streamed is not None and checkpoint_dir is None:  # where a streamed run's layers wait

@@ -44,6 +44,7 @@ class SourceModel:
     names: list[tuple[int, str, str]]  # (block index, name in the block, full name) of every linear
     streamed: StreamedModel | None = None  # None: ``model`` is whole, in host memory
     device: torch.device = torch.device("cpu")
+    n_blocks: int = 0  # the blocks this run quantizes: all, or the first ones (a benchmark's limit)
 
     def in_block(self, index: int) -> dict[str, str]:
         """Name in block ``index`` -> full name, for each of its linears."""
@@ -60,8 +61,11 @@ class SourceModel:
             yield block
 
 
-def load_source(model_id: str, cfg: QuantConfig, placement: Placement | None = None) -> SourceModel:
-    """Resolve (offline) and load ``model_id``, find its linears and check the config against them."""
+def load_source(
+    model_id: str, cfg: QuantConfig, placement: Placement | None = None, *, blocks: int | None = None
+) -> SourceModel:
+    """Resolve (offline) and load ``model_id``, find its linears and check the config against them.
+    ``blocks``: only the first ones are quantized (benchmarks)."""
     placement = placement or Placement()
     folder = resolve_model(model_id)  # fails fast, before the model is loaded
     streamed = _streamed(folder, cfg, placement)
@@ -70,7 +74,8 @@ def load_source(model_id: str, cfg: QuantConfig, placement: Placement | None = N
     else:
         model, tokenizer, _ = load_model(str(folder))
     layout = find_decoder_layout(model)  # fails fast on a model with no linear layers
-    names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(len(layout.blocks)) for n in layout.linear_names(i)]
+    n_blocks = len(layout.blocks) if blocks is None else min(blocks, len(layout.blocks))
+    names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(n_blocks) for n in layout.linear_names(i)]
     shapes = {}
     for i, n, full in names:
         linear = linear_at(layout.blocks[i], n)
@@ -78,7 +83,7 @@ def load_source(model_id: str, cfg: QuantConfig, placement: Placement | None = N
     get_method(cfg.method).check_layers(cfg, shapes)  # before any calibration: a config the model cannot take
     if streamed is not None:
         streamed.load_rest()  # embeddings, final norm, head: once, after the cheap checks
-    return SourceModel(folder, model, tokenizer, layout, names, streamed, placement.device)
+    return SourceModel(folder, model, tokenizer, layout, names, streamed, placement.device, n_blocks)
 
 
 def _streamed(folder: Path, cfg: QuantConfig, placement: Placement) -> StreamedModel | None:

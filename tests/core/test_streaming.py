@@ -162,3 +162,20 @@ def test_bad_placements_fail_before_heavy_work(sharded: Path, tmp_path: Path) ->
     cfg = QuantConfig.for_method("gptq", bits=4, **CALIB, model_finetune_steps=2)
     with pytest.raises(ConfigError, match="needs it in memory"):
         quantize_model(str(sharded), cfg, placement=Placement(stream=True))
+
+
+@pytest.mark.parametrize("method,knobs", [("gptq", {}), ("rsavq", dict(kmeans_iters=2, n_groups=2))])
+def test_a_block_limit_quantizes_the_first_blocks_as_a_whole_run_does(
+    sharded: Path, tmp_path: Path, method: str, knobs: dict[str, Any]
+) -> None:
+    cfg = QuantConfig.for_method(method, bits=2, **CALIB, **knobs)
+    with override(cache_dir=tmp_path / "limited"):
+        limited = quantize_model(str(sharded), cfg, placement=Placement(stream=True), blocks=1)
+        with pytest.raises(ConfigError, match="block limit"):
+            quantize_model(str(sharded), cfg, out_dir=tmp_path / "x", blocks=1)
+    with override(cache_dir=tmp_path / "full"):
+        full = quantize_model(str(sharded), cfg, placement=Placement(stream=True))
+    assert sorted(limited.layers) == sorted(n for n in full.layers if n.startswith("model.layers.0."))
+    for name in limited.layers:
+        assert torch.equal(limited.layers[name].dequantize(), full.layers[name].dequantize()), name
+    assert not any((tmp_path / "limited" / "stats").glob("*/meta.json"))  # a partial store is never reused
