@@ -69,28 +69,43 @@ def _skip_init() -> Iterator[None]:
         yield
 
 
+# The reference path keeps each layer's dequantized weight (re-dequantizing per call costs more than
+# the matmul on a CPU) only while all of them together stay under this: past it, that cache would
+# be the float copy of the whole model that loading from packed tensors exists to avoid.
+DENSE_CACHE_LIMIT_BYTES = 4 * 2**30
+
+
 def load_quantized_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", cache_weight: bool = True
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_weight: bool | None = None,
 ) -> tuple[nn.Module, Any, PackedCheckpoint]:
     """(model in eval mode, tokenizer or None, PackedCheckpoint) from a packed checkpoint directory.
 
-    The model is built on CPU from the checkpoint's ``config.json`` with random init skipped
-    (building on the meta device would leave non-persistent buffers such as rotary frequencies
-    unmaterialized, and recomputing them is model-specific), then its quantized linears are
-    swapped for QuantLinear, the other tensors are loaded (cast to ``dtype``), tied weights are
-    re-tied and the whole model is moved to ``device``.
+    The model is built from the checkpoint's ``config.json`` with every parameter on the meta
+    device (buffers such as rotary frequencies are computed as usual), its quantized linears are
+    swapped for QuantLinear, and the other tensors are assigned (cast to ``dtype``): no float copy
+    of the model exists on the way, so a model that fits packed loads. Tied weights are re-tied and
+    the model is moved to ``device``. ``cache_weight``: keep dequantized weights on the reference
+    path (default: when all of them fit ``DENSE_CACHE_LIMIT_BYTES``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from rsavq_core.models.streamed import parameters_on_meta
 
     art = read_checkpoint(path)
     folder = art.path.parent
     if not (folder / "config.json").is_file():
         raise ArtifactError(f"{folder} has no config.json next to {art.path.name}")
-    with _skip_init():
+    with _skip_init(), parameters_on_meta():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=dtype)
+    if cache_weight is None:
+        dense = sum(layer.out_features * layer.in_features for layer in art.layers.values())
+        cache_weight = dense * torch.finfo(dtype).bits // 8 <= DENSE_CACHE_LIMIT_BYTES
     quantize_in_place(model, art.layers, cache_weight=cache_weight, packed=art.packed)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in art.other_state.items()}
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise ArtifactError(f"{art.path}: tensors the model does not have: {result.unexpected_keys[:5]}")
     prefixes = tuple(f"{name}." for name in art.layers)
@@ -102,6 +117,9 @@ def load_quantized_model(
         target_mod, _, target_attr = target.rpartition(".")
         shared = getattr(model.get_submodule(target_mod), target_attr)
         setattr(model.get_submodule(alias_mod), alias_attr, shared)
+    empty = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if empty:
+        raise ArtifactError(f"{art.path}: the model needs tensors the checkpoint lacks: {empty[:5]}")
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     model.to(device).eval()
