@@ -24,22 +24,11 @@ from safetensors.torch import save as save_bytes
 
 from rsavq_core.atomic import replacing
 from rsavq_core.errors import ArtifactError
-from rsavq_core.models.weights import DTYPE_BYTES, read_header
+from rsavq_core.models.weights import DTYPE_BYTES, TORCH_DTYPES, read_header
 
 _LEN = struct.Struct("<Q")
-TORCH_TO_SAFETENSORS = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-SAFETENSORS_TO_TORCH = {v: k for k, v in TORCH_TO_SAFETENSORS.items()}
+SAFETENSORS_TO_TORCH = TORCH_DTYPES
+TORCH_TO_SAFETENSORS = {v: k for k, v in TORCH_DTYPES.items()}
 _CHUNK = 16 << 20
 
 

@@ -4,18 +4,17 @@ Streaming a model bigger than memory needs each block's weights when its turn co
 sooner. This module maps every tensor name to the file holding it (one file, or shards named by
 ``model.safetensors.index.json``), checks that table before any heavy work (a shard the index
 names but the folder lacks, an index naming a tensor its shard does not hold), and reads single
-tensors through safetensors' memory map: a read costs that tensor's bytes, not the file's.
+tensors with plain reads: a read costs that tensor's bytes, not the file's.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from rsavq_core.errors import ModelResolutionError
 
@@ -24,11 +23,26 @@ INDEX_FILE = "model.safetensors.index.json"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     file: Path
     dtype: str  # safetensors' name: "BF16", "F32", ...
     shape: tuple[int, ...]
+    start: int = 0  # absolute offset of its bytes in the file
 
     @property
     def nbytes(self) -> int:
@@ -40,6 +54,11 @@ class TensorEntry:
 
 def read_header(file: Path) -> dict[str, dict[str, object]]:
     """The JSON header of one safetensors file (tensor name -> dtype, shape, offsets), no data read."""
+    return _header_and_start(file)[1]
+
+
+def _header_and_start(file: Path) -> tuple[int, dict[str, dict[str, object]]]:
+    """(where the data starts in ``file``, its header without ``__metadata__``)."""
     try:
         with open(file, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
@@ -47,7 +66,7 @@ def read_header(file: Path) -> dict[str, dict[str, object]]:
     except (OSError, struct.error, ValueError) as exc:
         raise ModelResolutionError(f"{file}: not a readable safetensors file: {exc}") from exc
     header.pop("__metadata__", None)
-    return header
+    return 8 + length, header
 
 
 @dataclass
@@ -56,7 +75,6 @@ class WeightFiles:
 
     folder: Path
     entries: dict[str, TensorEntry]
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, folder: Path) -> WeightFiles:
@@ -77,12 +95,13 @@ class WeightFiles:
             raise ModelResolutionError(f"{folder}: {INDEX_FILE} names shards that are not there: {missing[:5]}")
         entries: dict[str, TensorEntry] = {}
         for name in files:
-            for tensor, info in read_header(folder / name).items():
-                shape = info.get("shape")
-                dtype = info.get("dtype")
-                if not isinstance(shape, list) or not isinstance(dtype, str):
+            data_start, header = _header_and_start(folder / name)
+            for tensor, info in header.items():
+                shape, dtype, offsets = info.get("shape"), info.get("dtype"), info.get("data_offsets")
+                if not isinstance(shape, list) or not isinstance(dtype, str) or not isinstance(offsets, list):
                     raise ModelResolutionError(f"{folder / name}: malformed header entry for {tensor!r}")
-                entries[tensor] = TensorEntry(folder / name, dtype, tuple(int(s) for s in shape))
+                start = data_start + int(offsets[0])
+                entries[tensor] = TensorEntry(folder / name, dtype, tuple(int(s) for s in shape), start)
         absent = [t for t, file in wanted.items() if t not in entries or entries[t].file.name != file]
         if absent:
             raise ModelResolutionError(
@@ -94,19 +113,29 @@ class WeightFiles:
         return name in self.entries
 
     def read(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Tensor ``name`` as ``dtype`` on ``device`` (read from the memory map; nothing else is read)."""
+        """Tensor ``name`` as ``dtype`` on ``device``.
+
+        Read with plain file reads, not through a memory map: pages of a mapped file count in the
+        process's resident memory for as long as the map lives, which for a streamed 8B model would
+        grow to the whole checkpoint; read pages go to the page cache, which the kernel reclaims."""
         entry = self.entries.get(name)
         if entry is None:
             raise ModelResolutionError(f"{self.folder}: no tensor {name!r} in the checkpoint's safetensors files")
+        stored = TORCH_DTYPES.get(entry.dtype)
+        if stored is None:
+            raise ModelResolutionError(f"{entry.file}: {name!r} has dtype {entry.dtype}, which cannot be streamed")
+        buffer = bytearray(entry.nbytes)
         try:
-            handle = self._handles.get(entry.file)
-            if handle is None:
-                handle = safe_open(str(entry.file), framework="pt")
-                self._handles[entry.file] = handle
-            tensor: torch.Tensor = handle.get_tensor(name)  # type: ignore[attr-defined]
-        except (SafetensorError, OSError) as exc:
+            with open(entry.file, "rb") as fh:
+                fh.seek(entry.start)
+                if fh.readinto(buffer) != entry.nbytes:
+                    raise ModelResolutionError(f"{entry.file}: truncated (the bytes of {name!r} end early)")
+        except OSError as exc:
             raise ModelResolutionError(f"{entry.file}: cannot read {name!r}: {exc}") from exc
-        return tensor.to(device=device, dtype=dtype)
+        if not entry.nbytes:
+            return torch.empty(entry.shape, dtype=dtype, device=device)
+        tensor = torch.frombuffer(buffer, dtype=stored).reshape(entry.shape)
+        return tensor.to(device=device, dtype=dtype, copy=True)
 
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
