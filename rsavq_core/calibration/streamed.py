@@ -97,7 +97,7 @@ def record_boundary(
         kwargs[index].append(detach_kwargs(kw))
 
     last = len(blocks) - 1
-    with blocks_replaced(blocks, lambda i: _Recorder(i, sink, i == last)), torch.no_grad():
+    with streamed.resident(), blocks_replaced(blocks, lambda i: _Recorder(i, sink, i == last)), torch.no_grad():
         for batch in torch.split(tokens, micro_batch):
             with contextlib.suppress(_StopForward):
                 streamed.model(input_ids=batch.to(streamed.device), use_cache=False)
@@ -206,9 +206,10 @@ def _backward_statistics(
     """Pass 3: the head's gradient, then each block's gradient statistics from last to first."""
     blocks = streamed.layout.blocks
     last = activations.get(len(blocks))
-    grads: list[torch.Tensor] | None = [
-        head_gradient(streamed, h, batch, output_like) for h, batch in zip(last, batches, strict=True)
-    ]
+    with streamed.resident():
+        grads: list[torch.Tensor] | None = [
+            head_gradient(streamed, h, batch, output_like) for h, batch in zip(last, batches, strict=True)
+        ]
     activations.drop(len(blocks))
     del last
     seq_len = batches[0].shape[1]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +92,12 @@ def layer_tensors(name: str, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
 OTHER_TENSORS_DTYPE = torch.float16
 
 
-def _other_tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Non-quantized state_dict entries (fp16 if floating) and the {alias: stored name} of ties."""
-    tensors: dict[str, torch.Tensor] = {}
+def _other_tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """Non-quantized state_dict entries (fp16 if floating) and the {alias: stored name} of ties.
+
+    Each is converted when the file is written, one at a time: a model's float16 copy never sits
+    beside the model (4 GB of embeddings and head for an 8B model)."""
+    specs: dict[str, TensorSpec] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
     for key, t in model.state_dict().items():
@@ -107,14 +111,21 @@ def _other_tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, t
             continue
         seen[ident] = key
         if t.is_floating_point():
-            # copy=True: the file must not share storage with the model or between entries.
-            half = t.detach().to("cpu", OTHER_TENSORS_DTYPE, copy=True)
-            if bool(torch.isfinite(t).all()) and not bool(torch.isfinite(half).all()):
+            if t.numel() and _overflows_half(t.detach()):
                 log.warning("%s overflows float16; stored values are not finite", key)
-            tensors[key] = half.contiguous()
+            specs[key] = tensor_spec(t.detach(), OTHER_TENSORS_DTYPE)
         else:
-            tensors[key] = t.detach().to("cpu", copy=True).contiguous()
-    return tensors, tied
+            specs[key] = tensor_spec(t.detach())
+    return specs, tied
+
+
+def _overflows_half(t: torch.Tensor) -> bool:
+    """Whether finite values of ``t`` become infinite in float16 (|x| ≥ 65520 rounds to inf)."""
+    low, high = torch.aminmax(t.float() if t.dtype != torch.float32 else t)
+    low_f, high_f = float(low), float(high)
+    if not (math.isfinite(low_f) and math.isfinite(high_f)):
+        return False  # already not finite: nothing the conversion breaks
+    return max(-low_f, high_f) >= 65520.0
 
 
 @runtime_checkable
@@ -178,7 +189,7 @@ def save_checkpoint(
     clash = sorted(set(other) & set(specs))
     if clash:
         raise ConfigError(f"tensor names clash between quantized layers and model state: {clash[:5]}")
-    specs.update({key: tensor_spec(tensor) for key, tensor in other.items()})
+    specs.update(other)
     metadata = {
         **extra,
         "format": FORMAT,

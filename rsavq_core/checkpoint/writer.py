@@ -48,17 +48,19 @@ class TensorSpec:
         return count * DTYPE_BYTES[self.dtype]
 
 
-def tensor_spec(tensor: torch.Tensor) -> TensorSpec:
-    """The spec of an in-memory tensor (any device; written from a contiguous host copy)."""
-    if tensor.dtype not in TORCH_TO_SAFETENSORS:
-        raise ArtifactError(f"cannot store a tensor of dtype {tensor.dtype}")
+def tensor_spec(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> TensorSpec:
+    """The spec of an in-memory tensor (any device), stored as ``dtype`` (default: its own),
+    converted only when it is written."""
+    stored = dtype or tensor.dtype
+    if stored not in TORCH_TO_SAFETENSORS:
+        raise ArtifactError(f"cannot store a tensor of dtype {stored}")
 
     def write(fh: BinaryIO) -> None:
-        host = tensor.detach().to("cpu").contiguous()
+        host = tensor.detach().to("cpu", stored).contiguous()
         if host.numel():
             fh.write(host.reshape(-1).view(torch.uint8).numpy().tobytes())
 
-    return TensorSpec(TORCH_TO_SAFETENSORS[tensor.dtype], tuple(tensor.shape), write)
+    return TensorSpec(TORCH_TO_SAFETENSORS[stored], tuple(tensor.shape), write)
 
 
 def file_specs(file: Path, names: Iterable[str] | None = None) -> dict[str, TensorSpec]:

@@ -7,9 +7,19 @@ costs about a second even for a 70B checkpoint.
 
 Streamed (the pipeline's default, ``rsavq_core.models.streamed``), terms in bytes:
 
+The run has phases, and the estimate is the largest phase's working set:
+
+- statistics: one block's weights, its statistics, the activations held, and with gradients the
+  head's pass (resident weights and the head's logits);
+- quantize: one block's weights (twice when a walker copies it: sequential statistics, block-wise
+  fine-tuning), its statistics, the walker's activations;
+- save: the resident weights in float32 and their float16 copies for the file.
+
+Terms:
+
 - resident weights: what lies outside the decoder blocks (embeddings, final norm, head) in float32;
-- block weights: the largest block in float32, twice when a walker copies it (sequential
-  statistics, block-wise fine-tuning);
+  read in only for the passes that need them;
+- block weights: the largest block in float32;
 - statistics of the largest decoder block, twice (the accumulators and the finished copy):
   per linear W [M, N]: mean gradient M·N, Fisher factors M² + N², Hessian N²;
 - activations: one block boundary is 4 · n · T · hidden (n windows of T tokens); every boundary is
@@ -51,6 +61,7 @@ class MemoryEstimate:
     parameters: int
     terms: dict[str, float]  # host memory, bytes per term
     device_terms: dict[str, float] = field(default_factory=dict)  # the GPU's, when the run uses one
+    phase: str = ""  # streamed: the step whose working set is the peak (statistics, quantize, save)
 
     @property
     def total(self) -> float:
@@ -64,7 +75,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.terms.items())
-        text = f"{self.total / GIB:.2f} GiB ({parts} GiB; {self.parameters / 1e6:.0f}M parameters)"
+        during = f", during {self.phase}" if self.phase else ""
+        text = f"{self.total / GIB:.2f} GiB ({parts} GiB; {self.parameters / 1e6:.0f}M parameters{during})"
         if self.device_terms:
             on_device = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.device_terms.items())
             text += f" and {self.device_total / GIB:.2f} GiB on the device ({on_device} GiB)"
@@ -154,24 +166,39 @@ def estimate_job_memory(
         return MemoryEstimate(parameters=parameters, terms=terms)
     walker = bool(cfg.block_finetune_steps) or (cfg.calib_inputs == "quantized" and cfg.needs_hessian())
     prefix = model.blocks_path + "."
-    resident = sum(math.prod(s) for name, s in shapes.items() if not name.startswith(prefix))
-    compute = {
-        **common,
-        "resident weights": 4.0 * resident,
-        "block weights": 4.0 * max(model.parameters or [0]) * (2 if walker else 1),
-        "walker": (2.0 * boundary * (2 if cfg.finetune_target == "model" else 1)) if walker else 0.0,
-    }
+    resident = 4.0 * sum(math.prod(s) for name, s in shapes.items() if not name.startswith(prefix))
+    block = 4.0 * max(model.parameters or [0])
     levels = len(model.parameters) + 1 if grads else 2
     stored = min(levels * boundary, activation_budget)  # the rest waits on disk
+    walking = (2.0 * boundary * (2 if cfg.finetune_target == "model" else 1)) if walker else 0.0
+    # The phases of a streamed run; the peak is the largest (each is one moment's working set).
+    phases = {
+        "statistics": {  # the block pass, then the head's gradient with embeddings and head read in
+            "resident weights": resident if grads else 0.0,
+            "block weights": block,
+            "statistics": common["statistics"],
+            "lm_head": common["lm_head"],
+            "activations": stored,
+        },
+        "quantize": {
+            "block weights": block * (2 if walker else 1),  # + the walker's copy
+            "statistics": common["statistics"],
+            "walker": walking,
+        },
+        "save": {"resident weights": 1.5 * resident},  # float32 + their float16 copies for the file
+    }
+    phase = max(phases, key=lambda name: sum(phases[name].values()))
+    compute = dict(phases[phase])
     if device == "cpu":
-        terms = {**compute, "activations": stored, "runtime": RUNTIME_OVERHEAD}
+        terms = {**compute, "runtime": RUNTIME_OVERHEAD}
         terms["headroom"] = (STREAM_HEADROOM - 1.0) * sum(terms.values())
-        return MemoryEstimate(parameters=parameters, terms=terms)
+        return MemoryEstimate(parameters=parameters, terms=terms, phase=phase)
+    compute.pop("activations", None)
     compute["activations in use"] = 2.0 * boundary  # the current block's inputs and outputs
     compute["headroom"] = (STREAM_HEADROOM - 1.0) * sum(compute.values())
     host = {"activations": stored, "runtime": RUNTIME_OVERHEAD}
     host["headroom"] = (STREAM_HEADROOM - 1.0) * sum(host.values())
-    return MemoryEstimate(parameters=parameters, terms=host, device_terms=compute)
+    return MemoryEstimate(parameters=parameters, terms=host, device_terms=compute, phase=phase)
 
 
 def check_fits(estimate: MemoryEstimate, capacity_bytes: float, *, who: str = "the largest worker") -> None:

@@ -115,8 +115,30 @@ class StreamedModel:
             self._set(names, nn.Parameter(tensor, requires_grad=current.requires_grad))
 
     def load_rest(self) -> None:
-        """Read what lies outside the decoder blocks (embeddings, final norm, head): once per run."""
+        """Read what lies outside the decoder blocks (embeddings, final norm, head)."""
         self.load(exclude=(self.layout.blocks_path + ".",))
+
+    def drop(self, names: list[str]) -> None:
+        """Put the named parameters (and their tied aliases) back on the meta device."""
+        for full in names:
+            param = self.model.get_parameter(full)
+            if param.device.type != "meta":
+                meta = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+                self._set(self._group_of.get(full, [full]), meta)
+
+    @contextlib.contextmanager
+    def resident(self) -> Iterator[nn.Module]:
+        """The model with what lies outside the blocks read in, for the passes that run the model's
+        own forward (recording the blocks' inputs, the head's gradient); dropped again on the way
+        out, so that an 8B model's 4 GB of embeddings and head do not sit beside the block loop."""
+        outside = self.layout.blocks_path + "."
+        names = [names[0] for names in self._groups if not names[0].startswith(outside)]
+        loaded_before = {n for n in names if self.model.get_parameter(n).device.type != "meta"}
+        self.load_rest()
+        try:
+            yield self.model
+        finally:
+            self.drop([n for n in names if n not in loaded_before])
 
     def block_prefix(self, index: int) -> str:
         return f"{self.layout.blocks_path}.{index}."
@@ -141,11 +163,7 @@ class StreamedModel:
             names = drop if drop is not None else [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
             for name in names:
                 module = block.get_submodule(name)
-                for key, param in list(module._parameters.items()):
-                    if param is not None:
-                        meta = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
-                        full = f"{prefix}{name}.{key}"
-                        self._set(self._group_of.get(full, [full]), meta)
+                self.drop([f"{prefix}{name}.{key}" for key, p in module._parameters.items() if p is not None])
 
     def materialized_bytes(self) -> int:
         """Bytes of the parameters read in now (for tests and progress reports)."""

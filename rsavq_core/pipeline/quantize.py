@@ -127,6 +127,8 @@ def quantize_model(
         )
         norms.update(tuned_norms)
         timings["model fine-tune"] = time.perf_counter() - t0
+    if source.streamed is not None:  # the packed checkpoint and evaluation need embeddings, norm and head
+        source.streamed.load_rest()
     with torch.no_grad():  # the float model was the teacher until here; now it carries the tuned norms
         for name, value in norms.items():
             source.model.get_parameter(name).copy_(value)

@@ -81,8 +81,6 @@ def load_source(
         linear = linear_at(layout.blocks[i], n)
         shapes[full] = (linear.out_features, linear.in_features)
     get_method(cfg.method).check_layers(cfg, shapes)  # before any calibration: a config the model cannot take
-    if streamed is not None:
-        streamed.load_rest()  # embeddings, final norm, head: once, after the cheap checks
     return SourceModel(folder, model, tokenizer, layout, names, streamed, placement.device, n_blocks)
 
 

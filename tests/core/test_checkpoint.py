@@ -80,3 +80,14 @@ def test_same_content_gives_the_same_bytes_in_every_process(tmp_path: Path) -> N
     from safetensors.torch import load_file
 
     assert load_file(str(tmp_path / "f0.safetensors"))["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_only_finite_values_past_float16s_range_count_as_overflowing() -> None:
+    import torch
+
+    from rsavq_core.checkpoint.packed import _overflows_half
+
+    assert not _overflows_half(torch.tensor([65504.0, -65519.0]))  # both round to ±65504
+    assert _overflows_half(torch.tensor([1.0, -65520.0]))  # rounds to -inf
+    assert _overflows_half(torch.tensor([70000.0], dtype=torch.bfloat16))
+    assert not _overflows_half(torch.tensor([float("inf"), 1e9]))  # not finite already: nothing new breaks
