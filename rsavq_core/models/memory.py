@@ -13,7 +13,7 @@ The run has phases, and the estimate is the largest phase's working set:
   head's pass (resident weights and the head's logits);
 - quantize: one block's weights (twice when a walker copies it: sequential statistics, block-wise
   fine-tuning), its statistics, the walker's activations;
-- save: the resident weights in float32 and their float16 copies for the file.
+- save: the resident weights in float32 and the float16 copy of the largest (written one at a time).
 
 Terms:
 
@@ -166,7 +166,8 @@ def estimate_job_memory(
         return MemoryEstimate(parameters=parameters, terms=terms)
     walker = bool(cfg.block_finetune_steps) or (cfg.calib_inputs == "quantized" and cfg.needs_hessian())
     prefix = model.blocks_path + "."
-    resident = 4.0 * sum(math.prod(s) for name, s in shapes.items() if not name.startswith(prefix))
+    outside = [math.prod(s) for name, s in shapes.items() if not name.startswith(prefix)]
+    resident = 4.0 * sum(outside)
     block = 4.0 * max(model.parameters or [0])
     levels = len(model.parameters) + 1 if grads else 2
     stored = min(levels * boundary, activation_budget)  # the rest waits on disk
@@ -185,7 +186,8 @@ def estimate_job_memory(
             "statistics": common["statistics"],
             "walker": walking,
         },
-        "save": {"resident weights": 1.5 * resident},  # float32 + their float16 copies for the file
+        # float32, and each tensor's float16 copy as the file is written, one at a time
+        "save": {"resident weights": resident, "conversion": 2.0 * max(outside or [0])},
     }
     phase = max(phases, key=lambda name: sum(phases[name].values()))
     compute = dict(phases[phase])

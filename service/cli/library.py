@@ -29,6 +29,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from rsavq_core.runs.summaries import quantize_summary
 
     cfg = config_from_args(args)  # validated before anything heavy
+    if args.dry_run:
+        return _dry_run(args, cfg)
     bars = StageBars(not args.quiet)
     try:
         from rsavq_core.data.text_files import read_text_file
@@ -46,6 +48,37 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         )
     finally:
         bars.close()
+
+
+def _dry_run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    """What ``quantize`` would need, from the checkpoint's headers and config: nothing is run."""
+    from rsavq_core.models.memory import GIB, estimate_job_memory
+    from rsavq_core.models.resolve import resolve_model
+
+    placement = placement_from_args(args)
+    folder = resolve_model(args.model)
+    streamed = placement.stream is not False and not cfg.model_finetune_steps
+    estimate = estimate_job_memory(
+        folder,
+        cfg,
+        streamed=streamed,
+        device=placement.device.type,
+        activation_budget=placement.activation_budget_bytes,
+    )
+    return {
+        "model": args.model,
+        "folder": str(folder),
+        "config": cfg.to_dict(),
+        "device": str(placement.device),
+        "streamed": streamed,
+        "parameters": estimate.parameters,
+        "host_gib": round(estimate.total / GIB, 3),
+        "host_terms_gib": {k: round(v / GIB, 3) for k, v in estimate.terms.items()},
+        "device_gib": round(estimate.device_total / GIB, 3),
+        "device_terms_gib": {k: round(v / GIB, 3) for k, v in estimate.device_terms.items()},
+        "peak_phase": estimate.phase,
+        "summary": estimate.describe(),
+    }
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,6 +151,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="evaluate on text that shares documents with the calibration text (refused otherwise)",
     )
+    q.add_argument("--dry-run", action="store_true", help="print the run's memory estimate (host and device) and stop")
     add_config_flags(q)
     placement_flags(q)
     _evaluation_flags(q)

@@ -179,3 +179,20 @@ def test_a_block_limit_quantizes_the_first_blocks_as_a_whole_run_does(
     for name in limited.layers:
         assert torch.equal(limited.layers[name].dequantize(), full.layers[name].dequantize()), name
     assert not any((tmp_path / "limited" / "stats").glob("*/meta.json"))  # a partial store is never reused
+
+
+def test_a_dry_run_prints_the_estimate_and_runs_nothing(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    with override(cache_dir=tmp_path / "cache"):
+        code = main(["quantize", str(sharded), "--method", "gptq", "--bits", "4", "--dry-run", "--quiet"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["streamed"] is True and report["device"] == "cpu" and report["host_gib"] > 0
+    assert report["peak_phase"] in ("statistics", "quantize", "save")
+    assert not (tmp_path / "cache" / "stats").exists()  # nothing was calibrated
+    if not torch.cuda.is_available():
+        assert main(["quantize", str(sharded), "--method", "gptq", "--bits", "4", "--dry-run", "--device", "cuda"]) != 0
+        assert "no CUDA device" in capsys.readouterr().err
