@@ -154,12 +154,14 @@ class JobMetrics(Base):
 
 
 class Worker(Base):
-    """Live workers and their memory, for the pre-flight check ("can any worker hold this job?")."""
+    """Live workers, their memory and device, for the pre-flight check ("can any worker hold this job?")."""
 
     __tablename__ = "workers"
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     memory_bytes: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    device: Mapped[str] = mapped_column(String(64), default="cpu", server_default="cpu")  # "cpu", "cuda:0"
+    device_memory_bytes: Mapped[float | None] = mapped_column(Float, nullable=True)  # None on the CPU
 
 
 @lru_cache(maxsize=8)

@@ -26,13 +26,13 @@ _reaper: Any = None
 def _start_reaper(**_kwargs: Any) -> None:
     global _reaper
     from worker.reaper import Reaper
-    from worker.runner import worker_capacity_bytes, worker_name
+    from worker.runner import worker_capacity, worker_name
 
     _reaper = Reaper(
         session_factory(settings.database_url),
         lambda job_id, step: enqueue(app, EVALUATE_TASK if step == "evaluate" else QUANTIZE_TASK, job_id),
         name=worker_name(),
-        memory_bytes=worker_capacity_bytes(settings),
+        capacity=worker_capacity(settings),
         interval=max(1.0, settings.lease_seconds / 2),
         requeue_after_seconds=settings.requeue_after_s,
         lease_seconds=settings.lease_seconds,

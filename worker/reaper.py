@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -65,10 +66,27 @@ def reap_once(
     return [job_id for job_id, _ in sent]
 
 
-def register(sessions: sessionmaker[Session], name: str, memory_bytes: float) -> None:
-    """Advertise this worker and its memory (the pre-flight check compares against the largest)."""
+@dataclass(frozen=True)
+class Capacity:
+    """What a worker can hold: host memory, and its compute device with that device's memory."""
+
+    memory_bytes: float
+    device: str = "cpu"
+    device_memory_bytes: float | None = None
+
+
+def register(sessions: sessionmaker[Session], name: str, capacity: Capacity) -> None:
+    """Advertise this worker, its memory and device (the pre-flight check compares jobs with them)."""
     with sessions() as session:
-        session.merge(Worker(name=name, memory_bytes=memory_bytes, last_seen=utcnow()))
+        session.merge(
+            Worker(
+                name=name,
+                memory_bytes=capacity.memory_bytes,
+                device=capacity.device,
+                device_memory_bytes=capacity.device_memory_bytes,
+                last_seen=utcnow(),
+            )
+        )
         session.commit()
 
 
@@ -79,20 +97,20 @@ class Reaper(threading.Thread):
         send: Callable[[str, str], None],
         *,
         name: str,
-        memory_bytes: float,
+        capacity: Capacity,
         interval: float,
         requeue_after_seconds: float,
         lease_seconds: float,
     ) -> None:
         super().__init__(name="rsavq-reaper", daemon=True)
-        self.sessions, self.send, self.worker, self.memory = sessions, send, name, memory_bytes
+        self.sessions, self.send, self.worker, self.capacity = sessions, send, name, capacity
         self.interval, self.requeue_after, self.lease = interval, requeue_after_seconds, lease_seconds
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while True:
             try:
-                register(self.sessions, self.worker, self.memory)
+                register(self.sessions, self.worker, self.capacity)
                 reap_once(self.sessions, self.send, self.requeue_after, self.lease)
             except Exception as exc:  # database or broker blip: the next sweep retries
                 log.warning("reaper sweep failed: %s", exc)

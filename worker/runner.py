@@ -14,8 +14,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +31,10 @@ from service.datasets import job_dataset_ids, read_dataset
 from service.db import Artifact, Dataset, Job, JobMetrics, Worker, utcnow
 from service.scheduling import claim_turn
 from service.settings import Settings
+from worker.reaper import Capacity
+
+if TYPE_CHECKING:
+    from rsavq_core.models.memory import MemoryEstimate
 from worker.reporter import Heartbeat, LeaseLost, Reporter
 
 log = logging.getLogger(__name__)
@@ -187,35 +192,76 @@ def _run_stages(ctx: WorkerContext, job: Job, reporter: Reporter, step: str) -> 
 
 
 def _preflight(ctx: WorkerContext, folder: Any, cfg: QuantConfig) -> None:
-    from rsavq_core.models.memory import GIB, MemoryEstimate, check_fits, estimate_job_memory
+    """Fail the job at once, with the figures, when no live worker can hold it; release it for
+    another worker when this one cannot but another can (routing by capability: host memory, and
+    the device's memory on a GPU worker, each against the estimate for that kind of device)."""
+    from rsavq_core.models.memory import estimate_job_memory
     from rsavq_core.pipeline.placement import Placement
 
     placement = Placement.from_settings()
-    estimate = estimate_job_memory(
-        folder,
-        cfg,
-        streamed=placement.stream is not False and not cfg.model_finetune_steps,
-        device=placement.device.type,
-        activation_budget=placement.activation_budget_bytes,
-    )
-    if placement.device.type == "cuda":
-        import torch
+    streamed = placement.stream is not False and not cfg.model_finetune_steps
+    estimates: dict[str, MemoryEstimate | None] = {}
 
-        device_bytes = float(torch.cuda.get_device_properties(placement.device).total_memory)
-        check_fits(
-            MemoryEstimate(estimate.parameters, estimate.device_terms),
-            device_bytes,
-            who=f"this worker's {placement.device}",
-        )
-    own = worker_capacity_bytes(ctx.settings)
+    def estimate_for(device: str) -> MemoryEstimate | None:
+        kind = device.split(":")[0]
+        if kind not in estimates:  # a GPU computes only streamed: a whole-model job cannot run there
+            can_run = kind == "cpu" or streamed
+            estimates[kind] = (
+                estimate_job_memory(
+                    folder, cfg, streamed=streamed, device=kind, activation_budget=placement.activation_budget_bytes
+                )
+                if can_run
+                else None
+            )
+        return estimates[kind]
+
+    own = worker_capacity(ctx.settings)
     live_after = utcnow() - dt.timedelta(seconds=3 * max(ctx.settings.lease_seconds, 10))
     with ctx.sessions() as session:
-        capacities = list(session.scalars(select(Worker.memory_bytes).where(Worker.last_seen > live_after)))
-    largest = max([own, *capacities])
-    check_fits(estimate, largest)
-    log.info("pre-flight: needs %s; this worker has %.2f GiB", estimate.describe(), own / GIB)
-    if estimate.total > own:  # a larger worker exists: let it take the job
-        raise WrongWorker(f"needs {estimate.total / GIB:.2f} GiB; this worker has {own / GIB:.2f} GiB")
+        rows = session.execute(
+            select(Worker.memory_bytes, Worker.device, Worker.device_memory_bytes).where(Worker.last_seen > live_after)
+        ).all()
+    route(own, [Capacity(float(m), d or "cpu", dm) for m, d, dm in rows], estimate_for)
+
+
+def route(own: Capacity, others: list[Capacity], estimate_for: Callable[[str], MemoryEstimate | None]) -> None:
+    """Return when this worker (``own``) can hold the job; ``WrongWorker`` when only another live one
+    can; ``InsufficientMemoryError`` with the figures when none can. ``estimate_for(device)``: the
+    job's estimate on that kind of device, None where it cannot run there."""
+    from rsavq_core.models.memory import GIB, MemoryEstimate, check_fits
+
+    def fits(capacity: Capacity) -> bool:
+        estimate = estimate_for(capacity.device)
+        if estimate is None or estimate.total > capacity.memory_bytes:
+            return False
+        return capacity.device_memory_bytes is None or estimate.device_total <= capacity.device_memory_bytes
+
+    workers = [own, *others]
+    if not any(fits(w) for w in workers):
+        largest = max(workers, key=lambda w: (w.device_memory_bytes or 0.0, w.memory_bytes))
+        estimate = estimate_for(largest.device) or estimate_for("cpu")
+        assert estimate is not None
+        check_fits(estimate, max(w.memory_bytes for w in workers))  # raises with the figures
+        device_estimate = MemoryEstimate(estimate.parameters, estimate.device_terms)
+        check_fits(device_estimate, largest.device_memory_bytes or 0.0, who=f"the largest worker's {largest.device}")
+    own_estimate = estimate_for(own.device)
+    described = own_estimate.describe() if own_estimate else "the whole model (CPU only)"
+    log.info("pre-flight: needs %s; this worker has %.2f GiB on %s", described, own.memory_bytes / GIB, own.device)
+    if not fits(own):  # a worker that can hold it exists: let it take the job
+        raise WrongWorker(f"needs {described}; this worker has {own.memory_bytes / GIB:.2f} GiB on {own.device}")
+
+
+def worker_capacity(settings: Settings) -> Capacity:
+    """This worker's host memory, compute device and the device's memory."""
+    from rsavq_core.pipeline.placement import Placement
+
+    device = Placement.from_settings().device
+    device_bytes = None
+    if device.type == "cuda":
+        import torch
+
+        device_bytes = float(torch.cuda.get_device_properties(device).total_memory)
+    return Capacity(worker_capacity_bytes(settings), str(device), device_bytes)
 
 
 def worker_capacity_bytes(settings: Settings) -> float:
