@@ -38,8 +38,10 @@ def evaluate_job(
     ctx: WorkerContext, job: Job, folder: Path, evaluation: dict[str, Any], reporter: Reporter
 ) -> dict[str, Any]:
     from rsavq_core.evaluation import evaluate_model
-    from rsavq_core.models.resolve import load_model, model_fingerprint
+    from rsavq_core.models.resolve import model_fingerprint
+    from rsavq_core.pipeline.placement import Placement
     from rsavq_core.runtime import load_quantized_model
+    from rsavq_core.runtime.loading import load_float_model
     from worker.runner import evaluation_texts
 
     kwargs = _settings(evaluation)
@@ -49,7 +51,8 @@ def evaluate_job(
     if fp_file.exists():
         fp = json.loads(fp_file.read_text())
     else:
-        model, tokenizer, _ = load_model(str(folder))
+        placement = Placement.from_settings()
+        model, tokenizer = load_float_model(str(folder), placement.device, placement.stream)
         fp = evaluate_model(model, tokenizer, progress=_prefixed(reporter, "fp "), texts=texts, **kwargs)
         del model
         write_json(fp_file, fp, default=float)

@@ -84,9 +84,10 @@ def blocks_replaced(blocks: nn.ModuleList, make: Callable[[int], nn.Module]) -> 
 
 
 def record_boundary(
-    streamed: StreamedModel, tokens: torch.Tensor, micro_batch: int
+    streamed: StreamedModel, tokens: torch.Tensor, micro_batch: int, attention_mask: torch.Tensor | None = None
 ) -> tuple[list[torch.Tensor], list[list[Kwargs]]]:
-    """tokens: [S, T] int64. (block 0's input per micro-batch [B, T, D] float32, kwargs[block][micro-batch])."""
+    """tokens: [S, T] int64 (``attention_mask`` [S, T] for padded rows). (block 0's input per
+    micro-batch [B, T, D] float32, kwargs[block][micro-batch])."""
     blocks = streamed.layout.blocks
     first: list[torch.Tensor] = []
     kwargs: list[list[Kwargs]] = [[] for _ in blocks]
@@ -98,25 +99,38 @@ def record_boundary(
 
     last = len(blocks) - 1
     with streamed.resident(), blocks_replaced(blocks, lambda i: _Recorder(i, sink, i == last)), torch.no_grad():
-        for batch in torch.split(tokens, micro_batch):
+        masks = torch.split(attention_mask, micro_batch) if attention_mask is not None else None
+        for index, batch in enumerate(torch.split(tokens, micro_batch)):
+            extra = {"attention_mask": masks[index].to(streamed.device)} if masks is not None else {}
             with contextlib.suppress(_StopForward):
-                streamed.model(input_ids=batch.to(streamed.device), use_cache=False)
+                streamed.model(input_ids=batch.to(streamed.device), use_cache=False, **extra)
     if any(len(kw) != len(first) for kw in kwargs):
         raise CalibrationError("not every decoder block was reached by the forward pass")
     return first, kwargs
+
+
+def head_logits(
+    streamed: StreamedModel, hidden: torch.Tensor, batch: torch.Tensor, output_like: object, **extra: Any
+) -> torch.Tensor:
+    """[B, T, vocab]: the model's own head (final norm, lm_head, soft-capping: whatever it does) on
+    the last block's output ``hidden`` [B, T, D] for the tokens ``batch`` [B, T] int64, in the
+    caller's grad mode. ``output_like``: a real block output (a tensor, or a tuple starting with one)."""
+    value = (hidden, *output_like[1:]) if isinstance(output_like, tuple) else hidden
+    blocks = streamed.layout.blocks
+    last = len(blocks) - 1
+    with blocks_replaced(blocks, lambda i: _Substitute(value) if i == last else _PassThrough()):
+        logits: torch.Tensor = streamed.model(input_ids=batch.to(streamed.device), use_cache=False, **extra).logits
+    return logits
 
 
 def head_gradient(
     streamed: StreamedModel, hidden: torch.Tensor, batch: torch.Tensor, output_like: object
 ) -> torch.Tensor:
     """∂(Σ_s ℓ_s)/∂hidden [B, T, D] for the last block's output ``hidden`` and the tokens ``batch``
-    [B, T] int64: the model's own head (final norm, lm_head, soft-capping: whatever it does)."""
+    [B, T] int64, through the model's own head."""
     leaf = hidden.detach().requires_grad_(True)
-    value = (leaf, *output_like[1:]) if isinstance(output_like, tuple) else leaf
-    blocks = streamed.layout.blocks
-    last = len(blocks) - 1
-    with blocks_replaced(blocks, lambda i: _Substitute(value) if i == last else _PassThrough()), torch.enable_grad():
-        logits = streamed.model(input_ids=batch.to(streamed.device), use_cache=False).logits
+    with torch.enable_grad():
+        logits = head_logits(streamed, leaf, batch, output_like)
         (grad,) = torch.autograd.grad(sequence_loss(logits, batch.to(streamed.device)), leaf)
     return grad.detach()
 

@@ -131,6 +131,28 @@ def load_quantized_model(
     return model, tokenizer, art
 
 
+def load_float_model(
+    model_id: str, device: torch.device | None = None, stream: bool | None = None
+) -> tuple[nn.Module, Any]:
+    """(float model for evaluation, tokenizer): streamed block by block from its files
+    (``StreamedCausalLM``) unless ``stream`` is False or the checkpoint cannot be streamed (and
+    ``stream`` is not True), else loaded whole on the CPU."""
+    from rsavq_core.errors import UnsupportedModelError
+    from rsavq_core.models.resolve import load_model, load_tokenizer, resolve_model
+    from rsavq_core.runtime.streamed_lm import StreamedCausalLM
+
+    folder = resolve_model(model_id)
+    if stream is not False:
+        try:
+            return StreamedCausalLM(folder, device or torch.device("cpu")), load_tokenizer(folder)
+        except UnsupportedModelError as exc:
+            if stream:
+                raise
+            log.info("evaluating the model whole: %s", exc)
+    model, tokenizer, _ = load_model(str(folder))
+    return model, tokenizer
+
+
 def load_any(path_or_model: str) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer, what was loaded) from a packed checkpoint folder or a float model id."""
     from rsavq_core.checkpoint.packed import WEIGHTS_FILE

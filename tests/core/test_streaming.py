@@ -196,3 +196,20 @@ def test_a_dry_run_prints_the_estimate_and_runs_nothing(
     if not torch.cuda.is_available():
         assert main(["quantize", str(sharded), "--method", "gptq", "--bits", "4", "--dry-run", "--device", "cuda"]) != 0
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_streamed_float_model_gives_the_whole_models_logits_and_perplexity(sharded: Path, tiny_llama: Any) -> None:
+    from rsavq_core.evaluation.perplexity import perplexity
+    from rsavq_core.runtime.streamed_lm import StreamedCausalLM
+
+    model, tokenizer = tiny_llama
+    streamed = StreamedCausalLM(sharded, torch.device("cpu"))
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row, as zero-shot scoring batches them
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, model(ids).logits)
+        torch.testing.assert_close(streamed(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+    assert streamed._streamed.materialized_bytes() < sum(p.numel() * 4 for p in model.parameters())
+    whole = perplexity(model, tokenizer, n_windows=2, length=32)
+    assert perplexity(streamed, tokenizer, n_windows=2, length=32)["ppl"] == whole["ppl"]
