@@ -86,3 +86,15 @@ def placement_flags(p: argparse.ArgumentParser) -> None:
         help="read the model block by block from disk (auto: whenever the run and checkpoint allow) or whole (off)",
     )
     p.add_argument("--offload-dir", help="where calibration activations past the memory budget are written")
+
+
+def apply_placement_flags(args: argparse.Namespace) -> None:
+    """Make ``--device`` / ``--stream`` / ``--offload-dir`` this process's settings (and, through
+    them, those of the fresh processes a command spawns for its runs)."""
+    from rsavq_core.settings import configure, get_settings, load_settings
+
+    given = {"device": args.device, "stream": args.stream, "offload_dir": args.offload_dir}
+    changes = {k: v for k, v in given.items() if v is not None}
+    if changes:
+        current = get_settings()
+        configure(load_settings(type(current), **{**current.model_dump(), **changes}))

@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from rsavq_core.config.quant_config import ZERO_SHOT_TASKS
-from service.cli.flags import add_config_flags, config_from_args, placement_flags, placement_from_args
+from service.cli.flags import (
+    add_config_flags,
+    apply_placement_flags,
+    config_from_args,
+    placement_flags,
+    placement_from_args,
+)
 from service.cli.progress import StageBars
 
 
@@ -84,6 +90,7 @@ def _dry_run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from rsavq_core.runs.summaries import evaluate_summary
 
+    apply_placement_flags(args)
     bars = StageBars(not args.quiet)
     try:
         return evaluate_summary(args.target, _evaluation(args, ppl=args.ppl or not args.tasks), progress=bars)
@@ -110,6 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> str:
 def cmd_ablation(args: argparse.Namespace) -> dict[str, Any]:
     from rsavq_core.runs.ablation import run_ablation
 
+    apply_placement_flags(args)
     return run_ablation(
         args.model,
         args.bits,
@@ -160,6 +168,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     e = sub.add_parser("eval", help="evaluate a packed checkpoint or a float model; prints JSON")
     e.add_argument("target", help="a packed checkpoint folder or a model id")
+    placement_flags(e)
     _evaluation_flags(e)
     _output_flags(e)
     e.set_defaults(func=cmd_eval)
@@ -180,6 +189,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--out", default="runs/ablation")
     a.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows, e.g. 'RTN g64' (default: all)")
     a.add_argument("--calib-samples", type=int)
+    placement_flags(a)
     _evaluation_flags(a, limit=100)
     a.set_defaults(tasks="all")
     _output_flags(a)
