@@ -135,6 +135,9 @@ class CheckpointedLayers(Mapping[str, QuantizedLayer]):
     def __len__(self) -> int:
         return len(self._names)
 
+    def __contains__(self, name: object) -> bool:  # by name: Mapping's default would read the file
+        return name in self._names
+
     def file(self, name: str) -> Path:
         """The safetensors file holding layer ``name``'s packed tensors (as the checkpoint names them)."""
         return self.store.layer_file(name)
@@ -163,3 +166,6 @@ class LazyFinished(Mapping[str, tuple[QuantizedLayer, dict[str, Any]]]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+    def __contains__(self, name: object) -> bool:  # by name: Mapping's default would read the file
+        return name in self._names
