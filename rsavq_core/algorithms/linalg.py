@@ -32,20 +32,24 @@ def damped_cholesky(
     result, or rejects it (None: numerically unusable) so that more damping is tried.
     Returns (result, diagonal of the damped matrix [N], d). ``what`` names the matrix in errors.
     """
-    n = matrix.shape[0]
     scale = float(matrix.diagonal().mean()) if scale is None else scale
     if not bool(torch.isfinite(matrix).all()) or not math.isfinite(scale) or scale <= 0:
         raise CalibrationError(f"{what} is degenerate (mean diagonal {scale:g})")
-    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
     frac = damping
     for attempt in range(DAMPING_RETRIES + 1):
         frac = damping * 10**attempt
-        damped = matrix + (frac * scale) * eye
+        # matrix + c·I without the [N, N] identity: off the diagonal x + 0.0 (what adding c·0 did,
+        # -0.0 included), on it x + c. Two fewer N² buffers: 3.3 GB at N = 14336 in float64.
+        damped = matrix + 0.0
+        damped.diagonal().add_(frac * scale)
         lower, info = torch.linalg.cholesky_ex(damped)
+        diagonal = damped.diagonal().clone()
+        del damped  # not alive beside finish's buffers
         if int(info) == 0:
             result = finish(lower) if finish is not None else lower
             if result is not None:
-                return result, damped.diagonal().clone(), frac
+                return result, diagonal, frac
+        del lower
         if attempt < DAMPING_RETRIES:
             log.warning("%s is not positive definite with damping %g; retrying with %g", what, frac, frac * 10)
     raise CalibrationError(
@@ -76,10 +80,11 @@ def inverse_hessian_factor(h: torch.Tensor, damping: float, *, what: str) -> tup
     2 CPU cores. Instead factor H = V Vᵀ with V upper (a Cholesky of the index-reversed H); then
     H⁻¹ = Uᵀ U with U = V⁻¹, one triangular solve (0.5 s).
     """
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
     def invert(lower_of_flipped: torch.Tensor) -> torch.Tensor | None:
+        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)  # made here: not alive during the Cholesky
         upper = torch.linalg.solve_triangular(lower_of_flipped.flip(0, 1), eye, upper=True)
+        del eye
         return upper if bool(torch.isfinite(upper).all()) else None
 
     mean_diag = float(torch.diagonal(h).mean())
