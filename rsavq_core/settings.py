@@ -51,6 +51,12 @@ class CoreSettings(BaseSettings):
     activation_memory_gb: float = Field(
         4.0, ge=0, description="host memory for calibration activations before they spill to the offload dir"
     )
+    stats_cache_gb: float = Field(
+        20.0,
+        ge=0,
+        description="largest statistics store a streamed run writes to the cache; past it, activation "
+        "Hessians are computed block by block as the run goes (not cached)",
+    )
     triton_interpret: bool = Field(
         False,
         validation_alias=AliasChoices("TRITON_INTERPRET"),

@@ -117,6 +117,16 @@ class BlockInputs:
             ]
         self.index += 1
 
+    def advance_unchanged(self, block: nn.Module) -> None:
+        """Move to the next block through ``block`` as it is (float weights): the float model's
+        inputs, for Hessians computed block by block instead of stored (``Calibration.float_walk``)."""
+        with torch.no_grad():
+            self.inputs = [
+                first_tensor(block(x, **kw)).detach()
+                for x, kw in zip(self.inputs, self.kwargs[self.index], strict=True)
+            ]
+        self.index += 1
+
 
 def with_hessians(stats: LayerStats | None, sequential: LayerStats) -> LayerStats:
     """``stats`` (gradients from the float model, or None) with the sequential Hessians in place."""

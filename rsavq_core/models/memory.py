@@ -213,6 +213,7 @@ def check_fits(estimate: MemoryEstimate, capacity_bytes: float, *, who: str = "t
 
 
 def _block_stats(weights: list[tuple[int, int]], cfg: QuantConfig) -> float:
+    """Float32 elements of one block's statistics (without the first-token Hessians)."""
     total = 0.0
     for m, n in weights:
         if cfg.needs_gradients():
@@ -220,3 +221,12 @@ def _block_stats(weights: list[tuple[int, int]], cfg: QuantConfig) -> float:
         if cfg.needs_hessian() or cfg.needs_gradients():
             total += n * n
     return total
+
+
+def statistics_store_bytes(linears: list[list[tuple[int, int]]], cfg: QuantConfig) -> float:
+    """Bytes of the statistics store of these blocks' linears (the cache writes every tensor,
+    shared inputs' Hessians once per linear, and the first-token Hessians beside them)."""
+    if not cfg.needs_calibration():
+        return 0.0
+    first = sum(n * n for block in linears for _, n in block)
+    return 4.0 * (sum(_block_stats(block, cfg) for block in linears) + first)

@@ -123,7 +123,9 @@ class BlockLoop:
             with self.source.open_block(index) as block:
                 done, block_norms = self._block(index, block)
                 self._publish(index, done, block_norms)
-                if walker is not None and index + 1 < n_blocks:
+                if walker is not None and index + 1 < n_blocks and self.calib.float_walk:
+                    walker.advance_unchanged(block)
+                elif walker is not None and index + 1 < n_blocks:
                     walker.advance(block, {name: done[name][0] for name in in_block}, block_norms)
 
     def _resumed(self, index: int) -> tuple[dict[str, Finished], dict[str, torch.Tensor]]:
@@ -140,7 +142,7 @@ class BlockLoop:
             return done, block_norms
         stats = block_stats(self.calib, index, self.source.device)
         walker = self.calib.walker
-        if sequential_statistics(self.cfg) and walker is not None:
+        if (sequential_statistics(self.cfg) or self.calib.float_walk) and walker is not None:
             stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
         fresh = {}
         for name in (n for n in in_block if n not in done):

@@ -8,6 +8,7 @@ Hessians, block-wise fine-tuning).
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,16 @@ from rsavq_core.calibration.streamed import record_boundary, streamed_statistics
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.data.text_files import TextSource
 from rsavq_core.data.windows import calibration_windows, tokens_hash
+from rsavq_core.errors import ConfigError
+from rsavq_core.methods.registry import get_method
+from rsavq_core.models.files import cache_root
+from rsavq_core.models.layout import linear_at
+from rsavq_core.models.memory import GIB, statistics_store_bytes
 from rsavq_core.models.resolve import model_fingerprint
 from rsavq_core.pipeline.placement import Placement
 from rsavq_core.pipeline.source import SourceModel
 from rsavq_core.progress import Progress
+from rsavq_core.settings import get_settings
 
 
 @dataclass
@@ -36,6 +43,8 @@ class Calibration:
     store: StatsStore | None = None  # the float model's per-block statistics
     cached: bool = False  # the statistics came from the cache
     walker: BlockInputs | None = None  # each block's inputs in the partly quantized model
+    # the walker carries the float model's inputs and yields each block's Hessians (none stored)
+    float_walk: bool = False
     peak_activation_bytes: int = 0  # streamed: the most activation bytes held in host memory at once
     spilled_bytes: int = 0  # streamed: activation bytes written to the offload directory
     timings: dict[str, float] = field(default_factory=dict)
@@ -152,9 +161,13 @@ def _streamed_calibration(
         t0 = time.perf_counter()
         key = stats_key(source.folder, tokens, cfg)
         found = StatsStore.find(key)
+        size = statistics_store_bytes(_linear_shapes(source), cfg)
         if found is not None:
             out.store, out.cached = found, True
+        elif _hessians_as_we_go(source, cfg, key, size, need_walker):
+            out.float_walk, need_walker = True, True  # computed per block by the walker, not stored
         else:
+            _check_cache_room(size)
             levels = len(source.layout.blocks) + 1 if key.with_grads else 2
             per_level = 4.0 * tokens.numel() * _hidden_size(source)
             spill = levels * per_level - placement.activation_budget_bytes
@@ -181,6 +194,39 @@ def _streamed_calibration(
         first, kwargs = record_boundary(source.streamed, tokens, walk_batch)
         out.walker = BlockInputs.from_recorded(first, kwargs, tokens.shape[1], track_float=track_float)
     return out
+
+
+def _linear_shapes(source: SourceModel) -> list[list[tuple[int, int]]]:
+    """(out, in) of each quantized linear, block by block (the blocks this run quantizes)."""
+    blocks: list[list[tuple[int, int]]] = [[] for _ in range(source.n_blocks)]
+    for index, name, _ in source.names:
+        linear = linear_at(source.layout.blocks[index], name)
+        blocks[index].append((linear.out_features, linear.in_features))
+    return blocks
+
+
+def _hessians_as_we_go(source: SourceModel, cfg: QuantConfig, key: StatsKey, size: float, walker: bool) -> bool:
+    """Whether a streamed run computes its activation Hessians block by block as it quantizes
+    instead of storing them first: when the store would pass ``RSAVQ_STATS_CACHE_GB`` (an 8B
+    model's Hessians are ~75 GB) and nothing needs every block's statistics before the block loop
+    (gradients come down from the head; shared codebooks sample every block; a walker is already
+    busy). The same Hessians, from the same inputs: the same packed bytes, only not cached."""
+    if key.with_grads or walker or size <= get_settings().stats_cache_gb * GIB:
+        return False
+    return get_method(cfg.method).shared_fit(cfg, source.n_blocks) is None
+
+
+def _check_cache_room(size: float) -> None:
+    """``ConfigError`` with the figures when the statistics cache's disk cannot take ``size`` bytes."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < size:
+        raise ConfigError(
+            f"this run's calibration statistics take {size / GIB:.2f} GiB in {root} (RSAVQ_CACHE_DIR), "
+            f"which has {free / GIB:.2f} GiB free; free some space, point RSAVQ_CACHE_DIR elsewhere, "
+            "or use fewer blocks' statistics (a method without gradients computes them as it goes)"
+        )
 
 
 def _hidden_size(source: SourceModel) -> int:

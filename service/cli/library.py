@@ -58,7 +58,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 def _dry_run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     """What ``quantize`` would need, from the checkpoint's headers and config: nothing is run."""
-    from rsavq_core.models.memory import GIB, estimate_job_memory
+    from rsavq_core.models.memory import GIB, block_linear_shapes, estimate_job_memory, statistics_store_bytes
     from rsavq_core.models.resolve import resolve_model
 
     placement = placement_from_args(args)
@@ -83,6 +83,8 @@ def _dry_run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
         "device_gib": round(estimate.device_total / GIB, 3),
         "device_terms_gib": {k: round(v / GIB, 3) for k, v in estimate.device_terms.items()},
         "peak_phase": estimate.phase,
+        # what the statistics cache would take; Hessian-only runs past RSAVQ_STATS_CACHE_GB store none
+        "statistics_store_gib": round(statistics_store_bytes(block_linear_shapes(folder), cfg) / GIB, 3),
         "summary": estimate.describe(),
     }
 

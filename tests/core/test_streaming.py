@@ -213,3 +213,24 @@ def test_a_streamed_float_model_gives_the_whole_models_logits_and_perplexity(sha
     assert streamed._streamed.materialized_bytes() < sum(p.numel() * 4 for p in model.parameters())
     whole = perplexity(model, tokenizer, n_windows=2, length=32)
     assert perplexity(streamed, tokenizer, n_windows=2, length=32)["ppl"] == whole["ppl"]
+
+
+def test_hessians_computed_as_the_run_goes_give_the_stored_ones_bytes(sharded: Path, tmp_path: Path) -> None:
+    """Past RSAVQ_STATS_CACHE_GB a Hessian-only streamed run stores no statistics: same bytes, nothing cached."""
+    cfg = QuantConfig.for_method("gptq", bits=2, **CALIB)
+    digests = []
+    for limit in (20.0, 0.0):
+        out = tmp_path / f"limit-{limit:g}"
+        with override(cache_dir=out / "cache", stats_cache_gb=limit):
+            quantize_model(str(sharded), cfg, out_dir=out / "packed", placement=Placement(stream=True))
+        digests.append(sha256(out / "packed"))
+    assert digests[0] == digests[1]
+    assert any((tmp_path / "limit-20" / "cache" / "stats").glob("*/meta.json"))
+    assert not (tmp_path / "limit-0" / "cache" / "stats").exists()
+
+
+def test_a_statistics_store_the_disk_cannot_take_is_refused_with_the_figures() -> None:
+    from rsavq_core.pipeline.calibration import _check_cache_room
+
+    with pytest.raises(ConfigError, match=r"take .* GiB .* which has .* GiB free"):
+        _check_cache_room(1e18)
