@@ -12,7 +12,8 @@ The run has phases, and the estimate is the largest phase's working set:
 - statistics: one block's weights, its statistics, the activations held, and with gradients the
   head's pass (resident weights and the head's logits);
 - quantize: one block's weights (twice when a walker copies it: sequential statistics, block-wise
-  fine-tuning), its statistics, the walker's activations;
+  fine-tuning), its statistics, the walker's activations, and the float64 factorization of the
+  widest layer's Hessian for the error feedback (6 · 8 · N² bytes while it is formed);
 - save: the resident weights in float32 and the float16 copy of the largest (written one at a time).
 
 Terms:
@@ -171,6 +172,11 @@ def estimate_job_memory(
     block = 4.0 * max(model.parameters or [0])
     levels = len(model.parameters) + 1 if grads else 2
     stored = min(levels * boundary, activation_budget)  # the rest waits on disk
+    # The error feedback's float64 inverse-Hessian factor of the widest input (``algorithms.linalg``):
+    # the Hessian, its flipped copy, the Cholesky factor, the identity, the flipped factor and the
+    # inverse are alive at once while it is formed: 6 x 8 x N² bytes (9.9 GB at N = 14336).
+    widest = max((n for block in model.linears for _, n in block), default=0)
+    factorization = 6.0 * 8 * widest * widest if cfg.needs_hessian() else 0.0
     walking = (2.0 * boundary * (2 if cfg.finetune_target == "model" else 1)) if walker else 0.0
     # The phases of a streamed run; the peak is the largest (each is one moment's working set).
     phases = {
@@ -185,6 +191,7 @@ def estimate_job_memory(
             "block weights": block * (2 if walker else 1),  # + the walker's copy
             "statistics": common["statistics"],
             "walker": walking,
+            "factorization": factorization,
         },
         # float32, and each tensor's float16 copy as the file is written, one at a time
         "save": {"resident weights": resident, "conversion": 2.0 * max(outside or [0])},
