@@ -15,7 +15,8 @@ streamed (loaded whole), with the artifact's sha256; ``bundled-default``: the de
 streamed (its whole-model peak is in ``bench/results/defaults.json``); ``depth-4`` / ``depth-16``:
 the fast preset on 1024-wide random LLaMAs of 4 and 16 blocks; ``8b-gptq``: the Llama-3.1-8B-shaped
 checkpoint, GPTQ 4-bit g128 on 8 x 256 windows, written out; ``8b-default``: the default method
-on its first block (``--blocks``), projected to the whole model.
+on its first block (``--blocks``), projected to the whole model; ``8b-gptq-blocks``: the GPTQ row
+on its first blocks, projected likewise.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "depth-4": {"model": args.model_1024.format(blocks=4), **fast, "stream": True, "out": None},
         "depth-16": {"model": args.model_1024.format(blocks=16), **fast, "stream": True, "out": None},
         "8b-gptq": {"model": args.model_8b, **gptq, "stream": True, "out": f"{args.scratch}/8b-gptq"},
+        # the same on its first blocks (--blocks): peak memory and seconds per block where the whole
+        # model takes hours on this machine
+        "8b-gptq-blocks": {"model": args.model_8b, **gptq, "stream": True, "out": None, "blocks": args.blocks},
         "8b-default": {
             "model": args.model_8b,
             "method": "rsavq",
@@ -124,11 +128,15 @@ def measure(label: str, spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def project(row: dict[str, Any], gflops: float) -> None:
-    """Whole-model seconds from a block-limited row: calibration once, quantization per block; and
-    the same scaled by this CPU's measured fp32 rate against an H100's (compute-bound assumption)."""
-    calibration = row["timings"].get("statistics", 0.0) + row["timings"].get("load", 0.0)
-    whole = calibration + row["quantize_seconds_per_block"] * row["blocks_in_model"]
+def project(row: dict[str, Any], gflops: float, gradients: bool) -> None:
+    """Whole-model seconds from a block-limited row: quantization per block; calibration once when
+    gradients came down through every block already, per block when only the first blocks' Hessians
+    were computed; and the same scaled by this CPU's measured fp32 rate against an H100's
+    (compute-bound assumption)."""
+    statistics = row["timings"].get("statistics", 0.0)
+    blocks, quantized = row["blocks_in_model"], max(row["blocks_quantized"], 1)
+    calibration = statistics if gradients else statistics / quantized * blocks
+    whole = row["timings"].get("load", 0.0) + calibration + row["quantize_seconds_per_block"] * blocks
     row["projected_whole_model_s_this_cpu"] = whole
     row["projected_whole_model_s_h100_fp32"] = whole * gflops / (H100_FP32_TFLOPS * 1000)
 
@@ -138,7 +146,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", required=True)
     parser.add_argument("--model-8b", default="/tmp/llama8b")
     parser.add_argument("--model-1024", default="/tmp/llama1024x{blocks}")
-    parser.add_argument("--blocks", type=int, default=1, help="blocks of the 8b-default row")
+    parser.add_argument("--blocks", type=int, default=1, help="blocks of the 8b-default and 8b-gptq-blocks rows")
     parser.add_argument("--scratch", default="/tmp/bench-streaming", help="where artifacts are written")
     parser.add_argument("--out", default="bench/results/streaming.json")
     args = parser.parse_args()
@@ -155,7 +163,8 @@ def main() -> None:
     for label in args.rows:
         row = measure(label, specs[label])
         if specs[label].get("blocks"):
-            project(row, float(origin["machine"].get("fp32_gflops") or 0.0))
+            gradients = specs[label]["method"] == "rsavq"  # the methods here: rsavq (gradients) or gptq
+            project(row, float(origin["machine"].get("fp32_gflops") or 0.0), gradients)
         row["provenance"] = origin
         previous["rows"][label] = row
         out.parent.mkdir(parents=True, exist_ok=True)
