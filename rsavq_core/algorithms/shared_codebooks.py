@@ -25,6 +25,7 @@ from rsavq_core.calibration.statistics import LayerStats
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.formats.vq_layer import to_subvectors
+from rsavq_core.progress import Progress
 
 # Sub-vectors sampled per codebook entry for the shared fit (spread evenly over the layers of the
 # type): 64 per entry is 8x what a per-layer fit samples for its Lloyd rounds (``kmeans_fit_points``)
@@ -83,7 +84,7 @@ class SharedCodebookFit:
                 wts = sub_o[:, :, p].reshape(-1, d)[pick] if sub_o is not None else None
                 by_group[gi][p].append((pts[pick], wts))
 
-    def fit(self, finished: dict[str, Any]) -> dict[str, SharedCodebooks]:
+    def fit(self, finished: dict[str, Any], progress: Progress | None = None) -> dict[str, SharedCodebooks]:
         """One weighted k-means per (type, group, sub-vector) on the samples; fp16 as stored.
 
         ``finished``: type -> a layer of it that an interrupted run already finished (a VQLayer):
@@ -109,4 +110,6 @@ class SharedCodebookFit:
                     fitted.append(weighted_kmeans(pts, wts, self.entries, self.options.kmeans_iters, gen))
                 books.append(torch.stack(fitted).half())
             out[name] = SharedCodebooks(name, books)
+            if progress:
+                progress("shared codebooks: fit", len(out), len(self.samples))
         return out

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from rsavq_core.config.knobs import Knob, MethodOptions, knobs
 from rsavq_core.errors import ConfigError
+from rsavq_core.progress import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -54,9 +55,10 @@ class SharedFit(Protocol):
     def add(self, name: str, weight: torch.Tensor, stats: LayerStats | None) -> None:
         """One layer of type ``name`` (its name inside its block); weight [M, N] floating."""
 
-    def fit(self, finished: dict[str, Any]) -> dict[str, Any]:
+    def fit(self, finished: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
         """Type name -> what its layers share, for ``quantize_layer``'s ``shared``. ``finished``: type
-        -> a layer of it an interrupted run finished (what it shares must be what that layer used)."""
+        -> a layer of it an interrupted run finished (what it shares must be what that layer used).
+        ``progress("shared codebooks: fit", done, total)`` after each type: a fit can take minutes."""
 
 
 class QuantMethod(ABC):

@@ -66,7 +66,7 @@ def fit_shared(
         if progress:
             progress("shared codebooks: sample", index + 1, n_blocks)
     finished = {name: resumed[full][0] for _, name, full in source.names if full in resumed}
-    return fit.fit(finished)
+    return fit.fit(finished, progress)
 
 
 def block_stats(calib: Calibration, index: int, device: torch.device) -> dict[str, LayerStats]:
