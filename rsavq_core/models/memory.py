@@ -168,6 +168,32 @@ def estimate_job_memory(
         terms = {"weights": 4.0 * parameters, **common, "activations": 2.0 * boundary, "runtime": RUNTIME_OVERHEAD}
         terms["headroom"] = (HEADROOM - 1.0) * sum(terms.values())
         return MemoryEstimate(parameters=parameters, terms=terms)
+    phases = _streamed_phases(shapes, model, cfg, common, boundary, activation_budget)
+    phase = max(phases, key=lambda name: sum(phases[name].values()))
+    compute = dict(phases[phase])
+    stored = phases["statistics"]["activations"]
+    if device == "cpu":
+        terms = {**compute, "runtime": RUNTIME_OVERHEAD}
+        terms["headroom"] = (STREAM_HEADROOM - 1.0) * sum(terms.values())
+        return MemoryEstimate(parameters=parameters, terms=terms, phase=phase)
+    compute.pop("activations", None)
+    compute["activations in use"] = 2.0 * boundary  # the current block's inputs and outputs
+    compute["headroom"] = (STREAM_HEADROOM - 1.0) * sum(compute.values())
+    host = {"activations": stored, "runtime": RUNTIME_OVERHEAD}
+    host["headroom"] = (STREAM_HEADROOM - 1.0) * sum(host.values())
+    return MemoryEstimate(parameters=parameters, terms=host, device_terms=compute, phase=phase)
+
+
+def _streamed_phases(
+    shapes: dict[str, list[int]],
+    model: BlockShapes,
+    cfg: QuantConfig,
+    common: dict[str, float],
+    boundary: float,
+    activation_budget: float,
+) -> dict[str, dict[str, float]]:
+    """The working set (bytes per term) of each phase of a streamed run; the peak is the largest."""
+    grads = cfg.needs_gradients()
     walker = bool(cfg.block_finetune_steps) or (cfg.calib_inputs == "quantized" and cfg.needs_hessian())
     prefix = model.blocks_path + "."
     outside = [math.prod(s) for name, s in shapes.items() if not name.startswith(prefix)]
@@ -178,11 +204,10 @@ def estimate_job_memory(
     # The error feedback's float64 inverse-Hessian factor of the widest input (``algorithms.linalg``):
     # the Hessian, its flipped copy, the Cholesky factor, the identity, the flipped factor and the
     # inverse are alive at once while it is formed: 6 x 8 x N² bytes (9.9 GB at N = 14336).
-    widest = max((n for block in model.linears for _, n in block), default=0)
+    widest = max((n for linears in model.linears for _, n in linears), default=0)
     factorization = 6.0 * 8 * widest * widest if cfg.needs_hessian() else 0.0
     walking = (2.0 * boundary * (2 if cfg.finetune_target == "model" else 1)) if walker else 0.0
-    # The phases of a streamed run; the peak is the largest (each is one moment's working set).
-    phases = {
+    return {
         "statistics": {  # the block pass, then the head's gradient with embeddings and head read in
             "resident weights": resident if grads else 0.0,
             "block weights": block,
@@ -199,18 +224,6 @@ def estimate_job_memory(
         # float32, and each tensor's float16 copy as the file is written, one at a time
         "save": {"resident weights": resident, "conversion": 2.0 * max(outside or [0])},
     }
-    phase = max(phases, key=lambda name: sum(phases[name].values()))
-    compute = dict(phases[phase])
-    if device == "cpu":
-        terms = {**compute, "runtime": RUNTIME_OVERHEAD}
-        terms["headroom"] = (STREAM_HEADROOM - 1.0) * sum(terms.values())
-        return MemoryEstimate(parameters=parameters, terms=terms, phase=phase)
-    compute.pop("activations", None)
-    compute["activations in use"] = 2.0 * boundary  # the current block's inputs and outputs
-    compute["headroom"] = (STREAM_HEADROOM - 1.0) * sum(compute.values())
-    host = {"activations": stored, "runtime": RUNTIME_OVERHEAD}
-    host["headroom"] = (STREAM_HEADROOM - 1.0) * sum(host.values())
-    return MemoryEstimate(parameters=parameters, terms=host, device_terms=compute, phase=phase)
 
 
 def check_fits(estimate: MemoryEstimate, capacity_bytes: float, *, who: str = "the largest worker") -> None:
