@@ -118,25 +118,25 @@ class CheckpointedLayers(Mapping[str, QuantizedLayer]):
     read when asked for, and the packed checkpoint copies their tensors straight from the files."""
 
     def __init__(self, store: FinishedLayers, names: list[str], keep_alive: object = None) -> None:
-        self.store, self._names = store, list(names)
+        self.store, self.finished = store, LazyFinished(store, names)
         self._keep_alive = keep_alive  # e.g. the TemporaryDirectory the files live in
 
     def __getitem__(self, name: str) -> QuantizedLayer:
-        if name not in self._names:
-            raise KeyError(name)
-        loaded = self.store.load(name)
-        if loaded is None:
-            raise ArtifactError(f"the finished layer {name} is no longer readable in {self.store.folder}")
-        return loaded[0]
+        try:
+            return self.finished[name][0]
+        except KeyError:
+            if name in self.finished:  # listed, yet its file is gone or unreadable
+                raise ArtifactError(f"the finished layer {name} is no longer readable in {self.store.folder}") from None
+            raise
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self.finished)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self.finished)
 
-    def __contains__(self, name: object) -> bool:  # by name: Mapping's default would read the file
-        return name in self._names
+    def __contains__(self, name: object) -> bool:
+        return name in self.finished
 
     def file(self, name: str) -> Path:
         """The safetensors file holding layer ``name``'s packed tensors (as the checkpoint names them)."""
@@ -154,9 +154,10 @@ class LazyFinished(Mapping[str, tuple[QuantizedLayer, dict[str, Any]]]):
 
     def __init__(self, store: FinishedLayers, names: list[str]) -> None:
         self.store, self._names = store, list(names)
+        self._known = set(self._names)
 
     def __getitem__(self, name: str) -> tuple[QuantizedLayer, dict[str, Any]]:
-        loaded = self.store.load(name) if name in self._names else None
+        loaded = self.store.load(name) if name in self._known else None
         if loaded is None:
             raise KeyError(name)
         return loaded
@@ -168,4 +169,4 @@ class LazyFinished(Mapping[str, tuple[QuantizedLayer, dict[str, Any]]]):
         return len(self._names)
 
     def __contains__(self, name: object) -> bool:  # by name: Mapping's default would read the file
-        return name in self._names
+        return name in self._known
