@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/bench-streaming", help="where artifacts are written")
     parser.add_argument("--out", default="bench/results/streaming.json")
     args = parser.parse_args()
+    from rsavq_core.config.quant_config import QuantConfig
     from rsavq_core.runs.provenance import provenance
     from rsavq_core.runs.replay import recorded_args
 
@@ -163,7 +164,7 @@ def main() -> None:
     for label in args.rows:
         row = measure(label, specs[label])
         if specs[label].get("blocks"):
-            gradients = specs[label]["method"] == "rsavq"  # the methods here: rsavq (gradients) or gptq
+            gradients = QuantConfig.from_dict(row["config"]).needs_gradients()
             project(row, float(origin["machine"].get("fp32_gflops") or 0.0), gradients)
         row["provenance"] = origin
         previous["rows"][label] = row

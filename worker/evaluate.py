@@ -52,7 +52,7 @@ def evaluate_job(
         fp = json.loads(fp_file.read_text())
     else:
         placement = Placement.from_settings()
-        model, tokenizer = load_float_model(str(folder), placement.device, placement.stream)
+        model, tokenizer, _ = load_float_model(str(folder), placement.device, placement.stream)
         fp = evaluate_model(model, tokenizer, progress=_prefixed(reporter, "fp "), texts=texts, **kwargs)
         del model
         write_json(fp_file, fp, default=float)

@@ -199,7 +199,7 @@ def _preflight(ctx: WorkerContext, folder: Any, cfg: QuantConfig) -> None:
     from rsavq_core.pipeline.placement import Placement
 
     placement = Placement.from_settings()
-    streamed = placement.stream is not False and not cfg.model_finetune_steps
+    streamed = placement.streams(cfg)
     estimates: dict[str, MemoryEstimate | None] = {}
 
     def estimate_for(device: str) -> MemoryEstimate | None:

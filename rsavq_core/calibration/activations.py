@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rsavq_core.errors import ConfigError
+from rsavq_core.models.memory import GIB
 
 
 def default_offload_root() -> Path:
@@ -38,8 +39,8 @@ def check_offload_dir(folder: Path, needed_bytes: float) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
         raise ConfigError(
-            f"offload directory {folder} has {free / 2**30:.2f} GiB free; this run may spill "
-            f"{needed_bytes / 2**30:.2f} GiB of activations there"
+            f"offload directory {folder} has {free / GIB:.2f} GiB free; this run may spill "
+            f"{needed_bytes / GIB:.2f} GiB of activations there"
         )
 
 
@@ -53,7 +54,6 @@ class ActivationStore:
         self._held: dict[int, list[torch.Tensor]] = {}
         self._spilled: dict[int, Path] = {}
         self.held_bytes = 0
-        self.peak_held_bytes = 0
         self.spilled_bytes = 0
 
     def put(self, key: int, tensors: list[torch.Tensor]) -> None:
@@ -63,7 +63,6 @@ class ActivationStore:
         if self.held_bytes + size <= self.budget:
             self._held[key] = [t.detach().to("cpu") for t in tensors]
             self.held_bytes += size
-            self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
             return
         file = self._spill_folder() / f"boundary_{key:05d}.safetensors"
         save_file({str(i): t.detach().to("cpu").contiguous() for i, t in enumerate(tensors)}, str(file))

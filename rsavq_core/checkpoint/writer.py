@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -24,10 +24,9 @@ from safetensors.torch import save as save_bytes
 
 from rsavq_core.atomic import replacing
 from rsavq_core.errors import ArtifactError
-from rsavq_core.models.weights import DTYPE_BYTES, TORCH_DTYPES, read_header
+from rsavq_core.models.weights import TORCH_DTYPES, header_and_start, stored_bytes
 
 _LEN = struct.Struct("<Q")
-SAFETENSORS_TO_TORCH = TORCH_DTYPES
 TORCH_TO_SAFETENSORS = {v: k for k, v in TORCH_DTYPES.items()}
 _CHUNK = 16 << 20
 
@@ -42,10 +41,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * DTYPE_BYTES[self.dtype]
+        return stored_bytes(self.dtype, self.shape)
 
 
 def tensor_spec(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> TensorSpec:
@@ -63,18 +59,12 @@ def tensor_spec(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> Tenso
     return TensorSpec(TORCH_TO_SAFETENSORS[stored], tuple(tensor.shape), write)
 
 
-def file_specs(file: Path, names: Iterable[str] | None = None) -> dict[str, TensorSpec]:
-    """Specs of the tensors in a safetensors ``file`` (all, or ``names``), each written by copying
-    its byte range: nothing is decoded and one chunk at a time is in memory."""
-    header = read_header(file)
-    with open(file, "rb") as fh:
-        (length,) = _LEN.unpack(fh.read(_LEN.size))
-    data_start = _LEN.size + length
+def file_specs(file: Path) -> dict[str, TensorSpec]:
+    """Specs of the tensors in a safetensors ``file``, each written by copying its byte range:
+    nothing is decoded and one chunk at a time is in memory."""
+    data_start, header = header_and_start(file)
     specs = {}
-    for name in header if names is None else names:
-        info = header.get(name)
-        if info is None:
-            raise ArtifactError(f"{file}: no tensor {name!r}")
+    for name, info in header.items():
         begin, end = (int(v) for v in cast(list[int], info["data_offsets"]))
         shape = tuple(int(s) for s in cast(list[int], info["shape"]))
         specs[name] = TensorSpec(str(info["dtype"]), shape, _copier(file, data_start + begin, end - begin))
@@ -99,7 +89,7 @@ def _copier(file: Path, start: int, size: int) -> Callable[[BinaryIO], None]:
 def safetensors_order(specs: dict[str, TensorSpec]) -> list[str]:
     """The order safetensors lays these tensors out in, asked of safetensors on stand-ins of one
     element each (the order depends on names and dtypes only)."""
-    stand_ins = {name: torch.zeros(1, dtype=SAFETENSORS_TO_TORCH[spec.dtype]) for name, spec in specs.items()}
+    stand_ins = {name: torch.zeros(1, dtype=TORCH_DTYPES[spec.dtype]) for name, spec in specs.items()}
     raw = save_bytes(stand_ins)
     (length,) = _LEN.unpack(raw[: _LEN.size])
     header = json.loads(raw[_LEN.size : _LEN.size + length])

@@ -44,15 +44,15 @@ within 25 % and never above the estimate.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import InsufficientMemoryError, UnsupportedModelError
 from rsavq_core.models.layout import find_decoder_layout, linear_at
+from rsavq_core.models.weights import read_header
 
 GIB = 2**30
 RUNTIME_OVERHEAD = 1.0 * GIB
@@ -91,10 +91,7 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     """{tensor name: shape} from the headers of every ``*.safetensors`` file in ``folder``."""
     shapes: dict[str, list[int]] = {}
     for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+        shapes.update({k: cast(list[int], v["shape"]) for k, v in read_header(file).items()})
     return shapes
 
 

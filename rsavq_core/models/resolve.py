@@ -76,11 +76,11 @@ def _materialize_alias(alias: str) -> Path:
 
 def load_model(model_id: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, Path]:
     """(model in eval mode, tokenizer, resolved folder) for any decoder-only transformers model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = resolve_model(model_id)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
     model.eval()
     return model, tokenizer, folder
 

@@ -10,6 +10,7 @@ tensors with plain reads: a read costs that tensor's bytes, not the file's.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,7 @@ import torch
 from rsavq_core.errors import ModelResolutionError
 
 INDEX_FILE = "model.safetensors.index.json"
-# safetensors' dtype names -> bytes per element (for sizes read from headers, without torch)
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
+# safetensors' dtype names -> torch dtypes (the ones a checkpoint of ours, or a model's, holds)
 TORCH_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -37,6 +35,13 @@ TORCH_DTYPES = {
 }
 
 
+def stored_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of safetensors dtype ``dtype`` and ``shape`` (as laid out in a file)."""
+    if dtype not in TORCH_DTYPES:
+        raise ModelResolutionError(f"a tensor of dtype {dtype}, which rsavq does not read")
+    return math.prod(shape) * TORCH_DTYPES[dtype].itemsize
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     file: Path
@@ -46,18 +51,15 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * DTYPE_BYTES.get(self.dtype, 4)
+        return stored_bytes(self.dtype, self.shape)
 
 
 def read_header(file: Path) -> dict[str, dict[str, object]]:
     """The JSON header of one safetensors file (tensor name -> dtype, shape, offsets), no data read."""
-    return _header_and_start(file)[1]
+    return header_and_start(file)[1]
 
 
-def _header_and_start(file: Path) -> tuple[int, dict[str, dict[str, object]]]:
+def header_and_start(file: Path) -> tuple[int, dict[str, dict[str, object]]]:
     """(where the data starts in ``file``, its header without ``__metadata__``)."""
     try:
         with open(file, "rb") as fh:
@@ -95,7 +97,7 @@ class WeightFiles:
             raise ModelResolutionError(f"{folder}: {INDEX_FILE} names shards that are not there: {missing[:5]}")
         entries: dict[str, TensorEntry] = {}
         for name in files:
-            data_start, header = _header_and_start(folder / name)
+            data_start, header = header_and_start(folder / name)
             for tensor, info in header.items():
                 shape, dtype, offsets = info.get("shape"), info.get("dtype"), info.get("data_offsets")
                 if not isinstance(shape, list) or not isinstance(dtype, str) or not isinstance(offsets, list):
@@ -136,9 +138,6 @@ class WeightFiles:
             return torch.empty(entry.shape, dtype=dtype, device=device)
         tensor = torch.frombuffer(buffer, dtype=stored).reshape(entry.shape)
         return tensor.to(device=device, dtype=dtype, copy=True)
-
-    def total_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
 
 
 def _index_map(index: Path) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -74,24 +74,20 @@ def block_stats(calib: Calibration, index: int, device: torch.device) -> dict[st
     if calib.store is None:
         return {}
     stats = calib.store.load_block(index)
-    if device.type == "cpu":
-        return stats
-    moved = {}
-    for name, st in stats.items():
-        tensors = {
-            f.name: getattr(st, f.name) for f in dataclasses.fields(st) if isinstance(getattr(st, f.name), torch.Tensor)
-        }
-        moved[name] = dataclasses.replace(st, **{k: v.to(device) for k, v in tensors.items()})
-    return moved
+    return stats if device.type == "cpu" else {name: tensors_to(st, device) for name, st in stats.items()}
 
 
-def to_host(layer: QuantizedLayer) -> QuantizedLayer:
-    """``layer`` with its tensor fields in host memory (a packed layer computed on a GPU)."""
-    if not dataclasses.is_dataclass(layer) or isinstance(layer, type):
-        return layer
-    tensors = {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)}
-    moved = {k: v.to("cpu") for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-    return dataclasses.replace(layer, **moved) if moved else layer
+T = TypeVar("T")
+
+
+def tensors_to(value: T, device: torch.device | str) -> T:
+    """A dataclass ``value`` (statistics, a packed layer) with its tensor fields on ``device``;
+    anything else as it is."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return value
+    fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    moved = {k: v.to(device) for k, v in fields.items() if isinstance(v, torch.Tensor)}
+    return dataclasses.replace(value, **moved) if moved else value
 
 
 @dataclass
@@ -123,9 +119,11 @@ class BlockLoop:
             with self.source.open_block(index) as block:
                 done, block_norms = self._block(index, block)
                 self._publish(index, done, block_norms)
-                if walker is not None and index + 1 < n_blocks and self.calib.float_walk:
+                if walker is None or index + 1 == n_blocks:
+                    continue
+                if self.calib.float_walk:
                     walker.advance_unchanged(block)
-                elif walker is not None and index + 1 < n_blocks:
+                else:
                     walker.advance(block, {name: done[name][0] for name in in_block}, block_norms)
 
     def _resumed(self, index: int) -> tuple[dict[str, Finished], dict[str, torch.Tensor]]:
@@ -157,7 +155,7 @@ class BlockLoop:
             if self.checkpoint is not None:
                 self.checkpoint.save_norms(index, block_norms)
         if self.source.device.type != "cpu":
-            fresh = {name: (to_host(layer), report) for name, (layer, report) in fresh.items()}
+            fresh = {name: (tensors_to(layer, "cpu"), report) for name, (layer, report) in fresh.items()}
         for name, (layer, report) in fresh.items():
             if self.checkpoint is not None:
                 self.checkpoint.save(in_block[name], layer, report)

@@ -45,8 +45,6 @@ class Calibration:
     walker: BlockInputs | None = None  # each block's inputs in the partly quantized model
     # the walker carries the float model's inputs and yields each block's Hessians (none stored)
     float_walk: bool = False
-    peak_activation_bytes: int = 0  # streamed: the most activation bytes held in host memory at once
-    spilled_bytes: int = 0  # streamed: activation bytes written to the offload directory
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -187,8 +185,6 @@ def _streamed_calibration(
                 )
             finally:
                 activations.close()
-            out.peak_activation_bytes = activations.peak_held_bytes
-            out.spilled_bytes = activations.spilled_bytes
         out.timings["statistics"] = time.perf_counter() - t0
     if need_walker:
         first, kwargs = record_boundary(source.streamed, tokens, walk_batch)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
+from rsavq_core.models.memory import GIB
 from rsavq_core.settings import get_settings
-
-GIB = 2**30
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,6 +73,11 @@ class Placement:
             offload_dir=offload_dir or settings.offload_dir,
             activation_budget_bytes=settings.activation_memory_gb * GIB,
         )
+
+    def streams(self, cfg: QuantConfig) -> bool:
+        """Whether a run of ``cfg`` is planned streamed (end-to-end fine-tuning needs the whole
+        model); a checkpoint that cannot be streamed may still be loaded whole under ``auto``."""
+        return self.stream is not False and not cfg.model_finetune_steps
 
     def __post_init__(self) -> None:
         if self.stream is False and self.device.type != "cpu":

@@ -109,22 +109,14 @@ def recorded_evaluation(evaluation: dict[str, Any] | None) -> dict[str, Any]:
 
 def evaluate_summary(target: str, evaluation: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate a packed checkpoint folder or a float model id (``evaluate_model``'s keyword arguments)."""
-    from rsavq_core.checkpoint.packed import WEIGHTS_FILE
     from rsavq_core.evaluation import evaluate_model
     from rsavq_core.pipeline.placement import Placement
     from rsavq_core.runs.provenance import provenance
-    from rsavq_core.runtime.loading import load_float_model, load_quantized_model
-    from rsavq_core.runtime.streamed_lm import StreamedCausalLM
+    from rsavq_core.runtime.loading import load_any
 
     origin = provenance()
-    placement = Placement.from_settings()
-    info: dict[str, Any]
-    if (Path(target) / WEIGHTS_FILE).is_file():
-        model, tokenizer, checkpoint = load_quantized_model(target, device=placement.device)
-        info = {"artifact": target, "method": checkpoint.metadata.get("method")}
-    else:  # a float model: streamed from its files unless the settings say otherwise
-        model, tokenizer = load_float_model(target, placement.device, placement.stream)
-        info = {"model": target, "streamed": isinstance(model, StreamedCausalLM)}
+    placement = Placement.from_settings()  # a float model: streamed from its files unless the settings say otherwise
+    model, tokenizer, info = load_any(target, device=placement.device, stream=placement.stream)
     return {
         **info,
         **evaluate_model(model, tokenizer, progress=progress, **evaluation),

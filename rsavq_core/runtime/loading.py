@@ -133,8 +133,8 @@ def load_quantized_model(
 
 def load_float_model(
     model_id: str, device: torch.device | None = None, stream: bool | None = None
-) -> tuple[nn.Module, Any]:
-    """(float model for evaluation, tokenizer): streamed block by block from its files
+) -> tuple[nn.Module, Any, Path]:
+    """(float model for evaluation, tokenizer, its folder): streamed block by block from its files
     (``StreamedCausalLM``) unless ``stream`` is False or the checkpoint cannot be streamed (and
     ``stream`` is not True), else loaded whole on the CPU."""
     from rsavq_core.errors import UnsupportedModelError
@@ -144,22 +144,30 @@ def load_float_model(
     folder = resolve_model(model_id)
     if stream is not False:
         try:
-            return StreamedCausalLM(folder, device or torch.device("cpu")), load_tokenizer(folder)
+            return StreamedCausalLM(folder, device or torch.device("cpu")), load_tokenizer(folder), folder
         except UnsupportedModelError as exc:
             if stream:
                 raise
             log.info("evaluating the model whole: %s", exc)
-    model, tokenizer, _ = load_model(str(folder))
-    return model, tokenizer
+    return load_model(str(folder))
 
 
-def load_any(path_or_model: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """(model, tokenizer, what was loaded) from a packed checkpoint folder or a float model id."""
+def load_any(
+    path_or_model: str, *, device: torch.device | None = None, stream: bool | None = False
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model, tokenizer, what was loaded) from a packed checkpoint folder or a float model id.
+
+    A float model is loaded whole unless ``stream`` allows streaming (``load_float_model``: for
+    evaluation; a streamed model has no ``generate``)."""
     from rsavq_core.checkpoint.packed import WEIGHTS_FILE
-    from rsavq_core.models.resolve import load_model
+    from rsavq_core.runtime.streamed_lm import StreamedCausalLM
 
     if (Path(path_or_model) / WEIGHTS_FILE).is_file():
-        model, tokenizer, checkpoint = load_quantized_model(path_or_model)
+        model, tokenizer, checkpoint = load_quantized_model(path_or_model, device=device or "cpu")
         return model, tokenizer, {"artifact": path_or_model, "method": checkpoint.metadata.get("method")}
-    model, tokenizer, folder = load_model(path_or_model)
-    return model, tokenizer, {"model": path_or_model, "folder": str(folder)}
+    model, tokenizer, folder = load_float_model(path_or_model, device, stream)
+    return (
+        model,
+        tokenizer,
+        {"model": path_or_model, "folder": str(folder), "streamed": isinstance(model, StreamedCausalLM)},
+    )

@@ -2,9 +2,9 @@
 the decoder blocks from the checkpoint's files, one at a time.
 
 For the full-precision baseline of a job on a model bigger than memory (its perplexity and
-zero-shot accuracy beside the quantized model's). Each forward reads every block once, so the
-callers give it large batches (all perplexity windows at once); embeddings, final norm and head
-are read once and kept.
+zero-shot accuracy beside the quantized model's). Each forward reads every block once, so its
+cost is one pass over the checkpoint's files per batch (perplexity's batches are 4 windows);
+embeddings, final norm and head are read once and kept.
 """
 
 from __future__ import annotations

@@ -93,8 +93,13 @@ def apply_placement_flags(args: argparse.Namespace) -> None:
     them, those of the fresh processes a command spawns for its runs)."""
     from rsavq_core.settings import configure, get_settings, load_settings
 
-    given = {"device": args.device, "stream": args.stream, "offload_dir": args.offload_dir}
-    changes = {k: v for k, v in given.items() if v is not None}
+    changes = placement_settings(args)
     if changes:
         current = get_settings()
         configure(load_settings(type(current), **{**current.model_dump(), **changes}))
+
+
+def placement_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings ``--device`` / ``--stream`` / ``--offload-dir`` give (those not given are left out)."""
+    given = {"device": args.device, "stream": args.stream, "offload_dir": args.offload_dir}
+    return {k: v for k, v in given.items() if v is not None}

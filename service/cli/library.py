@@ -63,7 +63,7 @@ def _dry_run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
 
     placement = placement_from_args(args)
     folder = resolve_model(args.model)
-    streamed = placement.stream is not False and not cfg.model_finetune_steps
+    streamed = placement.streams(cfg)
     estimate = estimate_job_memory(
         folder,
         cfg,

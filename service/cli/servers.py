@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from rsavq_core.errors import ConfigError
-from service.cli.flags import placement_flags
+from service.cli.flags import placement_flags, placement_settings
 from service.settings import Settings
 
 LOGGING_COMMANDS = ("serve", "worker", "generation-server")
@@ -142,8 +142,7 @@ def cmd_generation_server(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    given = {"device": args.device, "stream": args.stream, "offload_dir": args.offload_dir}
-    settings = _settings(args, **{k: v for k, v in given.items() if v is not None})
+    settings = _settings(args, **placement_settings(args))
     # Replaces this process: signals reach Celery.
     os.execvpe(sys.executable, worker_command(args.concurrency), {**os.environ, **settings.to_env()})
 
