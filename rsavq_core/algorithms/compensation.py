@@ -13,7 +13,7 @@ import torch
 
 from rsavq_core.algorithms.column_loop import Block, quantize_columns
 from rsavq_core.algorithms.kmeans import assign, search_table, update
-from rsavq_core.algorithms.linalg import inverse_hessian_factor, prepare_hessian
+from rsavq_core.algorithms.linalg import dead_columns, inverse_hessian_factor
 from rsavq_core.formats.vq_layer import VQLayer, to_subvectors
 
 BLOCK = 128
@@ -50,8 +50,8 @@ def compensate_columns(
     work = target[:, perm].double()
     if n_vec * v > m:
         work = torch.cat([work, work.new_zeros(n_vec * v - m, n)])
-    h, dead = prepare_hessian(hessian[perm][:, perm], what)
-    upper, _ = inverse_hessian_factor(h, damping, what=what)
+    dead = dead_columns(hessian, what)[perm]
+    upper, _ = inverse_hessian_factor(hessian, damping, what=what, order=perm)
     work[:, dead] = 0.0
     group_of = [0] * n  # plain ints: read once per column, no device round trip
     for gi, g in enumerate(layer.groups):

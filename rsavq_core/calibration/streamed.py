@@ -98,7 +98,12 @@ def record_boundary(
         kwargs[index].append(detach_kwargs(kw))
 
     last = len(blocks) - 1
-    with streamed.resident(), blocks_replaced(blocks, lambda i: _Recorder(i, sink, i == last)), torch.no_grad():
+    # the recorder stops the forward at the last block: the head is never reached
+    with (
+        streamed.resident(head=False),
+        blocks_replaced(blocks, lambda i: _Recorder(i, sink, i == last)),
+        torch.no_grad(),
+    ):
         masks = torch.split(attention_mask, micro_batch) if attention_mask is not None else None
         for index, batch in enumerate(torch.split(tokens, micro_batch)):
             extra = {"attention_mask": masks[index].to(streamed.device)} if masks is not None else {}

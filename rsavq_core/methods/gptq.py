@@ -48,7 +48,6 @@ class GPTQ(RTN):
         cfg: QuantConfig,
         shared: Any = None,
     ) -> tuple[QuantizedLayer, dict[str, Any]]:
-        from rsavq_core.algorithms.linalg import hessian_relative_error
         from rsavq_core.algorithms.scalar import gptq_quantize
         from rsavq_core.calibration.statistics import sink_protected_hessian
 
@@ -65,9 +64,9 @@ class GPTQ(RTN):
             damping=o.hessian_damping,
             act_order=o.act_order,
             bias=bias,
+            # the error under the plain token mean: the output error on calibration text
+            report_hessian=stats.hessian,
         )
-        if o.sink_share:  # report the error under the plain token mean: the output error on calibration text
-            info["proxy_loss"] = hessian_relative_error(weight, layer.dequantize(), stats.hessian)
         report = {
             "bits": [int(cfg.bits)],
             "hessian_error": info["proxy_loss"],

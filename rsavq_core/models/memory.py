@@ -13,7 +13,7 @@ The run has phases, and the estimate is the largest phase's working set:
   head's pass (resident weights and the head's logits);
 - quantize: one block's weights (twice when a walker copies it: sequential statistics, block-wise
   fine-tuning), its statistics, the walker's activations, and the float64 factorization of the
-  widest layer's Hessian for the error feedback (6 · 8 · N² bytes while it is formed);
+  widest layer's Hessian for the error feedback (2 · 8 · N² bytes while it is formed);
 - save: the resident weights in float32 and the float16 copy of the largest (written one at a time).
 
 Terms:
@@ -199,10 +199,9 @@ def _streamed_phases(
     levels = len(model.parameters) + 1 if grads else 2
     stored = min(levels * boundary, activation_budget)  # the rest waits on disk
     # The error feedback's float64 inverse-Hessian factor of the widest input (``algorithms.linalg``):
-    # the Hessian, its flipped copy, the Cholesky factor, the identity, the flipped factor and the
-    # inverse are alive at once while it is formed: 6 x 8 x N² bytes (9.9 GB at N = 14336).
+    # factored in place, then solved into a second buffer: 2 x 8 x N² bytes (3.3 GB at N = 14336).
     widest = max((n for linears in model.linears for _, n in linears), default=0)
-    factorization = 6.0 * 8 * widest * widest if cfg.needs_hessian() else 0.0
+    factorization = 2.0 * 8 * widest * widest if cfg.needs_hessian() else 0.0
     walking = (2.0 * boundary * (2 if cfg.finetune_target == "model" else 1)) if walker else 0.0
     return {
         "statistics": {  # the block pass, then the head's gradient with embeddings and head read in

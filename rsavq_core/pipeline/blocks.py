@@ -122,7 +122,8 @@ class BlockLoop:
                 if walker is None or index + 1 == n_blocks:
                     continue
                 if self.calib.float_walk:
-                    walker.advance_unchanged(block)
+                    if walker.index == index:  # not advanced by _block (every layer was resumed)
+                        walker.advance_unchanged(block)
                 else:
                     walker.advance(block, {name: done[name][0] for name in in_block}, block_norms)
 
@@ -142,12 +143,24 @@ class BlockLoop:
         walker = self.calib.walker
         if (sequential_statistics(self.cfg) or self.calib.float_walk) and walker is not None:
             stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
+        if self.calib.float_walk and walker is not None and index + 1 < self.source.n_blocks:
+            walker.advance_unchanged(block)  # the float block's outputs now, so its linears can go one by one
+        # A streamed block's float linears, and each layer's statistics, are released as soon as the
+        # layer is quantized when nothing runs the block again (a walker through quantized blocks,
+        # block-wise fine-tuning): an 8B block's 0.6 GB of other linears and 0.9 GB of their
+        # statistics are not alive beside its down projection's factorization.
+        release = self.source.streamed is not None and not self.cfg.block_finetune_steps
+        release = release and (walker is None or self.calib.float_walk)
         fresh = {}
         for name in (n for n in in_block if n not in done):
             module = linear_at(block, name)
+            layer_stats = stats.pop(name, None)
             fresh[name] = quantize_layer(
-                module.weight.detach(), module.bias, stats.get(name), self.cfg, self.shared.get(name)
+                module.weight.detach(), module.bias, layer_stats, self.cfg, self.shared.get(name)
             )
+            del layer_stats
+            if release:
+                self.source.release_linear(index, name)
         if self.cfg.block_finetune_steps and walker is not None:
             fresh, block_norms = finetune_quantized_block(
                 block, {**done, **fresh}, walker, self.cfg, self.progress, f"fine-tune block {index}"

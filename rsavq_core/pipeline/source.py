@@ -60,6 +60,15 @@ class SourceModel:
         with self.streamed.block(index, drop=list(self.in_block(index))) as block:
             yield block
 
+    def release_linear(self, index: int, name: str) -> None:
+        """Drop the float parameters of linear ``name`` of block ``index`` of a streamed model now,
+        before the block's end (it has been quantized and will not run again)."""
+        if self.streamed is None:
+            return
+        module = linear_at(self.layout.blocks[index], name)
+        prefix = f"{self.streamed.block_prefix(index)}{name}."
+        self.streamed.drop([prefix + key for key, p in module._parameters.items() if p is not None])
+
 
 def load_source(
     model_id: str, cfg: QuantConfig, placement: Placement | None = None, *, blocks: int | None = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rsavq_core.algorithms.linalg import hessian_relative_error as proxy_loss
-from rsavq_core.algorithms.linalg import inverse_hessian_factor
+from rsavq_core.algorithms.linalg import inverse_hessian_factor, reverse_in_place
 from rsavq_core.algorithms.scalar import gptq_quantize, rtn_quantize
 from rsavq_core.errors import CalibrationError, ConfigError, UnsupportedShapeError
 from rsavq_core.formats.scalar import ScalarLayer
@@ -134,6 +134,28 @@ def test_inverse_cholesky_matches_reference_route() -> None:
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(64, dtype=torch.float64)
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     assert frac == 0.01
+    torch.testing.assert_close(upper, ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def testreverse_in_place_is_flip_in_small_chunks(n: int) -> None:
+    m = torch.randn(n, n, dtype=torch.float64)
+    expected = m.flip(0, 1)
+    reverse_in_place(m, chunk=5)  # many chunks, the last one short, an odd middle element
+    assert torch.equal(m, expected)
+
+
+def test_inverse_cholesky_in_column_order_leaves_the_hessian_alone() -> None:
+    h = _correlated_hessian(48)
+    h[3, :] = h[:, 3] = 0.0  # a dead column: factored with diagonal 1
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    before = h.clone()
+    upper, _ = inverse_hessian_factor(h, 0.01, what="a [1 x 48] layer", order=order)
+    assert torch.equal(h, before)
+    ref_h = h.double()[order][:, order]
+    ref_h.diagonal()[ref_h.diagonal() == 0] = 1.0
+    damped = ref_h + 0.01 * ref_h.diagonal().mean() * torch.eye(48, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     torch.testing.assert_close(upper, ref, rtol=1e-8, atol=1e-10)
 
 
