@@ -100,15 +100,19 @@ class _Accumulator:
         else:
             self.sums[key] = value.clone()
 
-    def add_inputs(
-        self, x: torch.Tensor, hessian: torch.Tensor | None = None, first: torch.Tensor | None = None
-    ) -> None:
-        """x: [B, T, N]; ``hessian`` (xᵀx [N, N]) and ``first`` (x₀ᵀx₀ [N, N] of the first tokens) of
-        the same x are reused when a sibling layer with the same input computed them."""
+    def _add_gram(self, key: str, rows: torch.Tensor) -> None:
+        """sums[key] += rowsᵀ rows (rows: [R, N] float32) in place: no [N, N] temporary (an 8B down
+        projection's is 0.8 GB, and a temporary plus its first copy were two)."""
+        if key in self.sums:
+            self.sums[key].addmm_(rows.T, rows)
+        else:
+            self.sums[key] = rows.T @ rows
+
+    def add_inputs(self, x: torch.Tensor) -> None:
+        """x: [B, T, N]: the Hessian xᵀx and the first tokens' x₀ᵀx₀ ([N, N] each)."""
         flat = x.reshape(-1, x.shape[-1]).float()
-        self._add("xx", hessian if hessian is not None else flat.T @ flat)
-        x0 = x[:, 0, :].float()
-        self._add("x0", first if first is not None else x0.T @ x0)
+        self._add_gram("xx", flat)
+        self._add_gram("x0", x[:, 0, :].float())
         self.n_tokens += flat.shape[0]
         self.n_samples += x.shape[0]
 
@@ -134,7 +138,7 @@ class _Accumulator:
         if self.n_samples == 0:
             raise CalibrationError("a linear layer saw no calibration data")
         s, t = self.n_samples, self.n_tokens
-        hessian, first = self.sums["xx"] / t, self.sums["x0"] / s
+        hessian, first = self.sums["xx"].div_(t), self.sums["x0"].div_(s)  # in place: the sums are done
         if not self.want_grads:
             return LayerStats(None, None, None, 0.0, hessian, s, t, first)
         g = self.sums["g"] / s
@@ -262,20 +266,15 @@ def block_statistics(
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     acc = {n: _Accumulator(fisher, want_grads) for n in linears}
     seen_x: dict[str, torch.Tensor] = {}
-    # q/k/v (and gate/up) share one input tensor: its Gram matrices are computed once, keyed by the
-    # tensor's address, which is unique while seen_x keeps every input of the batch alive.
-    hessian_by_input: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     deltas: dict[str, torch.Tensor] = {}
 
+    # q/k/v (and gate/up) share one input, yet each accumulates its own Gram matrix: computing it
+    # once and adding copies needed [N, N] temporaries, which cost more memory than the matmuls cost time.
     def fwd_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             x = args[0].detach()
             seen_x[name] = x
-            key = x.data_ptr()
-            if key not in hessian_by_input:
-                flat, x0 = x.reshape(-1, x.shape[-1]).float(), x[:, 0, :].float()
-                hessian_by_input[key] = (flat.T @ flat, x0.T @ x0)
-            acc[name].add_inputs(x, *hessian_by_input[key])
+            acc[name].add_inputs(x)
             if want_grads and output.requires_grad:
                 output.register_hook(lambda g: deltas.__setitem__(name, g.detach()))
 
@@ -287,7 +286,6 @@ def block_statistics(
         for b, (x, kw) in enumerate(zip(inputs, kwargs, strict=True)):
             seen_x.clear()
             deltas.clear()
-            hessian_by_input.clear()
             if want_grads:
                 leaf = x.detach().requires_grad_(True)
                 with torch.enable_grad():

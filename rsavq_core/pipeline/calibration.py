@@ -159,10 +159,12 @@ def _streamed_calibration(
         t0 = time.perf_counter()
         key = stats_key(source.folder, tokens, cfg)
         found = StatsStore.find(key)
-        size = statistics_store_bytes(_linear_shapes(source), cfg)
+        size = statistics_store_bytes(_linear_shapes(source, source.n_blocks), cfg)
+        # decided on the whole model's store: a benchmark's block limit takes the path of a full run
+        whole = statistics_store_bytes(_linear_shapes(source, len(source.layout.blocks)), cfg)
         if found is not None:
             out.store, out.cached = found, True
-        elif _hessians_as_we_go(source, cfg, key, size, need_walker):
+        elif _hessians_as_we_go(source, cfg, key, whole, need_walker):
             out.float_walk, need_walker = True, True  # computed per block by the walker, not stored
         else:
             _check_cache_room(size)
@@ -192,13 +194,16 @@ def _streamed_calibration(
     return out
 
 
-def _linear_shapes(source: SourceModel) -> list[list[tuple[int, int]]]:
-    """(out, in) of each quantized linear, block by block (the blocks this run quantizes)."""
-    blocks: list[list[tuple[int, int]]] = [[] for _ in range(source.n_blocks)]
-    for index, name, _ in source.names:
-        linear = linear_at(source.layout.blocks[index], name)
-        blocks[index].append((linear.out_features, linear.in_features))
-    return blocks
+def _linear_shapes(source: SourceModel, n_blocks: int) -> list[list[tuple[int, int]]]:
+    """(out, in) of each quantized linear of the first ``n_blocks`` blocks, block by block."""
+    layout = source.layout
+    return [
+        [
+            (lin.out_features, lin.in_features)
+            for lin in (linear_at(layout.blocks[i], n) for n in layout.linear_names(i))
+        ]
+        for i in range(n_blocks)
+    ]
 
 
 def _hessians_as_we_go(source: SourceModel, cfg: QuantConfig, key: StatsKey, size: float, walker: bool) -> bool:
