@@ -3,8 +3,10 @@ weights in memory, activations spilled past their budget, and bad input refused 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +236,37 @@ def test_a_statistics_store_the_disk_cannot_take_is_refused_with_the_figures() -
 
     with pytest.raises(ConfigError, match=r"take .* GiB .* which has .* GiB free"):
         _check_cache_room(1e18)
+
+
+@pytest.mark.parametrize("stats_cache_gb", [20.0, 0.0])  # statistics stored first / computed as the run goes
+def test_a_streamed_block_releases_each_linear_once_it_is_quantized(
+    sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stats_cache_gb: float
+) -> None:
+    """The float linears of a block do not all stay until its end: when its down projection is
+    quantized, the block's other float linears are gone (an 8B block's 0.6 GB)."""
+    import rsavq_core.pipeline.blocks as blocks_module
+
+    current: dict[str, torch.nn.Module] = {}
+    open_block = StreamedModel.block
+
+    @contextlib.contextmanager
+    def tracked(self: StreamedModel, index: int, drop: list[str] | None = None) -> Iterator[torch.nn.Module]:
+        with open_block(self, index, drop) as block:
+            current["block"] = block
+            yield block
+
+    in_memory: list[int] = []
+    quantize_layer = blocks_module.quantize_layer
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        linears = [m for m in current["block"].modules() if isinstance(m, torch.nn.Linear)]
+        in_memory.append(sum(m.weight.device.type != "meta" for m in linears))
+        return quantize_layer(*args, **kwargs)
+
+    monkeypatch.setattr(StreamedModel, "block", tracked)
+    monkeypatch.setattr(blocks_module, "quantize_layer", counting)
+    with override(cache_dir=tmp_path / "cache", stats_cache_gb=stats_cache_gb):
+        quantize_model(str(sharded), QuantConfig.for_method("gptq", bits=2, **CALIB), placement=Placement(stream=True))
+    per_block = 7  # q, k, v, o, gate, up, down
+    assert in_memory[:per_block] == list(range(per_block, 0, -1))
+    assert in_memory[per_block : 2 * per_block] == list(range(per_block, 0, -1))
