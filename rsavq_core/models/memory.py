@@ -21,8 +21,9 @@ Terms:
 - resident weights: what lies outside the decoder blocks (embeddings, final norm, head) in float32;
   read in only for the passes that need them;
 - block weights: the largest block in float32;
-- statistics of the largest decoder block, twice (the accumulators and the finished copy):
-  per linear W [M, N]: mean gradient M·N, Fisher factors M² + N², Hessian N²;
+- statistics of the largest decoder block, per linear W [M, N]: mean gradient M·N, Fisher factors
+  M² + N², Hessian N², each twice (the accumulators and the finished copy; the Hessian's sums are
+  divided in place, and its first-token twin, N², takes the second place);
 - activations: one block boundary is 4 · n · T · hidden (n windows of T tokens); every boundary is
   kept when gradients flow back down (L + 1 of them), two otherwise, up to the activation budget
   (past it they go to the offload directory); a walker holds two more (four tracking the float model);

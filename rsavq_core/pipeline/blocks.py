@@ -139,28 +139,8 @@ class BlockLoop:
         done, block_norms = self._resumed(index)
         if len(done) == len(in_block):
             return done, block_norms
-        stats = block_stats(self.calib, index, self.source.device)
         walker = self.calib.walker
-        if (sequential_statistics(self.cfg) or self.calib.float_walk) and walker is not None:
-            stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
-        if self.calib.float_walk and walker is not None and index + 1 < self.source.n_blocks:
-            walker.advance_unchanged(block)  # the float block's outputs now, so its linears can go one by one
-        # A streamed block's float linears, and each layer's statistics, are released as soon as the
-        # layer is quantized when nothing runs the block again (a walker through quantized blocks,
-        # block-wise fine-tuning): an 8B block's 0.6 GB of other linears and 0.9 GB of their
-        # statistics are not alive beside its down projection's factorization.
-        release = self.source.streamed is not None and not self.cfg.block_finetune_steps
-        release = release and (walker is None or self.calib.float_walk)
-        fresh = {}
-        for name in (n for n in in_block if n not in done):
-            module = linear_at(block, name)
-            layer_stats = stats.pop(name, None)
-            fresh[name] = quantize_layer(
-                module.weight.detach(), module.bias, layer_stats, self.cfg, self.shared.get(name)
-            )
-            del layer_stats
-            if release:
-                self.source.release_linear(index, name)
+        fresh = self._quantize_layers(index, block, [n for n in in_block if n not in done])
         if self.cfg.block_finetune_steps and walker is not None:
             fresh, block_norms = finetune_quantized_block(
                 block, {**done, **fresh}, walker, self.cfg, self.progress, f"fine-tune block {index}"
@@ -174,6 +154,32 @@ class BlockLoop:
                 self.checkpoint.save(in_block[name], layer, report)
         done.update(fresh)
         return done, block_norms
+
+    def _quantize_layers(self, index: int, block: nn.Module, names: list[str]) -> dict[str, Finished]:
+        """Quantize the linears ``names`` of block ``index`` from their statistics."""
+        stats = block_stats(self.calib, index, self.source.device)
+        walker = self.calib.walker
+        if (sequential_statistics(self.cfg) or self.calib.float_walk) and walker is not None:
+            stats = {name: with_hessians(stats.get(name), fresh) for name, fresh in walker.hessians(block).items()}
+        if self.calib.float_walk and walker is not None and index + 1 < self.source.n_blocks:
+            walker.advance_unchanged(block)  # the float block's outputs now, so its linears can go one by one
+        # A streamed block's float linears, and each layer's statistics, are released as soon as the
+        # layer is quantized when nothing runs the block again (a walker through quantized blocks,
+        # block-wise fine-tuning): an 8B block's 0.6 GB of other linears and 0.9 GB of their
+        # statistics are not alive beside its down projection's factorization.
+        release = self.source.streamed is not None and not self.cfg.block_finetune_steps
+        release = release and (walker is None or self.calib.float_walk)
+        fresh = {}
+        for name in names:
+            module = linear_at(block, name)
+            layer_stats = stats.pop(name, None)
+            fresh[name] = quantize_layer(
+                module.weight.detach(), module.bias, layer_stats, self.cfg, self.shared.get(name)
+            )
+            del layer_stats
+            if release:
+                self.source.release_linear(index, name)
+        return fresh
 
     def _publish(self, index: int, done: dict[str, Finished], block_norms: dict[str, torch.Tensor]) -> None:
         for name, full in self.source.in_block(index).items():
