@@ -13,7 +13,8 @@ beside the measured peak. The random-weight checkpoints come from ``bench/random
 Rows: ``bundled-gptq`` (-``whole``): the bundled model, GPTQ 4-bit g128 on 8 x 256 windows,
 streamed (loaded whole), with the artifact's sha256; ``bundled-default``: the default 2-bit run
 streamed (its whole-model peak is in ``bench/results/defaults.json``); ``depth-4`` / ``depth-16``:
-the fast preset on 1024-wide random LLaMAs of 4 and 16 blocks; ``8b-gptq``: the Llama-3.1-8B-shaped
+the fast preset on 1024-wide random LLaMAs of 4 and 16 blocks (``-spill``: with a 0.1 GiB
+activation budget, which binds); ``8b-gptq``: the Llama-3.1-8B-shaped
 checkpoint, GPTQ 4-bit g128 on 8 x 256 windows, written out; ``8b-default``: the default method
 on its first block (``--blocks``), projected to the whole model; ``8b-gptq-blocks``: the GPTQ row
 on its first blocks, projected likewise.
@@ -22,6 +23,7 @@ on its first blocks, projected likewise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -32,16 +34,27 @@ from typing import Any
 H100_FP32_TFLOPS = 67.0  # H100 SXM, dense fp32 without tensor cores (NVIDIA's datasheet)
 
 
-def run_quantize(model: str, cfg_json: str, stream: bool, out: str | None, blocks: int | None) -> dict[str, Any]:
+def placement_of(spec: dict[str, Any]) -> Any:
+    """The row's placement: the settings', streamed or not, with its own activation budget if it has one."""
+    from rsavq_core.models.memory import GIB
+    from rsavq_core.pipeline.placement import Placement
+
+    placement = Placement.from_settings(stream=spec["stream"])
+    if spec.get("activation_gb") is not None:
+        placement = dataclasses.replace(placement, activation_budget_bytes=spec["activation_gb"] * GIB)
+    return placement
+
+
+def run_quantize(spec: dict[str, Any], cfg_json: str) -> dict[str, Any]:
     """One quantization in this (fresh) process: timings, peak RSS, the artifact's sha256."""
     from rsavq_core.config.quant_config import QuantConfig
-    from rsavq_core.pipeline.placement import Placement
     from rsavq_core.pipeline.quantize import peak_rss_gb, quantize_model
 
     cfg = QuantConfig.from_dict(json.loads(cfg_json))
+    out = spec["out"]
     started = time.perf_counter()
     result = quantize_model(
-        model, cfg, out_dir=Path(out) if out else None, placement=Placement.from_settings(stream=stream), blocks=blocks
+        spec["model"], cfg, out_dir=Path(out) if out else None, placement=placement_of(spec), blocks=spec.get("blocks")
     )
     row: dict[str, Any] = {
         "seconds": time.perf_counter() - started,
@@ -65,6 +78,7 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Row label -> (model, method, knobs, stream, out, blocks)."""
     gptq = {"method": "gptq", "bits": 4, "group_size": 128, "calib_samples": 8, "calib_len": 256}
     fast = {"method": "rsavq", "bits": 2, "preset": "fast"}
+    spill = {"stream": True, "out": None, "activation_gb": 0.1}
     return {
         "bundled-gptq": {"model": "smollm2-135m", **gptq, "stream": True, "out": f"{args.scratch}/bundled-gptq"},
         "bundled-gptq-whole": {
@@ -76,6 +90,10 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "bundled-default": {"model": "smollm2-135m", "method": "rsavq", "bits": 2, "stream": True, "out": None},
         "depth-4": {"model": args.model_1024.format(blocks=4), **fast, "stream": True, "out": None},
         "depth-16": {"model": args.model_1024.format(blocks=16), **fast, "stream": True, "out": None},
+        # the same with an activation budget that binds (0.1 GiB, three boundaries): past it the
+        # boundaries wait on disk, so memory stops growing with depth
+        "depth-4-spill": {"model": args.model_1024.format(blocks=4), **fast, **spill},
+        "depth-16-spill": {"model": args.model_1024.format(blocks=16), **fast, **spill},
         "8b-gptq": {"model": args.model_8b, **gptq, "stream": True, "out": f"{args.scratch}/8b-gptq"},
         # the same on its first blocks (--blocks): peak memory and seconds per block where the whole
         # model takes hours on this machine
@@ -97,19 +115,17 @@ def measure(label: str, spec: dict[str, Any]) -> dict[str, Any]:
     from rsavq_core.config.quant_config import QuantConfig
     from rsavq_core.models.memory import GIB, block_shapes, estimate_job_memory
     from rsavq_core.models.resolve import resolve_model
-    from rsavq_core.pipeline.placement import Placement
     from rsavq_core.runs.summaries import in_fresh_process
 
-    knobs = {k: v for k, v in spec.items() if k not in ("model", "method", "stream", "out", "blocks", "preset")}
+    placing = ("model", "method", "stream", "out", "blocks", "preset", "activation_gb")
+    knobs = {k: v for k, v in spec.items() if k not in placing}
     cfg = QuantConfig.for_method(spec["method"], preset=spec.get("preset"), **knobs)
     folder = resolve_model(spec["model"])
-    placement = Placement.from_settings(stream=spec["stream"])
+    placement = placement_of(spec)
     estimate = estimate_job_memory(
         folder, cfg, streamed=spec["stream"], activation_budget=placement.activation_budget_bytes
     )
-    row = in_fresh_process(
-        label, run_quantize, spec["model"], cfg.to_json(), spec["stream"], spec["out"], spec.get("blocks")
-    )
+    row = in_fresh_process(label, run_quantize, spec, cfg.to_json())
     n_blocks = len(block_shapes(folder).parameters)
     per_block = (row["timings"].get("quantize", 0.0) + row["timings"].get("shared codebooks", 0.0)) / max(
         row["blocks_quantized"], 1
@@ -119,6 +135,7 @@ def measure(label: str, spec: dict[str, Any]) -> dict[str, Any]:
         model=spec["model"],
         config=cfg.to_dict(),
         streamed=spec["stream"],
+        activation_budget_gb=placement.activation_budget_bytes / GIB,
         blocks_in_model=n_blocks,
         quantize_seconds_per_block=per_block,
         estimate_gb=estimate.total / GIB,
