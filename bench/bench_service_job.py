@@ -83,10 +83,11 @@ def main() -> int:
     from rsavq_core.runs.replay import recorded_args
 
     options = json.loads(args.options)
+    origin = {**provenance(), "args": recorded_args(args)}  # before the job: the code the worker runs
     row: dict[str, Any] = {"model": args.model, "method": args.method, "bits": args.bits, "options": options}
     row.update(estimates(args.model, args.method, args.bits, options))
     row.update(run_job(args, options))
-    row["provenance"] = {**provenance(), "args": recorded_args(args)}
+    row["provenance"] = origin
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=1, default=str) + "\n")
