@@ -135,7 +135,7 @@ def measure(label: str, spec: dict[str, Any]) -> dict[str, Any]:
         model=spec["model"],
         config=cfg.to_dict(),
         streamed=spec["stream"],
-        activation_budget_gb=placement.activation_budget_bytes / GIB,
+        activation_budget_gb=None if (budget := placement.activation_budget_bytes) is None else budget / GIB,
         blocks_in_model=n_blocks,
         quantize_seconds_per_block=per_block,
         estimate_gb=estimate.total / GIB,

@@ -48,8 +48,11 @@ class CoreSettings(BaseSettings):
     offload_dir: Path | None = Field(
         None, description="where calibration activations past the memory budget are spilled (default: a temp dir)"
     )
-    activation_memory_gb: float = Field(
-        4.0, ge=0, description="host memory for calibration activations before they spill to the offload dir"
+    activation_memory_gb: float | None = Field(
+        None,
+        ge=0,
+        description="host memory for calibration activations before they spill to the offload dir "
+        "(default: two block boundaries, so that memory does not grow with depth)",
     )
     stats_cache_gb: float = Field(
         20.0,

@@ -6,17 +6,24 @@ when gradients flow back down the blocks, two at a time otherwise. For a 8B mode
 of 2048 tokens that is 4 GiB per boundary, 132 GiB for all of them: more than a worker's memory,
 so what exceeds ``budget_bytes`` goes to files in ``offload_dir`` (one per boundary, removed when
 the boundary is dropped) and is read back when that boundary's turn comes.
+
+The default budget is two boundaries (``models.memory.boundary_budget``): what a pass holds anyway (a block's
+inputs and its outputs), so memory does not grow with depth; a Hessian-only run never spills, and
+a gradient run writes each boundary once and reads it back once. When a new boundary does not fit,
+the held boundaries with the lowest keys go to disk first: the backward pass reads them last.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
-from safetensors.torch import load_file, save_file
 
 from rsavq_core.errors import ConfigError
 from rsavq_core.models.memory import GIB
@@ -52,39 +59,51 @@ class ActivationStore:
         self._root = offload_dir
         self._folder: Path | None = None
         self._held: dict[int, list[torch.Tensor]] = {}
-        self._spilled: dict[int, Path] = {}
+        self._spilled: dict[int, _Spilled] = {}
         self.held_bytes = 0
-        self.spilled_bytes = 0
+        self.spilled_bytes = 0  # written to disk in all, for reports
 
     def put(self, key: int, tensors: list[torch.Tensor]) -> None:
         """Keep ``tensors`` (per micro-batch [B, T, D] floating) under ``key``, replacing what was there."""
         self.drop(key)
-        size = sum(t.numel() * t.element_size() for t in tensors)
+        size = _size(tensors)
+        for older in sorted(k for k in self._held if k < key and size <= self.budget):
+            if self.held_bytes + size <= self.budget:
+                break
+            evicted = self._held.pop(older)
+            self.held_bytes -= _size(evicted)
+            self._spill(older, evicted)
         if self.held_bytes + size <= self.budget:
             self._held[key] = [t.detach().to("cpu") for t in tensors]
             self.held_bytes += size
-            return
-        file = self._spill_folder() / f"boundary_{key:05d}.safetensors"
-        save_file({str(i): t.detach().to("cpu").contiguous() for i, t in enumerate(tensors)}, str(file))
-        self._spilled[key] = file
-        self.spilled_bytes += size
+        else:
+            self._spill(key, tensors)
+
+    def _spill(self, key: int, tensors: list[torch.Tensor]) -> None:
+        # raw bytes, tensor after tensor, from the tensors' own memory: a serializer that builds the
+        # file in memory first would briefly double a boundary (4 GiB for an 8B model's)
+        file = self._spill_folder() / f"boundary_{key:05d}.bin"
+        with file.open("wb") as sink:
+            for tensor in tensors:
+                tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tofile(sink)
+        self._spilled[key] = _Spilled(file, [(t.shape, t.dtype) for t in tensors])
+        self.spilled_bytes += _size(tensors)
 
     def get(self, key: int) -> list[torch.Tensor]:
         """The tensors under ``key``, on the compute device."""
         if key in self._held:
             return [t.to(self.device) for t in self._held[key]]
         if key in self._spilled:
-            raw = load_file(str(self._spilled[key]))
-            return [raw[str(i)].to(self.device) for i in range(len(raw))]
+            return [t.to(self.device) for t in self._spilled[key].read()]
         raise KeyError(f"no activations stored for boundary {key}")
 
     def drop(self, key: int) -> None:
         held = self._held.pop(key, None)
         if held is not None:
-            self.held_bytes -= sum(t.numel() * t.element_size() for t in held)
-        file = self._spilled.pop(key, None)
-        if file is not None:
-            file.unlink(missing_ok=True)
+            self.held_bytes -= _size(held)
+        spilled = self._spilled.pop(key, None)
+        if spilled is not None:
+            spilled.file.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Drop everything and remove this store's spill folder."""
@@ -100,3 +119,22 @@ class ActivationStore:
             self._folder = root / f"activations-{uuid.uuid4().hex[:12]}"
             self._folder.mkdir(parents=True, exist_ok=True)
         return self._folder
+
+
+@dataclass(frozen=True)
+class _Spilled:
+    file: Path
+    layout: list[tuple[torch.Size, torch.dtype]]  # each tensor's shape and dtype, in file order
+
+    def read(self) -> list[torch.Tensor]:
+        tensors = []
+        with self.file.open("rb") as source:
+            for shape, dtype in self.layout:
+                count = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                raw = torch.from_numpy(numpy.fromfile(source, dtype=numpy.uint8, count=count))
+                tensors.append(raw.view(dtype).reshape(shape))
+        return tensors
+
+
+def _size(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

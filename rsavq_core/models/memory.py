@@ -140,6 +140,12 @@ def block_linear_shapes(folder: Path) -> list[list[tuple[int, int]]]:
     return block_shapes(folder).linears
 
 
+def boundary_budget(budget_bytes: float | None, boundary_bytes: float) -> float:
+    """The host-memory budget for boundaries of ``boundary_bytes`` each: ``budget_bytes`` when set
+    (``RSAVQ_ACTIVATION_MEMORY_GB``), else two boundaries."""
+    return 2.0 * boundary_bytes if budget_bytes is None else budget_bytes
+
+
 def estimate_job_memory(
     folder: Path,
     cfg: QuantConfig,
@@ -147,7 +153,7 @@ def estimate_job_memory(
     micro_batch: int = 4,
     streamed: bool = True,
     device: str = "cpu",
-    activation_budget: float = 4.0 * GIB,
+    activation_budget: float | None = None,
 ) -> MemoryEstimate:
     """Peak memory (bytes, per term) of quantizing the checkpoint in ``folder`` with ``cfg``: host
     terms, and device terms when ``device`` is not the CPU (``streamed`` must then be True)."""
@@ -190,7 +196,7 @@ def _streamed_phases(
     cfg: QuantConfig,
     common: dict[str, float],
     boundary: float,
-    activation_budget: float,
+    activation_budget: float | None,
 ) -> dict[str, dict[str, float]]:
     """The working set (bytes per term) of each phase of a streamed run; the peak is the largest."""
     grads = cfg.needs_gradients()
@@ -200,7 +206,7 @@ def _streamed_phases(
     resident = 4.0 * sum(outside)
     block = 4.0 * max(model.parameters or [0])
     levels = len(model.parameters) + 1 if grads else 2
-    stored = min(levels * boundary, activation_budget)  # the rest waits on disk
+    stored = min(levels * boundary, boundary_budget(activation_budget, boundary))  # the rest waits on disk
     # The error feedback's float64 inverse-Hessian factor of the widest input (``algorithms.linalg``):
     # factored in place, then solved into a second buffer: 2 x 8 x N² bytes (3.3 GB at N = 14336).
     widest = max((n for linears in model.linears for _, n in linears), default=0)

@@ -27,7 +27,7 @@ from rsavq_core.errors import ConfigError
 from rsavq_core.methods.registry import get_method
 from rsavq_core.models.files import cache_root
 from rsavq_core.models.layout import linear_at
-from rsavq_core.models.memory import GIB, statistics_store_bytes
+from rsavq_core.models.memory import GIB, boundary_budget, statistics_store_bytes
 from rsavq_core.models.resolve import model_fingerprint
 from rsavq_core.pipeline.placement import Placement
 from rsavq_core.pipeline.source import SourceModel
@@ -170,10 +170,10 @@ def _streamed_calibration(
             _check_cache_room(size)
             levels = len(source.layout.blocks) + 1 if key.with_grads else 2
             per_level = 4.0 * tokens.numel() * _hidden_size(source)
-            spill = levels * per_level - placement.activation_budget_bytes
-            if spill > 0:
-                check_offload_dir(placement.offload_dir or default_offload_root(), spill)
-            activations = ActivationStore(placement.activation_budget_bytes, placement.offload_dir, placement.device)
+            budget = boundary_budget(placement.activation_budget_bytes, per_level)
+            if levels * per_level > budget:
+                check_offload_dir(placement.offload_dir or default_offload_root(), levels * per_level - budget)
+            activations = ActivationStore(budget, placement.offload_dir, placement.device)
             try:
                 out.store = streamed_statistics(
                     source.streamed,

@@ -58,7 +58,7 @@ class Placement:
     device: torch.device = torch.device("cpu")
     stream: bool | None = None  # None: stream whenever the run and the checkpoint allow it
     offload_dir: Path | None = None  # where activations past the budget spill (None: a temp dir)
-    activation_budget_bytes: float = 4.0 * GIB
+    activation_budget_bytes: float | None = None  # None: two block boundaries (``memory.boundary_budget``)
 
     @classmethod
     def from_settings(
@@ -71,7 +71,7 @@ class Placement:
             device=resolve_device(device or settings.device),
             stream=stream if stream is not None else streaming,
             offload_dir=offload_dir or settings.offload_dir,
-            activation_budget_bytes=settings.activation_memory_gb * GIB,
+            activation_budget_bytes=None if (gb := settings.activation_memory_gb) is None else gb * GIB,
         )
 
     def streams(self, cfg: QuantConfig) -> bool:

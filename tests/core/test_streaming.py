@@ -124,11 +124,27 @@ def test_activations_spill_past_the_budget_and_are_removed(tmp_path: Path) -> No
     store.put(0, small)
     store.put(1, big)  # 1536 bytes: past the budget
     assert store.held_bytes == small[0].numel() * 4 and store.spilled_bytes == sum(t.numel() * 4 for t in big)
-    files = list((tmp_path / "offload").rglob("*.safetensors"))
+    files = list((tmp_path / "offload").rglob("boundary_*"))
     assert len(files) == 1
     assert all(torch.equal(a, b) for a, b in zip(store.get(1), big, strict=True))
     store.drop(1)
     assert not files[0].exists()
+    store.close()
+    assert list((tmp_path / "offload").iterdir()) == []
+
+
+def test_the_boundaries_read_last_go_to_disk_first(tmp_path: Path) -> None:
+    boundaries = [[torch.randn(2, 4, 8), torch.randn(1, 4, 8).bfloat16()] for _ in range(5)]
+    size = sum(t.numel() * t.element_size() for t in boundaries[0])
+    store = ActivationStore(budget_bytes=2 * size, offload_dir=tmp_path / "offload", device=torch.device("cpu"))
+    for key, tensors in enumerate(boundaries):
+        store.put(key, tensors)
+        assert store.held_bytes <= 2 * size  # a gradient pass's forward: memory stays at two boundaries
+    assert store.spilled_bytes == 3 * size and len(list((tmp_path / "offload").rglob("boundary_*"))) == 3
+    for key in reversed(range(5)):  # the backward pass: last boundary first
+        back = store.get(key)
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(back, boundaries[key], strict=True))
+        store.drop(key)
     store.close()
     assert list((tmp_path / "offload").iterdir()) == []
 
@@ -144,7 +160,7 @@ def test_spilled_statistics_equal_held_ones(sharded: Path, tmp_path: Path) -> No
         assert result.stats_cached is False
         digests.append(sha256(out / "packed"))
     assert digests[0] == digests[1]
-    assert not any((tmp_path / "offload").rglob("*.safetensors"))  # spilled files are cleaned up
+    assert not any((tmp_path / "offload").rglob("boundary_*"))  # spilled files are cleaned up
 
 
 def test_bad_placements_fail_before_heavy_work(sharded: Path, tmp_path: Path) -> None:
