@@ -27,12 +27,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rsavq_core.calibration.activations import ActivationStore
 from rsavq_core.calibration.cache import StatsKey, StatsStore
-from rsavq_core.calibration.statistics import block_statistics, detach_kwargs, first_tensor, sequence_loss
+from rsavq_core.calibration.statistics import block_statistics, detach_kwargs, first_tensor
 from rsavq_core.errors import CalibrationError
+from rsavq_core.models.memory import head_chunk_positions
 from rsavq_core.models.streamed import StreamedModel
 from rsavq_core.progress import Progress
 
@@ -131,13 +133,29 @@ def head_logits(
 def head_gradient(
     streamed: StreamedModel, hidden: torch.Tensor, batch: torch.Tensor, output_like: object
 ) -> torch.Tensor:
-    """∂(Σ_s ℓ_s)/∂hidden [B, T, D] for the last block's output ``hidden`` and the tokens ``batch``
-    [B, T] int64, through the model's own head."""
-    leaf = hidden.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = head_logits(streamed, leaf, batch, output_like)
-        (grad,) = torch.autograd.grad(sequence_loss(logits, batch.to(streamed.device)), leaf)
-    return grad.detach()
+    """∂(Σ_s ℓ_s)/∂hidden [B, T, D] (ℓ_s as in ``statistics.sequence_loss``) for the last block's
+    output ``hidden`` [B, T, D] float32 and the tokens ``batch`` [B, T] int64, through the model's
+    own head, a few positions at a time: the head acts on each position alone, so the [B, T, vocab]
+    logits (3 GiB for 4 x 512 tokens of a 128k vocabulary, and their softmax and gradient beside
+    them) are never formed whole. The same gradient, position by position, as the whole pass's."""
+    rows, length = batch.shape
+    vocab = streamed.vocab_size
+    step = head_chunk_positions(rows, vocab)
+    targets = batch.to(streamed.device)
+    grad = torch.zeros_like(hidden)
+    for start in range(0, length - 1, step):  # the last position predicts nothing: its gradient is 0
+        stop = min(start + step, length - 1)
+        leaf = hidden[:, start:stop].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = head_logits(streamed, leaf, batch[:, start:stop], output_like).float()
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets[:, start + 1 : stop + 1].reshape(-1), reduction="none"
+            )
+            # Σ_s (Σ_t nll) / (T - 1): each position's term and scale are those of the mean
+            (piece,) = torch.autograd.grad((nll.view(rows, -1).sum(1) / (length - 1)).sum(), leaf)
+        grad[:, start:stop] = piece
+        del logits, nll
+    return grad
 
 
 class _PassThrough(nn.Module):

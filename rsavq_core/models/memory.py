@@ -140,6 +140,14 @@ def block_linear_shapes(folder: Path) -> list[list[tuple[int, int]]]:
     return block_shapes(folder).linears
 
 
+HEAD_CHUNK_LOGITS = 1 << 25  # logits per chunk of a streamed run's head gradient (128 MiB in float32)
+
+
+def head_chunk_positions(rows: int, vocab: int) -> int:
+    """Positions per chunk of the head's loss gradient for ``rows`` sequences and ``vocab`` logits."""
+    return max(1, HEAD_CHUNK_LOGITS // max(1, rows * vocab))
+
+
 def boundary_budget(budget_bytes: float | None, boundary_bytes: float) -> float:
     """The host-memory budget for boundaries of ``boundary_bytes`` each: ``budget_bytes`` when set
     (``RSAVQ_ACTIVATION_MEMORY_GB``), else two boundaries."""
@@ -174,6 +182,9 @@ def estimate_job_memory(
         terms = {"weights": 4.0 * parameters, **common, "activations": 2.0 * boundary, "runtime": RUNTIME_OVERHEAD}
         terms["headroom"] = (HEADROOM - 1.0) * sum(terms.values())
         return MemoryEstimate(parameters=parameters, terms=terms)
+    # a streamed run forms the head's logits a few positions at a time (``streamed.head_gradient``)
+    chunk = min(cfg.calib_len, head_chunk_positions(micro_batch, model.vocab))
+    common["lm_head"] = 3.0 * 4 * micro_batch * chunk * model.vocab if grads else 0.0
     phases = _streamed_phases(shapes, model, cfg, common, boundary, activation_budget)
     phase = max(phases, key=lambda name: sum(phases[name].values()))
     compute = dict(phases[phase])

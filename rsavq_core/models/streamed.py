@@ -147,6 +147,14 @@ class StreamedModel:
         head = self.model.get_output_embeddings()
         return [f"{name}." for name, module in self.model.named_modules() if module is head and head is not None]
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output head (its shape is known on the meta device too)."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise UnsupportedModelError(f"{self.folder}: the model has no output head to compute a loss with")
+        return int(head.weight.shape[0])
+
     def block_prefix(self, index: int) -> str:
         return f"{self.layout.blocks_path}.{index}."
 

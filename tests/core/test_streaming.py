@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 import torch
 
+from rsavq_core.calibration import streamed as streamed_calibration
 from rsavq_core.calibration.activations import ActivationStore, check_offload_dir
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError, ModelResolutionError
+from rsavq_core.models import memory
 from rsavq_core.models.streamed import StreamedModel
 from rsavq_core.models.weights import INDEX_FILE, WeightFiles
 from rsavq_core.pipeline.placement import Placement, resolve_device
@@ -68,6 +70,25 @@ def test_streamed_checkpoint_is_byte_identical(
     whole, streamed = quantize_both(sharded, cfg, tmp_path, device)
     assert streamed.model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # really streamed
     assert whole.model.model.layers[0].self_attn.q_proj.weight.device.type == "cpu"
+    assert sha256(tmp_path / "stream") == sha256(tmp_path / "whole")
+
+
+def test_a_head_gradient_taken_a_few_positions_at_a_time_gives_the_same_bytes(
+    sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 5 x 4 sequences' logits per chunk: a few positions, where whole sequences would fit in one
+    monkeypatch.setattr(memory, "HEAD_CHUNK_LOGITS", 5 * 4 * 49152)
+    calls = []
+    original = streamed_calibration.head_logits
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(args[1].shape[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(streamed_calibration, "head_logits", counted)
+    cfg = QuantConfig.for_method("rsavq", bits=2, kmeans_iters=2, n_groups=2, **CALIB)
+    quantize_both(sharded, cfg, tmp_path)
+    assert len(calls) >= 3 and max(calls) < CALIB["calib_len"] - 1  # really in pieces
     assert sha256(tmp_path / "stream") == sha256(tmp_path / "whole")
 
 
