@@ -13,8 +13,8 @@ beside the measured peak. The random-weight checkpoints come from ``bench/random
 Rows: ``bundled-gptq`` (-``whole``): the bundled model, GPTQ 4-bit g128 on 8 x 256 windows,
 streamed (loaded whole), with the artifact's sha256; ``bundled-default``: the default 2-bit run
 streamed (its whole-model peak is in ``bench/results/defaults.json``); ``depth-4`` / ``depth-16``:
-the fast preset on 1024-wide random LLaMAs of 4 and 16 blocks (``-spill``: with a 0.1 GiB
-activation budget, which binds); ``8b-gptq``: the Llama-3.1-8B-shaped
+the fast preset on 1024-wide random LLaMAs of 4 and 16 blocks (the default activation budget, two
+boundaries: the others wait on disk); ``8b-gptq``: the Llama-3.1-8B-shaped
 checkpoint, GPTQ 4-bit g128 on 8 x 256 windows, written out; ``8b-default``: the default method
 on its first block (``--blocks``), projected to the whole model; ``8b-gptq-blocks``: the GPTQ row
 on its first blocks, projected likewise.
@@ -23,7 +23,6 @@ on its first blocks, projected likewise.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -35,14 +34,10 @@ H100_FP32_TFLOPS = 67.0  # H100 SXM, dense fp32 without tensor cores (NVIDIA's d
 
 
 def placement_of(spec: dict[str, Any]) -> Any:
-    """The row's placement: the settings', streamed or not, with its own activation budget if it has one."""
-    from rsavq_core.models.memory import GIB
+    """The row's placement: the settings' (``RSAVQ_ACTIVATION_MEMORY_GB`` and friends), streamed or not."""
     from rsavq_core.pipeline.placement import Placement
 
-    placement = Placement.from_settings(stream=spec["stream"])
-    if spec.get("activation_gb") is not None:
-        placement = dataclasses.replace(placement, activation_budget_bytes=spec["activation_gb"] * GIB)
-    return placement
+    return Placement.from_settings(stream=spec["stream"])
 
 
 def run_quantize(spec: dict[str, Any], cfg_json: str) -> dict[str, Any]:
@@ -78,7 +73,6 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Row label -> (model, method, knobs, stream, out, blocks)."""
     gptq = {"method": "gptq", "bits": 4, "group_size": 128, "calib_samples": 8, "calib_len": 256}
     fast = {"method": "rsavq", "bits": 2, "preset": "fast"}
-    spill = {"stream": True, "out": None, "activation_gb": 0.1}
     return {
         "bundled-gptq": {"model": "smollm2-135m", **gptq, "stream": True, "out": f"{args.scratch}/bundled-gptq"},
         "bundled-gptq-whole": {
@@ -90,10 +84,6 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "bundled-default": {"model": "smollm2-135m", "method": "rsavq", "bits": 2, "stream": True, "out": None},
         "depth-4": {"model": args.model_1024.format(blocks=4), **fast, "stream": True, "out": None},
         "depth-16": {"model": args.model_1024.format(blocks=16), **fast, "stream": True, "out": None},
-        # the same with an activation budget that binds (0.1 GiB, three boundaries): past it the
-        # boundaries wait on disk, so memory stops growing with depth
-        "depth-4-spill": {"model": args.model_1024.format(blocks=4), **fast, **spill},
-        "depth-16-spill": {"model": args.model_1024.format(blocks=16), **fast, **spill},
         "8b-gptq": {"model": args.model_8b, **gptq, "stream": True, "out": f"{args.scratch}/8b-gptq"},
         # the same on its first blocks (--blocks): peak memory and seconds per block where the whole
         # model takes hours on this machine
@@ -117,7 +107,7 @@ def measure(label: str, spec: dict[str, Any]) -> dict[str, Any]:
     from rsavq_core.models.resolve import resolve_model
     from rsavq_core.runs.summaries import in_fresh_process
 
-    placing = ("model", "method", "stream", "out", "blocks", "preset", "activation_gb")
+    placing = ("model", "method", "stream", "out", "blocks", "preset")
     knobs = {k: v for k, v in spec.items() if k not in placing}
     cfg = QuantConfig.for_method(spec["method"], preset=spec.get("preset"), **knobs)
     folder = resolve_model(spec["model"])
