@@ -40,6 +40,11 @@ class CoreSettings(BaseSettings):
         "auto",
         description="where quantization computes: auto (cuda when present, else cpu), cpu, cuda, cuda:N",
     )
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="precision of the calibration forwards (auto: bfloat16 on a GPU that has it, else float32; "
+        "see rsavq_core/precision.py)",
+    )
     stream: Literal["auto", "on", "off"] = Field(
         "auto",
         description="read the model block by block from its safetensors files (auto: whenever the run and "

@@ -9,6 +9,7 @@ down, so a partial store cannot be resumed block-wise: an incomplete one is reco
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from rsavq_core.calibration.statistics import LayerStats, block_statistics, reco
 from rsavq_core.errors import CalibrationError
 from rsavq_core.models.files import cache_root
 from rsavq_core.models.layout import find_decoder_layout
+from rsavq_core.precision import forward_precision
 from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class StatsKey:
     seq_len: int
     fisher: str  # "exact" | "kfac"
     with_grads: bool  # False: activation Hessians only (enough for rtn/gptq)
+    compute_dtype: str = "float32"  # of the forwards that produced them (``rsavq_core.precision``)
 
     def digest(self) -> str:
         raw = json.dumps(
@@ -53,6 +56,8 @@ class StatsKey:
                 self.fisher if self.with_grads else "-",
                 self.with_grads,
             ]
+            # float32 keys keep the digests they had before the compute dtype existed
+            + ([] if self.compute_dtype == "float32" else [self.compute_dtype])
         )
         return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
@@ -149,13 +154,16 @@ def compute_statistics(
     store = StatsStore(key, root)
     blocks = find_decoder_layout(model).blocks
     started = time.perf_counter()
-    inputs, kwargs, grads = record_block_inputs(
-        model, tokens, micro_batch=micro_batch, want_grads=key.with_grads, progress=progress
-    )
-    for done, index in enumerate(reversed(range(len(blocks)))):
-        stats, grads = block_statistics(
-            blocks[index], inputs[index], kwargs[index], grads, fisher=key.fisher, seq_len=tokens.shape[1]
+    precision = functools.partial(forward_precision, key.compute_dtype, tokens.device.type)
+    with precision():
+        inputs, kwargs, grads = record_block_inputs(
+            model, tokens, micro_batch=micro_batch, want_grads=key.with_grads, progress=progress
         )
+    for done, index in enumerate(reversed(range(len(blocks)))):
+        with precision():
+            stats, grads = block_statistics(
+                blocks[index], inputs[index], kwargs[index], grads, fisher=key.fisher, seq_len=tokens.shape[1]
+            )
         store.save_block(index, stats)
         inputs[index] = []  # free this block's activations as soon as they are used
         if progress:

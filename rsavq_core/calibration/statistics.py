@@ -36,6 +36,7 @@ from torch import nn
 
 from rsavq_core.errors import CalibrationError
 from rsavq_core.models.layout import find_decoder_layout
+from rsavq_core.precision import full_precision
 from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class _Accumulator:
         else:
             self.sums[key] = rows.T @ rows
 
+    @full_precision
     def add_inputs(self, x: torch.Tensor) -> None:
         """x: [B, T, N]: the Hessian xᵀx and the first tokens' x₀ᵀx₀ ([N, N] each)."""
         flat = x.reshape(-1, x.shape[-1]).float()
@@ -116,6 +118,7 @@ class _Accumulator:
         self.n_tokens += flat.shape[0]
         self.n_samples += x.shape[0]
 
+    @full_precision
     def add_gradients(self, x: torch.Tensor, delta: torch.Tensor) -> None:
         """x: [B, T, N] inputs, δ: [B, T, M] gradients of Σ_s ℓ_s w.r.t. the outputs."""
         x, delta = x.float(), delta.float()

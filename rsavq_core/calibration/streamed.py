@@ -36,6 +36,7 @@ from rsavq_core.calibration.statistics import block_statistics, detach_kwargs, f
 from rsavq_core.errors import CalibrationError
 from rsavq_core.models.memory import head_chunk_positions
 from rsavq_core.models.streamed import StreamedModel
+from rsavq_core.precision import forward_precision
 from rsavq_core.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,20 @@ def streamed_statistics(
     ``limit``: only the first ``limit`` blocks' statistics (a benchmark on a model too big to
     finish); gradients still come down from the head through every block, and the store is left
     incomplete, so that no later run takes it for a whole model's."""
+    with forward_precision(key.compute_dtype, streamed.device.type):
+        return _streamed_statistics(streamed, tokens, key, store, activations, micro_batch, progress, limit)
+
+
+def _streamed_statistics(
+    streamed: StreamedModel,
+    tokens: torch.Tensor,
+    key: StatsKey,
+    store: StatsStore,
+    activations: ActivationStore,
+    micro_batch: int,
+    progress: Progress | None,
+    limit: int | None,
+) -> StatsStore:
     started = time.perf_counter()
     blocks = streamed.layout.blocks
     limit = len(blocks) if limit is None else min(limit, len(blocks))

@@ -55,8 +55,9 @@ def calibration_tokens(tokenizer: object, cfg: QuantConfig, source: TextSource |
     )
 
 
-def stats_key(folder: Path, tokens: torch.Tensor, cfg: QuantConfig) -> StatsKey:
-    """The cache key of the statistics ``cfg`` needs on ``tokens`` ([S, T] int64) for the checkpoint in ``folder``."""
+def stats_key(folder: Path, tokens: torch.Tensor, cfg: QuantConfig, compute_dtype: str = "float32") -> StatsKey:
+    """The cache key of the statistics ``cfg`` needs on ``tokens`` ([S, T] int64) for the checkpoint in
+    ``folder``, computed with forwards in ``compute_dtype``."""
     return StatsKey(
         fingerprint=model_fingerprint(folder),
         tokens_hash=tokens_hash(tokens),
@@ -64,6 +65,7 @@ def stats_key(folder: Path, tokens: torch.Tensor, cfg: QuantConfig) -> StatsKey:
         seq_len=cfg.calib_len,
         fisher=cfg.fisher,
         with_grads=cfg.needs_gradients(),
+        compute_dtype=compute_dtype,
     )
 
 
@@ -75,9 +77,10 @@ def calibration_store(
     *,
     micro_batch: int = 4,
     progress: Progress | None = None,
+    compute_dtype: str = "float32",
 ) -> tuple[StatsStore, bool]:
     """The statistics the config needs, from the cache when possible. Returns (store, was_cached)."""
-    key = stats_key(folder, tokens, cfg)
+    key = stats_key(folder, tokens, cfg, compute_dtype)
     store = StatsStore.find(key)
     if store is not None:
         return store, True
@@ -129,7 +132,13 @@ def prepare_calibration(
     if need_store:
         t0 = time.perf_counter()
         out.store, out.cached = calibration_store(
-            source.model, tokens, source.folder, cfg, micro_batch=micro_batch, progress=progress
+            source.model,
+            tokens,
+            source.folder,
+            cfg,
+            micro_batch=micro_batch,
+            progress=progress,
+            compute_dtype=placement.compute_dtype,
         )
         out.timings["statistics"] = time.perf_counter() - t0
     if sequential or block_steps:
@@ -157,7 +166,7 @@ def _streamed_calibration(
     tokens = out.tokens
     if need_store:
         t0 = time.perf_counter()
-        key = stats_key(source.folder, tokens, cfg)
+        key = stats_key(source.folder, tokens, cfg, placement.compute_dtype)
         found = StatsStore.find(key)
         size = statistics_store_bytes(_linear_shapes(source, source.n_blocks), cfg)
         # decided on the whole model's store: a benchmark's block limit takes the path of a full run

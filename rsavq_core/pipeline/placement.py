@@ -1,13 +1,13 @@
 """Where a run computes and how it holds the model: the device, streaming, the activation budget.
 
 One object, built from the settings (``RSAVQ_DEVICE``, ``RSAVQ_STREAM``, ``RSAVQ_OFFLOAD_DIR``,
-``RSAVQ_ACTIVATION_MEMORY_GB``) or from ``--device`` / ``--stream`` / ``--offload-dir``, and
-checked before any heavy work: a device that is not there is a ``ConfigError`` naming it.
+``RSAVQ_ACTIVATION_MEMORY_GB``, ``RSAVQ_COMPUTE_DTYPE``) or from ``--device`` / ``--stream`` /
+``--offload-dir`` / ``--compute-dtype``, and checked before any heavy work: a device that is not
+there is a ``ConfigError`` naming it.
 
-Compute dtypes, in one place: every step computes in float32 on every device today (weights are
-read from the checkpoint and converted; statistics, factorizations and k-means accumulate in
-float32, the column loops' Cholesky factors in float64 where ``algorithms.linalg`` says so).
-Reduced-precision forwards on a GPU are not implemented yet.
+Compute dtypes: ``rsavq_core/precision.py`` says, in one place, what runs in which precision
+(bf16 calibration forwards on a GPU by default, float32 accumulators, float32 quantizer, float64
+factorizations).
 
 Reproducibility: on the CPU a run is deterministic (the tests compare sha256). On CUDA, matmul
 reductions may differ between GPU models and cuBLAS versions; a run repeats on the same device
@@ -25,6 +25,7 @@ import torch
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError
 from rsavq_core.models.memory import GIB
+from rsavq_core.precision import resolve_compute_dtype
 from rsavq_core.settings import get_settings
 
 
@@ -58,19 +59,27 @@ class Placement:
     device: torch.device = torch.device("cpu")
     stream: bool | None = None  # None: stream whenever the run and the checkpoint allow it
     offload_dir: Path | None = None  # where activations past the budget spill (None: a temp dir)
+    compute_dtype: str = "float32"  # of the calibration forwards (``rsavq_core.precision``)
     activation_budget_bytes: float | None = None  # None: two block boundaries (``memory.boundary_budget``)
 
     @classmethod
     def from_settings(
-        cls, *, device: str | None = None, stream: bool | None = None, offload_dir: Path | None = None
+        cls,
+        *,
+        device: str | None = None,
+        stream: bool | None = None,
+        offload_dir: Path | None = None,
+        compute_dtype: str | None = None,
     ) -> Placement:
         """The settings' placement; arguments given win (``--device`` and friends)."""
         settings = get_settings()
         streaming = {"auto": None, "on": True, "off": False}[settings.stream]
+        where = resolve_device(device or settings.device)
         return cls(
-            device=resolve_device(device or settings.device),
+            device=where,
             stream=stream if stream is not None else streaming,
             offload_dir=offload_dir or settings.offload_dir,
+            compute_dtype=resolve_compute_dtype(compute_dtype or settings.compute_dtype, where),
             activation_budget_bytes=None if (gb := settings.activation_memory_gb) is None else gb * GIB,
         )
 
@@ -80,5 +89,6 @@ class Placement:
         return self.stream is not False and not cfg.model_finetune_steps
 
     def __post_init__(self) -> None:
+        resolve_compute_dtype(self.compute_dtype, self.device)  # a clear error for a name it does not know
         if self.stream is False and self.device.type != "cpu":
             raise ConfigError(f"a model loaded whole is computed on the CPU; {self.device} needs streaming")

@@ -54,6 +54,7 @@ def quantize_summary(
     """
     from rsavq_core.checkpoint.bitcount import model_bits
     from rsavq_core.models.resolve import resolve_model
+    from rsavq_core.pipeline.placement import Placement
     from rsavq_core.pipeline.quantize import peak_rss_gb, quantize_model, save_result
     from rsavq_core.runs.provenance import provenance
 
@@ -61,11 +62,14 @@ def quantize_summary(
     overlap = check_overlap(calibration_text, texts, allow_overlap)
     resolve_model(model_id)  # an unknown model fails at once, before the provenance's measurement
     origin = provenance()  # before the run: the GFLOP/s figure and the load are the idle machine's
+    placement = placement or Placement.from_settings()
     result = quantize_model(model_id, cfg, progress=progress, calibration_text=calibration_text, placement=placement)
     summary: dict[str, Any] = {
         "model": model_id,
         "method": cfg.method,
         "config": result.config.to_dict(),
+        # where it computed: the packed bytes depend on the compute dtype (``rsavq_core.precision``)
+        "placement": {"device": str(placement.device), "compute_dtype": placement.compute_dtype},
         "evaluation": recorded_evaluation(evaluation),
         "provenance": origin,
         "texts": {

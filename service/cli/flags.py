@@ -74,7 +74,10 @@ def placement_from_args(args: argparse.Namespace) -> Any:
 
     stream = {"on": True, "off": False}.get(args.stream or "")
     return Placement.from_settings(
-        device=args.device, stream=stream, offload_dir=Path(args.offload_dir) if args.offload_dir else None
+        device=args.device,
+        stream=stream,
+        offload_dir=Path(args.offload_dir) if args.offload_dir else None,
+        compute_dtype=args.compute_dtype,
     )
 
 
@@ -86,10 +89,15 @@ def placement_flags(p: argparse.ArgumentParser) -> None:
         help="read the model block by block from disk (auto: whenever the run and checkpoint allow) or whole (off)",
     )
     p.add_argument("--offload-dir", help="where calibration activations past the memory budget are written")
+    p.add_argument(
+        "--compute-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        help="precision of the calibration forwards (auto: bfloat16 on a GPU, float32 on the CPU)",
+    )
 
 
 def apply_placement_flags(args: argparse.Namespace) -> None:
-    """Make ``--device`` / ``--stream`` / ``--offload-dir`` this process's settings (and, through
+    """Make ``--device`` / ``--stream`` / ``--offload-dir`` / ``--compute-dtype`` this process's settings (and, through
     them, those of the fresh processes a command spawns for its runs)."""
     from rsavq_core.settings import configure, get_settings, load_settings
 
@@ -101,5 +109,10 @@ def apply_placement_flags(args: argparse.Namespace) -> None:
 
 def placement_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings ``--device`` / ``--stream`` / ``--offload-dir`` give (those not given are left out)."""
-    given = {"device": args.device, "stream": args.stream, "offload_dir": args.offload_dir}
+    given = {
+        "device": args.device,
+        "stream": args.stream,
+        "offload_dir": args.offload_dir,
+        "compute_dtype": args.compute_dtype,
+    }
     return {k: v for k, v in given.items() if v is not None}

@@ -246,8 +246,31 @@ def test_store_round_trip_and_reuse(
         assert compute_statistics(model, tokens, hess_key, root=tmp_path).folder == store.folder
     # ... but a different key is not.
     other = "exact" if fisher == "kfac" else "kfac"
-    for change in ({"n_samples": S + 1}, {"fisher": other}, {"tokens_hash": "other"}, {"fingerprint": "x"}):
+    changes = ({"n_samples": S + 1}, {"fisher": other}, {"tokens_hash": "other"}, {"fingerprint": "x"})
+    for change in (*changes, {"compute_dtype": "bfloat16"}):
         assert StatsStore.find(StatsKey(**{**key.__dict__, **change}), root=tmp_path) is None
+
+
+def test_a_bf16_forward_gives_float32_statistics_near_the_float32_ones(
+    tiny_llama: Any, tokens: torch.Tensor, tmp_path: Path
+) -> None:
+    model, _ = tiny_llama
+    key = StatsKey(
+        fingerprint="tiny", tokens_hash=tokens_hash(tokens), n_samples=S, seq_len=T, fisher="exact", with_grads=True
+    )
+    exact = compute_statistics(model, tokens, key, micro_batch=2, root=tmp_path)
+    half = compute_statistics(model, tokens, StatsKey(**{**key.__dict__, "compute_dtype": "bfloat16"}), root=tmp_path)
+    assert half.folder != exact.folder
+    for index in range(2):
+        ours, reference = half.load_block(index), exact.load_block(index)
+        for name, st in ours.items():
+            for field in ("grad_mean", "fisher_in", "hessian"):
+                got, want = getattr(st, field), getattr(reference[name], field)
+                assert got.dtype == torch.float32  # the accumulators stay in float32
+                error = float((got - want).norm() / want.norm())
+                assert error < 0.05, (index, name, field, error)  # bf16 matmuls: about 1e-2
+                if index == 1 or field != "hessian":
+                    assert error > 0  # the forward really ran in bf16 (block 0's inputs are the embeddings)
 
 
 def test_incomplete_store_is_not_used(tiny_llama: Any, tokens: torch.Tensor, tmp_path: Path) -> None:

@@ -184,6 +184,18 @@ def test_spilled_statistics_equal_held_ones(sharded: Path, tmp_path: Path) -> No
     assert not any((tmp_path / "offload").rglob("boundary_*"))  # spilled files are cleaned up
 
 
+def test_a_bf16_streamed_run_keeps_its_statistics_apart(sharded: Path, tmp_path: Path) -> None:
+    cfg = QuantConfig.for_method("rsavq", bits=2, kmeans_iters=2, n_groups=2, **CALIB)
+    with override(cache_dir=tmp_path / "cache"):
+        for dtype in ("float32", "bfloat16"):
+            placement = Placement(stream=True, compute_dtype=dtype)
+            result = quantize_model(str(sharded), cfg, out_dir=tmp_path / dtype, placement=placement)
+            assert result.stats_cached is False  # the float32 statistics are not the bf16 run's
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("meta.json")]
+    assert sorted(m["compute_dtype"] for m in metas if "with_grads" in m) == ["bfloat16", "float32"]
+    assert sha256(tmp_path / "bfloat16") != sha256(tmp_path / "float32")
+
+
 def test_bad_placements_fail_before_heavy_work(sharded: Path, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
@@ -192,6 +204,8 @@ def test_bad_placements_fail_before_heavy_work(sharded: Path, tmp_path: Path) ->
         resolve_device("gpu please")
     with pytest.raises(ConfigError, match="only cpu and cuda"):
         resolve_device("mps")
+    with pytest.raises(ConfigError, match="compute dtype 'float16'"):
+        Placement(compute_dtype="float16")
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     with pytest.raises(ConfigError, match="not writable"):
