@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--windows", type=int, default=16, help="perplexity windows")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=Path("bench/results/precision.json"))
     args = parser.parse_args()
     from rsavq_core.runs.provenance import provenance
@@ -46,10 +47,11 @@ def main() -> None:
     from rsavq_core.runs.summaries import in_fresh_process
 
     origin = {**provenance(), "args": recorded_args(args)}
-    rows: dict[str, Any] = {}
+    previous = json.loads(args.out.read_text())["rows"] if args.out.is_file() else {}
+    rows: dict[str, Any] = dict(previous)  # rows measured earlier stay (each row records its own provenance)
     for label in args.configs:
         method, knobs = CONFIGS[label]
-        for dtype in ("float32", "bfloat16"):
+        for dtype in args.dtypes:
             row = in_fresh_process(f"{label} {dtype}", run_row, args.model, method, knobs, dtype, args.windows)
             rows[f"{label} / {dtype}"] = row
             args.out.parent.mkdir(parents=True, exist_ok=True)
