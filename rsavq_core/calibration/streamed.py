@@ -180,51 +180,38 @@ def streamed_statistics(
     ``limit``: only the first ``limit`` blocks' statistics (a benchmark on a model too big to
     finish); gradients still come down from the head through every block, and the store is left
     incomplete, so that no later run takes it for a whole model's."""
-    with forward_precision(key.compute_dtype, streamed.device.type):
-        return _streamed_statistics(streamed, tokens, key, store, activations, micro_batch, progress, limit)
-
-
-def _streamed_statistics(
-    streamed: StreamedModel,
-    tokens: torch.Tensor,
-    key: StatsKey,
-    store: StatsStore,
-    activations: ActivationStore,
-    micro_batch: int,
-    progress: Progress | None,
-    limit: int | None,
-) -> StatsStore:
     started = time.perf_counter()
     blocks = streamed.layout.blocks
     limit = len(blocks) if limit is None else min(limit, len(blocks))
     batches = list(torch.split(tokens, micro_batch))
-    first, kwargs = record_boundary(streamed, tokens, micro_batch)
-    activations.put(0, first)
-    del first
-    want_grads = key.with_grads
-    needed = len(blocks) if want_grads else limit
-    output_like: object = None
-    for index in range(needed):
-        with streamed.block(index) as block:
-            inputs = activations.get(index)
+    with forward_precision(key.compute_dtype, streamed.device.type):
+        first, kwargs = record_boundary(streamed, tokens, micro_batch)
+        activations.put(0, first)
+        del first
+        want_grads = key.with_grads
+        needed = len(blocks) if want_grads else limit
+        output_like: object = None
+        for index in range(needed):
+            with streamed.block(index) as block:
+                inputs = activations.get(index)
+                if not want_grads:
+                    stats, _ = block_statistics(
+                        block, inputs, kwargs[index], None, fisher=key.fisher, seq_len=tokens.shape[1]
+                    )
+                    store.save_block(index, stats)
+                if want_grads or index + 1 < needed:
+                    with torch.no_grad():
+                        outputs = [block(x, **kw) for x, kw in zip(inputs, kwargs[index], strict=True)]
+                    output_like = outputs[0]
+                    activations.put(index + 1, [first_tensor(o).detach() for o in outputs])
+                    del outputs
+            del inputs
             if not want_grads:
-                stats, _ = block_statistics(
-                    block, inputs, kwargs[index], None, fisher=key.fisher, seq_len=tokens.shape[1]
-                )
-                store.save_block(index, stats)
-            if want_grads or index + 1 < needed:
-                with torch.no_grad():
-                    outputs = [block(x, **kw) for x, kw in zip(inputs, kwargs[index], strict=True)]
-                output_like = outputs[0]
-                activations.put(index + 1, [first_tensor(o).detach() for o in outputs])
-                del outputs
-        del inputs
-        if not want_grads:
-            activations.drop(index)
-        if progress:
-            progress("calibration forward" if want_grads else "calibration statistics", index + 1, needed)
-    if want_grads:
-        _backward_statistics(streamed, batches, kwargs, key, store, activations, output_like, progress, limit)
+                activations.drop(index)
+            if progress:
+                progress("calibration forward" if want_grads else "calibration statistics", index + 1, needed)
+        if want_grads:
+            _backward_statistics(streamed, batches, kwargs, key, store, activations, output_like, progress, limit)
     if limit == len(blocks):
         store.finish({"seconds": time.perf_counter() - started, "blocks": len(blocks), "streamed": True})
     return store
