@@ -67,12 +67,13 @@ class ActivationStore:
         """Keep ``tensors`` (per micro-batch [B, T, D] floating) under ``key``, replacing what was there."""
         self.drop(key)
         size = _size(tensors)
-        for older in sorted(k for k in self._held if k < key and size <= self.budget):
-            if self.held_bytes + size <= self.budget:
-                break
-            evicted = self._held.pop(older)
+        older = sorted(k for k in self._held if k < key)
+        # make room by spilling the boundaries read last, unless ``tensors`` would not fit anyway
+        while older and size <= self.budget < self.held_bytes + size:
+            lowest = older.pop(0)
+            evicted = self._held.pop(lowest)
             self.held_bytes -= _size(evicted)
-            self._spill(older, evicted)
+            self._spill(lowest, evicted)
         if self.held_bytes + size <= self.budget:
             self._held[key] = [t.detach().to("cpu") for t in tensors]
             self.held_bytes += size
@@ -130,7 +131,7 @@ class _Spilled:
         tensors = []
         with self.file.open("rb") as source:
             for shape, dtype in self.layout:
-                count = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                count = math.prod(shape) * dtype.itemsize
                 raw = torch.from_numpy(numpy.fromfile(source, dtype=numpy.uint8, count=count))
                 tensors.append(raw.view(dtype).reshape(shape))
         return tensors

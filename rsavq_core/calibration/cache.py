@@ -9,7 +9,6 @@ down, so a partial store cannot be resumed block-wise: an incomplete one is reco
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -154,19 +153,17 @@ def compute_statistics(
     store = StatsStore(key, root)
     blocks = find_decoder_layout(model).blocks
     started = time.perf_counter()
-    precision = functools.partial(forward_precision, key.compute_dtype, tokens.device.type)
-    with precision():
+    with forward_precision(key.compute_dtype, tokens.device.type):
         inputs, kwargs, grads = record_block_inputs(
             model, tokens, micro_batch=micro_batch, want_grads=key.with_grads, progress=progress
         )
-    for done, index in enumerate(reversed(range(len(blocks)))):
-        with precision():
+        for done, index in enumerate(reversed(range(len(blocks)))):
             stats, grads = block_statistics(
                 blocks[index], inputs[index], kwargs[index], grads, fisher=key.fisher, seq_len=tokens.shape[1]
             )
-        store.save_block(index, stats)
-        inputs[index] = []  # free this block's activations as soon as they are used
-        if progress:
-            progress("calibration statistics", done + 1, len(blocks))
+            store.save_block(index, stats)
+            inputs[index] = []  # free this block's activations as soon as they are used
+            if progress:
+                progress("calibration statistics", done + 1, len(blocks))
     store.finish({"seconds": time.perf_counter() - started, "blocks": len(blocks)})
     return store

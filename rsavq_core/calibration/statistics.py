@@ -182,9 +182,17 @@ def detach_kwargs(kwargs: dict[str, object]) -> dict[str, object]:
 
 def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Σ_s ℓ_s with ℓ_s the mean next-token CE of sequence s. logits [B, T, V], tokens [B, T] int64."""
-    pred = logits[:, :-1].float()
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
-    return nll.view(tokens.shape[0], -1).mean(1).sum()
+    return positions_loss(logits[:, :-1], tokens[:, 1:], tokens.shape[1] - 1)
+
+
+def positions_loss(logits: torch.Tensor, targets: torch.Tensor, predicted: int) -> torch.Tensor:
+    """The share of ``sequence_loss`` of some positions: Σ_s Σ_p CE(logits[s, p], targets[s, p]) /
+    ``predicted`` (the positions each sequence predicts in all). logits [B, P, V], targets [B, P]
+    int64. Summed over every position's chunk it is ``sequence_loss``, with the same gradient per
+    position, so the head's gradient may be taken a few positions at a time."""
+    pred = logits.float()
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll.view(targets.shape[0], -1).sum(1) / predicted).sum()
 
 
 def record_block_inputs(

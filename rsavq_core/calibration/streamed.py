@@ -27,12 +27,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rsavq_core.calibration.activations import ActivationStore
 from rsavq_core.calibration.cache import StatsKey, StatsStore
-from rsavq_core.calibration.statistics import block_statistics, detach_kwargs, first_tensor
+from rsavq_core.calibration.statistics import block_statistics, detach_kwargs, first_tensor, positions_loss
 from rsavq_core.errors import CalibrationError
 from rsavq_core.models.memory import head_chunk_positions
 from rsavq_core.models.streamed import StreamedModel
@@ -140,22 +139,18 @@ def head_gradient(
     logits (3 GiB for 4 x 512 tokens of a 128k vocabulary, and their softmax and gradient beside
     them) are never formed whole. The same gradient, position by position, as the whole pass's."""
     rows, length = batch.shape
-    vocab = streamed.vocab_size
-    step = head_chunk_positions(rows, vocab)
+    step = head_chunk_positions(rows, streamed.vocab_size)
     targets = batch.to(streamed.device)
     grad = torch.zeros_like(hidden)
     for start in range(0, length - 1, step):  # the last position predicts nothing: its gradient is 0
         stop = min(start + step, length - 1)
         leaf = hidden[:, start:stop].detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = head_logits(streamed, leaf, batch[:, start:stop], output_like).float()
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets[:, start + 1 : stop + 1].reshape(-1), reduction="none"
-            )
-            # Σ_s (Σ_t nll) / (T - 1): each position's term and scale are those of the mean
-            (piece,) = torch.autograd.grad((nll.view(rows, -1).sum(1) / (length - 1)).sum(), leaf)
+            logits = head_logits(streamed, leaf, batch[:, start:stop], output_like)
+            loss = positions_loss(logits, targets[:, start + 1 : stop + 1], length - 1)
+            (piece,) = torch.autograd.grad(loss, leaf)
         grad[:, start:stop] = piece
-        del logits, nll
+        del logits, loss
     return grad
 
 

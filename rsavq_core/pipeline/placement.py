@@ -59,7 +59,7 @@ class Placement:
     device: torch.device = torch.device("cpu")
     stream: bool | None = None  # None: stream whenever the run and the checkpoint allow it
     offload_dir: Path | None = None  # where activations past the budget spill (None: a temp dir)
-    compute_dtype: str = "float32"  # of the calibration forwards (``rsavq_core.precision``)
+    compute_dtype: str = "float32"  # of the calibration forwards; "auto" resolves here (``rsavq_core.precision``)
     activation_budget_bytes: float | None = None  # None: two block boundaries (``memory.boundary_budget``)
 
     @classmethod
@@ -74,12 +74,11 @@ class Placement:
         """The settings' placement; arguments given win (``--device`` and friends)."""
         settings = get_settings()
         streaming = {"auto": None, "on": True, "off": False}[settings.stream]
-        where = resolve_device(device or settings.device)
         return cls(
-            device=where,
+            device=resolve_device(device or settings.device),
             stream=stream if stream is not None else streaming,
             offload_dir=offload_dir or settings.offload_dir,
-            compute_dtype=resolve_compute_dtype(compute_dtype or settings.compute_dtype, where),
+            compute_dtype=compute_dtype or settings.compute_dtype,
             activation_budget_bytes=None if (gb := settings.activation_memory_gb) is None else gb * GIB,
         )
 
@@ -89,6 +88,7 @@ class Placement:
         return self.stream is not False and not cfg.model_finetune_steps
 
     def __post_init__(self) -> None:
-        resolve_compute_dtype(self.compute_dtype, self.device)  # a clear error for a name it does not know
+        # "auto" becomes the device's dtype; a name it does not know is a clear error
+        object.__setattr__(self, "compute_dtype", resolve_compute_dtype(self.compute_dtype, self.device))
         if self.stream is False and self.device.type != "cpu":
             raise ConfigError(f"a model loaded whole is computed on the CPU; {self.device} needs streaming")
