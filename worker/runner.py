@@ -288,6 +288,7 @@ def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, report
         on_layer=reporter.layer,
         calibration_text=calibration,
         placement=Placement.from_settings(),
+        allow_partial=bool((job.options or {}).get("allow_partial", False)),
     )
     reporter("package", 0, 1)
     packed = save_result(result, work / "packed")
@@ -299,6 +300,7 @@ def _quantize_and_publish(ctx: WorkerContext, job: Job, cfg: QuantConfig, report
         "timings": {**result.timings, "publish": time.perf_counter() - started - result.timings.get("total", 0.0)},
         "stats_cached": result.stats_cached,
         "peak_rss_gb": result.peak_rss_gb,
+        "coverage": result.coverage,  # what stayed in float
         "artifact_bytes": size,
         "calibration_text": None if calibration is None else {"name": calibration.name, "sha256": calibration.sha256},
     }

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from rsavq_core.calibration.statistics import LayerStats, block_statistics, first_tensor, record_block_inputs
+from rsavq_core.calibration.block_io import first_tensor
+from rsavq_core.calibration.statistics import LayerStats, block_statistics, record_block_inputs
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.progress import Progress
 

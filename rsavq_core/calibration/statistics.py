@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsavq_core.calibration.block_io import as_windows, detach_kwargs, first_tensor, replace_first
 from rsavq_core.errors import CalibrationError
 from rsavq_core.models.layout import find_decoder_layout
 from rsavq_core.precision import full_precision
@@ -153,33 +154,6 @@ class _Accumulator:
         return LayerStats(g, fo, fi, tau, hessian, s, t, first)
 
 
-def first_tensor(output: object) -> torch.Tensor:
-    """The hidden states of a block's output (a tensor, or a tuple/list starting with one)."""
-    first = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(first, torch.Tensor):
-        raise CalibrationError(f"a decoder block returned {type(first).__name__}, not its hidden states")
-    return first
-
-
-def _replace_first(output: object, value: torch.Tensor) -> object:
-    if isinstance(output, tuple):
-        return (value, *output[1:])
-    if isinstance(output, list):
-        return [value, *output[1:]]
-    return value
-
-
-def detach_kwargs(kwargs: dict[str, object]) -> dict[str, object]:
-    def detach(v: object) -> object:
-        if isinstance(v, torch.Tensor):
-            return v.detach()
-        if isinstance(v, tuple):
-            return tuple(detach(e) for e in v)
-        return v
-
-    return {k: detach(v) for k, v in kwargs.items() if k != "hidden_states"}
-
-
 def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Σ_s ℓ_s with ℓ_s the mean next-token CE of sequence s. logits [B, T, V], tokens [B, T] int64."""
     return positions_loss(logits[:, :-1], tokens[:, 1:], tokens.shape[1] - 1)
@@ -227,7 +201,7 @@ def record_block_inputs(
     def last_hook(module: nn.Module, args: tuple[Any, ...], output: object) -> object:
         leaf = first_tensor(output).detach().requires_grad_(want_grads)
         tail.append(leaf)
-        return _replace_first(output, leaf)
+        return replace_first(output, leaf)
 
     handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles.append(blocks[-1].register_forward_hook(last_hook))
@@ -281,13 +255,17 @@ def block_statistics(
 
     # q/k/v (and gate/up) share one input, yet each accumulates its own Gram matrix: computing it
     # once and adding copies needed [N, N] temporaries, which cost more memory than the matmuls cost time.
+    # Some blocks (OPT's MLP) run their linears on the tokens flattened to [B·T, N]: the hooks
+    # give the statistics their [B, T, N] back from the shape of the block's input.
+    window_shape: list[torch.Size] = []
+
     def fwd_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            x = args[0].detach()
+            x = as_windows(args[0].detach(), window_shape[0], name)
             seen_x[name] = x
             acc[name].add_inputs(x)
             if want_grads and output.requires_grad:
-                output.register_hook(lambda g: deltas.__setitem__(name, g.detach()))
+                output.register_hook(lambda g: deltas.__setitem__(name, as_windows(g.detach(), window_shape[0], name)))
 
         return hook
 
@@ -297,6 +275,7 @@ def block_statistics(
         for b, (x, kw) in enumerate(zip(inputs, kwargs, strict=True)):
             seen_x.clear()
             deltas.clear()
+            window_shape[:] = [x.shape[:2]]
             if want_grads:
                 leaf = x.detach().requires_grad_(True)
                 with torch.enable_grad():

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from rsavq_core.calibration.activations import ActivationStore
+from rsavq_core.calibration.block_io import detach_kwargs, first_tensor
 from rsavq_core.calibration.cache import StatsKey, StatsStore
-from rsavq_core.calibration.statistics import block_statistics, detach_kwargs, first_tensor, positions_loss
+from rsavq_core.calibration.statistics import block_statistics, positions_loss
 from rsavq_core.errors import CalibrationError
 from rsavq_core.models.memory import head_chunk_positions
 from rsavq_core.models.streamed import StreamedModel

@@ -168,7 +168,7 @@ class QuantConfig:
 
 
 # Sections of a job's options that are the job's own, not knobs of the quantization.
-JOB_SECTIONS = ("evaluation", "calibration")
+JOB_SECTIONS = ("evaluation", "calibration", "allow_partial")
 
 
 def config_from_job(method: str, bits: float, options: Mapping[str, Any] | None) -> QuantConfig:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rsavq_core.calibration.block_io import first_tensor
 from rsavq_core.calibration.sequential import BlockInputs
-from rsavq_core.calibration.statistics import first_tensor
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.finetune.loop import adam_steps
 from rsavq_core.finetune.tunable import TunedLinear, norm_parameters, round_norms, round_tuned

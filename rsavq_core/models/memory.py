@@ -54,6 +54,7 @@ from typing import cast
 
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import InsufficientMemoryError, UnsupportedModelError
+from rsavq_core.models.coverage import Coverage, block_coverage
 from rsavq_core.models.layout import find_decoder_layout, linear_at
 from rsavq_core.models.weights import read_header
 
@@ -107,6 +108,7 @@ class BlockShapes:
     linears: list[list[tuple[int, int]]]  # (out, in) of each block's quantizable linears
     hidden: int
     vocab: int
+    coverage: Coverage  # the share of the blocks' weights those linears hold, and what stays in float
 
 
 def block_shapes(folder: Path) -> BlockShapes:
@@ -132,7 +134,8 @@ def block_shapes(folder: Path) -> BlockShapes:
     text = config.get_text_config()
     hidden = int(getattr(text, "hidden_size", 0) or 0)
     vocab = int(getattr(text, "vocab_size", 0) or 0)
-    return BlockShapes(layout.blocks_path, counts, linears, hidden, vocab)
+    names = [(i, name) for i in range(len(layout.blocks)) for name in layout.linear_names(i)]
+    return BlockShapes(layout.blocks_path, counts, linears, hidden, vocab, block_coverage(layout, names))
 
 
 def block_linear_shapes(folder: Path) -> list[list[tuple[int, int]]]:

@@ -7,9 +7,9 @@ safetensors files by ``block(i)`` and its linear weights dropped again on the wa
 memory holds one block of weights at a time whatever the model's size. The norms a block keeps
 are a few kilobytes, and they are what the packed checkpoint stores besides the packed layers.
 
-A parameter is found in the files under its own state-dict name (or a tied alias's): checkpoints
-that transformers renames on load (legacy names, fused MoE experts) are refused here with the
-names that could not be found, and such a model is loaded whole instead.
+A parameter is found in the files under its own state-dict name (or a tied alias's), or the name
+transformers renames it from on load (``models.renames``); checkpoints whose tensors transformers
+converts on load (per-expert matrices it stacks) are refused here, and such a model is loaded whole.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 
 from rsavq_core.errors import UnsupportedModelError
 from rsavq_core.models.layout import DecoderLayout, find_decoder_layout
+from rsavq_core.models.renames import names_on_load
 from rsavq_core.models.weights import WeightFiles
 
 
@@ -77,10 +78,16 @@ class StreamedModel:
     def _find_in_files(self) -> dict[str, str]:
         """Parameter name -> the file tensor holding it (a tied parameter may be stored under any
         of its names); ``UnsupportedModelError`` listing what the files lack."""
+        on_load, converted = names_on_load(self.model, self.files.entries)
+        if converted:
+            raise UnsupportedModelError(
+                f"{self.folder}: cannot stream this checkpoint: transformers converts {len(converted)} of its "
+                f"tensors on load, not one by one (e.g. {', '.join(converted[:2])}); load it whole instead"
+            )
         found: dict[str, str] = {}
         missing: list[str] = []
         for names in self._groups:
-            stored = next((n for n in names if n in self.files), None)
+            stored = next((on_load[n] for n in names if n in on_load), None)
             if stored is None:
                 missing.append(names[0])
             found.update({n: stored for n in names if stored is not None})

@@ -47,6 +47,8 @@ class QuantizeResult:
     model_finetune: dict[str, Any] = field(default_factory=dict)  # end-to-end fine-tuning's report
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     stats_cached: bool = False  # the calibration statistics came from the cache
+    # the share of the decoder blocks' weights quantized and what stayed in float (``Coverage.report``)
+    coverage: dict[str, Any] = field(default_factory=dict)
     peak_rss_gb: float = 0.0
     out_dir: Path | None = None
 
@@ -68,6 +70,7 @@ def quantize_model(
     calibration_text: TextSource | None = None,
     placement: Placement | None = None,
     blocks: int | None = None,
+    allow_partial: bool = False,
 ) -> QuantizeResult:
     """Quantize every nn.Linear of the decoder blocks of ``model_id`` with ``cfg``.
 
@@ -82,13 +85,15 @@ def quantize_model(
     model is streamed block by block (default: the settings; streamed, ``result.model`` is then a
     skeleton whose quantized linears hold no weights, and ``result.layers`` are read from their
     checkpoint files when asked for). ``blocks``: quantize only the first ones (benchmarks).
+    ``allow_partial``: go on with a model whose linears hold less than 90 % of its blocks' weights
+    (``rsavq_core.models.coverage``); the result's ``coverage`` lists what stayed in float either way.
     """
     started = time.perf_counter()
     cfg = _with_calibration_text(cfg, calibration_text)
     if blocks is not None and (blocks < 1 or out_dir is not None):
         raise ConfigError("a block limit (benchmarks) must be at least 1 and writes no packed checkpoint")
     placement = placement or Placement.from_settings()
-    source = load_source(model_id, cfg, placement, blocks=blocks)
+    source = load_source(model_id, cfg, placement, blocks=blocks, allow_partial=allow_partial)
     timings = {"load": time.perf_counter() - started}
     scratch = None
     if source.streamed is not None and checkpoint_dir is None:  # where a streamed run's layers wait
@@ -144,6 +149,7 @@ def quantize_model(
         timings=timings,
         stats_cached=calib.cached,
         peak_rss_gb=peak_rss_gb(),
+        coverage=source.coverage.report() if source.coverage else {},
     )
     if out_dir is not None:
         result.out_dir = save_result(result, Path(out_dir))

@@ -22,6 +22,7 @@ from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ConfigError, UnsupportedModelError
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.methods.registry import get_method
+from rsavq_core.models.coverage import Coverage, block_coverage, require_coverage
 from rsavq_core.models.layout import DecoderLayout, find_decoder_layout, linear_at
 from rsavq_core.models.resolve import load_model, load_tokenizer, model_fingerprint, resolve_model
 from rsavq_core.models.streamed import StreamedModel
@@ -45,6 +46,7 @@ class SourceModel:
     streamed: StreamedModel | None = None  # None: ``model`` is whole, in host memory
     device: torch.device = torch.device("cpu")
     n_blocks: int = 0  # the blocks this run quantizes: all, or the first ones (a benchmark's limit)
+    coverage: Coverage | None = None  # the share of the blocks' weights quantized; what stays in float
 
     def in_block(self, index: int) -> dict[str, str]:
         """Name in block ``index`` -> full name, for each of its linears."""
@@ -71,10 +73,16 @@ class SourceModel:
 
 
 def load_source(
-    model_id: str, cfg: QuantConfig, placement: Placement | None = None, *, blocks: int | None = None
+    model_id: str,
+    cfg: QuantConfig,
+    placement: Placement | None = None,
+    *,
+    blocks: int | None = None,
+    allow_partial: bool = False,
 ) -> SourceModel:
     """Resolve (offline) and load ``model_id``, find its linears and check the config against them.
-    ``blocks``: only the first ones are quantized (benchmarks)."""
+    ``blocks``: only the first ones are quantized (benchmarks). A model whose linears hold too little
+    of its blocks' weights is refused unless ``allow_partial`` (``models.coverage``)."""
     placement = placement or Placement()
     folder = resolve_model(model_id)  # fails fast, before the model is loaded
     streamed = _streamed(folder, cfg, placement)
@@ -85,12 +93,19 @@ def load_source(
     layout = find_decoder_layout(model)  # fails fast on a model with no linear layers
     n_blocks = len(layout.blocks) if blocks is None else min(blocks, len(layout.blocks))
     names = [(i, n, f"{layout.blocks_path}.{i}.{n}") for i in range(n_blocks) for n in layout.linear_names(i)]
+    coverage = block_coverage(layout, [(i, n) for i, n, _ in names])
+    require_coverage(coverage, _model_type(model), allow_partial=allow_partial)
     shapes = {}
     for i, n, full in names:
         linear = linear_at(layout.blocks[i], n)
         shapes[full] = (linear.out_features, linear.in_features)
     get_method(cfg.method).check_layers(cfg, shapes)  # before any calibration: a config the model cannot take
-    return SourceModel(folder, model, tokenizer, layout, names, streamed, placement.device, n_blocks)
+    return SourceModel(folder, model, tokenizer, layout, names, streamed, placement.device, n_blocks, coverage)
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "model_type", None) or type(model).__name__)
 
 
 def _streamed(folder: Path, cfg: QuantConfig, placement: Placement) -> StreamedModel | None:

@@ -44,13 +44,15 @@ def quantize_summary(
     calibration_text: TextSource | None = None,
     allow_overlap: bool = False,
     placement: Placement | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Quantize ``model_id``; optionally save the packed checkpoint to ``out`` and evaluate.
 
     ``evaluation`` holds ``evaluate_model``'s keyword arguments (``ppl``, ``tasks``, ``limit``,
     ``perplexity_windows``, ``texts``); the model is evaluated with its quantized layers swapped
     in. ``calibration_text``: the user's calibration text; evaluation texts sharing documents with
-    it are refused before anything runs unless ``allow_overlap``.
+    it are refused before anything runs unless ``allow_overlap``. ``allow_partial``: see
+    ``quantize_model``.
     """
     from rsavq_core.checkpoint.bitcount import model_bits
     from rsavq_core.models.resolve import resolve_model
@@ -63,7 +65,14 @@ def quantize_summary(
     resolve_model(model_id)  # an unknown model fails at once, before the provenance's measurement
     origin = provenance()  # before the run: the GFLOP/s figure and the load are the idle machine's
     placement = placement or Placement.from_settings()
-    result = quantize_model(model_id, cfg, progress=progress, calibration_text=calibration_text, placement=placement)
+    result = quantize_model(
+        model_id,
+        cfg,
+        progress=progress,
+        calibration_text=calibration_text,
+        placement=placement,
+        allow_partial=allow_partial,
+    )
     summary: dict[str, Any] = {
         "model": model_id,
         "method": cfg.method,
@@ -81,6 +90,7 @@ def quantize_summary(
         "stats_cached": result.stats_cached,
         "peak_rss_gb": result.peak_rss_gb,
         "bits": model_bits(result.layers, result.model),
+        "coverage": result.coverage,
         "finetune": _finetune_summary(result.reports, result.model_finetune),
     }
     if out:

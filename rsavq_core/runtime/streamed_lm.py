@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rsavq_core.calibration.statistics import first_tensor
+from rsavq_core.calibration.block_io import first_tensor
 from rsavq_core.calibration.streamed import head_logits, record_boundary
 from rsavq_core.models.streamed import StreamedModel
 

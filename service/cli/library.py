@@ -50,6 +50,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
             progress=bars,
             calibration_text=read_text_file(args.calib_file) if args.calib_file else None,
             allow_overlap=args.allow_overlap,
+            allow_partial=args.allow_partial,
             placement=placement_from_args(args),
         )
     finally:
@@ -58,12 +59,13 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 def _dry_run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     """What ``quantize`` would need, from the checkpoint's headers and config: nothing is run."""
-    from rsavq_core.models.memory import GIB, block_linear_shapes, estimate_job_memory, statistics_store_bytes
+    from rsavq_core.models.memory import GIB, block_shapes, estimate_job_memory, statistics_store_bytes
     from rsavq_core.models.resolve import resolve_model
 
     placement = placement_from_args(args)
     folder = resolve_model(args.model)
     streamed = placement.streams(cfg)
+    blocks = block_shapes(folder)
     estimate = estimate_job_memory(
         folder,
         cfg,
@@ -84,7 +86,9 @@ def _dry_run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
         "device_terms_gib": {k: round(v / GIB, 3) for k, v in estimate.device_terms.items()},
         "peak_phase": estimate.phase,
         # what the statistics cache would take; Hessian-only runs past RSAVQ_STATS_CACHE_GB store none
-        "statistics_store_gib": round(statistics_store_bytes(block_linear_shapes(folder), cfg) / GIB, 3),
+        "statistics_store_gib": round(statistics_store_bytes(blocks.linears, cfg) / GIB, 3),
+        # what would stay in float; a share under 90 % is refused without --allow-partial
+        "coverage": blocks.coverage.report(),
         "summary": estimate.describe(),
     }
 
@@ -160,6 +164,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--allow-overlap",
         action="store_true",
         help="evaluate on text that shares documents with the calibration text (refused otherwise)",
+    )
+    q.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="quantize a model whose linears hold under 90%% of its blocks' weights (the rest stays in float)",
     )
     q.add_argument("--dry-run", action="store_true", help="print the run's memory estimate (host and device) and stop")
     add_config_flags(q)

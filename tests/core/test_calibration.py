@@ -282,3 +282,16 @@ def test_incomplete_store_is_not_used(tiny_llama: Any, tokens: torch.Tensor, tmp
     (store.folder / "meta.json").unlink()
     assert StatsStore.find(key, root=tmp_path) is None
     assert not store.complete()
+
+
+def test_flattened_tokens_are_read_as_windows_and_routed_tokens_are_refused() -> None:
+    """OPT's MLP runs on [B·T, N]: the statistics see it as [B, T, N], the same rows in the same
+    order. A linear that saw only some of the tokens (a routed expert) is named in the error."""
+    from rsavq_core.calibration.block_io import as_windows
+
+    windows = torch.Size([3, 5])
+    x = torch.randn(3, 5, 8)
+    assert torch.equal(as_windows(x.reshape(15, 8), windows, "fc1"), x)
+    assert as_windows(x, windows, "fc1") is x
+    with pytest.raises(CalibrationError, match=r"'mlp.experts.0.w1'.*\[7, 8\]"):
+        as_windows(torch.randn(7, 8), windows, "mlp.experts.0.w1")

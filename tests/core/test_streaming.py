@@ -245,6 +245,7 @@ def test_a_dry_run_prints_the_estimate_and_runs_nothing(
     report = json.loads(capsys.readouterr().out)
     assert report["streamed"] is True and report["device"] == "cpu" and report["host_gib"] > 0
     assert report["peak_phase"] in ("statistics", "quantize", "save")
+    assert report["coverage"]["share"] > 0.99 and report["coverage"]["kept_float"] == {}  # tied head: outside blocks
     assert not (tmp_path / "cache" / "stats").exists()  # nothing was calibrated
     if not torch.cuda.is_available():
         assert main(["quantize", str(sharded), "--method", "gptq", "--bits", "4", "--dry-run", "--device", "cuda"]) != 0

@@ -105,6 +105,11 @@ QuantOptions = create_model("QuantOptions", __config__=STRICT, **_quant_fields()
 class JobOptions(QuantOptions):
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
     calibration: CalibrationData | None = Field(None, description="your own calibration text")
+    allow_partial: bool = Field(
+        False,
+        description="quantize a model whose linears hold under 90% of its decoder blocks' weights "
+        "(the job's metrics list what stayed in float); refused otherwise",
+    )
 
 
 class JobRequest(BaseModel):
