@@ -41,17 +41,19 @@ def readme_block(rows: list[dict[str, Any]]) -> str:
     """The README's table: what each default gives, with the machine and commit that measured it."""
     fp = next((perplexity(r) for r in rows if r["label"] == "FP"), None)
     lines = [
-        "| run | bits per weight | perplexity | × FP | zero-shot | time | peak RSS | machine, commit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | bits per weight | whole file | perplexity | × FP | zero-shot | time | peak RSS | machine, commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ppl = perplexity(r)
         zs = ((r.get("eval") or r).get("zero_shot") or {}).get("average")
         bpw = ((r.get("bits") or {}).get("quantized") or {}).get("bpw")
+        whole = (r.get("bits") or {}).get("all_bpw")
         ratio = "–" if r["label"] == "FP" or not (ppl and fp) else f"{ppl / fp:.2f}"
         peak = "–" if r.get("peak_rss_gb") is None else f"{r['peak_rss_gb']:.2f} GiB"
         lines.append(
-            f"| {r['label']} | {'16' if bpw is None else f'{bpw:.4f}'} | {fmt(ppl)} | {ratio} | "
+            f"| {r['label']} | {'16' if bpw is None else f'{bpw:.4f}'} | {'16' if whole is None else f'{whole:.3f}'} | "
+            f"{fmt(ppl)} | {ratio} | "
             f"{fmt(zs * 100 if zs is not None else None, 1)} | {minutes(r.get('wall_s'))} | {peak} | "
             f"{machine_label(r)}, {commit_label(r)} |"
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from rsavq_core.checkpoint.manifest import layer_aliases
 from rsavq_core.formats.base import FP16_BITS, BitCount, QuantizedLayer
 from rsavq_core.formats.registry import format_of
 
@@ -46,17 +47,20 @@ def model_bits(layers: Mapping[str, QuantizedLayer], model: nn.Module) -> dict[s
     total = BitCount(weights=0)
     per_layer: dict[str, float] = {}
     shared: dict[str, int] = {}  # tensors several layers share: stored, and so counted, once
+    aliases = layer_aliases(layers)  # a layer serving under two names (an embedding, its tied head): stored once
+    n_bias = 0
     for name, layer in layers.items():
         count = layer_bits(layer)
-        total = total + count
         per_layer[name] = count.bpw
+        if name not in aliases:
+            total = total + count
+            n_bias += layer.bias.numel() if layer.bias is not None else 0
         for key, tensor in format_of(layer).shared_tensors(layer).items():
             shared[key] = tensor.numel() * tensor.element_size() * 8
     total = total + BitCount(weights=0, codebook_bits=sum(shared.values()))
     prefixes = tuple(f"{name}." for name in layers)
     # named_parameters() yields tied parameters once, which matches the deduplicated storage.
     other_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(prefixes))
-    n_bias = sum(layer.bias.numel() for layer in layers.values() if layer.bias is not None)
     n_params = total.weights + n_bias + other_params
     all_bits = total.total_bits + total.bias_bits + other_params * FP16_BITS
     return {

@@ -11,8 +11,10 @@ A quantized layer ``<name>`` stores ``<name>.<field>`` for each tensor its forma
 ``rsavq_core.formats.vq`` and ``.scalar``), and ``<name>.bias`` fp16 [M] when it has a bias; its
 manifest entry is ``{"kind", "out_features", "in_features", "has_bias"}`` plus the format's fields.
 Tensors several layers share (``rsavq_shared.<key>...``, e.g. codebooks shared across blocks) are
-stored once. Every other state_dict entry is stored under its own name: floating tensors as fp16, integer
-ones unchanged; tensors tied to an earlier entry are stored once.
+stored once. A layer serving under two names (a quantized embedding and the head tied to it) is
+stored under the first; the second's entry is ``{"same_as": first}``. Every other state_dict
+entry is stored under its own name: floating tensors as fp16, integer ones unchanged; tensors tied
+to an earlier entry are stored once.
 """
 
 from __future__ import annotations
@@ -24,18 +26,18 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from rsavq_core.atomic import replacing_folder
-from rsavq_core.checkpoint.writer import TensorSpec, file_specs, tensor_spec, write_canonical
+from rsavq_core.checkpoint.manifest import layer_specs, read_layers
+from rsavq_core.checkpoint.writer import TensorSpec, tensor_spec, write_canonical
 from rsavq_core.config.quant_config import QuantConfig
-from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
-from rsavq_core.formats.base import SHARED_PREFIX, LayerReader, QuantizedLayer
-from rsavq_core.formats.registry import format_of, get_format
+from rsavq_core.errors import ArtifactError, ConfigError
+from rsavq_core.formats.base import SHARED_PREFIX, QuantizedLayer
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +64,6 @@ class PackedCheckpoint:
     # layer -> {"g<i>_indices" | "codes": int32 words as stored}, validated against the manifest,
     # so that QuantLinear can take them without packing the unpacked codes again.
     packed: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
-
-
-def manifest_entry(layer: QuantizedLayer) -> dict[str, Any]:
-    common = {
-        "kind": layer.kind,
-        "out_features": layer.out_features,
-        "in_features": layer.in_features,
-        "has_bias": layer.bias is not None,
-    }
-    return {**common, **format_of(layer).manifest(layer)}
-
-
-def layer_tensors(name: str, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
-    """The packed tensors of one layer, keyed by their names in the file; with the shared tensors it
-    uses (``SHARED_PREFIX``), which a checkpoint of several layers stores once."""
-    try:
-        fields = format_of(layer).tensors(layer)
-    except UnsupportedShapeError as exc:
-        raise UnsupportedShapeError(f"layer {name}: {exc}") from exc
-    out = {f"{name}.{field}": tensor for field, tensor in fields.items()}
-    out.update(format_of(layer).shared_tensors(layer))
-    if layer.bias is not None:
-        out[f"{name}.bias"] = layer.bias.detach().to("cpu", torch.float16).contiguous()
-    return out
 
 
 # The precision the checkpoint keeps every floating tensor outside the quantized layers in.
@@ -128,37 +106,6 @@ def _overflows_half(t: torch.Tensor) -> bool:
     return max(-low_f, high_f) >= 65520.0
 
 
-@runtime_checkable
-class LayersOnDisk(Protocol):
-    """Finished layers kept in files (``pipeline.resume.CheckpointedLayers``): the checkpoint copies
-    their packed tensors from there instead of packing them in memory."""
-
-    def file(self, name: str) -> Path: ...
-
-    def entry(self, name: str) -> dict[str, Any]: ...
-
-
-def _layer_specs(layers: Mapping[str, QuantizedLayer]) -> tuple[dict[str, TensorSpec], dict[str, Any]]:
-    """The packed tensors of every layer (shared ones once) and the manifest."""
-    specs: dict[str, TensorSpec] = {}
-    shared: dict[str, torch.Tensor] = {}
-    manifest: dict[str, Any] = {}
-    for name in layers:
-        if isinstance(layers, LayersOnDisk):  # the files hold exactly layer_tensors(name, layer)
-            manifest[name] = layers.entry(name)
-            specs.update({k: v for k, v in file_specs(layers.file(name)).items() if k not in specs})
-            continue
-        layer = layers[name]
-        manifest[name] = manifest_entry(layer)
-        for key, tensor in layer_tensors(name, layer).items():
-            if key in shared and not torch.equal(shared[key], tensor):
-                raise ConfigError(f"layer {name} holds other values for the shared tensor {key} than an earlier layer")
-            if key.startswith(SHARED_PREFIX):
-                shared[key] = tensor
-            specs[key] = tensor_spec(tensor)
-    return specs, manifest
-
-
 def save_checkpoint(
     out_dir: str | Path,
     *,
@@ -184,7 +131,7 @@ def save_checkpoint(
             raise ConfigError(f"extra metadata key {key!r} is reserved by the format")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory")
-    specs, manifest = _layer_specs(layers)
+    specs, manifest = layer_specs(layers)
     other, tied = _other_tensors(model, tuple(f"{name}." for name in layers))
     clash = sorted(set(other) & set(specs))
     if clash:
@@ -245,8 +192,7 @@ def read_checkpoint(path: str | Path) -> PackedCheckpoint:
         config = QuantConfig.from_dict(_json(metadata, "config", file), strict=False)
     except (ConfigError, TypeError) as exc:
         raise ArtifactError(f"{file}: invalid config in metadata: {exc}") from exc
-    readers = {name: LayerReader(file, name, entry, tensors) for name, entry in manifest.items()}
-    layers = {name: read_layer(reader) for name, reader in readers.items()}
+    layers, readers = read_layers(file, manifest, tensors)
     for key in set().union(*(reader.shared_used for reader in readers.values())):
         tensors.pop(key)  # a shared tensor belongs to the layers that use it, not to the model's state
     prefixes = (SHARED_PREFIX, *(f"{name}." for name in manifest))
@@ -288,16 +234,3 @@ def _json(metadata: dict[str, str], key: str, file: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ArtifactError(f"{file}: metadata {key!r} must be a JSON object")
     return value
-
-
-def read_layer(reader: LayerReader) -> QuantizedLayer:
-    """One layer from its manifest entry: the shared fields here, the rest by its format."""
-    e = reader.entry
-    m, n = reader.int_(e, "out_features"), reader.int_(e, "in_features")
-    bias = reader.take("bias", (m,), (torch.float16,)) if e.get("has_bias") else None
-    try:
-        layer_format = get_format(e.get("kind"))
-    except ArtifactError as exc:
-        raise reader.fail("kind", str(exc)) from None
-    layer: QuantizedLayer = layer_format.read(reader, m, n, bias)
-    return layer

@@ -77,6 +77,15 @@ class QuantConfig:
     # block and 20 s end to end; more, cheaper steps cover the same windows sooner.
     finetune_batch: int = knob(1, "calibration windows per fine-tuning step (block-wise and end to end)", ge=1, le=4096)
     seed: int = knob(0, "seed of every random choice (k-means initialisation, subsampling)", ge=0, le=2**32 - 1)
+    # Off by default, as in every public quantizer: for small models with large vocabularies the
+    # embedding is most of the file (rsavq_core/pipeline/embeddings.py; measured in the README).
+    embedding_bits: int | None = knob(
+        None,
+        "also quantize the input embedding and the output head (one matrix when tied) to this many bits, row-wise "
+        "scalar codes (off: float16)",
+        ge=2,
+        le=8,
+    )
     # Not a knob: the sha256 of the user's own calibration text (None: the bundled Wikipedia split),
     # set by quantize_model from the text it is given, so an artifact says what it was calibrated on.
     calib_data: str | None = None
@@ -131,8 +140,14 @@ class QuantConfig:
         return QuantConfig.for_method(flat.pop("method"), **flat)
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat form: the shared fields and the method's options in one mapping."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        """The flat form: the shared fields and the method's options in one mapping. Knobs added
+        later (``UNSET_OMITTED``) are left out while unset, so an artifact that does not use them
+        keeps the bytes it had before they existed."""
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "options" and not (f.name in UNSET_OMITTED and getattr(self, f.name) is None)
+        }
         return {**shared, **dataclasses.asdict(self.options)} if self.options is not None else shared
 
     def to_json(self) -> str:
@@ -165,6 +180,10 @@ class QuantConfig:
 
     def needs_calibration(self) -> bool:
         return get_method(self.method).statistics(self).any
+
+
+# Knobs a config's flat form leaves out while they are None (see ``QuantConfig.to_dict``).
+UNSET_OMITTED = ("embedding_bits",)
 
 
 # Sections of a job's options that are the job's own, not knobs of the quantization.

@@ -33,17 +33,18 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from rsavq_core.checkpoint.manifest import SAME_AS, read_layer
 from rsavq_core.checkpoint.packed import (
     FORMAT,
     FORMAT_VERSION,
     QUANT_METHOD,
     WEIGHTS_FILE,
     check_header,
-    read_layer,
 )
 from rsavq_core.errors import ArtifactError, ConfigError
-from rsavq_core.formats.base import SHARED_PREFIX, LayerReader
+from rsavq_core.formats.base import SHARED_PREFIX, LayerReader, QuantizedLayer
 from rsavq_core.models.layout import replace_module
+from rsavq_core.runtime.qembedding import QuantEmbedding
 from rsavq_core.runtime.qlinear import QuantLinear
 
 SHARED_MODULE = SHARED_PREFIX.rstrip(".")
@@ -90,6 +91,16 @@ def _mirror(root: nn.Module, prefix: str, header: dict[str, tuple[torch.dtype, t
         module.register_buffer(leaf, torch.empty(shape, dtype=dtype, device="meta"))
 
 
+def _untie(model: nn.Module, quantized: tuple[str, ...]) -> None:
+    """Drop transformers' ties of parameters under the ``quantized`` prefixes (a head tied to a
+    quantized embedding): the quantized layers hold those tensors, and no parameter is left to tie."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        for target, source in list(tied.items()):
+            if str(target).startswith(quantized) or str(source).startswith(quantized):
+                tied.pop(target)
+
+
 class RsavqHfQuantizer(HfQuantizer):
     """transformers' side of a pre-quantized rsavq checkpoint (see the module's docstring)."""
 
@@ -121,15 +132,25 @@ class RsavqHfQuantizer(HfQuantizer):
                 part = fh.get_slice(key)
                 header[key] = (_DTYPES[part.get_dtype()], tuple(part.get_shape()))
         check_header(self.metadata, self.file)
-        self.manifest = json.loads(self.metadata["layers"])
+        manifest = json.loads(self.metadata["layers"])
+        # A layer serving under a second name (the head tied to a quantized embedding) is built
+        # from its first name's tensors after loading; the model keeps its own module until then.
+        self.same_as = {name: e[SAME_AS] for name, e in manifest.items() if isinstance(e, dict) and SAME_AS in e}
+        self.manifest = {name: e for name, e in manifest.items() if name not in self.same_as}
+        self.embeddings: dict[str, tuple[nn.Embedding, torch.dtype]] = {}  # and the dtype of its lookups
         for name, entry in self.manifest.items():
             old = model.get_submodule(name)
             shape = (entry.get("out_features"), entry.get("in_features"))
-            if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != shape:
+            if isinstance(old, nn.Embedding) and (old.num_embeddings, old.embedding_dim) == shape:
+                self.embeddings[name] = (old, old.weight.dtype)  # its padding index and scale
+            elif not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != shape:
                 raise ArtifactError(f"{self.file}: {name} is not a {shape[0]}x{shape[1]} nn.Linear in this model")
             placeholder = _Packed()
             _mirror(placeholder, name, header)
             replace_module(model, name, placeholder)
+        for alias in self.same_as:
+            replace_module(model, alias, _Packed())  # the file holds nothing under its name
+        _untie(model, tuple(f"{name}." for name in [*self.manifest, *self.same_as]))
         shared = _Packed()
         _mirror(shared, SHARED_MODULE, header)
         model.add_module(SHARED_MODULE, shared)
@@ -139,6 +160,7 @@ class RsavqHfQuantizer(HfQuantizer):
         assert shared_module is not None
         shared = {SHARED_PREFIX + k: v.cpu() for k, v in shared_module.state_dict().items()}
         used: set[str] = set()
+        layers: dict[str, QuantizedLayer] = {}
         for name, entry in self.manifest.items():
             placeholder = model.get_submodule(name)
             stored = placeholder.state_dict()
@@ -153,7 +175,16 @@ class RsavqHfQuantizer(HfQuantizer):
             if stray:
                 raise ArtifactError(f"{self.file}: tensors not described by the layer manifest: {stray[:5]}")
             used |= reader.shared_used
-            replace_module(model, name, QuantLinear(layer, packed=reader.packed).to(device).train(model.training))
+            layers[name] = layer
+            module: nn.Module = QuantLinear(layer, packed=reader.packed)
+            if name in self.embeddings:
+                module = QuantEmbedding(layer, *self.embeddings[name], packed=reader.packed)
+            replace_module(model, name, module.to(device).train(model.training))
+        for alias, target in self.same_as.items():
+            if target not in layers:
+                raise ArtifactError(f"{self.file}: layer {alias} is the same as {target!r}, which is not stored")
+            device = next(model.get_submodule(target).buffers()).device
+            replace_module(model, alias, QuantLinear(layers[target]).to(device).train(model.training))
         if set(shared) - used:
             raise ArtifactError(f"{self.file}: shared tensors no layer uses: {sorted(set(shared) - used)[:5]}")
         return model

@@ -29,6 +29,7 @@ from rsavq_core.finetune.end_to_end import finetune_quantized_model
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.pipeline.blocks import BlockLoop, LayerCallback, fit_shared
 from rsavq_core.pipeline.calibration import prepare_calibration
+from rsavq_core.pipeline.embeddings import quantize_embeddings, with_embeddings
 from rsavq_core.pipeline.placement import Placement
 from rsavq_core.pipeline.resume import CheckpointedLayers
 from rsavq_core.pipeline.source import finished_layers, load_source
@@ -137,6 +138,10 @@ def quantize_model(
     with torch.no_grad():  # the float model was the teacher until here; now it carries the tuned norms
         for name, value in norms.items():
             source.model.get_parameter(name).copy_(value)
+    if cfg.embedding_bits is not None:
+        t0 = time.perf_counter()
+        layers = with_embeddings(layers, quantize_embeddings(source.model, cfg.embedding_bits))
+        timings["embeddings"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     result = QuantizeResult(
         model=source.model,

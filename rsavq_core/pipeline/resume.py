@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from rsavq_core.atomic import replacing, write_json
 from rsavq_core.checkpoint.canonical import save_canonical
-from rsavq_core.checkpoint.packed import layer_tensors, manifest_entry, read_layer
+from rsavq_core.checkpoint.manifest import layer_tensors, manifest_entry, read_layer
 from rsavq_core.config.quant_config import QuantConfig
 from rsavq_core.errors import ArtifactError, ConfigError
 from rsavq_core.formats.base import LayerReader, QuantizedLayer
@@ -117,11 +117,25 @@ class CheckpointedLayers(Mapping[str, QuantizedLayer]):
     """Finished layers that stay on disk (a streamed run keeps no packed layer in memory): each is
     read when asked for, and the packed checkpoint copies their tensors straight from the files."""
 
-    def __init__(self, store: FinishedLayers, names: list[str], keep_alive: object = None) -> None:
+    def __init__(
+        self,
+        store: FinishedLayers,
+        names: list[str],
+        keep_alive: object = None,
+        in_memory: Mapping[str, QuantizedLayer] | None = None,
+    ) -> None:
         self.store, self.finished = store, LazyFinished(store, names)
         self._keep_alive = keep_alive  # e.g. the TemporaryDirectory the files live in
+        self.in_memory = dict(in_memory or {})  # layers that never went to disk (the embeddings)
+
+    def including(self, layers: Mapping[str, QuantizedLayer]) -> CheckpointedLayers:
+        """These layers and ``layers`` (held in memory) as one mapping."""
+        names = list(self.finished)
+        return CheckpointedLayers(self.store, names, self._keep_alive, {**self.in_memory, **layers})
 
     def __getitem__(self, name: str) -> QuantizedLayer:
+        if name in self.in_memory:
+            return self.in_memory[name]
         try:
             return self.finished[name][0]
         except KeyError:
@@ -130,13 +144,18 @@ class CheckpointedLayers(Mapping[str, QuantizedLayer]):
             raise
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.finished)
+        yield from self.finished
+        yield from (name for name in self.in_memory if name not in self.finished)
 
     def __len__(self) -> int:
-        return len(self.finished)
+        return len(self.finished) + sum(name not in self.finished for name in self.in_memory)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.finished
+        return name in self.in_memory or name in self.finished
+
+    def on_disk(self, name: str) -> bool:
+        """Whether layer ``name``'s packed tensors are in a file (``file``, ``entry``)."""
+        return name in self.finished and name not in self.in_memory
 
     def file(self, name: str) -> Path:
         """The safetensors file holding layer ``name``'s packed tensors (as the checkpoint names them)."""

@@ -16,6 +16,7 @@ from rsavq_core.checkpoint.packed import PackedCheckpoint, read_checkpoint
 from rsavq_core.errors import ArtifactError, ConfigError, UnsupportedShapeError
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.models.layout import replace_module
+from rsavq_core.runtime.qembedding import QuantEmbedding
 from rsavq_core.runtime.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,20 @@ def quantize_in_place(
     cache_weight: bool = True,
     packed: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> nn.Module:
-    """Swap a QuantLinear in for each ``nn.Linear`` named in ``layers``; returns ``model``.
+    """Swap a QuantLinear in for each ``nn.Linear`` named in ``layers`` (a ``QuantEmbedding`` for an
+    ``nn.Embedding``); returns ``model``.
 
-    Each QuantLinear is placed on the device of the linear it replaces. ``packed`` (per layer, as
-    in ``PackedCheckpoint.packed``) passes already-packed word streams through.
+    Each is placed on the device of the module it replaces. ``packed`` (per layer, as in
+    ``PackedCheckpoint.packed``) passes already-packed word streams through.
     """
     for name, layer in layers.items():
         try:
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise ConfigError(f"model has no module {name!r} to quantize") from exc
+        if isinstance(old, nn.Embedding):
+            _swap_embedding(model, name, old, layer, (packed or {}).get(name))
+            continue
         if not isinstance(old, (nn.Linear, QuantLinear)):
             raise ConfigError(f"{name} is a {type(old).__name__}, not an nn.Linear")
         if (old.out_features, old.in_features) != (layer.out_features, layer.in_features):
@@ -50,6 +55,21 @@ def quantize_in_place(
         qlin = QuantLinear(layer, cache_weight=cache_weight, packed=(packed or {}).get(name))
         replace_module(model, name, qlin.to(device))
     return model
+
+
+def _swap_embedding(
+    model: nn.Module, name: str, old: nn.Embedding, layer: QuantizedLayer, packed: dict[str, torch.Tensor] | None
+) -> None:
+    if (old.num_embeddings, old.embedding_dim) != (layer.out_features, layer.in_features):
+        raise UnsupportedShapeError(
+            f"{name}: quantized embedding is {layer.out_features}x{layer.in_features}, the model's is "
+            f"{old.num_embeddings}x{old.embedding_dim}"
+        )
+    dtype = old.weight.dtype if old.weight.is_floating_point() else torch.float32
+    device = old.weight.device
+    if device.type == "meta":  # a skeleton's: the model computes where its other tensors are
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    replace_module(model, name, QuantEmbedding(layer, old, dtype, packed).to(device))
 
 
 @contextlib.contextmanager

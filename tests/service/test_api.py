@@ -40,6 +40,17 @@ def test_a_preset_is_accepted_and_stored_with_the_job(api, keys) -> None:
     assert cfg.calib_samples == 8 and cfg.block_finetune_steps == 0  # the preset, under the explicit knob
 
 
+def test_embedding_bits_and_allow_partial_are_job_options_the_worker_reads(api, keys) -> None:
+    from service.api.schemas.jobs import JobRequest
+
+    body = {**JOB, "options": {"embedding_bits": 4, "allow_partial": True}}
+    job = submit(api, keys["alice"], body).json()
+    assert job["options"]["embedding_bits"] == 4 and job["options"]["allow_partial"] is True
+    cfg = JobRequest.model_validate({**JOB, "options": job["options"]}).quant_config()
+    assert cfg.embedding_bits == 4  # a knob of the config; allow_partial is the job's, not the config's
+    assert submit(api, keys["alice"], {**JOB, "options": {"embedding_bits": 1}}).status_code == 422
+
+
 def test_idempotency_key_returns_the_same_job_and_rejects_a_different_body(api, keys) -> None:
     first = submit(api, keys["alice"], **{"Idempotency-Key": "abc"}).json()
     again = submit(api, keys["alice"], **{"Idempotency-Key": "abc"}).json()
