@@ -3,9 +3,9 @@
 Main rows: the whole pipeline (``quantize_summary``) with the blocks quantized by ``--method`` and
 the input embedding (and an untied head) at each ``--embedding-bits``, each in a fresh process:
 perplexity, bits per weight of the quantized layers and of the whole checkpoint, and the packed
-file's size. Sweep rows (``--sweep``): the row-wise grid's group size, measured on one
-quantization of the blocks with only the embedding's grid changed (the blocks' layers do not
-depend on it), perplexity on ``--sweep-windows`` windows.
+file's size. Sweep rows (``--sweep``): which grid, on the float model with only its embedding and
+head quantized (bits x group size; the lookup and the head apart), perplexity on ``--sweep-windows``
+windows.
 
     python bench/bench_embeddings.py --out bench/results/embeddings.json
 """
@@ -41,41 +41,46 @@ def main_row(
     return summary
 
 
-def sweep_rows(
-    model: str, method: str, knobs: dict[str, Any], grids: list[tuple[int, int]], windows: int
-) -> dict[str, Any]:
-    """Perplexity and whole-checkpoint bpw for each (bits, group size) of the embedding's grid, the
-    blocks quantized once (a group size of 0: one group per row)."""
+def sweep_rows(model: str, grids: list[tuple[int, int]], windows: int) -> dict[str, Any]:
+    """The embedding's grid alone: the float model with its (tied or untied) embedding and head
+    quantized for each (bits, group size), a group size of 0 meaning one group per row; and, at
+    the default group size, the lookup and the head quantized apart (which one costs the perplexity)."""
     import copy
 
-    from rsavq_core.checkpoint.bitcount import model_bits
-    from rsavq_core.config.quant_config import QuantConfig
-    from rsavq_core.evaluation import evaluate_model
-    from rsavq_core.pipeline.embeddings import quantize_embeddings
-    from rsavq_core.pipeline.quantize import quantize_model
-    from rsavq_core.runtime import quantize_in_place
+    from torch import nn
 
-    result = quantize_model(model, QuantConfig.for_method(method, **knobs))
-    width = result.model.get_input_embeddings().embedding_dim
+    from rsavq_core.evaluation.perplexity import perplexity
+    from rsavq_core.models.resolve import load_model
+    from rsavq_core.pipeline.embeddings import EMBEDDING_GROUP_SIZE, quantize_embeddings
+
+    float_model, tokenizer, _ = load_model(model)
     rows: dict[str, Any] = {}
-    for bits, group in grids:
-        embeddings = quantize_embeddings(result.model, bits, group or width)
-        layers = {**result.layers, **embeddings}
-        quantized = quantize_in_place(copy.deepcopy(result.model), layers)
-        evaluation = evaluate_model(quantized, result.tokenizer, ppl=True, perplexity_windows=windows)
-        bits_report = model_bits(layers, result.model)
-        rows[f"{bits} bits, group {group or 'row'}"] = {
-            "bits": bits,
-            "group_size": group or width,
-            "ppl": evaluation["perplexity"]["ppl"],
-            "protocol": evaluation["perplexity"].get("protocol"),
-            "all_bpw": bits_report["all_bpw"],
-            "embedding_bpw": bits_report["layers"][next(iter(embeddings))],
-        }
-        sys.stdout.write(
-            f"sweep {bits} bits group {group or 'row':>4}: perplexity {rows[next(reversed(rows))]['ppl']:.3f}\n"
-        )
+
+    def measure(label: str, bits: int, group: int, swap: tuple[str, ...]) -> None:
+        quantized = copy.deepcopy(float_model)
+        width = quantized.get_input_embeddings().embedding_dim
+        layers = quantize_embeddings(quantized, bits, group or width)
+        for name, layer in layers.items():
+            if name in swap:  # the float module keeps its own class (and a tied head its tie): only values change
+                module = quantized.get_submodule(name)
+                module.weight = nn.Parameter(layer.dequantize())
+        result = perplexity(quantized, tokenizer, n_windows=windows)
+        groups = -(-width // (group or width))
+        bpw = bits + groups * 2 * 16 / width  # codes, then an fp16 scale and zero per group of each row
+        rows[label] = {"bits": bits, "group_size": group or width, "quantized": list(swap), "ppl": result["ppl"],
+                       "protocol": result.get("protocol"), "embedding_bpw": bpw}  # fmt: skip
+        sys.stdout.write(f"{label:32s} perplexity {result['ppl']:8.3f}  ({bpw:.2f} bits per weight)\n")
         sys.stdout.flush()
+
+    names = tuple(quantize_embeddings(float_model, 8, EMBEDDING_GROUP_SIZE))  # the embedding's and the head's
+    result = perplexity(float_model, tokenizer, n_windows=windows)
+    rows["float"] = {"ppl": result["ppl"], "protocol": result.get("protocol")}
+    for bits, group in grids:
+        measure(f"{bits} bits, group {group or 'row'}", bits, group, names)
+    for bits in sorted({b for b, _ in grids}, reverse=True):
+        measure(f"{bits} bits, group {EMBEDDING_GROUP_SIZE}, lookup only", bits, EMBEDDING_GROUP_SIZE, names[:1])
+        if len(names) > 1:
+            measure(f"{bits} bits, group {EMBEDDING_GROUP_SIZE}, head only", bits, EMBEDDING_GROUP_SIZE, names[1:])
     return rows
 
 
@@ -83,7 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="gptq4", choices=list(METHODS))
-    parser.add_argument("--embedding-bits", nargs="+", default=["off", "4", "3"])
+    parser.add_argument(
+        "--embedding-bits", nargs="*", default=["off", "4", "3"], help="main rows (none: only the sweep)"
+    )
     parser.add_argument("--windows", type=int, default=64, help="perplexity windows of the main rows")
     parser.add_argument("--sweep", action="store_true", help="also compare the grid's group sizes")
     parser.add_argument("--sweep-windows", type=int, default=16)
@@ -118,13 +125,8 @@ def main() -> None:
         sys.stdout.flush()
     if args.sweep:
         grids = [(bits, group) for bits in (4, 3) for group in (32, 64, 128, 0)]
-        sweep = {
-            args.method: {
-                "provenance": provenance(),
-                "rows": sweep_rows(args.model, method, knobs, grids, args.sweep_windows),
-            }
-        }
-        write({"sweep": {**previous.get("sweep", {}), **sweep}})
+        sweep = {"provenance": provenance(), "rows": sweep_rows(args.model, grids, args.sweep_windows)}
+        write({"sweep": sweep})
 
 
 if __name__ == "__main__":
