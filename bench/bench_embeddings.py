@@ -49,17 +49,19 @@ def sweep_rows(model: str, grids: list[tuple[int, int]], windows: int) -> dict[s
 
     from torch import nn
 
+    from rsavq_core.config.quant_config import QuantConfig
     from rsavq_core.evaluation.perplexity import perplexity
     from rsavq_core.models.resolve import load_model
-    from rsavq_core.pipeline.embeddings import EMBEDDING_GROUP_SIZE, quantize_embeddings
+    from rsavq_core.pipeline.calibration import calibration_tokens
+    from rsavq_core.pipeline.embeddings import EMBEDDING_GROUP_SIZE, head_input_hessian, quantize_embeddings
 
     float_model, tokenizer, _ = load_model(model)
     rows: dict[str, Any] = {}
 
-    def measure(label: str, bits: int, group: int, swap: tuple[str, ...]) -> None:
+    def measure(label: str, bits: int, group: int, swap: tuple[str, ...], hessian: Any = None) -> None:
         quantized = copy.deepcopy(float_model)
         width = quantized.get_input_embeddings().embedding_dim
-        layers = quantize_embeddings(quantized, bits, group or width)
+        layers = quantize_embeddings(quantized, bits, group or width, head_hessian=hessian)
         for name, layer in layers.items():
             if name in swap:  # the float module keeps its own class (and a tied head its tie): only values change
                 module = quantized.get_submodule(name)
@@ -81,6 +83,13 @@ def sweep_rows(model: str, grids: list[tuple[int, int]], windows: int) -> dict[s
         measure(f"{bits} bits, group {EMBEDDING_GROUP_SIZE}, lookup only", bits, EMBEDDING_GROUP_SIZE, names[:1])
         if len(names) > 1:
             measure(f"{bits} bits, group {EMBEDDING_GROUP_SIZE}, head only", bits, EMBEDDING_GROUP_SIZE, names[1:])
+    # The pipeline's way when a head exists: GPTQ against the Hessian of the head's inputs on the
+    # default calibration windows (``float_head_hessian``).
+    tokens = calibration_tokens(tokenizer, QuantConfig())
+    head = float_model.get_output_embeddings()
+    hessian = head_input_hessian(float_model, head, tokens, 4) if head is not None else None
+    for bits, group in grids:
+        measure(f"{bits} bits, group {group or 'row'}, GPTQ head", bits, group, names, hessian)
     return rows
 
 

@@ -29,7 +29,7 @@ from rsavq_core.finetune.end_to_end import finetune_quantized_model
 from rsavq_core.formats.base import QuantizedLayer
 from rsavq_core.pipeline.blocks import BlockLoop, LayerCallback, fit_shared
 from rsavq_core.pipeline.calibration import prepare_calibration
-from rsavq_core.pipeline.embeddings import quantize_embeddings, with_embeddings
+from rsavq_core.pipeline.embeddings import float_head_hessian, quantize_embeddings, with_embeddings
 from rsavq_core.pipeline.placement import Placement
 from rsavq_core.pipeline.resume import CheckpointedLayers
 from rsavq_core.pipeline.source import finished_layers, load_source
@@ -135,12 +135,16 @@ def quantize_model(
         timings["model fine-tune"] = time.perf_counter() - t0
     if source.streamed is not None:  # the packed checkpoint and evaluation need embeddings, norm and head
         source.streamed.load_rest()
+    t0 = time.perf_counter()
+    head_hessian = None
+    if cfg.embedding_bits is not None:  # of the float model: before its norms are the tuned ones
+        head_hessian = float_head_hessian(source, cfg, calib.tokens, calibration_text, micro_batch)
     with torch.no_grad():  # the float model was the teacher until here; now it carries the tuned norms
         for name, value in norms.items():
             source.model.get_parameter(name).copy_(value)
     if cfg.embedding_bits is not None:
-        t0 = time.perf_counter()
-        layers = with_embeddings(layers, quantize_embeddings(source.model, cfg.embedding_bits))
+        embeddings = quantize_embeddings(source.model, cfg.embedding_bits, head_hessian=head_hessian)
+        layers = with_embeddings(layers, embeddings)
         timings["embeddings"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     result = QuantizeResult(

@@ -24,11 +24,11 @@ from rsavq_core.models.streamed import StreamedModel
 class StreamedCausalLM(nn.Module):
     """``forward(input_ids [B, T] int64, attention_mask [B, T] | None) -> .logits [B, T, vocab]``."""
 
-    def __init__(self, folder: Path, device: torch.device) -> None:
+    def __init__(self, folder: Path, device: torch.device, streamed: StreamedModel | None = None) -> None:
+        """``streamed``: a run's own streamed model of ``folder`` to forward with (not read again)."""
         super().__init__()
-        self._streamed = StreamedModel(
-            folder, device=device
-        )  # not a submodule: its meta weights stay out of .parameters()
+        # not a submodule: its meta weights stay out of .parameters()
+        self._streamed = streamed if streamed is not None else StreamedModel(folder, device=device)
         self._streamed.load_rest()
         self.register_buffer("_device_marker", torch.zeros(0, device=device), persistent=False)
         self.config = self._streamed.model.config

@@ -43,6 +43,25 @@ def test_a_lookup_dequantizes_the_rows_asked_for(dim: int, bits: int) -> None:
     assert module.padding_idx == 0 and module.half()(ids).dtype == torch.float16
 
 
+def test_a_head_quantized_against_its_inputs_hessian_errs_less_on_them(tokenizer: Any) -> None:
+    """GPTQ on the head's input Hessian against round to nearest: less error where the final hidden
+    states actually lie (tr(ΔW H ΔWᵀ)), on a tied model, whose embedding is that same layer."""
+    from rsavq_core.algorithms.linalg import hessian_relative_error
+    from rsavq_core.pipeline.embeddings import head_input_hessian, quantize_embeddings
+    from tests.architectures import build_tiny
+
+    model = build_tiny("gemma3_text", tokenizer)
+    head = model.get_output_embeddings()
+    tokens = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    hessian = head_input_hessian(model, head, tokens, micro_batch=2)
+    assert hessian.shape == (head.in_features, head.in_features) and torch.allclose(hessian, hessian.T)
+    plain = quantize_embeddings(model, 3)
+    aware = quantize_embeddings(model, 3, head_hessian=hessian)
+    assert aware["lm_head"] is aware["model.embed_tokens"]  # tied: one layer
+    errors = [hessian_relative_error(head.weight, q["lm_head"].dequantize(), hessian) for q in (plain, aware)]
+    assert errors[1] < 0.8 * errors[0], errors
+
+
 def _quantize(tmp: Path, tokenizer: Any, model_type: str, embedding_bits: int | None) -> Any:
     source = tmp / model_type
     if not source.exists():
