@@ -44,11 +44,15 @@ def command_line(argv: list[str]) -> str:
     return shlex.join([Path(argv[0]).name, *argv[1:]]) if argv else ""
 
 
+RESULTS_DIR = "bench/results"  # benchmarks' JSON, relative to the repository root
+
+
 def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}``; None where the code is not a git checkout.
 
-    Dirty means tracked files differ from the commit (untracked files, such as results being
-    written, do not count).
+    Dirty means tracked files differ from the commit; untracked files and the result files under
+    ``RESULTS_DIR`` do not count (a benchmark writes its JSON there after each row, and the rows
+    after the first ran the committed code all the same).
     """
 
     def git(*args: str) -> str | None:
@@ -61,7 +65,7 @@ def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS_DIR}")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 

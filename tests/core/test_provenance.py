@@ -86,3 +86,23 @@ def test_summary_rows_replay_their_resolved_configs_not_todays_defaults(tmp_path
     file.write_text(json.dumps({"rows": rows}))
     with pytest.raises(ConfigError, match="uploaded texts"):
         replay.summary_runs(file)
+
+
+def test_a_result_file_being_written_does_not_make_the_code_dirty(tmp_path: Path) -> None:
+    import subprocess
+
+    from rsavq_core.runs.provenance import RESULTS_DIR, git_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / RESULTS_DIR).mkdir(parents=True)
+    (tmp_path / RESULTS_DIR / "x.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    (tmp_path / RESULTS_DIR / "x.json").write_text('{"rows": 1}')
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["dirty"] is True
