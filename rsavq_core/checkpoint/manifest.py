@@ -103,18 +103,26 @@ def layer_specs(layers: Mapping[str, QuantizedLayer]) -> tuple[dict[str, TensorS
     return specs, manifest
 
 
+def split_aliases(file: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the entries of the stored layers, {alias: the stored layer it is}) of a manifest; an alias
+    of a layer that is not stored is an ``ArtifactError``."""
+    aliases = {name: e[SAME_AS] for name, e in manifest.items() if isinstance(e, dict) and SAME_AS in e}
+    stored = {name: entry for name, entry in manifest.items() if name not in aliases}
+    for alias, target in aliases.items():
+        if target not in stored:
+            raise ArtifactError(f"{file}: layer {alias} is the same as {target!r}, which is not stored")
+    return stored, aliases
+
+
 def read_layers(
     file: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> tuple[dict[str, QuantizedLayer], dict[str, LayerReader]]:
     """Every layer of the manifest (a ``same_as`` entry: the very object of the layer it names),
     and the reader of each stored one."""
-    aliases = {name: e[SAME_AS] for name, e in manifest.items() if isinstance(e, dict) and SAME_AS in e}
-    readers = {name: LayerReader(file, name, entry, tensors) for name, entry in manifest.items() if name not in aliases}
+    stored, aliases = split_aliases(file, manifest)
+    readers = {name: LayerReader(file, name, entry, tensors) for name, entry in stored.items()}
     layers = {name: read_layer(reader) for name, reader in readers.items()}
-    for alias, target in aliases.items():
-        if target not in layers:
-            raise ArtifactError(f"{file}: layer {alias} is the same as {target!r}, which is not stored")
-        layers[alias] = layers[target]
+    layers.update({alias: layers[target] for alias, target in aliases.items()})
     return layers, readers
 
 

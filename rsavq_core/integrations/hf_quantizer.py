@@ -33,7 +33,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from rsavq_core.checkpoint.manifest import SAME_AS, read_layer
+from rsavq_core.checkpoint.manifest import read_layer, split_aliases
 from rsavq_core.checkpoint.packed import (
     FORMAT,
     FORMAT_VERSION,
@@ -132,11 +132,9 @@ class RsavqHfQuantizer(HfQuantizer):
                 part = fh.get_slice(key)
                 header[key] = (_DTYPES[part.get_dtype()], tuple(part.get_shape()))
         check_header(self.metadata, self.file)
-        manifest = json.loads(self.metadata["layers"])
         # A layer serving under a second name (the head tied to a quantized embedding) is built
-        # from its first name's tensors after loading; the model keeps its own module until then.
-        self.same_as = {name: e[SAME_AS] for name, e in manifest.items() if isinstance(e, dict) and SAME_AS in e}
-        self.manifest = {name: e for name, e in manifest.items() if name not in self.same_as}
+        # from its first name's tensors after loading.
+        self.manifest, self.same_as = split_aliases(self.file, json.loads(self.metadata["layers"]))
         self.embeddings: dict[str, tuple[nn.Embedding, torch.dtype]] = {}  # and the dtype of its lookups
         for name, entry in self.manifest.items():
             old = model.get_submodule(name)
@@ -181,8 +179,6 @@ class RsavqHfQuantizer(HfQuantizer):
                 module = QuantEmbedding(layer, *self.embeddings[name], packed=reader.packed)
             replace_module(model, name, module.to(device).train(model.training))
         for alias, target in self.same_as.items():
-            if target not in layers:
-                raise ArtifactError(f"{self.file}: layer {alias} is the same as {target!r}, which is not stored")
             device = next(model.get_submodule(target).buffers()).device
             replace_module(model, alias, QuantLinear(layers[target]).to(device).train(model.training))
         if set(shared) - used:

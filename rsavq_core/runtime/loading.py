@@ -49,9 +49,7 @@ def quantize_in_place(
                 f"{name}: quantized layer is {layer.out_features}x{layer.in_features}, the model's linear "
                 f"is {old.out_features}x{old.in_features}"
             )
-        device = next(iter(old.buffers() if isinstance(old, QuantLinear) else old.parameters())).device
-        if device.type == "meta":  # a streamed skeleton's dropped weight: the model computes where its embeddings are
-            device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        device = _device_for(model, next(iter(old.buffers() if isinstance(old, QuantLinear) else old.parameters())))
         qlin = QuantLinear(layer, cache_weight=cache_weight, packed=(packed or {}).get(name))
         replace_module(model, name, qlin.to(device))
     return model
@@ -66,10 +64,15 @@ def _swap_embedding(
             f"{old.num_embeddings}x{old.embedding_dim}"
         )
     dtype = old.weight.dtype if old.weight.is_floating_point() else torch.float32
-    device = old.weight.device
-    if device.type == "meta":  # a skeleton's: the model computes where its other tensors are
-        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    replace_module(model, name, QuantEmbedding(layer, old, dtype, packed).to(device))
+    replace_module(model, name, QuantEmbedding(layer, old, dtype, packed).to(_device_for(model, old.weight)))
+
+
+def _device_for(model: nn.Module, replaced: torch.Tensor) -> torch.device:
+    """Where the quantized module replacing one holding ``replaced`` goes: its device, or for a
+    streamed skeleton's dropped (meta) tensor, where the model's other tensors are."""
+    if replaced.device.type != "meta":
+        return replaced.device
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 @contextlib.contextmanager

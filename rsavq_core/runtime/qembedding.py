@@ -16,7 +16,8 @@ from torch import nn
 
 from kernels.packing import WORD_BITS, unpack_codes
 from rsavq_core.errors import ConfigError
-from rsavq_core.formats.base import QuantizedLayer, packed_stream
+from rsavq_core.formats.base import QuantizedLayer
+from rsavq_core.formats.registry import format_of
 from rsavq_core.formats.scalar import ScalarLayer
 
 
@@ -42,9 +43,9 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = layer.out_features, layer.in_features
         self.padding_idx = like.padding_idx
         self.bits, self.group_size = layer.bits, layer.group_size
-        self.register_buffer("codes", packed_stream(packed or {}, "codes", layer.codes, layer.bits))
-        self.register_buffer("scales", layer.scales.detach().to(torch.float16))
-        self.register_buffer("zeros", layer.zeros.detach().to(torch.float16))
+        self.format = format_of(layer)
+        for name, tensor in self.format.buffers(layer, packed or {}).items():  # codes, scales, zeros
+            self.register_buffer(name, tensor)
         self.register_buffer("embed_scale", _lookup_scale(like))
         # Empty, and cast with the module: it carries the dtype lookups come out in.
         self.register_buffer("out_dtype", torch.empty(0, dtype=dtype), persistent=False)
@@ -58,9 +59,10 @@ class QuantEmbedding(nn.Module):
 
     def to_layer(self) -> ScalarLayer:
         """The in-memory layer (unpacked codes) on the buffers' device."""
-        m, n = self.num_embeddings, self.embedding_dim
-        codes = unpack_codes(self._tensor("codes"), self.bits, m * n).reshape(m, n).to(torch.uint8)
-        return ScalarLayer(m, n, self.bits, self.group_size, codes, self._tensor("scales"), self._tensor("zeros"))
+        spec = {"bits": self.bits, "group_size": self.group_size}
+        buffers = {name: self._tensor(name) for name in ("codes", "scales", "zeros")}
+        layer: ScalarLayer = self.format.from_buffers(spec, buffers, self.num_embeddings, self.embedding_dim, None)
+        return layer
 
     def _row_codes(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [R] int64 token ids -> their codes [R, embedding_dim] (any integer dtype)."""
